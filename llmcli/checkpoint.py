@@ -1,0 +1,118 @@
+"""Checkpoints: a directory with model.safetensors, config.yaml and tokenizer.model, written atomically.
+
+Every file is written to a temporary name and renamed into place, so a run killed at any moment leaves the previous
+version of each file whole. Loading checks that the pieces agree before building anything.
+"""
+
+import os
+from pathlib import Path
+
+import yaml
+
+from llmcli.errors import LLMError
+from llmcli.tokenizer import TOKENIZER_FILE, Tokenizer
+
+MODEL_FILE = "model.safetensors"
+CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.jsonl"
+FORMAT = "llmcli-checkpoint/1"
+# The shipped default model: used when a command gets no --model. LLM_MODEL overrides it.
+DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "checkpoints" / "tinystories"
+
+
+def default_model_path() -> Path:
+    return Path(os.environ.get("LLM_MODEL", DEFAULT_MODEL))
+
+
+def atomic_write(path: Path, write):
+    """Call write(tmp_path), then rename tmp_path over path: readers see the old file or the new one, never half."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o644)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise LLMError(f"could not write {path}: {e.strerror or e}; the previous version is intact") from None
+
+
+def write_config(directory: Path, config: dict):
+    text = yaml.safe_dump({"format": FORMAT, **config}, sort_keys=False)
+    atomic_write(directory / CONFIG_FILE, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def save_model(directory: Path, model, metadata: dict | None = None, dtype=None):
+    """Weights to directory/model.safetensors (optionally cast, e.g. to bfloat16 to halve the size)."""
+    from safetensors.torch import save_file
+
+    state = {k: (v.to(dtype) if dtype is not None else v).contiguous() for k, v in model.state_dict().items()}
+    metadata = {k: str(v) for k, v in (metadata or {}).items()}
+    atomic_write(directory / MODEL_FILE, lambda tmp: save_file(state, str(tmp), metadata=metadata))
+
+
+def read_config(directory: Path) -> dict:
+    path = directory / CONFIG_FILE
+    if not path.is_file():
+        raise LLMError(f"{directory} is not a checkpoint: it has no {CONFIG_FILE}")
+    try:
+        config = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise LLMError(f"{path} is corrupt: {str(e).splitlines()[0]}") from None
+    if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
+        raise LLMError(f"{path} is corrupt: it has no 'model' section")
+    return config
+
+
+def load_checkpoint(path: str | Path | None = None, device: str = "cpu"):
+    """(model in eval mode, tokenizer, config dict) from a checkpoint directory; the shipped default when None."""
+    import torch
+    from safetensors import SafetensorError, safe_open
+
+    from llmcli.model import ModelConfig, Transformer
+
+    directory = Path(path) if path is not None else default_model_path()
+    if not directory.exists():
+        raise LLMError(f"checkpoint {directory} does not exist")
+    if not directory.is_dir():
+        raise LLMError(f"{directory} is not a checkpoint directory")
+    config = read_config(directory)
+    for name in (MODEL_FILE, TOKENIZER_FILE):
+        if not (directory / name).is_file():
+            raise LLMError(f"checkpoint {directory} is incomplete: {name} is missing")
+    try:
+        model_config = ModelConfig(**config["model"])
+    except (TypeError, ValueError) as e:
+        raise LLMError(f"{directory / CONFIG_FILE}: bad model settings: {e}") from None
+    tokenizer = Tokenizer(directory / TOKENIZER_FILE)
+    if tokenizer.vocab_size != model_config.vocab_size:
+        raise LLMError(f"checkpoint {directory}: tokenizer has {tokenizer.vocab_size} tokens but the model expects "
+                       f"{model_config.vocab_size}; the files come from different runs")
+
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in Transformer(model_config).state_dict().items()}
+    try:
+        with safe_open(directory / MODEL_FILE, framework="pt") as f:
+            found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+            if found == expected:
+                state = {k: f.get_tensor(k).float() for k in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise LLMError(f"{directory / MODEL_FILE} is corrupt: {e}") from None
+    if found != expected:
+        raise LLMError(f"checkpoint {directory}: {_describe_mismatch(expected, found)}; "
+                       f"{MODEL_FILE} does not match {CONFIG_FILE}")
+    model = Transformer(model_config)
+    model.load_state_dict(state)
+    return model.to(device).eval(), tokenizer, config
+
+
+def _describe_mismatch(expected: dict, found: dict) -> str:
+    missing = sorted(set(expected) - set(found))
+    if missing:
+        return f"{len(missing)} tensors missing (first: {missing[0]})"
+    unexpected = sorted(set(found) - set(expected))
+    if unexpected:
+        return f"{len(unexpected)} unexpected tensors (first: {unexpected[0]})"
+    name = next(k for k in expected if expected[k] != found[k])
+    return f"tensor {name} has shape {list(found[name])}, the config implies {list(expected[name])}"

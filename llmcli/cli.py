@@ -1,0 +1,216 @@
+"""The `llm` command: parses arguments and dispatches to the modules that do the work.
+
+Heavy modules (torch and everything that imports it) are imported inside the commands that need them, so that
+`llm --help` and `llm tokenize` start quickly.
+"""
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from llmcli.errors import LLMError
+
+app = typer.Typer(
+    name="llm",
+    help="Train, sample from and evaluate small language models. Results go to stdout, progress and logs to stderr.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+tokenize_app = typer.Typer(help="Train a SentencePiece tokenizer; encode and decode text.", no_args_is_help=True)
+app.add_typer(tokenize_app, name="tokenize")
+
+ModelOption = Annotated[Optional[Path], typer.Option(
+    "--model", "-m", help="Checkpoint directory [default: the shipped model, or $LLM_MODEL]", show_default=False)]
+TokenizerOption = Annotated[Optional[Path], typer.Option(
+    "--tokenizer", "-t", help="Tokenizer: a directory with tokenizer.model (a checkpoint works) or the file itself "
+    "[default: the shipped model's]", show_default=False)]
+InputArgument = Annotated[str, typer.Argument(help="Text file to read, '-' for stdin")]
+
+
+def _input_lines(source: str):
+    from llmcli.data import read_lines
+
+    return read_lines(source)
+
+
+@tokenize_app.command("train")
+def tokenize_train(
+    corpus: Annotated[list[str], typer.Argument(help="Text files ('-' for stdin)")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Directory to write tokenizer.model to")],
+    vocab_size: Annotated[int, typer.Option(help="Number of tokens")] = 2048,
+    type: Annotated[str, typer.Option("--type", help="bpe or unigram")] = "bpe",
+    special: Annotated[Optional[list[str]], typer.Option(
+        help="Extra special token, kept whole (repeatable); <|endoftext|> is always one")] = None,
+):
+    """Train a SentencePiece tokenizer (byte fallback, so any UTF-8 text round-trips exactly)."""
+    from llmcli.tokenizer import train_tokenizer
+
+    lines = (line for path in corpus for line in _input_lines(path))
+    tokenizer = train_tokenizer(lines, out, vocab_size, type, tuple(special or ()))
+    print(tokenizer.path)
+
+
+@tokenize_app.command("encode")
+def tokenize_encode(
+    source: InputArgument = "-",
+    tokenizer: TokenizerOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help='One {"ids": [...], "pieces": [...]} object a line')] = False,
+):
+    """Print the token ids of each input line, space-separated, one output line per input line."""
+    tok = _load_tokenizer(tokenizer)
+    for line in _input_lines(source):
+        ids = tok.encode(line)
+        print(json.dumps({"ids": ids, "pieces": tok.pieces(ids)}, ensure_ascii=False) if as_json
+              else " ".join(map(str, ids)))
+
+
+@tokenize_app.command("decode")
+def tokenize_decode(source: InputArgument = "-", tokenizer: TokenizerOption = None):
+    """Turn lines of token ids (space-separated, or JSON objects with "ids") back into text."""
+    tok = _load_tokenizer(tokenizer)
+    for number, line in enumerate(_input_lines(source), start=1):
+        try:
+            ids = json.loads(line)["ids"] if line.lstrip().startswith("{") else [int(t) for t in line.split()]
+        except (ValueError, KeyError, TypeError):
+            raise LLMError(f"line {number}: expected token ids separated by spaces, got {line[:40]!r}") from None
+        print(tok.decode(ids))
+
+
+def _load_tokenizer(path: Optional[Path]):
+    from llmcli.checkpoint import default_model_path
+    from llmcli.tokenizer import Tokenizer
+
+    return Tokenizer(path if path is not None else default_model_path())
+
+
+@app.command()
+def pretrain(
+    corpus: Annotated[list[str], typer.Argument(
+        help="Text files ('-' for stdin); documents are separated by lines holding only <|endoftext|>")],
+    out: Annotated[Optional[Path], typer.Option(
+        "--out", "-o", help="Checkpoint directory [default: checkpoints/<corpus>-<preset>]", show_default=False)] = None,
+    preset: Annotated[Optional[str], typer.Option(
+        help="nano (tests), tiny (~1M), small (~10M) or gpt2 (124M) [default: tiny]", show_default=False)] = None,
+    config: Annotated[Optional[Path], typer.Option(
+        help="YAML file with 'model' and 'train' sections; options below override it")] = None,
+    tokenizer: Annotated[Optional[Path], typer.Option(
+        "--tokenizer", "-t", help="Use this tokenizer instead of training one on the corpus")] = None,
+    max_steps: Annotated[Optional[int], typer.Option(help="Training steps")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Sequences per step")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Peak learning rate")] = None,
+    context: Annotated[Optional[int], typer.Option(help="Tokens per sequence")] = None,
+    vocab_size: Annotated[Optional[int], typer.Option(help="Size of the tokenizer trained on the corpus")] = None,
+    eval_interval: Annotated[Optional[int], typer.Option(help="Steps between validation and checkpoint saves")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Random seed")] = None,
+):
+    """Pretrain a Transformer on next-token prediction; prints the checkpoint directory."""
+    from llmcli.config import resolve_run_config
+    from llmcli.train import pretrain as run_pretrain
+
+    if out is None:
+        stem = "stdin" if corpus[0] == "-" else Path(corpus[0]).stem
+        out = _free_path(Path("checkpoints") / f"{stem}-{resolve_run_config(preset, config, {})['preset']}")
+    overrides = dict(max_steps=max_steps, batch_size=batch_size, lr=lr, context=context, vocab_size=vocab_size,
+                     eval_interval=eval_interval, seed=seed)
+    summary = run_pretrain(corpus, out, preset, config, overrides, tokenizer)
+    _print_summary(summary)
+    print(summary["checkpoint"])
+
+
+def _free_path(path: Path) -> Path:
+    """path, or path-2, path-3, ... if it is taken: a default never overwrites an earlier run."""
+    candidate, n = path, 1
+    while candidate.exists():
+        n += 1
+        candidate = path.with_name(f"{path.name}-{n}")
+    return candidate
+
+
+def _print_summary(summary: dict):
+    from rich.table import Table
+
+    from llmcli.progress import console
+
+    table = Table(title="pretraining summary", show_header=False)
+    table.add_row("parameters", f"{summary['parameters'] / 1e6:.2f}M")
+    table.add_row("steps", f"{summary['steps']:,} ({summary['tokens']:,} tokens)")
+    table.add_row("val loss", f"{summary['first_val_loss']:.4f} -> {summary['val_loss']:.4f}")
+    table.add_row("train loss", f"{summary['train_loss']:.4f}")
+    table.add_row("time", f"{summary['seconds']:.1f}s, {summary['tokens_per_s']:,} tokens/s")
+    table.add_row("checkpoint", summary["checkpoint"])
+    console.print(table)
+
+
+@app.command()
+def generate(
+    prompt: Annotated[str, typer.Argument(help="Prompt text; '-' reads prompts from stdin, one a line")] = "",
+    model: ModelOption = None,
+    max_new_tokens: Annotated[Optional[int], typer.Option(help="Most tokens to add [default: from the model]",
+                                                          show_default=False)] = None,
+    temperature: Annotated[Optional[float], typer.Option(help="0 = greedy [default: from the model]",
+                                                         show_default=False)] = None,
+    top_k: Annotated[Optional[int], typer.Option(help="Sample from the k most likely tokens; 0 = off")] = None,
+    top_p: Annotated[Optional[float], typer.Option(help="Sample from the smallest set with this much probability")
+                     ] = None,
+    num_samples: Annotated[int, typer.Option("--num-samples", "-n", help="Samples per prompt")] = 1,
+    seed: Annotated[Optional[int], typer.Option(help="Random seed; the same seed gives the same text")] = None,
+    truncate: Annotated[bool, typer.Option(help="Keep the end of a prompt longer than the context")] = False,
+):
+    """Continue a prompt. One sample streams as it is produced; several are each followed by a line <|endoftext|>."""
+    from llmcli.checkpoint import load_checkpoint
+    from llmcli.generate import SamplingConfig, generate_text
+    from llmcli.progress import log
+
+    net, tok, config = load_checkpoint(model)
+    settings = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
+    # the checkpoint may store sampling defaults that suit it; options given here win
+    defaults = {k: v for k, v in (config.get("generation") or {}).items() if k in settings}
+    settings = defaults | {k: v for k, v in settings.items() if v is not None}
+    cfg = SamplingConfig(**settings, num_samples=num_samples, seed=seed)
+    prompts = (line for line in _input_lines("-")) if prompt == "-" else iter([prompt])
+    generate_text(net, tok, prompts, cfg, truncate=truncate, log=log)
+
+
+@app.command("eval")
+def evaluate(
+    files: Annotated[list[str], typer.Argument(help="Text files to score")],
+    model: ModelOption = None,
+    batch_size: Annotated[int, typer.Option(help="Windows scored at once")] = 8,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object a file on stdout")] = False,
+):
+    """Loss, perplexity and bits per byte of a model on text files, scored in windows of its context."""
+    from rich.table import Table
+
+    from llmcli.checkpoint import load_checkpoint
+    from llmcli.evaluate import evaluate_file
+    from llmcli.progress import console
+
+    net, tok, _ = load_checkpoint(model)
+    results = [evaluate_file(net, tok, f, batch_size) for f in files]
+    if as_json:
+        for result in results:
+            print(json.dumps(result))
+        return
+    table = Table(title=f"context {net.config.context} tokens")
+    for column in ("file", "tokens", "loss", "perplexity", "bits/byte", "tokens/s"):
+        table.add_column(column, justify="left" if column == "file" else "right", overflow="fold")
+    for r in results:
+        table.add_row(r["file"], f"{r['tokens']:,}", f"{r['loss']:.4f}", f"{r['perplexity']:.2f}",
+                      f"{r['bits_per_byte']:.4f}", f"{r['tokens_per_s']:,}")
+    from rich.console import Console
+
+    Console().print(table)  # the table is the result: stdout
+
+
+def main():
+    # typer itself turns usage errors into exit 2 and Ctrl-C into exit 130; our own errors are one line and exit 1
+    try:
+        app()
+    except LLMError as e:
+        print(f"llm: error: {e}", file=sys.stderr)
+        sys.exit(1)

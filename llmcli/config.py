@@ -1,0 +1,125 @@
+"""Run settings: built-in presets, a YAML file, then command-line overrides, in that order of precedence.
+
+A run's settings are two dataclasses, the model's shape (`ModelConfig`) and how it is trained (`TrainConfig`). The YAML
+file has the same two sections.
+"""
+
+import dataclasses
+import difflib
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from llmcli.errors import LLMError
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 2000
+    batch_size: int = 32
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1  # cosine decay ends at lr * min_lr_ratio
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    eval_interval: int = 200  # steps between validation (and checkpoint saves)
+    eval_batches: int = 20
+    seed: int = 1337
+    val_fraction: float = 0.05  # share of the tokenized corpus held out for validation
+    tokenizer_type: str = "bpe"  # of the tokenizer trained when none is given (bpe or unigram)
+    threads: int = 0  # torch threads; 0 = all cores
+    save_dtype: str = "float32"  # of the weights on disk; bfloat16 halves a checkpoint, and loading casts back
+
+
+# The fields of llmcli.model.ModelConfig, kept here as data so that reading settings does not import torch.
+# model.vocab_size is the size of the tokenizer trained for the run; a given tokenizer brings its own.
+MODEL_FIELD_TYPES = {"vocab_size": int, "context": int, "n_layer": int, "n_head": int, "n_embd": int,
+                     "dropout": float, "bias": bool, "norm_eps": float}
+PRESETS: dict[str, dict[str, dict]] = {
+    "nano": {  # for tests: trains in seconds
+        "model": dict(n_layer=2, n_head=2, n_embd=64, context=64, vocab_size=512),
+        "train": dict(max_steps=200, batch_size=16, lr=3e-3, warmup_steps=20, eval_interval=50, eval_batches=4),
+    },
+    "tiny": {  # ~1M parameters
+        "model": dict(n_layer=4, n_head=4, n_embd=128, context=256, vocab_size=2048),
+        "train": dict(max_steps=2000, batch_size=32, lr=2e-3, warmup_steps=100),
+    },
+    "small": {  # ~10M parameters
+        "model": dict(n_layer=6, n_head=6, n_embd=384, context=256, vocab_size=4096),
+        "train": dict(max_steps=5000, batch_size=32, lr=1e-3, warmup_steps=200),
+    },
+    "gpt2": {  # the GPT-2 124M shape
+        "model": dict(n_layer=12, n_head=12, n_embd=768, context=1024, vocab_size=50257),
+        "train": dict(max_steps=20000, batch_size=16, lr=6e-4, warmup_steps=1000),
+    },
+}
+DEFAULT_PRESET = "tiny"
+
+
+def resolve_run_config(preset: str | None, config_file: str | Path | None, overrides: dict) -> dict:
+    """Merge preset < YAML file < overrides into {"model": {...}, "train": {...}}, checking every key and type."""
+    if config_file is not None:
+        from_file = read_config_file(config_file)
+        preset = preset or from_file.pop("preset", None)
+    else:
+        from_file = {}
+    preset = preset or DEFAULT_PRESET
+    if preset not in PRESETS:
+        raise LLMError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    model = dict(PRESETS[preset]["model"])
+    train = dataclasses.asdict(TrainConfig()) | PRESETS[preset]["train"]
+    model |= from_file.get("model", {})
+    train |= from_file.get("train", {})
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        if key in MODEL_FIELD_TYPES:
+            model[key] = value
+        else:
+            train[key] = value
+    return {"preset": preset, "model": model, "train": train}
+
+
+def read_config_file(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise LLMError(f"config file {path} does not exist" if not path.exists() else f"{path} is not a file")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise LLMError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    data = data or {}
+    if not isinstance(data, dict):
+        raise LLMError(f"{path}: expected a mapping with 'model' and 'train' sections")
+    sections = {"preset": str, "model": dict, "train": dict}
+    for key, value in data.items():
+        _check_key(path, "", key, sections)
+        if not isinstance(value, sections[key]):
+            raise LLMError(f"{path}: '{key}' must be a {sections[key].__name__}, not {type(value).__name__}")
+    for section, types in (("model", MODEL_FIELD_TYPES), ("train", _field_types(TrainConfig))):
+        for key, value in data.get(section, {}).items():
+            _check_key(path, f"{section}.", key, types)
+            data[section][key] = _check_type(path, f"{section}.{key}", value, types[key])
+    return data
+
+
+def _field_types(cls) -> dict[str, type]:
+    return {f.name: f.type for f in dataclasses.fields(cls)}
+
+
+def _check_key(path, prefix: str, key, known: dict):
+    if key not in known:
+        hint = difflib.get_close_matches(str(key), list(known), n=1)
+        suggestion = f" (did you mean '{prefix}{hint[0]}'?)" if hint else f"; known keys: {', '.join(known)}"
+        raise LLMError(f"{path}: unknown key '{prefix}{key}'{suggestion}")
+
+
+def _check_type(path, name: str, value, expected: type):
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, expected) and not (expected is int and isinstance(value, bool)):
+        return value
+    raise LLMError(f"{path}: '{name}' must be {expected.__name__}, got {value!r}")

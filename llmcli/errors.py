@@ -1,0 +1,5 @@
+"""The one error type meant for users: the CLI prints its message as a single line and exits non-zero."""
+
+
+class LLMError(Exception):
+    """A problem with the user's input (a path, a file, a setting), explained in the message."""

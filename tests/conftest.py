@@ -1,0 +1,35 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED_DATA = ROOT.parent / "shared" / "data"
+SHAKESPEARE = SHARED_DATA / "tinyshakespeare.txt"
+TINYSTORIES_VALID = SHARED_DATA / "tinystories" / "valid.txt"
+
+
+def run_cli(*args, input: str | bytes | None = None, cwd=None, env=None) -> subprocess.CompletedProcess:
+    """Run `python -m llmcli ARGS` as a user would; text output unless input is bytes."""
+    text = not isinstance(input, bytes)
+    return subprocess.run([sys.executable, "-m", "llmcli", *map(str, args)], input=input, capture_output=True,
+                          text=text, cwd=cwd, env={**os.environ, **(env or {})}, timeout=600)
+
+
+@pytest.fixture(scope="session")
+def shakespeare_slice(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("corpus") / "shakespeare.txt"
+    path.write_text(SHAKESPEARE.read_text(encoding="utf-8")[:200_000], encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def nano_checkpoint(shakespeare_slice, tmp_path_factory) -> Path:
+    """A test-size model trained for a few seconds, shared by the tests that need any real checkpoint."""
+    from llmcli.train import pretrain
+
+    out = tmp_path_factory.mktemp("ckpt") / "nano"
+    pretrain([str(shakespeare_slice)], out, preset="nano", overrides={"max_steps": 60, "eval_interval": 30})
+    return out

@@ -1,0 +1,132 @@
+"""The commands as a user runs them: exit codes, what goes to stdout and stderr, and the messages for bad input."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from conftest import SHAKESPEARE, run_cli
+
+
+def test_pretrain_generate_eval_end_to_end(tmp_path):
+    corpus = tmp_path / "shakespeare.txt"
+    corpus.write_text(SHAKESPEARE.read_text()[:300_000])
+    out = tmp_path / "run"
+    result = run_cli("pretrain", corpus, "--preset", "nano", "--max-steps", "150", "--eval-interval", "50",
+                     "--seed", "1", "-o", out)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == str(out)  # stdout carries the result only
+    assert "val loss" in result.stderr
+    for name in ("model.safetensors", "config.yaml", "tokenizer.model", "metrics.jsonl"):
+        assert (out / name).is_file()
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    val = [r["val_loss"] for r in rows if "val_loss" in r]
+    assert [r["step"] for r in rows if "val_loss" in r] == [0, 50, 100, 150]
+    assert val[-1] < 0.7 * val[0], val  # from ~ln(512) = 6.2 to well below
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["summary"]["val_loss"] == pytest.approx(val[-1])
+
+    gen = run_cli("generate", "ROMEO:", "-m", out, "--max-new-tokens", "40", "--seed", "3")
+    assert gen.returncode == 0, gen.stderr
+    assert len(gen.stdout.strip()) > 20
+    again = run_cli("generate", "ROMEO:", "-m", out, "--max-new-tokens", "40", "--seed", "3")
+    assert again.stdout == gen.stdout  # same seed, same text
+
+    samples = run_cli("generate", "-", "-m", out, "--max-new-tokens", "10", "-n", "2", input="To be\nKING:\n")
+    assert samples.returncode == 0, samples.stderr
+    assert samples.stdout.count("<|endoftext|>\n") == 4  # 2 prompts x 2 samples, each closed by the separator
+
+    ev = run_cli("eval", "-m", out, corpus, "--json")
+    assert ev.returncode == 0, ev.stderr
+    scores = json.loads(ev.stdout)
+    assert scores["bits_per_byte"] > 0 and scores["context"] == 64
+    assert scores["loss"] < val[0] and scores["perplexity"] == pytest.approx(2.718281828 ** scores["loss"])
+    table = run_cli("eval", "-m", out, corpus)
+    assert "bits/byte" in table.stdout
+
+
+def test_pretrain_reads_stdin_and_accepts_a_tokenizer(nano_checkpoint, shakespeare_slice, tmp_path):
+    result = run_cli("pretrain", "-", "--preset", "nano", "--max-steps", "5", "-t", nano_checkpoint,
+                     "-o", tmp_path / "run", input=shakespeare_slice.read_text())
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "run" / "tokenizer.model").read_bytes() == (nano_checkpoint / "tokenizer.model").read_bytes()
+
+
+def test_help_is_fast_and_does_not_import_torch():
+    code = "import sys; from llmcli.cli import app; assert 'torch' not in sys.modules"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+    result = run_cli("--help")
+    assert result.returncode == 0 and "pretrain" in result.stdout
+    result = subprocess.run([sys.executable, "-X", "importtime", "-m", "llmcli", "tokenize", "--help"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0 and " torch" not in result.stderr
+
+
+def _bad(*args, input=None, cwd=None):
+    result = run_cli(*args, input=input, cwd=cwd)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert lines and lines[-1].startswith("llm: error: "), result.stderr
+    return lines[-1]
+
+
+def test_bad_corpus_inputs(tmp_path, nano_checkpoint):
+    assert "does not exist" in _bad("pretrain", tmp_path / "missing.txt", "--preset", "nano")
+    assert "is a directory" in _bad("pretrain", tmp_path, "--preset", "nano")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    assert "empty" in _bad("pretrain", empty, "--preset", "nano", "-o", tmp_path / "r1")
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes(("word " * 100 + "\ncaf\xe9\n").encode("latin-1"))
+    assert "not UTF-8 at line 2" in _bad("pretrain", latin, "--preset", "nano", "-o", tmp_path / "r2")
+    small = tmp_path / "small.txt"
+    small.write_text("just a few words here, repeated a little. " * 20)
+    message = _bad("pretrain", small, "--preset", "nano", "-o", tmp_path / "r3")
+    assert "Vocabulary size too high (512)" in message and "smaller --vocab-size" in message
+    message = _bad("pretrain", small, "--preset", "nano", "-t", nano_checkpoint, "-o", tmp_path / "r4")
+    assert "too small" in message and "context + 1 = 65" in message
+
+
+def test_bad_settings(tmp_path, shakespeare_slice):
+    assert "unknown preset 'huge'" in _bad("pretrain", shakespeare_slice, "--preset", "huge")
+    config = tmp_path / "run.yaml"
+    config.write_text("train: {lr: fast}\n")
+    assert "'train.lr' must be float" in _bad("pretrain", shakespeare_slice, "--config", config)
+    config.write_text("train: {epochs: 3}\n")
+    assert "unknown key 'train.epochs'" in _bad("pretrain", shakespeare_slice, "--config", config)
+
+
+def test_bad_checkpoints(nano_checkpoint, tmp_path):
+    import shutil
+
+    assert "does not exist" in _bad("generate", "hi", "-m", tmp_path / "nothing")
+    broken = tmp_path / "broken"
+    shutil.copytree(nano_checkpoint, broken)
+    (broken / "tokenizer.model").unlink()
+    assert "tokenizer.model is missing" in _bad("generate", "hi", "-m", broken)
+
+    shutil.copy(nano_checkpoint / "tokenizer.model", broken)
+    config = yaml.safe_load((broken / "config.yaml").read_text())
+    config["model"]["n_embd"] = 32
+    (broken / "config.yaml").write_text(yaml.safe_dump(config))
+    assert "does not match config.yaml" in _bad("eval", "-m", broken, nano_checkpoint / "config.yaml")
+
+    config["model"]["n_embd"] = 64
+    (broken / "config.yaml").write_text(yaml.safe_dump(config))
+    (broken / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{garbage")
+    assert "corrupt" in _bad("generate", "hi", "-m", broken)
+
+
+def test_prompt_longer_than_the_context(nano_checkpoint):
+    long_prompt = "word " * 200  # the nano model's context is 64 tokens
+    assert "--truncate" in _bad("generate", long_prompt, "-m", nano_checkpoint)
+    result = run_cli("generate", long_prompt, "-m", nano_checkpoint, "--truncate", "--max-new-tokens", "5")
+    assert result.returncode == 0, result.stderr
+
+
+def test_bad_sampling_options(nano_checkpoint):
+    assert "--top-p" in _bad("generate", "hi", "-m", nano_checkpoint, "--top-p", "1.5")
+    assert "--temperature" in _bad("generate", "hi", "-m", nano_checkpoint, "--temperature", "-1")

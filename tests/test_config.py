@@ -1,0 +1,52 @@
+import dataclasses
+
+import pytest
+import torch
+
+from llmcli.config import MODEL_FIELD_TYPES, PRESETS, resolve_run_config
+from llmcli.errors import LLMError
+from llmcli.model import ModelConfig, Transformer
+
+
+def test_model_fields_match_the_model_config():
+    assert {f.name: f.type for f in dataclasses.fields(ModelConfig)} == MODEL_FIELD_TYPES
+
+
+@pytest.mark.parametrize("preset, low, high", [("tiny", 0.8e6, 1.5e6), ("small", 8e6, 14e6), ("gpt2", 123e6, 125e6)])
+def test_preset_sizes(preset, low, high):
+    with torch.device("meta"):
+        n = Transformer(ModelConfig(**PRESETS[preset]["model"])).num_params()
+    assert low <= n <= high
+
+
+def test_precedence_preset_then_file_then_options(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("preset: nano\nmodel: {n_layer: 3}\ntrain: {lr: 0.01, max_steps: 7}\n")
+    run = resolve_run_config(None, path, {"max_steps": 9, "context": 32, "batch_size": None})
+    assert run["preset"] == "nano"
+    assert run["model"]["n_layer"] == 3 and run["model"]["n_embd"] == PRESETS["nano"]["model"]["n_embd"]
+    assert run["model"]["context"] == 32
+    assert run["train"]["lr"] == 0.01 and run["train"]["max_steps"] == 9
+    assert run["train"]["batch_size"] == PRESETS["nano"]["train"]["batch_size"]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("train: {learning_rate: 0.1}\n", "unknown key 'train.learning_rate'"),
+    ("model: {n_layers: 2}\n", "did you mean 'model.n_layer'"),
+    ("train: {max_steps: ten}\n", "'train.max_steps' must be int"),
+    ("train: {max_steps: 1.5}\n", "'train.max_steps' must be int"),
+    ("model: {bias: 1}\n", "'model.bias' must be bool"),
+    ("optimizer: {}\n", "unknown key 'optimizer'"),
+    ("- a\n- b\n", "expected a mapping"),
+    ("model: [\n", "not valid YAML"),
+])
+def test_bad_config_files(tmp_path, text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(LLMError, match=message.replace("(", r"\(")):
+        resolve_run_config(None, path, {})
+
+
+def test_unknown_preset():
+    with pytest.raises(LLMError, match="unknown preset 'huge'"):
+        resolve_run_config("huge", None, {})

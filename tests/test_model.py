@@ -1,0 +1,65 @@
+import torch
+
+from llmcli.checkpoint import load_checkpoint, save_model, write_config
+from llmcli.generate import SamplingConfig, generate_tokens
+from llmcli.model import ModelConfig, Transformer
+
+CONFIG = ModelConfig(vocab_size=97, context=32, n_layer=2, n_head=4, n_embd=32)
+
+
+def make_model(seed=0):
+    torch.manual_seed(seed)
+    return Transformer(CONFIG).eval()
+
+
+def test_changing_a_later_token_never_changes_earlier_logits():
+    model = make_model()
+    tokens = torch.randint(0, CONFIG.vocab_size, (2, 20))
+    changed = tokens.clone()
+    changed[:, 12] = (changed[:, 12] + 1) % CONFIG.vocab_size
+    with torch.no_grad():
+        a, b = model(tokens), model(changed)
+    assert torch.equal(a[:, :12], b[:, :12])
+    assert not torch.allclose(a[:, 12:], b[:, 12:])
+
+
+def test_cached_forward_in_chunks_matches_full_forward():
+    model = make_model()
+    tokens = torch.randint(0, CONFIG.vocab_size, (3, 24))
+    with torch.no_grad():
+        full = model(tokens)
+        model.setup_kv_cache(batch_size=3)
+        chunks = [model(tokens[:, :10], pos=0), model(tokens[:, 10:11], pos=10), model(tokens[:, 11:], pos=11)]
+        model.clear_kv_cache()
+    torch.testing.assert_close(torch.cat(chunks, dim=1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_greedy_generation_with_cache_equals_without():
+    model = make_model(seed=3)
+    prompt = [5, 17, 42, 8]
+    cfg = SamplingConfig(max_new_tokens=25, temperature=0.0, num_samples=2)
+    with_cache = torch.stack(list(generate_tokens(model, prompt, cfg, use_cache=True)))
+    without = torch.stack(list(generate_tokens(model, prompt, cfg, use_cache=False)))
+    assert with_cache.shape == (25, 2)  # stops at max_new_tokens: 4 + 25 < context 32
+    assert torch.equal(with_cache, without)
+
+
+def test_generation_stops_at_the_context():
+    model = make_model()
+    cfg = SamplingConfig(max_new_tokens=1000, temperature=1.0, seed=0)
+    assert len(list(generate_tokens(model, [1, 2, 3], cfg))) == CONFIG.context - 3
+
+
+def test_save_then_load_gives_identical_logits(tmp_path):
+    from llmcli.tokenizer import train_tokenizer
+
+    tok = train_tokenizer([f"word{i} token{i * 7} other{i % 13}" for i in range(2000)], tmp_path, vocab_size=300)
+    config = ModelConfig(**{**vars(CONFIG), "vocab_size": tok.vocab_size})
+    torch.manual_seed(7)
+    model = Transformer(config).eval()
+    save_model(tmp_path, model)
+    write_config(tmp_path, {"model": vars(config)})
+    loaded, _, _ = load_checkpoint(tmp_path)
+    tokens = torch.randint(0, config.vocab_size, (2, 16))
+    with torch.no_grad():
+        assert torch.equal(model(tokens), loaded(tokens))

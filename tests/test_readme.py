@@ -1,0 +1,51 @@
+"""The README's commands are run here, so the README cannot rot."""
+
+import os
+import re
+import subprocess
+import sys
+
+from conftest import ROOT
+
+README = (ROOT / "README.md").read_text(encoding="utf-8")
+
+
+def bash_blocks(section: str) -> list[str]:
+    body = README.split(f"## {section}\n", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```bash\n(.*?)```", body, flags=re.S)
+
+
+def run_bash(script: str, cwd) -> subprocess.CompletedProcess:
+    # `llm` is this checkout's package under the running Python, whatever is on PATH
+    prelude = f'set -euo pipefail\nllm() {{ "{sys.executable}" -m llmcli "$@"; }}\n'
+    return subprocess.run(["bash", "-c", prelude + script], cwd=cwd, capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+def test_quick_start_has_two_lines_and_ci_runs_the_second():
+    (block,) = bash_blocks("Quick start")
+    install_and_run, install_and_test = block.strip().splitlines()
+    assert install_and_run.startswith("pip install ") and ' && llm generate "' in install_and_run
+    assert install_and_test.startswith("pip install ") and "[test]" in install_and_test
+    assert install_and_test in (ROOT / ".ci" / "run").read_text()
+
+
+def test_quick_start_generates_a_story(tmp_path):
+    (block,) = bash_blocks("Quick start")
+    command = block.strip().splitlines()[0].split(" && ", 1)[1]  # the part after the install
+    result = run_bash(command, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert len(result.stdout.split()) >= 20  # words of a story
+
+
+def test_walkthrough_commands_run(tmp_path):
+    work = tmp_path / "work"
+    work.mkdir()
+    (tmp_path / "shared").symlink_to(ROOT.parent / "shared")  # the README's ../shared/data
+    result = run_bash("\n".join(bash_blocks("Walkthrough: from a text file to a model")), cwd=work)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "To be, or not to be: that is the question.\n" in out  # encode | decode round trip
+    assert '"pieces"' in out
+    assert str("shakespeare-nano") in out  # pretrain prints the checkpoint
+    assert "bits/byte" in out and '"bits_per_byte"' in out

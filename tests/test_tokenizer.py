@@ -1,0 +1,82 @@
+import json
+
+import pytest
+
+from conftest import run_cli
+from llmcli.errors import LLMError
+from llmcli.tokenizer import END_OF_TEXT, Tokenizer, train_tokenizer
+
+SAMPLES = [
+    "Plain ASCII text, with punctuation!",
+    "  leading and trailing spaces\tand a tab  ",
+    "café, naïve, Ångström, señor",
+    "日本語のテキストと中文文本",
+    "emoji: 🐱🎉👩‍👩‍👧",
+    "",
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(shakespeare_slice, tmp_path_factory):
+    lines = shakespeare_slice.read_text(encoding="utf-8").splitlines()
+    return train_tokenizer(lines, tmp_path_factory.mktemp("tok"), vocab_size=400)
+
+
+@pytest.mark.parametrize("text", SAMPLES)
+def test_round_trip_is_exact(tokenizer, text):
+    ids = tokenizer.encode(text)
+    assert all(0 <= i < tokenizer.vocab_size for i in ids)
+    assert tokenizer.decode(ids) == text
+
+
+def test_end_of_text_is_one_token(tokenizer):
+    ids = tokenizer.encode(f"one{END_OF_TEXT}two")
+    assert tokenizer.end_of_text in ids
+    assert tokenizer.pieces([tokenizer.end_of_text]) == [END_OF_TEXT]
+
+
+def test_unigram_and_special_tokens(shakespeare_slice, tmp_path):
+    lines = shakespeare_slice.read_text(encoding="utf-8").splitlines()
+    tok = train_tokenizer(lines, tmp_path, vocab_size=400, model_type="unigram", special_tokens=("<|sep|>",))
+    ids = tok.encode("a<|sep|>b")
+    assert "<|sep|>" in tok.pieces(ids)
+    assert tok.decode(ids) == "a<|sep|>b"
+    assert Tokenizer(tmp_path).vocab_size == 400
+
+
+def test_bad_settings_are_user_errors(tmp_path):
+    with pytest.raises(LLMError, match="too small"):
+        train_tokenizer(["some text"], tmp_path, vocab_size=100)
+    with pytest.raises(LLMError, match="unknown tokenizer type"):
+        train_tokenizer(["some text"], tmp_path, vocab_size=400, model_type="wordpiece")
+    with pytest.raises(LLMError, match="empty"):
+        train_tokenizer([], tmp_path, vocab_size=400)
+
+
+def test_cli_train_encode_decode(shakespeare_slice, tmp_path):
+    result = run_cli("tokenize", "train", shakespeare_slice, "--vocab-size", "500", "-o", tmp_path / "tok")
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "tok" / "tokenizer.model").is_file()
+    text = "\n".join(SAMPLES[:-1]) + "\n"
+    encoded = run_cli("tokenize", "encode", "-t", tmp_path / "tok", input=text)
+    assert encoded.returncode == 0, encoded.stderr
+    lines = encoded.stdout.splitlines()
+    assert len(lines) == len(SAMPLES) - 1  # one output line per input line
+    assert all(tok.isdigit() for line in lines for tok in line.split())
+    decoded = run_cli("tokenize", "decode", "-t", tmp_path / "tok", input=encoded.stdout)
+    assert decoded.stdout == text
+
+    as_json = run_cli("tokenize", "encode", "--json", "-t", tmp_path / "tok", input="Hello\n")
+    record = json.loads(as_json.stdout)
+    assert len(record["ids"]) == len(record["pieces"]) >= 1
+    # decode accepts the JSON objects too, so encode --json | decode round-trips
+    assert run_cli("tokenize", "decode", "-t", tmp_path / "tok", input=as_json.stdout).stdout == "Hello\n"
+
+
+def test_cli_decode_rejects_garbage(shakespeare_slice, tmp_path):
+    train_tokenizer(shakespeare_slice.read_text().splitlines(), tmp_path, vocab_size=400)
+    result = run_cli("tokenize", "decode", "-t", tmp_path, input="12 x 7\n")
+    assert result.returncode == 1
+    assert "line 1" in result.stderr and "Traceback" not in result.stderr
+    result = run_cli("tokenize", "decode", "-t", tmp_path, input="99999\n")
+    assert result.returncode == 1 and "outside the vocabulary" in result.stderr
