@@ -12,10 +12,11 @@ TINYSTORIES_VALID = SHARED_DATA / "tinystories" / "valid.txt"
 
 
 def run_cli(*args, input: str | bytes | None = None, cwd=None, env=None) -> subprocess.CompletedProcess:
-    """Run `python -m llmcli ARGS` as a user would; text output unless input is bytes."""
+    """Run `python -m llmcli ARGS` of this checkout as a user would; text output unless input is bytes."""
     text = not isinstance(input, bytes)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
     return subprocess.run([sys.executable, "-m", "llmcli", *map(str, args)], input=input, capture_output=True,
-                          text=text, cwd=cwd, env={**os.environ, **(env or {})}, timeout=600)
+                          text=text, cwd=cwd, env=env, timeout=600)
 
 
 @pytest.fixture(scope="session")
