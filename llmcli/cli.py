@@ -163,16 +163,14 @@ def generate(
 ):
     """Continue a prompt. One sample streams as it is produced; several are each followed by a line <|endoftext|>."""
     from llmcli.checkpoint import load_checkpoint
-    from llmcli.generate import SamplingConfig, generate_text
+    from llmcli.generate import apply_template, generate_text, sampling_settings
     from llmcli.progress import log
 
     net, tok, config = load_checkpoint(model)
-    settings = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
-    # the checkpoint may store sampling defaults that suit it; options given here win
-    defaults = {k: v for k, v in (config.get("generation") or {}).items() if k in settings}
-    settings = defaults | {k: v for k, v in settings.items() if v is not None}
-    cfg = SamplingConfig(**settings, num_samples=num_samples, seed=seed)
+    cfg, template = sampling_settings(config, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                                      top_p=top_p, num_samples=num_samples, seed=seed)
     prompts = (line for line in _input_lines("-")) if prompt == "-" else iter([prompt])
+    prompts = (apply_template(template, p) for p in prompts)
     generate_text(net, tok, prompts, cfg, truncate=truncate, log=log)
 
 

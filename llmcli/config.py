@@ -1,7 +1,8 @@
 """Run settings: built-in presets, a YAML file, then command-line overrides, in that order of precedence.
 
 A run's settings are two dataclasses, the model's shape (`ModelConfig`) and how it is trained (`TrainConfig`). The YAML
-file has the same two sections.
+file has the same two sections, and optionally a third, `generation`: sampling defaults that suit the model, stored
+in its checkpoint for `llm generate`.
 """
 
 import dataclasses
@@ -57,6 +58,10 @@ PRESETS: dict[str, dict[str, dict]] = {
     },
 }
 DEFAULT_PRESET = "tiny"
+# prompt_template wraps a user's prompt before encoding, "{prompt}" standing for it (e.g. for a model trained on
+# instruction lines followed by a story)
+GENERATION_FIELD_TYPES = {"max_new_tokens": int, "temperature": float, "top_k": int, "top_p": float,
+                          "prompt_template": str}
 
 
 def resolve_run_config(preset: str | None, config_file: str | Path | None, overrides: dict) -> dict:
@@ -80,7 +85,7 @@ def resolve_run_config(preset: str | None, config_file: str | Path | None, overr
             model[key] = value
         else:
             train[key] = value
-    return {"preset": preset, "model": model, "train": train}
+    return {"preset": preset, "model": model, "train": train, "generation": from_file.get("generation", {})}
 
 
 def read_config_file(path: str | Path) -> dict:
@@ -94,12 +99,13 @@ def read_config_file(path: str | Path) -> dict:
     data = data or {}
     if not isinstance(data, dict):
         raise LLMError(f"{path}: expected a mapping with 'model' and 'train' sections")
-    sections = {"preset": str, "model": dict, "train": dict}
+    sections = {"preset": str, "model": dict, "train": dict, "generation": dict}
     for key, value in data.items():
         _check_key(path, "", key, sections)
         if not isinstance(value, sections[key]):
             raise LLMError(f"{path}: '{key}' must be a {sections[key].__name__}, not {type(value).__name__}")
-    for section, types in (("model", MODEL_FIELD_TYPES), ("train", _field_types(TrainConfig))):
+    for section, types in (("model", MODEL_FIELD_TYPES), ("train", _field_types(TrainConfig)),
+                           ("generation", GENERATION_FIELD_TYPES)):
         for key, value in data.get(section, {}).items():
             _check_key(path, f"{section}.", key, types)
             data[section][key] = _check_type(path, f"{section}.{key}", value, types[key])
@@ -120,6 +126,11 @@ def _check_key(path, prefix: str, key, known: dict):
 def _check_type(path, name: str, value, expected: type):
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if expected is float and isinstance(value, str):
+        try:  # PyYAML reads 2e-3 (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
     if isinstance(value, expected) and not (expected is int and isinstance(value, bool)):
         return value
     raise LLMError(f"{path}: '{name}' must be {expected.__name__}, got {value!r}")

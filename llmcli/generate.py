@@ -37,6 +37,19 @@ class SamplingConfig:
             raise LLMError(f"--max-new-tokens must be >= 0, got {self.max_new_tokens}")
 
 
+def sampling_settings(checkpoint_config: dict, **options) -> tuple[SamplingConfig, str]:
+    """Sampling settings and prompt template: the options given, else the checkpoint's stored defaults."""
+    stored = checkpoint_config.get("generation") or {}
+    template = stored.get("prompt_template", "{prompt}")
+    defaults = {k: v for k, v in stored.items() if k in SamplingConfig.__dataclass_fields__}
+    return SamplingConfig(**(defaults | {k: v for k, v in options.items() if v is not None})), template
+
+
+def apply_template(template: str, prompt: str) -> str:
+    """The prompt wrapped in the model's template; an empty prompt stays empty (the start of a document)."""
+    return template.replace("{prompt}", prompt) if prompt else prompt
+
+
 def apply_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
     if k <= 0 or k >= logits.size(-1):
         return logits

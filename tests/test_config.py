@@ -21,7 +21,7 @@ def test_preset_sizes(preset, low, high):
 
 def test_precedence_preset_then_file_then_options(tmp_path):
     path = tmp_path / "run.yaml"
-    path.write_text("preset: nano\nmodel: {n_layer: 3}\ntrain: {lr: 0.01, max_steps: 7}\n")
+    path.write_text("preset: nano\nmodel: {n_layer: 3}\ntrain: {lr: 1e-2, max_steps: 7}\n")
     run = resolve_run_config(None, path, {"max_steps": 9, "context": 32, "batch_size": None})
     assert run["preset"] == "nano"
     assert run["model"]["n_layer"] == 3 and run["model"]["n_embd"] == PRESETS["nano"]["model"]["n_embd"]
@@ -37,6 +37,7 @@ def test_precedence_preset_then_file_then_options(tmp_path):
     ("train: {max_steps: 1.5}\n", "'train.max_steps' must be int"),
     ("model: {bias: 1}\n", "'model.bias' must be bool"),
     ("optimizer: {}\n", "unknown key 'optimizer'"),
+    ("generation: {temprature: 0.5}\n", "did you mean 'generation.temperature'"),
     ("- a\n- b\n", "expected a mapping"),
     ("model: [\n", "not valid YAML"),
 ])
@@ -50,3 +51,14 @@ def test_bad_config_files(tmp_path, text, message):
 def test_unknown_preset():
     with pytest.raises(LLMError, match="unknown preset 'huge'"):
         resolve_run_config("huge", None, {})
+
+
+def test_stored_generation_defaults_yield_to_options():
+    from llmcli.generate import apply_template, sampling_settings
+
+    stored = {"generation": {"temperature": 0.5, "max_new_tokens": 9, "prompt_template": "{prompt}\n"}}
+    cfg, template = sampling_settings(stored, temperature=0.0, top_p=None, num_samples=2)
+    assert (cfg.temperature, cfg.max_new_tokens, cfg.top_p, cfg.num_samples) == (0.0, 9, 1.0, 2)
+    assert apply_template(template, "Tell me a story") == "Tell me a story\n"
+    assert apply_template(template, "") == ""
+    assert sampling_settings({}, temperature=None)[1] == "{prompt}"
