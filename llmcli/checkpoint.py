@@ -55,7 +55,7 @@ def save_model(directory: Path, model, metadata: dict | None = None, dtype=None)
 def read_config(directory: Path) -> dict:
     path = directory / CONFIG_FILE
     if not path.is_file():
-        raise LLMError(f"{directory} is not a checkpoint: it has no {CONFIG_FILE}")
+        raise LLMError(f"{directory} is not a checkpoint: it has no {CONFIG_FILE} (nor a Hugging Face config.json)")
     try:
         config = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as e:
@@ -77,6 +77,10 @@ def load_checkpoint(path: str | Path | None = None, device: str = "cpu"):
         raise LLMError(f"checkpoint {directory} does not exist")
     if not directory.is_dir():
         raise LLMError(f"{directory} is not a checkpoint directory")
+    from llmcli.hf import is_hf_folder, load_hf_folder
+
+    if is_hf_folder(directory):
+        return load_hf_folder(directory, device)
     config = read_config(directory)
     for name in (MODEL_FILE, TOKENIZER_FILE):
         if not (directory / name).is_file():
