@@ -106,7 +106,7 @@ def load_checkpoint(path: str | Path | None = None, device: str = "cpu"):
     if found != expected:
         raise LLMError(f"checkpoint {directory}: {_describe_mismatch(expected, found)}; "
                        f"{MODEL_FILE} does not match {CONFIG_FILE}")
-    model = Transformer(model_config)
+    model = Transformer.empty(model_config)
     model.load_state_dict(state)
     return model.to(device).eval(), tokenizer, config
 

@@ -210,7 +210,7 @@ def load_hf_folder(directory: Path, device: str = "cpu"):
         except (SafetensorError, OSError) as e:
             raise LLMError(f"a weights file in {directory} is corrupt: {e}") from None
         _check_weights(directory, family, model_config, expected, files, opened)
-        model = Transformer(model_config)
+        model = Transformer.empty(model_config)
         targets = model.state_dict()
         with torch.no_grad():
             for name in expected:

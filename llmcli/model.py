@@ -187,12 +187,8 @@ class Transformer(nn.Module):
         self.token_embedding = nn.Embedding(config.vocab_size, config.n_embd)
         if config.positions == "learned":
             self.position_embedding = nn.Embedding(config.context, config.n_embd)
-        elif config.positions == "sinusoidal":  # fixed tables are computed, not saved
-            self.register_buffer("position_table", sinusoidal_table(config), persistent=False)
-        else:
-            cos, sin = rope_tables(config)
-            self.register_buffer("rope_cos", cos, persistent=False)
-            self.register_buffer("rope_sin", sin, persistent=False)
+        for name, table in self.fixed_tables().items():  # computed, not saved
+            self.register_buffer(name, table, persistent=False)
         self.dropout = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.norm_f = make_norm(config)
@@ -203,6 +199,23 @@ class Transformer(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def fixed_tables(self) -> dict[str, torch.Tensor]:
+        if self.config.positions == "sinusoidal":
+            return {"position_table": sinusoidal_table(self.config)}
+        if self.config.positions == "rope":
+            return dict(zip(("rope_cos", "rope_sin"), rope_tables(self.config)))
+        return {}
+
+    @classmethod
+    def empty(cls, config: ModelConfig, device="cpu") -> "Transformer":
+        """A model whose weights are uninitialised memory, for a checkpoint to fill: skips the random init."""
+        with torch.device("meta"):
+            model = cls(config)
+        model.to_empty(device=device)
+        for name, table in model.fixed_tables().items():
+            getattr(model, name).copy_(table)
+        return model
 
     @staticmethod
     def _init_weights(module: nn.Module):
