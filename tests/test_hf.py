@@ -243,3 +243,13 @@ def test_generate_eval_and_info_open_a_gpt2_folder_from_the_cli(tmp_path, byte_l
     result = run_cli("eval", small, "-m", directory, "--json")
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["context"] == 64
+
+
+def test_mistral_context_stops_at_its_sliding_window(tmp_path, byte_level_bpe):
+    hf_model = make_hf_model("mistral-gqa")
+    hf_model.config.sliding_window = 16  # within 16 tokens, sliding-window attention is plain causal attention
+    model, _, _ = load_checkpoint(save_hf(hf_model, tmp_path / "m", byte_level_bpe))
+    assert model.config.context == 16
+    tokens = torch.randint(0, SP_VOCAB, (2, 16))
+    with torch.no_grad():
+        assert (model(tokens) - hf_model(tokens).logits).abs().max().item() < 1e-4
