@@ -55,7 +55,7 @@ def save_model(directory: Path, model, metadata: dict | None = None, dtype=None)
 def read_config(directory: Path) -> dict:
     path = directory / CONFIG_FILE
     if not path.is_file():
-        raise LLMError(f"{directory} is not a checkpoint: it has no {CONFIG_FILE}")
+        raise LLMError(f"{directory} is not a checkpoint: it has no {CONFIG_FILE} (nor a Hugging Face config.json)")
     try:
         config = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as e:
@@ -77,6 +77,10 @@ def load_checkpoint(path: str | Path | None = None, device: str = "cpu"):
         raise LLMError(f"checkpoint {directory} does not exist")
     if not directory.is_dir():
         raise LLMError(f"{directory} is not a checkpoint directory")
+    from llmcli.hf import is_hf_folder, load_hf_folder
+
+    if is_hf_folder(directory):
+        return load_hf_folder(directory, device)
     config = read_config(directory)
     for name in (MODEL_FILE, TOKENIZER_FILE):
         if not (directory / name).is_file():
@@ -102,7 +106,7 @@ def load_checkpoint(path: str | Path | None = None, device: str = "cpu"):
     if found != expected:
         raise LLMError(f"checkpoint {directory}: {_describe_mismatch(expected, found)}; "
                        f"{MODEL_FILE} does not match {CONFIG_FILE}")
-    model = Transformer(model_config)
+    model = Transformer.empty(model_config)
     model.load_state_dict(state)
     return model.to(device).eval(), tokenizer, config
 
@@ -116,3 +120,57 @@ def _describe_mismatch(expected: dict, found: dict) -> str:
         return f"{len(unexpected)} unexpected tensors (first: {unexpected[0]})"
     name = next(k for k in expected if expected[k] != found[k])
     return f"tensor {name} has shape {list(found[name])}, the config implies {list(expected[name])}"
+
+
+def checkpoint_info(path: str | Path | None = None) -> dict:
+    """What a checkpoint (ours or a Hugging Face folder) holds, read from its headers without loading the weights."""
+    import torch
+    from safetensors import SafetensorError, safe_open
+
+    from llmcli.hf import hf_family, is_hf_folder, model_settings_from_hf, read_hf_config, weight_files
+    from llmcli.model import ModelConfig, Transformer
+    from llmcli.tokenizer import load_tokenizer
+
+    directory = Path(path) if path is not None else default_model_path()
+    if not directory.is_dir():
+        raise LLMError(f"checkpoint {directory} does not exist" if not directory.exists()
+                       else f"{directory} is not a checkpoint directory")
+    if is_hf_folder(directory):
+        hf = read_hf_config(directory)
+        family, settings = model_settings_from_hf(hf, directory)
+        architecture, weight_paths = (hf.get("architectures") or [family])[0], set(weight_files(directory).values())
+    else:
+        settings, architecture = read_config(directory)["model"], "llmcli Transformer"
+        weight_paths = {directory / MODEL_FILE}
+    try:
+        config = ModelConfig(**settings)
+    except (TypeError, ValueError) as e:
+        raise LLMError(f"{directory}: bad model settings: {e}") from None
+    with torch.device("meta"):
+        parameters = Transformer(config).num_params()
+    dtypes = set()
+    try:
+        for file in weight_paths:
+            with safe_open(file, framework="pt") as f:
+                dtypes |= {f.get_slice(k).get_dtype() for k in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise LLMError(f"a weights file in {directory} is corrupt: {e}") from None
+    tokenizer = load_tokenizer(directory)
+    attention = ("multi-head" if config.kv_heads == config.n_head else "multi-query" if config.kv_heads == 1
+                 else f"grouped-query ({config.kv_heads} key/value heads)")
+    return {
+        "path": str(directory),
+        "architecture": architecture,
+        "parts": f"{config.norm}, {config.positions} positions, {config.mlp} MLP, {attention} attention, "
+                 f"{'tied' if config.tie_embeddings else 'untied'} output head",
+        "parameters": parameters,
+        "layers": config.n_layer,
+        "heads": config.n_head,
+        "width": config.n_embd,
+        "context": config.context,
+        "vocab_size": config.vocab_size,
+        "tokenizer": f"{'SentencePiece' if isinstance(tokenizer, Tokenizer) else 'byte-level BPE'} "
+                     f"({tokenizer.vocab_size} tokens)",
+        "dtype": ", ".join(sorted(dtypes)),
+        "size_bytes": sum(f.stat().st_size for f in directory.iterdir() if f.is_file()),
+    }

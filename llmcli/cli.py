@@ -25,7 +25,8 @@ tokenize_app = typer.Typer(help="Train a SentencePiece tokenizer; encode and dec
 app.add_typer(tokenize_app, name="tokenize")
 
 ModelOption = Annotated[Optional[Path], typer.Option(
-    "--model", "-m", help="Checkpoint directory [default: the shipped model, or $LLM_MODEL]", show_default=False)]
+    "--model", "-m", help="Checkpoint directory, ours or a Hugging Face model folder [default: the shipped model, "
+    "or $LLM_MODEL]", show_default=False)]
 TokenizerOption = Annotated[Optional[Path], typer.Option(
     "--tokenizer", "-t", help="Tokenizer: a directory with tokenizer.model (a checkpoint works) or the file itself "
     "[default: the shipped model's]", show_default=False)]
@@ -83,9 +84,9 @@ def tokenize_decode(source: InputArgument = "-", tokenizer: TokenizerOption = No
 
 def _load_tokenizer(path: Optional[Path]):
     from llmcli.checkpoint import default_model_path
-    from llmcli.tokenizer import Tokenizer
+    from llmcli.tokenizer import load_tokenizer
 
-    return Tokenizer(path if path is not None else default_model_path())
+    return load_tokenizer(path if path is not None else default_model_path())
 
 
 @app.command()
@@ -203,6 +204,41 @@ def evaluate(
     from rich.console import Console
 
     Console().print(table)  # the table is the result: stdout
+
+
+@app.command()
+def export(
+    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint directory")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="New directory to write")],
+    format: Annotated[str, typer.Option("--format", help="hf: a Hugging Face transformers model folder")] = "hf",
+):
+    """Write a checkpoint in another format; prints the directory written."""
+    if format != "hf":
+        raise LLMError(f"unknown export format {format!r}; the one format is hf")
+    from llmcli.hf import export_hf
+
+    print(export_hf(checkpoint, out))
+
+
+@app.command()
+def info(
+    checkpoint: Annotated[Optional[Path], typer.Argument(
+        help="Checkpoint directory, ours or a Hugging Face folder [default: the shipped model]", show_default=False)
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object")] = False,
+):
+    """Architecture, parameter count, context, vocabulary, dtype and size on disk of a checkpoint."""
+    from llmcli.checkpoint import checkpoint_info
+
+    about = checkpoint_info(checkpoint)
+    if as_json:
+        print(json.dumps(about))
+        return
+    about["parameters"] = f"{about['parameters']:,} ({about['parameters'] / 1e6:.2f}M)"
+    about["size_bytes"] = f"{about['size_bytes']:,} bytes ({about['size_bytes'] / 2**20:.1f} MiB)"
+    width = max(map(len, about))
+    for key, value in about.items():
+        print(f"{key.replace('_bytes', ' on disk'):<{width}}  {value}")
 
 
 def main():

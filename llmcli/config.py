@@ -38,7 +38,9 @@ class TrainConfig:
 # The fields of llmcli.model.ModelConfig, kept here as data so that reading settings does not import torch.
 # model.vocab_size is the size of the tokenizer trained for the run; a given tokenizer brings its own.
 MODEL_FIELD_TYPES = {"vocab_size": int, "context": int, "n_layer": int, "n_head": int, "n_embd": int,
-                     "dropout": float, "bias": bool, "norm_eps": float}
+                     "dropout": float, "bias": bool, "norm_eps": float, "norm": str, "positions": str, "mlp": str,
+                     "intermediate_size": int, "n_kv_head": int, "qkv_bias": bool, "tie_embeddings": bool,
+                     "rope_theta": float, "rope_scaling": float}
 PRESETS: dict[str, dict[str, dict]] = {
     "nano": {  # for tests: trains in seconds
         "model": dict(n_layer=2, n_head=2, n_embd=64, context=64, vocab_size=512),

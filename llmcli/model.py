@@ -1,7 +1,9 @@
-"""A decoder-only Transformer, GPT-2 style, readable top to bottom.
+"""A decoder-only Transformer, readable top to bottom: GPT-2 by default, Llama, Mistral or Qwen2 by its config.
 
-token embedding + learned positions -> n_layer pre-norm blocks (causal self-attention, MLP) -> final norm ->
-output head tied to the token embedding. A preallocated KV cache makes decoding one token cost one token's work.
+token embedding (+ learned or sinusoidal positions) -> n_layer pre-norm blocks (causal self-attention, MLP) ->
+final norm -> output head (tied to the token embedding or its own). The config picks each part: LayerNorm or
+RMSNorm, learned, sinusoidal or rotary positions, GELU MLP or SwiGLU, multi-head, grouped-query or multi-query
+attention, biases. A preallocated KV cache makes decoding one token cost one token's work.
 """
 
 import math
@@ -20,12 +22,77 @@ class ModelConfig:
     n_head: int = 4
     n_embd: int = 128
     dropout: float = 0.0
-    bias: bool = True  # biases in linear layers and norms, as GPT-2 has
+    bias: bool = True  # biases in linear layers and LayerNorms, as GPT-2 has
     norm_eps: float = 1e-5
+    norm: str = "layernorm"  # or "rmsnorm" (Llama)
+    positions: str = "learned"  # or "rope" (rotary, Llama) or "sinusoidal" (the original Transformer's fixed table)
+    mlp: str = "gelu"  # or "swiglu" (Llama)
+    intermediate_size: int = 0  # width of the MLP's hidden layer; 0 = 4 * n_embd
+    n_kv_head: int = 0  # key/value heads: 0 = n_head (multi-head), fewer = grouped-query, 1 = multi-query
+    qkv_bias: bool = False  # biases on the query/key/value projection even when bias is off (Qwen2)
+    tie_embeddings: bool = True  # the output head shares the token embedding matrix
+    rope_theta: float = 10000.0  # base of the rotary frequencies
+    rope_scaling: float = 1.0  # linear position interpolation: positions are divided by this
 
     def __post_init__(self):
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})")
+        choices = {"norm": ("layernorm", "rmsnorm"), "positions": ("learned", "rope", "sinusoidal"),
+                   "mlp": ("gelu", "swiglu")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}, not {getattr(self, name)!r}")
+        if self.n_head % self.kv_heads:
+            raise ValueError(f"n_head ({self.n_head}) must be a multiple of n_kv_head ({self.n_kv_head})")
+        if self.positions == "rope" and self.head_dim % 2:
+            raise ValueError(f"rotary positions need an even head size, not {self.head_dim}")
+        if self.rope_scaling <= 0:
+            raise ValueError(f"rope_scaling must be > 0, not {self.rope_scaling}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head or self.n_head
+
+    @property
+    def hidden_size(self) -> int:
+        return self.intermediate_size or 4 * self.n_embd
+
+
+def make_norm(config: ModelConfig) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return nn.RMSNorm(config.n_embd, eps=config.norm_eps)
+    return nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
+
+
+def rope_tables(config: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin (context, head_dim) of the rotary angles, laid out as Llama's rotate_half expects."""
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    positions = torch.arange(config.context, dtype=torch.float32) / config.rope_scaling
+    angles = torch.outer(positions, inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (i, i + head_dim/2) of x (B, H, T, D) by the angles of x's positions."""
+    half = x.size(-1) // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return (x * cos + rotated * sin).to(x.dtype)
+
+
+def sinusoidal_table(config: ModelConfig) -> torch.Tensor:
+    """The fixed position encoding of "Attention Is All You Need": sin on even dimensions, cos on odd ones."""
+    positions = torch.arange(config.context, dtype=torch.float32)[:, None]
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, config.n_embd, 2, dtype=torch.float32) / config.n_embd))
+    table = torch.zeros(config.context, config.n_embd)
+    table[:, 0::2] = torch.sin(positions * inv_freq)
+    table[:, 1::2] = torch.cos(positions * inv_freq)[:, : config.n_embd // 2]
+    return table
 
 
 class KVCache(nn.Module):
@@ -48,18 +115,23 @@ class KVCache(nn.Module):
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.n_head = config.n_head
-        self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.kv_heads, config.head_dim
+        # queries, keys and values in one matmul; keys and values have n_kv_head heads (fewer under GQA)
+        self.qkv = nn.Linear(config.n_embd, (self.n_head + 2 * self.n_kv_head) * self.head_dim,
+                             bias=config.bias or config.qkv_bias)
         self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x: torch.Tensor, pos: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, pos: int = 0, rope: tuple | None = None) -> torch.Tensor:
         B, T, C = x.shape
-        q, k, v = self.qkv(x).split(C, dim=2)
-        # (B, T, C) -> (B, n_head, T, head_dim)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        q, k, v = self.qkv(x).split([self.n_head * self.head_dim] + [self.n_kv_head * self.head_dim] * 2, dim=2)
+        # (B, T, heads * head_dim) -> (B, heads, T, head_dim)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k, v = (t.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2) for t in (k, v))
+        if rope is not None:  # rotate queries and keys by their positions before keys enter the cache
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if self.kv_cache is not None:
             k, v = self.kv_cache.update(pos, k, v)
         if T == 1:
@@ -70,7 +142,8 @@ class CausalSelfAttention(nn.Module):
             mask = torch.ones(T, pos + T, dtype=torch.bool, device=x.device).tril(diagonal=pos)
             is_causal = False
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=self.dropout if self.training else 0.0
+            q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=self.n_kv_head != self.n_head,  # each group of n_head / n_kv_head queries shares a key head
         )
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.proj(y))
@@ -79,11 +152,16 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.swiglu = config.mlp == "swiglu"
+        # SwiGLU's gate and up projections share one matmul: fc's output is [gate, up]
+        self.fc = nn.Linear(config.n_embd, (2 if self.swiglu else 1) * config.hidden_size, bias=config.bias)
+        self.proj = nn.Linear(config.hidden_size, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.swiglu:
+            gate, up = self.fc(x).chunk(2, dim=-1)
+            return self.dropout(self.proj(F.silu(gate) * up))
         return self.dropout(self.proj(F.gelu(self.fc(x), approximate="tanh")))
 
 
@@ -92,13 +170,13 @@ class Block(nn.Module):
 
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.norm_1 = nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
+        self.norm_1 = make_norm(config)
         self.attn = CausalSelfAttention(config)
-        self.norm_2 = nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
+        self.norm_2 = make_norm(config)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, pos: int = 0) -> torch.Tensor:
-        x = x + self.attn(self.norm_1(x), pos)
+    def forward(self, x: torch.Tensor, pos: int = 0, rope: tuple | None = None) -> torch.Tensor:
+        x = x + self.attn(self.norm_1(x), pos, rope)
         return x + self.mlp(self.norm_2(x))
 
 
@@ -107,15 +185,37 @@ class Transformer(nn.Module):
         super().__init__()
         self.config = config
         self.token_embedding = nn.Embedding(config.vocab_size, config.n_embd)
-        self.position_embedding = nn.Embedding(config.context, config.n_embd)
+        if config.positions == "learned":
+            self.position_embedding = nn.Embedding(config.context, config.n_embd)
+        for name, table in self.fixed_tables().items():  # computed, not saved
+            self.register_buffer(name, table, persistent=False)
         self.dropout = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
-        self.norm_f = nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
+        self.norm_f = make_norm(config)
+        if not config.tie_embeddings:
+            self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.apply(self._init_weights)
         # GPT-2: scale the init of projections into the residual stream by 1/sqrt(number of residual additions)
         for name, p in self.named_parameters():
             if name.endswith("proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def fixed_tables(self) -> dict[str, torch.Tensor]:
+        if self.config.positions == "sinusoidal":
+            return {"position_table": sinusoidal_table(self.config)}
+        if self.config.positions == "rope":
+            return dict(zip(("rope_cos", "rope_sin"), rope_tables(self.config)))
+        return {}
+
+    @classmethod
+    def empty(cls, config: ModelConfig, device="cpu") -> "Transformer":
+        """A model whose weights are uninitialised memory, for a checkpoint to fill: skips the random init."""
+        with torch.device("meta"):
+            model = cls(config)
+        model.to_empty(device=device)
+        for name, table in model.fixed_tables().items():
+            getattr(model, name).copy_(table)
+        return model
 
     @staticmethod
     def _init_weights(module: nn.Module):
@@ -134,20 +234,29 @@ class Transformer(nn.Module):
         T = idx.size(1)
         if pos + T > self.config.context:
             raise ValueError(f"sequence of {pos + T} tokens is longer than the context ({self.config.context})")
-        positions = torch.arange(pos, pos + T, device=idx.device)
-        x = self.dropout(self.token_embedding(idx) + self.position_embedding(positions))
+        x = self.token_embedding(idx)
+        rope = None
+        if self.config.positions == "learned":
+            x = x + self.position_embedding(torch.arange(pos, pos + T, device=idx.device))
+        elif self.config.positions == "sinusoidal":
+            x = x + self.position_table[pos:pos + T]
+        else:
+            rope = (self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T])
+        x = self.dropout(x)
         for block in self.blocks:
-            x = block(x, pos)
+            x = block(x, pos, rope)
         x = self.norm_f(x)
-        return F.linear(x, self.token_embedding.weight)  # the output head shares the embedding matrix
+        if self.config.tie_embeddings:
+            return F.linear(x, self.token_embedding.weight)  # the output head shares the embedding matrix
+        return self.lm_head(x)
 
     def setup_kv_cache(self, batch_size: int, max_len: int | None = None):
         """Give every attention layer a cache for batch_size sequences of up to max_len tokens (default: context)."""
         max_len = max_len or self.config.context
         weight = self.token_embedding.weight
         for block in self.blocks:
-            head_dim = self.config.n_embd // self.config.n_head
-            block.attn.kv_cache = KVCache(batch_size, max_len, self.config.n_head, head_dim, weight.dtype, weight.device)
+            block.attn.kv_cache = KVCache(batch_size, max_len, self.config.kv_heads, self.config.head_dim,
+                                          weight.dtype, weight.device)
 
     def clear_kv_cache(self):
         for block in self.blocks:

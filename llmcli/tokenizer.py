@@ -1,5 +1,8 @@
 """SentencePiece tokenizers: train one on a corpus, load it, encode and decode losslessly.
 
+Hugging Face folders may bring GPT-2's byte-level BPE instead (tokenizer.json, or vocab.json + merges.txt): that is
+read by HF's `tokenizers` library, an optional extra (pip install 'llmcli[hf]'), behind the same interface.
+
 Trained tokenizers use byte fallback and no normalisation, so any UTF-8 text round-trips exactly; the end-of-text
 token `<|endoftext|>` separates documents and is matched wherever that string appears in text.
 """
@@ -31,6 +34,7 @@ class Tokenizer:
         eot = self.sp.PieceToId(END_OF_TEXT)
         # PieceToId answers unk for pieces it lacks; a tokenizer from elsewhere may have no end-of-text token
         self.end_of_text = eot if self.sp.IdToPiece(eot) == END_OF_TEXT else None
+        self.files = [self.path]
 
     def encode(self, text: str) -> list[int]:
         return self.sp.EncodeAsIds(text)
@@ -46,6 +50,59 @@ class Tokenizer:
 
     def pieces(self, ids: list[int]) -> list[str]:
         return [self.sp.IdToPiece(i) for i in ids]
+
+
+class ByteLevelBPETokenizer:
+    """GPT-2's byte-level BPE from a Hugging Face folder, read by the `tokenizers` library."""
+
+    def __init__(self, directory: Path):
+        try:
+            import tokenizers
+        except ImportError:
+            raise LLMError(f"{directory} has a byte-level BPE tokenizer, which needs the `tokenizers` library: "
+                           "pip install 'llmcli[hf]'") from None
+        json_file, vocab, merges = directory / "tokenizer.json", directory / "vocab.json", directory / "merges.txt"
+        try:
+            if json_file.is_file():
+                self.files = [json_file]
+                self.tok = tokenizers.Tokenizer.from_file(str(json_file))
+            else:
+                self.files = [vocab, merges]
+                self.tok = tokenizers.Tokenizer(tokenizers.models.BPE.from_file(str(vocab), str(merges)))
+                self.tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+                self.tok.decoder = tokenizers.decoders.ByteLevel()
+                if self.tok.token_to_id(END_OF_TEXT) is not None:
+                    self.tok.add_special_tokens([END_OF_TEXT])  # matched whole, never split into pieces
+        except Exception as e:  # tokenizers raises plain Exceptions for unreadable files
+            raise LLMError(f"the tokenizer in {directory} cannot be read: {e}") from None
+        self.path = self.files[0]
+        self.vocab_size = self.tok.get_vocab_size()
+        self.end_of_text = self.tok.token_to_id(END_OF_TEXT)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids: list[int]) -> str:
+        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise LLMError(f"token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})")
+        return self.tok.decode(ids, skip_special_tokens=False)
+
+    def pieces(self, ids: list[int]) -> list[str]:
+        return [self.tok.id_to_token(i) for i in ids]
+
+
+def load_tokenizer(path: str | Path):
+    """The tokenizer of a directory (ours or a HF folder) or file: SentencePiece first, then byte-level BPE."""
+    path = Path(path)
+    if path.is_dir() and not (path / TOKENIZER_FILE).is_file():
+        if (path / "tokenizer.json").is_file() or (path / "vocab.json").is_file():
+            return ByteLevelBPETokenizer(path)
+        raise LLMError(f"no tokenizer in {path}: expected {TOKENIZER_FILE}, tokenizer.json or vocab.json + merges.txt")
+    return Tokenizer(path)
 
 
 def resolve_tokenizer_path(path: str | Path) -> Path:

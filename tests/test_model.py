@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from llmcli.checkpoint import load_checkpoint, save_model, write_config
@@ -63,3 +64,45 @@ def test_save_then_load_gives_identical_logits(tmp_path):
     tokens = torch.randint(0, config.vocab_size, (2, 16))
     with torch.no_grad():
         assert torch.equal(model(tokens), loaded(tokens))
+
+
+LLAMA_STYLE = ModelConfig(vocab_size=97, context=32, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, norm="rmsnorm",
+                          positions="rope", mlp="swiglu", intermediate_size=48, bias=False, tie_embeddings=False)
+VARIANTS = {
+    "llama-gqa": LLAMA_STYLE,
+    "multi-query-qkv-bias-scaled-rope": ModelConfig(**{**vars(LLAMA_STYLE), "n_kv_head": 1, "qkv_bias": True,
+                                                       "rope_scaling": 4.0, "rope_theta": 500.0}),
+    "sinusoidal": ModelConfig(vocab_size=97, context=32, n_layer=2, n_head=2, n_embd=32, positions="sinusoidal"),
+}
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_every_variant_is_causal_and_its_cache_matches_a_full_forward(name):
+    torch.manual_seed(0)
+    model = Transformer(VARIANTS[name]).eval()
+    tokens = torch.randint(0, 97, (2, 24))
+    changed = tokens.clone()
+    changed[:, 12] = (changed[:, 12] + 1) % 97
+    with torch.no_grad():
+        full = model(tokens)
+        assert torch.equal(full[:, :12], model(changed)[:, :12])
+        model.setup_kv_cache(batch_size=2)
+        chunks = [model(tokens[:, :10]), model(tokens[:, 10:11], pos=10), model(tokens[:, 11:], pos=11)]
+        model.clear_kv_cache()
+    torch.testing.assert_close(torch.cat(chunks, dim=1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_grouped_query_attention_shrinks_the_cache_and_the_weights():
+    model = Transformer(LLAMA_STYLE)
+    full = Transformer(ModelConfig(**{**vars(LLAMA_STYLE), "n_kv_head": 0}))
+    assert model.num_params() < full.num_params()
+    model.setup_kv_cache(batch_size=1)
+    assert model.blocks[0].attn.kv_cache.k.shape == (1, 2, 32, 8)
+    assert "lm_head.weight" in model.state_dict() and "position_embedding.weight" not in model.state_dict()
+
+
+@pytest.mark.parametrize("field, value", [("norm", "batchnorm"), ("positions", "alibi"), ("mlp", "relu"),
+                                          ("n_kv_head", 3)])
+def test_bad_choices_are_refused(field, value):
+    with pytest.raises(ValueError, match=field):
+        ModelConfig(**{**vars(LLAMA_STYLE), field: value})

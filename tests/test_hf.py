@@ -1,0 +1,255 @@
+"""Hugging Face folders: parity with `transformers` on tiny random models of each family, export, info, bad input.
+
+Every model is made here with random weights; nothing is downloaded.
+"""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+tokenizers = pytest.importorskip("tokenizers")
+
+from conftest import ROOT, run_cli  # noqa: E402
+from llmcli.checkpoint import checkpoint_info, load_checkpoint, save_model, write_config  # noqa: E402
+from llmcli.errors import LLMError  # noqa: E402
+from llmcli.generate import SamplingConfig, generate_tokens  # noqa: E402
+from llmcli.hf import export_hf  # noqa: E402
+from llmcli.model import ModelConfig, Transformer  # noqa: E402
+
+SENTENCEPIECE = ROOT / "checkpoints" / "tinystories" / "tokenizer.model"  # 2048 tokens
+SP_VOCAB = 2048
+
+FAMILIES = {
+    "gpt2": lambda: transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=300, n_embd=32, n_layer=2, n_head=4, n_positions=64)),
+    "gpt2-odd-heads-untied-n_inner": lambda: transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=300, n_embd=36, n_layer=2, n_head=3, n_positions=64, n_inner=50, tie_word_embeddings=False)),
+    "llama-gqa-untied-theta-linear-rope": lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=SP_VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, rope_theta=500.0, tie_word_embeddings=False,
+        rope_scaling={"rope_type": "linear", "factor": 2.0})),
+    "llama-mqa-odd-heads-biases-tied": lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=SP_VOCAB, hidden_size=48, intermediate_size=40, num_hidden_layers=2, num_attention_heads=3,
+        num_key_value_heads=1, max_position_embeddings=64, attention_bias=True, mlp_bias=True,
+        tie_word_embeddings=True, rms_norm_eps=1e-5)),
+    "mistral-gqa": lambda: transformers.MistralForCausalLM(transformers.MistralConfig(
+        vocab_size=SP_VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, sliding_window=4096)),
+    "qwen2-qkv-bias": lambda: transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+        vocab_size=SP_VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, rope_theta=1e6, tie_word_embeddings=True)),
+}
+
+
+@pytest.fixture(scope="module")
+def byte_level_bpe(tmp_path_factory):
+    """A 300-token GPT-2 style tokenizer trained here, saved both ways HF folders carry one."""
+    from tokenizers.implementations import ByteLevelBPETokenizer
+
+    tok = ByteLevelBPETokenizer()
+    text = (ROOT.parent / "shared" / "data" / "tinyshakespeare.txt").read_text(encoding="utf-8")[:50_000]
+    tok.train_from_iterator(text.splitlines(), vocab_size=300, special_tokens=["<|endoftext|>"], show_progress=False)
+    directory = tmp_path_factory.mktemp("bpe")
+    tok.save_model(str(directory))  # vocab.json + merges.txt
+    tok.save(str(directory / "tokenizer.json"))
+    return directory
+
+
+def make_hf_model(name: str):
+    torch.manual_seed(0)
+    model = FAMILIES[name]().eval()
+    with torch.no_grad():  # HF zeroes biases and sets norms to one: randomise everything so each mapping shows
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+def save_hf(model, directory, byte_level_bpe, tokenizer_files=("tokenizer.json",), **kwargs):
+    model.save_pretrained(directory, **kwargs)
+    if model.config.model_type == "gpt2":
+        for name in tokenizer_files:
+            shutil.copy(byte_level_bpe / name, directory)
+    else:
+        shutil.copy(SENTENCEPIECE, directory)
+    return directory
+
+
+def hf_greedy(model, prompt: list[int], steps: int) -> list[int]:
+    tokens = torch.tensor([prompt])
+    with torch.no_grad():
+        for _ in range(steps):
+            tokens = torch.cat([tokens, model(tokens).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return tokens[0, len(prompt):].tolist()
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_logits_and_greedy_generation_equal_transformers(name, tmp_path, byte_level_bpe):
+    hf_model = make_hf_model(name)
+    directory = save_hf(hf_model, tmp_path / name, byte_level_bpe,
+                        ("vocab.json", "merges.txt") if "odd" in name else ("tokenizer.json",))
+    model, tokenizer, config = load_checkpoint(directory)
+    assert model.num_params() == hf_model.num_parameters()
+    tokens = torch.randint(0, hf_model.config.vocab_size, (3, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours, theirs = model(tokens), hf_model(tokens).logits
+    assert (ours - theirs).abs().max().item() < 1e-4
+    assert theirs.abs().max().item() > 0.1  # the comparison is not between near-zero numbers
+
+    prompt = tokens[0, :8].tolist()
+    greedy = SamplingConfig(max_new_tokens=32, temperature=0.0)
+    ours = [t.item() for t in generate_tokens(model, prompt, greedy)]
+    assert ours == hf_greedy(hf_model, prompt, 32)
+
+
+def test_byte_level_bpe_round_trips_and_knows_end_of_text(tmp_path, byte_level_bpe):
+    from llmcli.tokenizer import load_tokenizer
+
+    for files in (("tokenizer.json",), ("vocab.json", "merges.txt")):
+        directory = tmp_path / files[0]
+        directory.mkdir()
+        for name in files:
+            shutil.copy(byte_level_bpe / name, directory)
+        tok = load_tokenizer(directory)
+        text = "To be, or not to be: that is the question. Ünïcödé ✓"
+        ids = tok.encode(text)
+        assert tok.decode(ids) == text and tok.encode_batch([text, "a"])[0] == ids
+        assert tok.encode("x<|endoftext|>y")[1] == tok.end_of_text == 0
+        assert "".join(tok.pieces(ids)).startswith("To")
+
+
+def test_sharded_checkpoint_loads_and_a_missing_shard_is_named(tmp_path, byte_level_bpe):
+    hf_model = make_hf_model("llama-gqa-untied-theta-linear-rope")
+    directory = save_hf(hf_model, tmp_path / "sharded", byte_level_bpe, max_shard_size="100KB")
+    shards = sorted(directory.glob("model-*-of-*.safetensors"))
+    assert len(shards) > 1 and (directory / "model.safetensors.index.json").is_file()
+    model, _, _ = load_checkpoint(directory)
+    tokens = torch.randint(0, SP_VOCAB, (1, 30))
+    with torch.no_grad():
+        assert (model(tokens) - hf_model(tokens).logits).abs().max().item() < 1e-4
+    shards[-1].unlink()
+    with pytest.raises(LLMError, match=f"names {shards[-1].name}, which is missing"):
+        load_checkpoint(directory)
+
+
+def train_tiny(config: ModelConfig, directory):
+    """One of our checkpoints with random weights (the default layout is covered by a trained one)."""
+    torch.manual_seed(3)
+    model = Transformer(config).eval()
+    directory.mkdir()
+    save_model(directory, model)
+    write_config(directory, {"model": vars(config)})
+    shutil.copy(SENTENCEPIECE, directory)
+    return directory
+
+
+OURS = {
+    "llama": ModelConfig(vocab_size=SP_VOCAB, context=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, norm="rmsnorm",
+                         positions="rope", mlp="swiglu", intermediate_size=48, bias=False, tie_embeddings=False,
+                         rope_scaling=2.0),
+    "qwen2": ModelConfig(vocab_size=SP_VOCAB, context=64, n_layer=2, n_head=4, n_kv_head=1, n_embd=32, norm="rmsnorm",
+                         positions="rope", mlp="swiglu", bias=False, qkv_bias=True, rope_theta=1e6),
+}
+
+
+@pytest.mark.parametrize("kind", ["trained-gpt2", "llama", "qwen2"])
+def test_export_opens_in_transformers_with_the_same_logits(kind, tmp_path, nano_checkpoint):
+    checkpoint = nano_checkpoint if kind == "trained-gpt2" else train_tiny(OURS[kind], tmp_path / kind)
+    out = export_hf(checkpoint, tmp_path / "hf")
+    hf_model, loading = transformers.AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert all(not v for v in loading.values()), loading  # no missing, unexpected or mismatched weights
+    expected_class = {"trained-gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+    assert type(hf_model).__name__ == expected_class[kind]
+    model, _, _ = load_checkpoint(checkpoint)
+    tokens = torch.randint(0, model.config.vocab_size, (2, model.config.context))
+    with torch.no_grad():
+        assert (model(tokens) - hf_model.eval()(tokens).logits).abs().max().item() < 1e-4
+        assert torch.allclose(load_checkpoint(out)[0](tokens), model(tokens), atol=1e-5)  # and back again
+
+
+def test_export_refuses_what_no_family_has_and_never_overwrites(tmp_path, nano_checkpoint):
+    sinusoidal = ModelConfig(vocab_size=SP_VOCAB, context=32, n_layer=1, n_head=2, n_embd=32, positions="sinusoidal")
+    with pytest.raises(LLMError, match="positions=sinusoidal"):
+        export_hf(train_tiny(sinusoidal, tmp_path / "sin"), tmp_path / "out")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep.txt").write_text("mine")
+    with pytest.raises(LLMError, match="not an empty directory"):
+        export_hf(nano_checkpoint, tmp_path / "full")
+    assert (tmp_path / "full" / "keep.txt").read_text() == "mine"
+
+
+def test_info_reads_ours_and_hf_folders(tmp_path, byte_level_bpe):
+    hf_model = make_hf_model("qwen2-qkv-bias")
+    directory = save_hf(hf_model, tmp_path / "qwen", byte_level_bpe)
+    about = checkpoint_info(directory)
+    assert about["architecture"] == "Qwen2ForCausalLM" and about["parameters"] == hf_model.num_parameters()
+    assert about["context"] == 64 and about["vocab_size"] == SP_VOCAB and about["dtype"] == "F32"
+    assert "grouped-query (2 key/value heads)" in about["parts"]
+    assert about["size_bytes"] > 4 * hf_model.num_parameters()
+    ours = checkpoint_info(None)
+    assert ours["dtype"] == "BF16" and ours["architecture"] == "llmcli Transformer"
+
+
+def corrupt(directory, edit_config=None, drop=None):
+    if edit_config:
+        config = json.loads((directory / "config.json").read_text())
+        config.update(edit_config)
+        (directory / "config.json").write_text(json.dumps(config))
+    if drop:
+        from safetensors.torch import load_file, save_file
+
+        tensors = load_file(directory / "model.safetensors")
+        del tensors[drop]
+        save_file(tensors, directory / "model.safetensors")
+
+
+@pytest.mark.parametrize("edit, message", [
+    ({"architectures": ["BertForMaskedLM"]}, "unsupported architecture BertForMaskedLM; supported: GPT2LMHeadModel, "
+                                             "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM"),
+    ({"intermediate_size": 50}, r"weight model.layers.0.mlp.gate_proj.weight has shape \[48, 32\], config.json "
+                                r"implies \[50, 32\]"),
+    ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0}}, "rope scaling of type 'yarn'"),
+    ({"vocab_size": 1000}, "the tokenizer has 2048 tokens but the model's embedding only 1000"),
+    ({"hidden_act": "gelu"}, "hidden_act 'gelu' is not silu"),
+])
+def test_bad_hf_folders_are_refused_in_one_line(tmp_path, byte_level_bpe, edit, message):
+    directory = save_hf(make_hf_model("llama-gqa-untied-theta-linear-rope"), tmp_path / "m", byte_level_bpe)
+    corrupt(directory, edit_config=edit)
+    with pytest.raises(LLMError, match=message):
+        load_checkpoint(directory)
+
+
+def test_bad_input_through_the_cli(tmp_path, byte_level_bpe):
+    directory = save_hf(make_hf_model("llama-gqa-untied-theta-linear-rope"), tmp_path / "m", byte_level_bpe)
+    corrupt(directory, drop="model.layers.1.self_attn.k_proj.weight")
+    result = run_cli("generate", "hi", "-m", directory)
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr == f"llm: error: {directory}: weight model.layers.1.self_attn.k_proj.weight is missing\n"
+    (tmp_path / "empty").mkdir()
+    result = run_cli("info", tmp_path / "empty")
+    assert result.returncode == 1
+    assert result.stderr.strip().endswith("has no config.yaml (nor a Hugging Face config.json)")
+
+
+def test_generate_eval_and_info_open_a_gpt2_folder_from_the_cli(tmp_path, byte_level_bpe, shakespeare_slice):
+    directory = save_hf(make_hf_model("gpt2"), tmp_path / "gpt2", byte_level_bpe)
+    result = run_cli("generate", "ROMEO:", "-m", directory, "--max-new-tokens", "10", "--temperature", "0")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip()
+    small = tmp_path / "small.txt"
+    small.write_text(shakespeare_slice.read_text()[:3000])
+    result = run_cli("eval", small, "-m", directory, "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["context"] == 64
+
+
+def test_mistral_context_stops_at_its_sliding_window(tmp_path, byte_level_bpe):
+    hf_model = make_hf_model("mistral-gqa")
+    hf_model.config.sliding_window = 16  # within 16 tokens, sliding-window attention is plain causal attention
+    model, _, _ = load_checkpoint(save_hf(hf_model, tmp_path / "m", byte_level_bpe))
+    assert model.config.context == 16
+    tokens = torch.randint(0, SP_VOCAB, (2, 16))
+    with torch.no_grad():
+        assert (model(tokens) - hf_model(tokens).logits).abs().max().item() < 1e-4
