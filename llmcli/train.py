@@ -152,6 +152,7 @@ def save_checkpoint(run_dir: Path, step: int, model: Transformer, optimizer, run
                     keep_last: int) -> Path:
     """Write checkpoints/step-NNNNNNN atomically (temporary directory, then rename), point the run directory's
     model.safetensors at it, and delete old checkpoints beyond the last keep_last and the best."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     root = run_dir / CHECKPOINTS_DIR
@@ -184,11 +185,12 @@ def save_checkpoint(run_dir: Path, step: int, model: Transformer, optimizer, run
         except OSError:
             shutil.copyfile(final / checkpoint.MODEL_FILE, link)
         os.replace(link, run_dir / checkpoint.MODEL_FILE)
-    except OSError as e:
+    except (OSError, SafetensorError) as e:  # a full disk, a quota, a file size limit
         shutil.rmtree(tmp, ignore_errors=True)
         previous = checkpoint_dirs(run_dir)
         kept = f"the previous checkpoint ({previous[-1]}) is intact" if previous else "no earlier checkpoint exists"
-        raise LLMError(f"could not save the checkpoint of step {step} in {root}: {e.strerror or e}; {kept}") from None
+        reason = getattr(e, "strerror", None) or str(e).rsplit(": ", 1)[-1]
+        raise LLMError(f"could not save the checkpoint of step {step} in {root}: {reason}; {kept}") from None
     _prune_checkpoints(run_dir, keep_last)
     return final
 
@@ -481,6 +483,9 @@ def _pretrain(world, corpus, out_dir, preset, config_file, overrides, tokenizer_
 
     def save(step: int, val_loss: float | None):
         nonlocal best
+        if not all(torch.isfinite(p).all() for p in model.parameters()):  # never write a NaN checkpoint
+            raise LLMError(f"the weights became non-finite at step {step}; stopping: the last good checkpoint is "
+                           f"kept; try a lower learning rate (--lr {cfg.lr / 3:.2g})")
         if val_loss is not None and (best is None or val_loss < best):
             best = val_loss
         meta = {"step": step, "val_loss": val_loss, "best_val_loss": best, "tokens": step * tokens_per_step,
