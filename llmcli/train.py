@@ -95,7 +95,7 @@ def join_world() -> World:
     """Join the process group torchrun describes in the environment (RANK, WORLD_SIZE, ...), if any."""
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size == 1:
-        return World()
+        return World(device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     import torch.distributed as dist
 
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -224,7 +224,7 @@ def load_train_state(directory: Path, model: Transformer, optimizer) -> dict:
     for name, p in model.named_parameters():
         moments = {k.rsplit(".", 1)[1]: v for k, v in state.items() if k.rsplit(".", 1)[0] == f"optimizer.{name}"}
         if moments:
-            optimizer.state[p] = moments
+            optimizer.state[p] = {k: v.to(p.device) for k, v in moments.items()}
     return meta
 
 
