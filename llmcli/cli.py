@@ -91,10 +91,14 @@ def _load_tokenizer(path: Optional[Path]):
 
 @app.command()
 def pretrain(
-    corpus: Annotated[list[str], typer.Argument(
-        help="Text files ('-' for stdin); documents are separated by lines holding only <|endoftext|>")],
+    corpus: Annotated[Optional[list[str]], typer.Argument(
+        help="Text files, directories (*.txt, *.md, *.jsonl inside), globs, '-' for stdin; documents are separated "
+        "by lines holding only <|endoftext|>", show_default=False)] = None,
     out: Annotated[Optional[Path], typer.Option(
         "--out", "-o", help="Checkpoint directory [default: checkpoints/<corpus>-<preset>]", show_default=False)] = None,
+    resume: Annotated[Optional[Path], typer.Option(
+        help="Continue this run directory from its latest checkpoint (exactly: same losses as without a stop)",
+        show_default=False)] = None,
     preset: Annotated[Optional[str], typer.Option(
         help="nano (tests), tiny (~1M), small (~10M) or gpt2 (124M) [default: tiny]", show_default=False)] = None,
     config: Annotated[Optional[Path], typer.Option(
@@ -102,25 +106,77 @@ def pretrain(
     tokenizer: Annotated[Optional[Path], typer.Option(
         "--tokenizer", "-t", help="Use this tokenizer instead of training one on the corpus")] = None,
     max_steps: Annotated[Optional[int], typer.Option(help="Training steps")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Sequences per step")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Sequences per step, over all processes")] = None,
+    micro_batch_size: Annotated[Optional[int], typer.Option(
+        help="Sequences per forward pass; the rest of the batch is accumulated [default: the whole batch]",
+        show_default=False)] = None,
     lr: Annotated[Optional[float], typer.Option(help="Peak learning rate")] = None,
+    schedule: Annotated[Optional[str], typer.Option(
+        help="After warmup: cosine, linear or wsd (warmup-stable-decay) [default: cosine]", show_default=False)] = None,
+    warmup_steps: Annotated[Optional[int], typer.Option(help="Steps of linear warmup")] = None,
+    precision: Annotated[Optional[str], typer.Option(
+        help="fp32 or bf16-mixed (bfloat16 autocast) [default: fp32]", show_default=False)] = None,
+    compile: Annotated[Optional[bool], typer.Option(
+        "--compile/--no-compile", help="torch.compile the model", show_default=False)] = None,
     context: Annotated[Optional[int], typer.Option(help="Tokens per sequence")] = None,
     vocab_size: Annotated[Optional[int], typer.Option(help="Size of the tokenizer trained on the corpus")] = None,
-    eval_interval: Annotated[Optional[int], typer.Option(help="Steps between validation and checkpoint saves")] = None,
+    eval_interval: Annotated[Optional[int], typer.Option(help="Steps between validations")] = None,
+    save_interval: Annotated[Optional[int], typer.Option(
+        help="Steps between checkpoints [default: at every validation]", show_default=False)] = None,
+    keep_last: Annotated[Optional[int], typer.Option(
+        help="Checkpoints kept besides the best by validation loss [default: 2]", show_default=False)] = None,
+    text_field: Annotated[Optional[str], typer.Option(
+        help="Field of the records of .jsonl files [default: text]", show_default=False)] = None,
+    doc_separator: Annotated[Optional[str], typer.Option(
+        help="A line holding only this ends a document [default: <|endoftext|>]", show_default=False)] = None,
     seed: Annotated[Optional[int], typer.Option(help="Random seed")] = None,
+    nproc: Annotated[Optional[int], typer.Option(
+        help="Train with this many processes (runs torchrun --nproc-per-node N)", show_default=False)] = None,
 ):
     """Pretrain a Transformer on next-token prediction; prints the checkpoint directory."""
+    if nproc is not None:
+        _relaunch_with_torchrun(nproc)
     from llmcli.config import resolve_run_config
     from llmcli.train import pretrain as run_pretrain
 
-    if out is None:
-        stem = "stdin" if corpus[0] == "-" else Path(corpus[0]).stem
+    if resume is not None:
+        out = resume
+    elif not corpus:
+        raise LLMError("give a corpus to train on, or --resume RUN_DIR")
+    elif out is None:
+        stem = "stdin" if corpus[0] == "-" else Path(corpus[0].rstrip("/")).stem or "corpus"
         out = _free_path(Path("checkpoints") / f"{stem}-{resolve_run_config(preset, config, {})['preset']}")
-    overrides = dict(max_steps=max_steps, batch_size=batch_size, lr=lr, context=context, vocab_size=vocab_size,
-                     eval_interval=eval_interval, seed=seed)
-    summary = run_pretrain(corpus, out, preset, config, overrides, tokenizer)
-    _print_summary(summary)
-    print(summary["checkpoint"])
+    overrides = dict(max_steps=max_steps, batch_size=batch_size, micro_batch_size=micro_batch_size, lr=lr,
+                     schedule=schedule, warmup_steps=warmup_steps, precision=precision, compile=compile,
+                     context=context, vocab_size=vocab_size, eval_interval=eval_interval,
+                     save_interval=save_interval, keep_last=keep_last, text_field=text_field,
+                     doc_separator=doc_separator, seed=seed)
+    summary = run_pretrain(corpus, out, preset, config, overrides, tokenizer, resume=resume)
+    import os
+
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, process 0 alone reports
+        _print_summary(summary)
+        print(summary["checkpoint"])
+
+
+def _relaunch_with_torchrun(nproc: int):
+    """Run this same command under torchrun with nproc processes, and exit with its status."""
+    import os
+    import subprocess
+
+    if nproc < 1:
+        raise LLMError("--nproc must be at least 1")
+    args, skip = [], False
+    for arg in sys.argv[1:]:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            args.append(arg)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+               "-m", "llmcli", *args]
+    sys.exit(subprocess.run(command, env=os.environ).returncode)
 
 
 def _free_path(path: Path) -> Path:

@@ -33,6 +33,15 @@ class TrainConfig:
     tokenizer_type: str = "bpe"  # of the tokenizer trained when none is given (bpe or unigram)
     threads: int = 0  # torch threads; 0 = all cores
     save_dtype: str = "float32"  # of the weights on disk; bfloat16 halves a checkpoint, and loading casts back
+    micro_batch_size: int = 0  # sequences per forward pass; batch_size / (micro * processes) are accumulated; 0 = all
+    schedule: str = "cosine"  # after warmup: cosine or linear decay to min_lr_ratio, or wsd (warmup-stable-decay)
+    decay_fraction: float = 0.2  # wsd: the last share of the steps that decays the learning rate
+    precision: str = "fp32"  # fp32, or bf16-mixed (bfloat16 autocast, fp32 weights and optimizer)
+    compile: bool = False  # torch.compile the model
+    save_interval: int = 0  # steps between checkpoints; 0 = at every validation
+    keep_last: int = 2  # checkpoints kept, besides the best by validation loss
+    text_field: str = "text"  # of the records of .jsonl corpus files
+    doc_separator: str = "<|endoftext|>"  # a line holding only this ends a document in text files
 
 
 # The fields of llmcli.model.ModelConfig, kept here as data so that reading settings does not import torch.

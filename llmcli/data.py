@@ -1,11 +1,23 @@
-"""Corpora: read text files as documents, turn them into a memory-mapped file of token ids, draw training batches.
+"""Corpora: read documents from files, tokenize them into shards of token ids (cached), draw training batches.
 
-A document is a whole file, or the text between lines that hold only `<|endoftext|>` (the TinyStories format).
-In the token file every document is preceded by the end-of-text token, so the model learns where texts start.
+A document is a whole file, a record of a `.jsonl` file (its `--text-field`), or the text between separator lines
+(`<|endoftext|>` by default, the TinyStories format). In the token shards every document is preceded by the
+end-of-text token, so the model learns where texts start.
+
+Tokenization streams: documents are read one at a time, cut into chunks of about a megabyte, encoded by worker
+processes and appended to shard files, so memory stays flat however large the corpus. The shards and their index
+live in a cache directory named by a hash of the corpus bytes and the tokenizer, so a second run on the same inputs
+skips the work. Batches are a pure function of (seed, step): a run is reproducible, and resumable at any step on any
+number of processes.
 """
 
+import glob
+import hashlib
+import json
+import os
 import shutil
 import sys
+from collections import deque
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -15,6 +27,11 @@ from llmcli.errors import LLMError
 from llmcli.tokenizer import END_OF_TEXT, Tokenizer
 
 DOC_SEPARATOR = END_OF_TEXT
+CORPUS_SUFFIXES = (".txt", ".md", ".jsonl")
+INDEX_FILE = "index.json"
+TOKENS_FORMAT = "llmcli-tokens/1"
+CHUNK_CHARS = 1 << 20  # text per unit of work: large enough to amortise the hand-off, small enough to keep RSS flat
+SHARD_TOKENS = 1 << 27  # 128M tokens (256 MB of uint16) per shard file
 
 
 def check_text_file(path: str | Path) -> Path:
@@ -25,6 +42,33 @@ def check_text_file(path: str | Path) -> Path:
     if path.is_dir():
         raise LLMError(f"{path} is a directory; expected a text file")
     return path
+
+
+def expand_corpus(specs: Iterable[str]) -> list[str]:
+    """Files named by the user: files as given, directories searched recursively for *.txt, *.md and *.jsonl,
+    glob patterns expanded (sorted, so the order is stable), '-' kept for stdin."""
+    paths: list[str] = []
+    for spec in specs:
+        spec = str(spec)
+        if spec == "-":
+            paths.append(spec)
+        elif Path(spec).is_dir():
+            found = sorted(str(p) for p in Path(spec).rglob("*") if p.suffix in CORPUS_SUFFIXES and p.is_file())
+            if not found:
+                raise LLMError(f"{spec} is a directory with no {', '.join('*' + s for s in CORPUS_SUFFIXES)} files")
+            paths += found
+        elif Path(spec).exists():
+            paths.append(spec)
+        elif glob.has_magic(spec):
+            found = sorted(p for p in glob.glob(spec, recursive=True) if Path(p).is_file())
+            if not found:
+                raise LLMError(f"no file matches {spec}")
+            paths += found
+        else:
+            raise LLMError(f"{spec} does not exist")
+    if not paths:
+        raise LLMError("no corpus given")
+    return paths
 
 
 def read_lines(path: str | Path) -> Iterator[str]:
@@ -49,19 +93,52 @@ def read_lines(path: str | Path) -> Iterator[str]:
             yield line.rstrip("\r\n")
 
 
-def read_documents(paths: Iterable[str | Path]) -> Iterator[str]:
-    """Documents from text files: each file is one or more documents separated by `<|endoftext|>` lines."""
+def _jsonl_texts(path: str, text_field: str) -> Iterator[str]:
+    for number, line in enumerate(read_lines(path), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise LLMError(f"{path}: line {number} is not JSON ({e.msg})") from None
+        if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
+            fields = ", ".join(map(str, record)) if isinstance(record, dict) else type(record).__name__
+            raise LLMError(f"{path}: line {number} has no text field '{text_field}' (it has: {fields}); "
+                           "choose the field with --text-field")
+        yield record[text_field]
+
+
+def document_pieces(paths: Iterable[str | Path], text_field: str = "text", separator: str = DOC_SEPARATOR,
+                    max_chars: int = CHUNK_CHARS) -> Iterator[tuple[str, bool]]:
+    """(text, starts_a_document) pairs. A document longer than max_chars comes in several pieces (cut after a
+    line), so that one huge file never has to sit in memory whole."""
     for path in paths:
+        if str(path).endswith(".jsonl"):
+            for text in _jsonl_texts(str(path), text_field):
+                yield text, True
+            continue
         lines: list[str] = []
+        size, first = 0, True
         for line in read_lines(path):
-            if line.strip() == DOC_SEPARATOR:
+            if line.strip() == separator:
                 if lines:
-                    yield "\n".join(lines)
-                lines = []
-            else:
-                lines.append(line)
+                    yield "\n".join(lines), first
+                lines, size, first = [], 0, True
+                continue
+            lines.append(line)
+            size += len(line) + 1
+            if size > max_chars:
+                yield "\n".join(lines) + "\n", first
+                lines, size, first = [], 0, False
         if lines:
-            yield "\n".join(lines)
+            yield "\n".join(lines), first
+
+
+def read_documents(paths: Iterable[str | Path], text_field: str = "text",
+                   separator: str = DOC_SEPARATOR) -> Iterator[str]:
+    """Whole documents from text and .jsonl files."""
+    for text, _ in document_pieces(paths, text_field, separator, max_chars=sys.maxsize):
+        yield text
 
 
 def save_stdin(path: Path) -> Path:
@@ -76,62 +153,233 @@ def token_dtype(vocab_size: int):
     return np.uint16 if vocab_size <= 2**16 else np.uint32
 
 
-def tokenize_corpus(paths: list, tokenizer: Tokenizer, out_path: Path, batch_docs: int = 512, progress=None) -> int:
-    """Write the token ids of all documents, each after an end-of-text token, to out_path. Returns the count."""
+def default_cache_dir() -> Path:
+    if os.environ.get("LLM_CACHE_DIR"):
+        return Path(os.environ["LLM_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "llmcli"
+
+
+def corpus_hash(paths: list[str], tokenizer: Tokenizer, text_field: str, separator: str) -> str:
+    """A hash of what the token shards depend on: the corpus bytes in order, the tokenizer, how documents split."""
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(json.dumps([TOKENS_FORMAT, text_field, separator, CHUNK_CHARS]).encode())
+    digest.update(tokenizer.path.read_bytes())
+    for path in paths:
+        digest.update(b"\0jsonl\0" if path.endswith(".jsonl") else b"\0text\0")
+        with open(path, "rb") as f:
+            while block := f.read(1 << 22):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def cached_tokens(paths: list[str], tokenizer: Tokenizer, text_field: str = "text", separator: str = DOC_SEPARATOR,
+                  cache_dir: Path | None = None, workers: int | None = None, progress=None, log=None) -> Path:
+    """The directory of token shards for this corpus and tokenizer: found in the cache, or made and put there."""
+    key = corpus_hash(paths, tokenizer, text_field, separator)
+    target = (cache_dir or default_cache_dir()) / "tokens" / key
+    if (target / INDEX_FILE).is_file():
+        if log:
+            log(f"tokens found in the cache ({target}): skipping tokenization")
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".tmp-{key}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tokenize_corpus(paths, tokenizer, tmp, text_field, separator, workers, progress)
+        os.rename(tmp, target)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if (target / INDEX_FILE).is_file():  # another process made the same shards meanwhile
+            return target
+        raise LLMError(f"could not write token shards to {target.parent}: {e.strerror or e}") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+# A tokenizer per worker process, loaded once by the pool's initializer.
+_worker_tokenizer: Tokenizer | None = None
+
+
+def _init_worker(tokenizer_path: str):
+    global _worker_tokenizer
+    _worker_tokenizer = Tokenizer(tokenizer_path)
+
+
+def _encode_chunk(pieces: list[tuple[str, bool]], tokenizer: Tokenizer | None = None) -> np.ndarray:
+    """Token ids of a chunk of document pieces, with the end-of-text token before each document's first piece."""
+    tokenizer = tokenizer or _worker_tokenizer
+    eot = tokenizer.end_of_text
+    flat: list[int] = []
+    for (_, starts), ids in zip(pieces, tokenizer.encode_batch([text for text, _ in pieces])):
+        if starts:
+            flat.append(eot)
+        flat += ids
+    return np.array(flat, dtype=token_dtype(tokenizer.vocab_size))
+
+
+def _chunks(pieces: Iterator[tuple[str, bool]], max_chars: int) -> Iterator[tuple[list, int]]:
+    chunk, size = [], 0
+    for text, starts in pieces:
+        chunk.append((text, starts))
+        size += len(text) + 1
+        if size >= max_chars:
+            yield chunk, size
+            chunk, size = [], 0
+    if chunk:
+        yield chunk, size
+
+
+def tokenize_corpus(paths: list, tokenizer: Tokenizer, out_dir: Path, text_field: str = "text",
+                    separator: str = DOC_SEPARATOR, workers: int | None = None, progress=None) -> dict:
+    """Write the token shards of the corpus and their index (index.json) to out_dir; return the index.
+
+    Chunks are encoded by a pool of worker processes, at most two chunks per worker in flight, and written in
+    corpus order, so the result does not depend on the number of workers.
+    """
     if tokenizer.end_of_text is None:
         raise LLMError(f"the tokenizer {tokenizer.path} has no {END_OF_TEXT} token to separate documents")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     dtype = token_dtype(tokenizer.vocab_size)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    count = 0
-    with open(out_path, "wb") as f:
-        def flush(docs: list[str]):
-            nonlocal count
-            for ids in tokenizer.encode_batch(docs):
-                np.array([tokenizer.end_of_text, *ids], dtype=dtype).tofile(f)
-                count += 1 + len(ids)
-            if progress:
-                progress(sum(len(d) for d in docs) + len(docs))
+    workers = workers or os.cpu_count() or 1
+    shards: list[dict] = []
+    current = {"file": None, "tokens": 0}
+    handle = None
 
-        batch: list[str] = []
-        for doc in read_documents(paths):
-            batch.append(doc)
-            if len(batch) == batch_docs:
-                flush(batch)
-                batch = []
-        if batch:
-            flush(batch)
-    if count == 0:
+    def write(ids: np.ndarray):
+        nonlocal handle
+        while len(ids):
+            if handle is None:
+                current.update(file=f"shard-{len(shards):05d}.bin", tokens=0)
+                handle = open(out_dir / current["file"], "wb")
+            take = min(len(ids), SHARD_TOKENS - current["tokens"])
+            ids[:take].tofile(handle)
+            current["tokens"] += take
+            ids = ids[take:]
+            if current["tokens"] == SHARD_TOKENS:
+                close_shard()
+
+    def close_shard():
+        nonlocal handle
+        if handle is not None:
+            handle.flush()
+            os.fsync(handle.fileno())
+            handle.close()
+            handle = None
+            shards.append(dict(current))
+
+    chunks = _chunks(document_pieces(paths, text_field, separator), CHUNK_CHARS)
+    first = next(chunks, None)
+    second = next(chunks, None) if first is not None else None
+    try:
+        if second is None or workers == 1:  # one chunk (or one core): no pool to start
+            for chunk, size in (c for c in (first, second) if c is not None):
+                write(_encode_chunk(chunk, tokenizer))
+                progress and progress(size)
+            for chunk, size in chunks:
+                write(_encode_chunk(chunk, tokenizer))
+                progress and progress(size)
+        else:
+            _tokenize_in_pool(first, second, chunks, tokenizer, workers, write, progress)
+        close_shard()
+    finally:
+        if handle is not None:
+            handle.close()
+    n_tokens = sum(s["tokens"] for s in shards)
+    if n_tokens == 0:
         raise LLMError("the corpus is empty: no text to train on")
-    return count
+    index = {"format": TOKENS_FORMAT, "dtype": np.dtype(dtype).name, "vocab_size": tokenizer.vocab_size,
+             "tokens": n_tokens, "shards": shards}
+    (out_dir / INDEX_FILE).write_text(json.dumps(index, indent=1), encoding="utf-8")
+    return index
+
+
+def _tokenize_in_pool(first, second, chunks, tokenizer, workers, write, progress):
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    # fork: workers start in milliseconds and use only sentencepiece and numpy, never torch
+    context = multiprocessing.get_context("fork")
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
+                             initargs=(str(tokenizer.path),)) as pool:
+        pending: deque = deque()
+
+        def drain(limit: int):
+            while len(pending) > limit:
+                future, size = pending.popleft()
+                write(future.result())
+                progress and progress(size)
+
+        for chunk, size in _chain(first, second, chunks):
+            pending.append((pool.submit(_encode_chunk, chunk), size))
+            drain(2 * workers)
+        drain(0)
+
+
+def _chain(first, second, rest):
+    yield first
+    yield second
+    yield from rest
 
 
 class TokenData:
-    """A token file split into a training part and a held-out validation part (its last val_fraction)."""
+    """Token shards seen as one sequence, split into a training part and a held-out validation part (the last
+    val_fraction of the tokens)."""
 
-    def __init__(self, path: Path, vocab_size: int, val_fraction: float):
-        self.tokens = np.memmap(path, dtype=token_dtype(vocab_size), mode="r")
-        self.val_start = len(self.tokens) - int(len(self.tokens) * val_fraction)
+    def __init__(self, directory: Path, val_fraction: float):
+        directory = Path(directory)
+        try:
+            index = json.loads((directory / INDEX_FILE).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise LLMError(f"{directory} holds no readable token index: {e}") from None
+        dtype = np.dtype(index["dtype"])
+        self.shards = [np.memmap(directory / s["file"], dtype=dtype, mode="r") for s in index["shards"]]
+        self.starts = np.cumsum([0] + [len(s) for s in self.shards])
+        self.n_tokens = int(self.starts[-1])
+        self.val_start = self.n_tokens - int(self.n_tokens * val_fraction)
 
-    def split(self, name: str) -> np.ndarray:
-        return self.tokens[: self.val_start] if name == "train" else self.tokens[self.val_start:]
+    def split_range(self, name: str) -> tuple[int, int]:
+        return (0, self.val_start) if name == "train" else (self.val_start, self.n_tokens)
+
+    def split_len(self, name: str) -> int:
+        lo, hi = self.split_range(name)
+        return hi - lo
+
+    def read(self, start: int, length: int) -> np.ndarray:
+        """length tokens from global position start, across shard boundaries, as int64."""
+        out = np.empty(length, dtype=np.int64)
+        shard = int(np.searchsorted(self.starts, start, side="right")) - 1
+        done = 0
+        while done < length:
+            offset = start + done - int(self.starts[shard])
+            take = min(length - done, len(self.shards[shard]) - offset)
+            out[done:done + take] = self.shards[shard][offset:offset + take]
+            done += take
+            shard += 1
+        return out
 
     def check_fits(self, context: int, val_fraction: float):
         """A clear error if either split is shorter than one training sequence of context + 1 tokens."""
         need = context + 1
-        train, val = len(self.split("train")), len(self.split("val"))
+        train, val = self.split_len("train"), self.split_len("val")
         if min(train, val) < need:
             total = int(need / min(val_fraction, 1 - val_fraction)) + 1
             raise LLMError(
-                f"the corpus is too small: {len(self.tokens)} tokens ({train} for training, {val} for validation); "
+                f"the corpus is too small: {self.n_tokens} tokens ({train} for training, {val} for validation); "
                 f"each split needs at least context + 1 = {need} tokens, so about {total} tokens in all "
                 "(use more text or a smaller --context)"
             )
 
-    def get_batch(self, split: str, batch_size: int, context: int, generator):
-        """batch_size random windows of the split: inputs (B, context) and next-token targets (B, context)."""
+    def batch(self, split: str, batch_size: int, context: int, seed: int, index: int, rows: slice | None = None):
+        """Batch number `index` of a split as (inputs, targets), each (rows, context): windows at positions drawn
+        from a generator seeded with (seed, split, index) alone, so any batch can be drawn again at any time.
+        rows picks part of the batch (a process's share, or a micro-batch)."""
         import torch
 
-        data = self.split(split)
-        starts = torch.randint(len(data) - context, (batch_size,), generator=generator).tolist()
-        windows = torch.from_numpy(np.stack([data[s: s + context + 1].astype(np.int64) for s in starts]))
+        lo, hi = self.split_range(split)
+        rng = np.random.default_rng([seed, 0 if split == "train" else 1, index])
+        starts = lo + rng.integers(0, hi - lo - context, size=batch_size)[rows or slice(None)]
+        windows = torch.from_numpy(np.stack([self.read(int(s), context + 1) for s in starts]))
         return windows[:, :-1], windows[:, 1:]

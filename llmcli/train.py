@@ -1,16 +1,27 @@
-"""Pretraining: corpus -> tokenizer -> token file -> a Transformer trained on next-token prediction.
+"""Pretraining: corpus -> tokenizer -> token shards -> a Transformer trained on next-token prediction.
 
-AdamW with weight decay on matrices only, linear warmup then cosine decay, gradient clipping, a fixed seed.
-Validation loss is measured every eval_interval steps on the same held-out batches, and the checkpoint is saved then.
+AdamW with weight decay on matrices only, warmup then cosine, linear or warmup-stable-decay, gradient clipping,
+gradient accumulation over micro-batches, optional bfloat16 autocast and torch.compile, and data parallelism across
+processes started by torchrun (DistributedDataParallel; gloo on CPU, NCCL on GPU).
+
+Nothing is lost: every save_interval steps a checkpoint directory is written under a temporary name and renamed into
+place (checkpoints/step-NNNNNNN, holding the weights, the optimizer state in safetensors and the step in JSON), and
+`--resume` continues from the latest one exactly. A run needs no saved random state: the batch of step s is drawn
+from (seed, s) and dropout is seeded from (seed, s, rank), so a resumed run repeats an uninterrupted one bit for bit.
+Ctrl-C (or SIGTERM) finishes the step, saves and exits 130; a non-finite loss stops before the update is applied.
 """
 
 import json
 import math
 import os
 import shutil
+import signal
 import time
+from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -22,14 +33,27 @@ from llmcli.progress import log, progress_bar
 from llmcli.tokenizer import TOKENIZER_FILE, Tokenizer, train_tokenizer
 
 SAVE_DTYPES = ("float32", "bfloat16", "float16")
+SCHEDULES = ("cosine", "linear", "wsd")
+PRECISIONS = ("fp32", "bf16-mixed")
+CHECKPOINTS_DIR = "checkpoints"
+TRAIN_STATE_FILE = "train_state.safetensors"  # optimizer moments (and fp32 weights when saved in a lower precision)
+TRAIN_STATE_META = "train_state.json"  # step, validation loss, tokens seen, time
 
 
 def learning_rate(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup to cfg.lr, then cosine decay to cfg.lr * cfg.min_lr_ratio at cfg.max_steps."""
+    """Linear warmup to cfg.lr, then down to cfg.lr * cfg.min_lr_ratio at cfg.max_steps: by a cosine, a straight
+    line, or (wsd) flat until the last decay_fraction of the steps and a straight line from there."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
     min_lr = cfg.lr * cfg.min_lr_ratio
+    if cfg.schedule == "wsd":
+        decay_start = cfg.max_steps - int(cfg.decay_fraction * cfg.max_steps)
+        decay_start = max(decay_start, cfg.warmup_steps)
+        progress = min(1.0, max(0, step - decay_start) / max(1, cfg.max_steps - decay_start))
+        return cfg.lr - (cfg.lr - min_lr) * progress
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+    if cfg.schedule == "linear":
+        return cfg.lr - (cfg.lr - min_lr) * progress
     return min_lr + 0.5 * (cfg.lr - min_lr) * (1 + math.cos(math.pi * progress))
 
 
@@ -43,22 +67,258 @@ def make_optimizer(model: Transformer, cfg: TrainConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=True)
 
 
-def next_token_loss(model: Transformer, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def next_token_loss(model, inputs: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     logits = model(inputs)
-    return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
+    return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), reduction=reduction)
+
+
+# --- processes -------------------------------------------------------------------------------------------------
+
+@dataclass
+class World:
+    """This process's place among the training processes (one, unless started by torchrun)."""
+    rank: int = 0
+    size: int = 1
+    local_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self):
+        if self.size > 1:
+            torch.distributed.barrier()
+
+
+def join_world() -> World:
+    """Join the process group torchrun describes in the environment (RANK, WORLD_SIZE, ...), if any."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size == 1:
+        return World(device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    import torch.distributed as dist
+
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend)
+    return World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_WORLD_SIZE", size)), device)
+
+
+def _seed_for(*numbers: int) -> int:
+    return int(np.random.SeedSequence(list(numbers)).generate_state(1)[0])
+
+
+# --- checkpoints ---------------------------------------------------------------------------------------------------
+
+def checkpoint_dirs(run_dir: Path) -> list[Path]:
+    """The complete checkpoints of a run, oldest first (a temporary directory left by a kill is not one)."""
+    root = Path(run_dir) / CHECKPOINTS_DIR
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.name.startswith("step-") and (p / TRAIN_STATE_META).is_file()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def _state_tensors(model: Transformer, optimizer: torch.optim.Optimizer, save_dtype) -> dict[str, torch.Tensor]:
+    names = {p: n for n, p in model.named_parameters()}
+    tensors = {}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for key, value in optimizer.state.get(p, {}).items():
+                tensors[f"optimizer.{names[p]}.{key}"] = value.detach().reshape(value.shape).contiguous()
+    if save_dtype != torch.float32:  # the weights on disk are rounded: keep the fp32 ones to resume exactly
+        tensors.update({f"weights.{k}": v.contiguous() for k, v in model.state_dict().items()})
+    return tensors
+
+
+def _fsync_tree(directory: Path):
+    for path in directory.iterdir():
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(run_dir: Path, step: int, model: Transformer, optimizer, run: dict, meta: dict, save_dtype,
+                    keep_last: int) -> Path:
+    """Write checkpoints/step-NNNNNNN atomically (temporary directory, then rename), point the run directory's
+    model.safetensors at it, and delete old checkpoints beyond the last keep_last and the best."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    root = run_dir / CHECKPOINTS_DIR
+    final = root / f"step-{step:07d}"
+    tmp = root / f".tmp-{final.name}"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        weights = {k: v.to(save_dtype).contiguous() for k, v in model.state_dict().items()}
+        save_file(weights, str(tmp / checkpoint.MODEL_FILE), metadata={"step": str(step)})
+        save_file(_state_tensors(model, optimizer, save_dtype), str(tmp / TRAIN_STATE_FILE))
+        shutil.copyfile(run_dir / TOKENIZER_FILE, tmp / TOKENIZER_FILE)
+        config = {"format": checkpoint.FORMAT, **run, "checkpoint": meta}
+        (tmp / checkpoint.CONFIG_FILE).write_text(yaml_dump(config), encoding="utf-8")
+        (tmp / TRAIN_STATE_META).write_text(json.dumps(meta, indent=1), encoding="utf-8")
+        _fsync_tree(tmp)
+        if final.exists():  # the same step saved again (an interrupt right after a save): swap it
+            old = root / f".old-{final.name}"
+            os.rename(final, old)
+            os.rename(tmp, final)
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, final)
+        # the run directory itself stays a checkpoint of the latest weights: a hard link costs no space
+        link = run_dir / f".{checkpoint.MODEL_FILE}.tmp"
+        link.unlink(missing_ok=True)
+        try:
+            os.link(final / checkpoint.MODEL_FILE, link)
+        except OSError:
+            shutil.copyfile(final / checkpoint.MODEL_FILE, link)
+        os.replace(link, run_dir / checkpoint.MODEL_FILE)
+    except (OSError, SafetensorError) as e:  # a full disk, a quota, a file size limit
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = checkpoint_dirs(run_dir)
+        kept = f"the previous checkpoint ({previous[-1]}) is intact" if previous else "no earlier checkpoint exists"
+        reason = getattr(e, "strerror", None) or str(e).rsplit(": ", 1)[-1]
+        raise LLMError(f"could not save the checkpoint of step {step} in {root}: {reason}; {kept}") from None
+    _prune_checkpoints(run_dir, keep_last)
+    return final
+
+
+def _prune_checkpoints(run_dir: Path, keep_last: int):
+    dirs = checkpoint_dirs(run_dir)
+    metas = {p: json.loads((p / TRAIN_STATE_META).read_text()) for p in dirs}
+    with_val = [p for p in dirs if metas[p].get("val_loss") is not None]
+    keep = set(dirs[-max(1, keep_last):])
+    if with_val:
+        keep.add(min(with_val, key=lambda p: metas[p]["val_loss"]))
+    for path in dirs:
+        if path not in keep:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def load_train_state(directory: Path, model: Transformer, optimizer) -> dict:
+    """Put a checkpoint's weights and optimizer state into model and optimizer; return its metadata."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        meta = json.loads((directory / TRAIN_STATE_META).read_text(encoding="utf-8"))
+        state = load_file(str(directory / TRAIN_STATE_FILE))
+        weights = {k[len("weights."):]: v for k, v in state.items() if k.startswith("weights.")}
+        if not weights:
+            weights = load_file(str(directory / checkpoint.MODEL_FILE))
+        model.load_state_dict({k: v.float() for k, v in weights.items()})
+    except (OSError, ValueError, SafetensorError, RuntimeError) as e:
+        raise LLMError(f"cannot resume from {directory}: {str(e).splitlines()[0]}") from None
+    for name, p in model.named_parameters():
+        moments = {k.rsplit(".", 1)[1]: v for k, v in state.items() if k.rsplit(".", 1)[0] == f"optimizer.{name}"}
+        if moments:
+            optimizer.state[p] = {k: v.to(p.device) for k, v in moments.items()}
+    return meta
+
+
+def yaml_dump(config: dict) -> str:
+    import yaml
+
+    return yaml.safe_dump(config, sort_keys=False)
+
+
+# --- the steps -----------------------------------------------------------------------------------------------------
+
+class StopSignal:
+    """Ctrl-C or SIGTERM asks the loop to stop after the current step; a second one interrupts at once."""
+
+    def __init__(self):
+        self.received: int | None = None
+        self.previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.received = signum
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+class NonFiniteLoss(Exception):
+    pass
+
+
+def train_step(model, optimizer, micro_batches: list, lr: float, grad_clip: float, autocast, world: World,
+               stop_requested: bool = False) -> tuple[float, float, bool]:
+    """One optimizer update from a list of (inputs, targets) micro-batches: gradients are summed over them with
+    the loss normalised by all the tokens of the global batch, so k micro-batches of b give the update of one batch
+    of k*b. Returns (mean loss, gradient norm, whether any process asked to stop). Raises NonFiniteLoss before
+    touching the weights."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    local_tokens = sum(targets.numel() for _, targets in micro_batches)
+    loss_sum = torch.zeros((), device=world.device)
+    for i, (inputs, targets) in enumerate(micro_batches):
+        last = i == len(micro_batches) - 1
+        # DDP all-reduces gradients once per step, on the last micro-batch
+        sync = nullcontext() if last or world.size == 1 else model.no_sync()
+        with sync:
+            with autocast:
+                loss = next_token_loss(model, inputs.to(world.device), targets.to(world.device), reduction="sum")
+            # each process divides by its own tokens and DDP averages over processes: the mean over all tokens
+            (loss / local_tokens).backward()
+        loss_sum += loss.detach()
+    totals = torch.stack([loss_sum, torch.tensor(float(local_tokens), device=world.device),
+                          torch.tensor(float(stop_requested), device=world.device)])
+    if world.size > 1:
+        torch.distributed.all_reduce(totals)
+    mean_loss = (totals[0] / totals[1]).item()
+    if not math.isfinite(mean_loss):
+        raise NonFiniteLoss(f"the loss became {mean_loss}")
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip).item()
+    if not math.isfinite(grad_norm):
+        raise NonFiniteLoss(f"the gradient norm became {grad_norm}")
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return mean_loss, grad_norm, bool(totals[2].item())
 
 
 @torch.no_grad()
-def estimate_val_loss(model: Transformer, token_data: data.TokenData, cfg: TrainConfig, context: int) -> float:
-    """Mean loss on the same cfg.eval_batches validation batches every time, so evaluations compare."""
-    generator = torch.Generator().manual_seed(cfg.seed + 1)
+def estimate_val_loss(model, token_data: data.TokenData, cfg: TrainConfig, context: int, world: World,
+                      micro_batch_size: int, autocast) -> float:
+    """Mean loss on the same cfg.eval_batches validation batches every time, shared out among the processes."""
     was_training = model.training
     model.eval()
-    losses = [next_token_loss(model, *token_data.get_batch("val", cfg.batch_size, context, generator)).item()
-              for _ in range(cfg.eval_batches)]
+    totals = torch.zeros(2, device=world.device)
+    share = cfg.batch_size // world.size
+    for index in range(cfg.eval_batches):
+        for start in range(world.rank * share, (world.rank + 1) * share, micro_batch_size):
+            rows = slice(start, start + micro_batch_size)
+            inputs, targets = token_data.batch("val", cfg.batch_size, context, cfg.seed, index, rows)
+            with autocast:
+                totals[0] += next_token_loss(model, inputs.to(world.device), targets.to(world.device), "sum")
+            totals[1] += targets.numel()
+    if world.size > 1:
+        torch.distributed.all_reduce(totals)
     model.train(was_training)
-    return sum(losses) / len(losses)
+    return (totals[0] / totals[1]).item()
 
+
+# --- the run ---------------------------------------------------------------------------------------------------------
 
 def prepare_tokenizer(corpus: list, out_dir: Path, run: dict, tokenizer_path: str | None) -> Tokenizer:
     """Copy the given tokenizer into the run, or train one on the corpus."""
@@ -70,123 +330,277 @@ def prepare_tokenizer(corpus: list, out_dir: Path, run: dict, tokenizer_path: st
         run["model"]["vocab_size"] = tokenizer.vocab_size
         return Tokenizer(target)
     vocab_size = run["model"]["vocab_size"]
-    log(f"training a {run['train']['tokenizer_type']} tokenizer with {vocab_size} tokens")
-    lines = (line for path in corpus for line in data.read_lines(path))
-    tokenizer = train_tokenizer(lines, out_dir, vocab_size, run["train"]["tokenizer_type"])
-    return tokenizer
+    train = run["train"]
+    log(f"training a {train['tokenizer_type']} tokenizer with {vocab_size} tokens")
+    docs = data.read_documents(corpus, train["text_field"], train["doc_separator"])
+    lines = (line for doc in docs for line in doc.split("\n"))
+    return train_tokenizer(lines, out_dir, vocab_size, train["tokenizer_type"])
+
+
+def check_settings(cfg: TrainConfig, world: World) -> int:
+    """Clear errors for settings that cannot work; returns the micro-batch size."""
+    if cfg.save_dtype not in SAVE_DTYPES:
+        raise LLMError(f"save_dtype must be one of {', '.join(SAVE_DTYPES)}, got {cfg.save_dtype!r}")
+    if cfg.schedule not in SCHEDULES:
+        raise LLMError(f"schedule must be one of {', '.join(SCHEDULES)}, got {cfg.schedule!r}")
+    if cfg.precision not in PRECISIONS:
+        raise LLMError(f"precision must be one of {', '.join(PRECISIONS)}, got {cfg.precision!r}")
+    if cfg.batch_size < 1 or cfg.batch_size % world.size:
+        raise LLMError(f"the batch size ({cfg.batch_size}) must be a positive multiple of the number of "
+                       f"processes ({world.size})")
+    share = cfg.batch_size // world.size
+    micro = cfg.micro_batch_size or share
+    if micro < 1 or share % micro:
+        raise LLMError(f"the micro-batch size ({micro}) must divide the batch of each process "
+                       f"({cfg.batch_size} / {world.size} processes = {share})")
+    return micro
+
+
+def _resolve_run(corpus, out_dir, preset, config_file, overrides, tokenizer_path, resume) -> tuple[dict, Path]:
+    if resume is None:
+        return resolve_run_config(preset, config_file, overrides or {}), Path(out_dir)
+    run_dir = Path(resume)
+    if not run_dir.is_dir():
+        raise LLMError(f"cannot resume: {run_dir} is not a run directory")
+    run = checkpoint.read_config(run_dir)
+    run.pop("format", None)
+    run.pop("summary", None)
+    if corpus or preset or config_file or tokenizer_path:
+        raise LLMError("--resume continues a run with its own corpus and settings; give only the run directory "
+                       "(and --max-steps to train longer)")
+    allowed = {"max_steps", "eval_interval", "save_interval", "keep_last", "threads", "micro_batch_size", "compile"}
+    for key, value in (overrides or {}).items():
+        if value is None:
+            continue
+        if key not in allowed:
+            raise LLMError(f"--resume keeps the run's settings; {key} cannot change (only {', '.join(sorted(allowed))})")
+        run["train"][key] = value
+    return run, run_dir
 
 
 def pretrain(
-    corpus: list[str],
-    out_dir: str | Path,
+    corpus: list[str] | None,
+    out_dir: str | Path | None,
     preset: str | None = None,
     config_file: str | None = None,
     overrides: dict | None = None,
     tokenizer_path: str | None = None,
+    resume: str | Path | None = None,
 ) -> dict:
-    """Train a model on the corpus files ('-' for stdin) and write a checkpoint to out_dir. Returns a summary."""
-    run = resolve_run_config(preset, config_file, overrides or {})
-    cfg = TrainConfig(**run["train"])
-    if cfg.save_dtype not in SAVE_DTYPES:
-        raise LLMError(f"save_dtype must be one of {', '.join(SAVE_DTYPES)}, got {cfg.save_dtype!r}")
-    save_dtype = getattr(torch, cfg.save_dtype)
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise LLMError(f"{out_dir} exists and is not a directory")
-    corpus = [str(data.check_text_file(p)) if p != "-" else p for p in corpus]
-    if not corpus:
-        raise LLMError("no corpus given")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if "-" in corpus:  # stdin can be read once; the tokenizer and the tokenization both need it
-        stdin_copy = str(data.save_stdin(out_dir / "data" / "stdin.txt"))
-        corpus = [stdin_copy if p == "-" else p for p in corpus]
+    """Train a model on the corpus ('-' for stdin) into out_dir, or continue the run in `resume` from its latest
+    checkpoint. Returns a summary. Under torchrun, every process calls this; process 0 alone writes."""
+    world = join_world()
+    try:
+        return _pretrain(world, corpus, out_dir, preset, config_file, overrides, tokenizer_path, resume)
+    finally:
+        if world.size > 1 and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
-    torch.manual_seed(cfg.seed)
-    torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
-    tokenizer = prepare_tokenizer(corpus, out_dir, run, tokenizer_path)
-    token_file = out_dir / "data" / "tokens.bin"
-    total_bytes = sum(os.path.getsize(p) for p in corpus)
-    with progress_bar("tokenizing", total_bytes) as update:
-        started = time.perf_counter()
-        n_tokens = data.tokenize_corpus(corpus, tokenizer, token_file, progress=lambda n: update(advance=n))
-    log(f"tokenized {total_bytes / 1e6:.1f} MB into {n_tokens:,} tokens in {time.perf_counter() - started:.1f}s")
-    token_data = data.TokenData(token_file, tokenizer.vocab_size, cfg.val_fraction)
+
+def _pretrain(world, corpus, out_dir, preset, config_file, overrides, tokenizer_path, resume) -> dict:
+    run, out_dir = _resolve_run(corpus, out_dir, preset, config_file, overrides, tokenizer_path, resume)
+    try:
+        cfg = TrainConfig(**run["train"])
+    except (TypeError, ValueError) as e:
+        raise LLMError(f"bad settings: {e}") from None
+    micro = check_settings(cfg, world)
+    save_dtype = getattr(torch, cfg.save_dtype)
+    torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // world.local_size))
+    say = log if world.is_main else (lambda message: None)
+
+    if resume is None:
+        if out_dir.exists() and not out_dir.is_dir():
+            raise LLMError(f"{out_dir} exists and is not a directory")
+        if out_dir.is_dir() and checkpoint_dirs(out_dir):
+            raise LLMError(f"{out_dir} already holds a training run; continue it with --resume {out_dir}, "
+                           "or choose another directory")
+        if world.is_main:
+            _prepare_data(corpus, out_dir, run, tokenizer_path, cfg)
+        world.barrier()
+        run = checkpoint.read_config(out_dir)  # every process trains on what process 0 prepared
+        run.pop("format", None)
+    token_data = data.TokenData(Path(run["data"]["token_dir"]), cfg.val_fraction) \
+        if Path(run["data"]["token_dir"], data.INDEX_FILE).is_file() else None
+    if token_data is None:  # the cache was cleared since: tokenize again
+        if world.is_main:
+            _tokenize(run["data"]["corpus"], out_dir, run, cfg)
+        world.barrier()
+        token_data = data.TokenData(Path(run["data"]["token_dir"]), cfg.val_fraction)
     try:
         model_config = ModelConfig(**run["model"])
     except (TypeError, ValueError) as e:
         raise LLMError(f"bad model settings: {e}") from None
     token_data.check_fits(model_config.context, cfg.val_fraction)
 
-    model = Transformer(model_config)
+    torch.manual_seed(cfg.seed)
+    model = Transformer(model_config).to(world.device)
     optimizer = make_optimizer(model, cfg)
-    run["tokenizer"] = {"file": TOKENIZER_FILE, "vocab_size": tokenizer.vocab_size}
-    run["data"] = {"corpus": corpus, "tokens": n_tokens, "train_tokens": len(token_data.split("train")),
-                   "val_tokens": len(token_data.split("val"))}
-    checkpoint.write_config(out_dir, run)
+    start_step, best, elapsed_before = 0, None, 0.0
     metrics_path = out_dir / checkpoint.METRICS_FILE
-    metrics_path.unlink(missing_ok=True)
+    if resume is not None:
+        dirs = checkpoint_dirs(out_dir)
+        if not dirs:
+            raise LLMError(f"cannot resume: {out_dir} has no checkpoint yet (they are in {out_dir / CHECKPOINTS_DIR})")
+        meta = load_train_state(dirs[-1], model, optimizer)
+        start_step, elapsed_before = meta["step"], meta.get("time", 0.0)
+        best = meta.get("best_val_loss")
+        if world.is_main:
+            _truncate_metrics(metrics_path, start_step)
+        say(f"resuming {out_dir} from step {start_step} ({dirs[-1].name})")
+        if start_step >= cfg.max_steps:
+            raise LLMError(f"{out_dir} already reached step {start_step} of {cfg.max_steps}; "
+                           "give a larger --max-steps to train longer")
+    elif world.is_main:
+        metrics_path.unlink(missing_ok=True)
+    if world.is_main and (out_dir / CHECKPOINTS_DIR).is_dir():  # left by a kill during a save
+        for leftover in (out_dir / CHECKPOINTS_DIR).glob(".*-step-*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+
+    train_model = torch.compile(model) if cfg.compile else model
+    if world.size > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        train_model = DistributedDataParallel(train_model, device_ids=[world.device] if world.device.type == "cuda"
+                                              else None)
+    autocast = torch.autocast(world.device.type, dtype=torch.bfloat16) if cfg.precision == "bf16-mixed" \
+        else nullcontext()
+
+    context = model_config.context
+    tokens_per_step = cfg.batch_size * context
+    save_interval = cfg.save_interval or cfg.eval_interval
+    share = cfg.batch_size // world.size
     n_params = model.num_params()
-    log(f"model: {n_params / 1e6:.2f}M parameters, {model_config.n_layer} layers, {model_config.n_embd} wide, "
-        f"context {model_config.context}; {cfg.max_steps} steps of {cfg.batch_size} x {model_config.context} tokens")
+    say(f"model: {n_params / 1e6:.2f}M parameters, {model_config.n_layer} layers, {model_config.n_embd} wide, "
+        f"context {context}; {cfg.max_steps} steps of {cfg.batch_size} x {context} tokens"
+        + (f" on {world.size} processes" if world.size > 1 else "")
+        + (f", {share // micro} micro-batches of {micro}" if micro < share else "")
+        + (f", {cfg.precision}" if cfg.precision != "fp32" else "") + (", compiled" if cfg.compile else ""))
 
     def record(**row):
-        with open(metrics_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
+        if world.is_main:
+            with open(metrics_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(row) + "\n")
 
-    def evaluate_and_save(step: int) -> float:
-        val_loss = estimate_val_loss(model, token_data, cfg, model_config.context)
-        record(step=step, val_loss=val_loss, tokens=step * tokens_per_step, time=time.perf_counter() - started)
-        if step > 0:
-            checkpoint.save_model(out_dir, model, {"step": step, "val_loss": val_loss}, save_dtype)
-        return val_loss
+    def save(step: int, val_loss: float | None):
+        nonlocal best
+        if not all(torch.isfinite(p).all() for p in model.parameters()):  # never write a NaN checkpoint
+            raise LLMError(f"the weights became non-finite at step {step}; stopping: the last good checkpoint is "
+                           f"kept; try a lower learning rate (--lr {cfg.lr / 3:.2g})")
+        if val_loss is not None and (best is None or val_loss < best):
+            best = val_loss
+        meta = {"step": step, "val_loss": val_loss, "best_val_loss": best, "tokens": step * tokens_per_step,
+                "time": elapsed_before + time.perf_counter() - started}
+        if world.is_main:
+            save_checkpoint(out_dir, step, model, optimizer, run, meta, save_dtype, cfg.keep_last)
 
-    tokens_per_step = cfg.batch_size * model_config.context
-    generator = torch.Generator().manual_seed(cfg.seed)
+    def validate(step: int) -> float:
+        loss = estimate_val_loss(train_model, token_data, cfg, context, world, micro, autocast)
+        record(step=step, val_loss=loss, tokens=step * tokens_per_step,
+               time=elapsed_before + time.perf_counter() - started)
+        return loss
+
     started = time.perf_counter()
-    first_val_loss = val_loss = evaluate_and_save(0)
-    log(f"step 0: val loss {val_loss:.4f}")
-    model.train()
-    train_loss, step = float("nan"), 0
+    val_loss = first_val_loss = None
+    if start_step == 0:
+        first_val_loss = val_loss = validate(0)
+        say(f"step 0: val loss {val_loss:.4f}")
+    train_model.train()
+    train_loss, step = float("nan"), start_step
     fields = "loss {task.fields[loss]:.3f}  lr {task.fields[lr]:.2e}  {task.fields[tps]:,.0f} tok/s"
-    with progress_bar("training", cfg.max_steps, fields) as update:
-        try:
-            step_started = time.perf_counter()
-            for step in range(1, cfg.max_steps + 1):
-                lr = learning_rate(step - 1, cfg)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                inputs, targets = token_data.get_batch("train", cfg.batch_size, model_config.context, generator)
-                loss = next_token_loss(model, inputs, targets)
-                train_loss = loss.item()
-                if not math.isfinite(train_loss):
-                    raise LLMError(f"the loss became {train_loss} at step {step}; the last good checkpoint is kept "
-                                   f"in {out_dir}; try a lower learning rate (--lr {cfg.lr / 3:.2g})")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
-                optimizer.step()
-                now = time.perf_counter()
-                tokens_per_s = tokens_per_step / (now - step_started)
-                step_started = now
-                record(step=step, train_loss=train_loss, lr=lr, grad_norm=grad_norm, tokens_per_s=tokens_per_s,
-                       tokens=step * tokens_per_step, time=now - started)
-                update(completed=step, loss=train_loss, lr=lr, tps=tokens_per_s)
-                if step % cfg.eval_interval == 0 or step == cfg.max_steps:
-                    val_loss = evaluate_and_save(step)
-                    log(f"step {step}: train loss {train_loss:.4f}, val loss {val_loss:.4f}, lr {lr:.2e}, "
-                        f"{tokens_per_s:,.0f} tokens/s")
-                    step_started = time.perf_counter()  # evaluation time is not training time
-        except KeyboardInterrupt:
-            checkpoint.save_model(out_dir, model, {"step": step}, save_dtype)
-            log(f"interrupted at step {step}; the model so far is saved in {out_dir}")
-            raise
-    elapsed = time.perf_counter() - started
+    bar = progress_bar("training", cfg.max_steps, fields) if world.is_main else nullcontext(lambda **k: None)
+    with bar as update, StopSignal() as stop:
+        step_started = time.perf_counter()
+        for step in range(start_step + 1, cfg.max_steps + 1):
+            torch.manual_seed(_seed_for(cfg.seed, step, world.rank))  # dropout: a function of the step alone
+            lr = learning_rate(step - 1, cfg)
+            micro_batches = [token_data.batch("train", cfg.batch_size, context, cfg.seed, step, slice(r, r + micro))
+                             for r in range(world.rank * share, (world.rank + 1) * share, micro)]
+            try:
+                train_loss, grad_norm, stopping = train_step(train_model, optimizer, micro_batches, lr,
+                                                             cfg.grad_clip, autocast, world, stop.received is not None)
+            except NonFiniteLoss as e:
+                last = checkpoint_dirs(out_dir)
+                kept = f"the last good checkpoint ({last[-1]}) is kept" if last else "no checkpoint was saved"
+                raise LLMError(f"{e} at step {step}; stopping: {kept}; try a lower learning rate "
+                               f"(--lr {cfg.lr / 3:.2g})") from None
+            now = time.perf_counter()
+            tokens_per_s = tokens_per_step / (now - step_started)
+            step_started = now
+            record(step=step, train_loss=train_loss, lr=lr, grad_norm=grad_norm, tokens_per_s=tokens_per_s,
+                   tokens=step * tokens_per_step, time=elapsed_before + now - started)
+            update(completed=step, loss=train_loss, lr=lr, tps=tokens_per_s)
+            evaluated = step % cfg.eval_interval == 0 or step == cfg.max_steps
+            if evaluated:
+                val_loss = validate(step)
+                say(f"step {step}: train loss {train_loss:.4f}, val loss {val_loss:.4f}, lr {lr:.2e}, "
+                    f"{tokens_per_s:,.0f} tokens/s")
+            if stopping or evaluated or step % save_interval == 0:
+                save(step, val_loss if evaluated else None)
+                step_started = time.perf_counter()  # evaluation and saving are not training time
+            if stopping:
+                say(f"interrupted at step {step}; the checkpoint is saved in {out_dir}; "
+                    f"continue with: llm pretrain --resume {out_dir}")
+                raise KeyboardInterrupt
+    elapsed = elapsed_before + time.perf_counter() - started
     summary = {
         "steps": cfg.max_steps, "tokens": cfg.max_steps * tokens_per_step, "parameters": n_params,
-        "first_val_loss": first_val_loss, "val_loss": val_loss, "train_loss": train_loss,
+        "first_val_loss": first_val_loss if first_val_loss is not None else _first_val_loss(metrics_path),
+        "val_loss": val_loss, "train_loss": train_loss,
         "seconds": round(elapsed, 1), "tokens_per_s": round(cfg.max_steps * tokens_per_step / elapsed),
         "checkpoint": str(out_dir),
     }
-    run["summary"] = summary
-    checkpoint.write_config(out_dir, run)
+    if world.is_main:
+        run["summary"] = summary
+        checkpoint.write_config(out_dir, run)
     return summary
+
+
+def _first_val_loss(metrics_path: Path):
+    for line in metrics_path.read_text(encoding="utf-8").splitlines():
+        row = json.loads(line)
+        if "val_loss" in row:
+            return row["val_loss"]
+    return None
+
+
+def _truncate_metrics(path: Path, step: int):
+    """Drop the rows of steps after the checkpoint: the resumed run writes them again."""
+    if not path.is_file():
+        return
+    rows = [line for line in path.read_text(encoding="utf-8").splitlines()
+            if line.strip() and _row_step(line) is not None and _row_step(line) <= step]
+    checkpoint.atomic_write(path, lambda tmp: tmp.write_text("".join(r + "\n" for r in rows), encoding="utf-8"))
+
+
+def _row_step(line: str):
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return None  # a row cut short by a kill
+
+
+def _prepare_data(corpus, out_dir: Path, run: dict, tokenizer_path, cfg: TrainConfig):
+    """Process 0: the tokenizer and the token shards of the corpus, and the run's config.yaml that names them."""
+    corpus = data.expand_corpus(corpus or [])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if "-" in corpus:  # stdin can be read once; the tokenizer and the tokenization both need it
+        stdin_copy = str(data.save_stdin(out_dir / "data" / "stdin.txt"))
+        corpus = [stdin_copy if p == "-" else p for p in corpus]
+    tokenizer = prepare_tokenizer(corpus, out_dir, run, tokenizer_path)
+    run["tokenizer"] = {"file": TOKENIZER_FILE, "vocab_size": tokenizer.vocab_size}
+    _tokenize(corpus, out_dir, run, cfg)
+
+
+def _tokenize(corpus: list[str], out_dir: Path, run: dict, cfg: TrainConfig):
+    tokenizer = Tokenizer(out_dir / TOKENIZER_FILE)
+    total_bytes = sum(os.path.getsize(p) for p in corpus)
+    started = time.perf_counter()
+    with progress_bar("tokenizing", total_bytes) as update:
+        token_dir = data.cached_tokens(corpus, tokenizer, cfg.text_field, cfg.doc_separator,
+                                       progress=lambda n: update(advance=n), log=log)
+    token_data = data.TokenData(token_dir, cfg.val_fraction)
+    seconds = time.perf_counter() - started
+    log(f"{total_bytes / 1e6:.1f} MB of text, {token_data.n_tokens:,} tokens in {token_dir} ({seconds:.1f}s)")
+    run["data"] = {"corpus": corpus, "token_dir": str(token_dir), "tokens": token_data.n_tokens,
+                   "train_tokens": token_data.split_len("train"), "val_tokens": token_data.split_len("val")}
+    checkpoint.write_config(out_dir, run)

@@ -1,6 +1,7 @@
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,8 @@ ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = ROOT.parent / "shared" / "data"
 SHAKESPEARE = SHARED_DATA / "tinyshakespeare.txt"
 TINYSTORIES_VALID = SHARED_DATA / "tinystories" / "valid.txt"
+# token shards are cached by content hash; the tests' cache lives in a temporary directory, not the user's home
+os.environ.setdefault("LLM_CACHE_DIR", tempfile.mkdtemp(prefix="llm-test-cache-"))
 
 
 def run_cli(*args, input: str | bytes | None = None, cwd=None, env=None) -> subprocess.CompletedProcess:

@@ -49,3 +49,15 @@ def test_walkthrough_commands_run(tmp_path):
     assert '"pieces"' in out
     assert str("shakespeare-nano") in out  # pretrain prints the checkpoint
     assert "bits/byte" in out and '"bits_per_byte"' in out
+
+
+def test_long_run_commands_run(tmp_path):
+    work = tmp_path / "work"
+    work.mkdir()
+    (tmp_path / "shared").symlink_to(ROOT.parent / "shared")
+    result = run_bash("\n".join(bash_blocks("Long runs: checkpoints, resume, precision, many processes")), cwd=work)
+    assert result.returncode == 0, result.stderr
+    assert "resuming long-run from step 20" in result.stderr
+    assert (work / "long-run" / "checkpoints" / "step-0000030").is_dir()
+    assert "on 2 processes" in result.stderr
+    assert (work / "two-processes" / "model.safetensors").is_file()

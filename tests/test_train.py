@@ -1,0 +1,194 @@
+"""Pretraining that loses nothing: exact resume after SIGINT and SIGKILL, atomic checkpoints, disk full, non-finite
+losses; gradient accumulation, schedules, and two processes under torchrun."""
+
+import json
+import os
+import random
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import ROOT, run_cli
+from llmcli.checkpoint import load_checkpoint
+from llmcli.config import TrainConfig
+from llmcli.errors import LLMError
+from llmcli.model import ModelConfig, Transformer
+from llmcli.train import (World, check_settings, checkpoint_dirs, learning_rate, load_train_state, make_optimizer,
+                          pretrain, save_checkpoint, train_step)
+
+
+def losses(run_dir) -> dict:
+    """{(step, kind): loss} from a run's metrics.jsonl."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {(r["step"], kind): r[kind] for r in rows for kind in ("train_loss", "val_loss") if kind in r}
+
+
+def start_cli(*args) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen([sys.executable, "-m", "llmcli", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+
+
+def wait_until(condition, process, timeout=120):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        assert process.poll() is None, process.communicate()[1]
+        time.sleep(0.0005)
+    raise AssertionError("timed out")
+
+
+def last_step(run_dir) -> int:
+    path = run_dir / "metrics.jsonl"
+    steps = [json.loads(line)["step"] for line in path.read_text().splitlines()[:-1]] if path.exists() else []
+    return max(steps, default=0)
+
+
+def test_interrupt_and_kill_then_resume_repeats_the_uninterrupted_run(shakespeare_slice, nano_checkpoint, tmp_path):
+    settings = dict(max_steps=20, eval_interval=10, save_interval=3, seed=5)
+    reference = tmp_path / "reference"
+    pretrain([str(shakespeare_slice)], reference, preset="nano", overrides=settings, tokenizer_path=nano_checkpoint)
+
+    run = tmp_path / "run"
+    options = [f"--{k.replace('_', '-')}={v}" for k, v in settings.items()]
+    first = start_cli("pretrain", shakespeare_slice, "--preset", "nano", "-t", nano_checkpoint, *options, "-o", run)
+    stop_at = random.randint(3, 6)
+    wait_until(lambda: last_step(run) >= stop_at, first)
+    first.send_signal(signal.SIGINT)  # Ctrl-C: the step finishes, a checkpoint is saved, exit 130
+    _, stderr = first.communicate(timeout=60)
+    assert first.returncode == 130, stderr
+    assert f"continue with: llm pretrain --resume {run}" in stderr
+    interrupted_at = checkpoint_dirs(run)[-1]
+    assert int(interrupted_at.name.split("-")[1]) >= stop_at
+
+    # SIGKILL while a checkpoint is being written (its temporary directory exists) after step 9
+    second = start_cli("pretrain", "--resume", run)
+    saving = lambda: any(int(p.name.split("-")[-1]) > 9 for p in (run / "checkpoints").glob(".tmp-step-*"))
+    wait_until(saving, second)
+    second.kill()
+    second.wait()
+    for directory in checkpoint_dirs(run):  # every complete checkpoint loads, the run directory too
+        load_checkpoint(directory)
+    load_checkpoint(run)
+
+    third = run_cli("pretrain", "--resume", run)
+    assert third.returncode == 0, third.stderr
+    assert "resuming" in third.stderr
+    assert losses(run) == losses(reference)  # bit for bit, every step's training and validation loss
+    assert not list((run / "checkpoints").glob(".*"))  # the half-written checkpoint was cleared
+
+
+def test_disk_full_during_a_save_keeps_the_previous_checkpoint(shakespeare_slice, nano_checkpoint, tmp_path):
+    run = tmp_path / "run"
+    pretrain([str(shakespeare_slice)], run, preset="nano", overrides=dict(max_steps=6, eval_interval=3),
+             tokenizer_path=nano_checkpoint)
+    model, _, config = load_checkpoint(run)
+    optimizer = make_optimizer(model, TrainConfig(**config["train"]))
+    load_train_state(checkpoint_dirs(run)[-1], model, optimizer)
+    config.pop("format")
+    before = (run / "model.safetensors").read_bytes()
+
+    # a file size limit makes writes fail like a full disk (EFBIG instead of ENOSPC), without touching the disk
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (50_000, hard))
+    try:
+        with pytest.raises(LLMError, match=r"could not save the checkpoint of step 7 .*step-0000006\) is intact"):
+            save_checkpoint(run, 7, model, optimizer, config, {"step": 7}, torch.float32, keep_last=2)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous_handler)
+    assert [p.name for p in checkpoint_dirs(run)] == ["step-0000003", "step-0000006"]
+    assert not list((run / "checkpoints").glob(".*"))
+    assert (run / "model.safetensors").read_bytes() == before
+    pretrain(None, None, overrides={"max_steps": 8}, resume=run)  # and the run goes on from it
+    assert checkpoint_dirs(run)[-1].name == "step-0000008"
+
+
+def test_non_finite_loss_stops_without_writing_a_checkpoint(shakespeare_slice, nano_checkpoint, tmp_path):
+    run = tmp_path / "run"
+    with pytest.raises(LLMError, match=r"loss became nan at step \d+; stopping.*lower learning rate") as error:
+        pretrain([str(shakespeare_slice)], run, preset="nano", tokenizer_path=nano_checkpoint,
+                 overrides=dict(max_steps=20, lr=1e30, warmup_steps=0, save_interval=1))
+    bad_step = int(str(error.value).split("at step ")[1].split(";")[0])
+    saved = checkpoint_dirs(run)
+    assert [int(p.name.split("-")[1]) for p in saved] == list(range(max(1, bad_step - 2), bad_step))
+    for directory in saved:  # what was saved is finite
+        model, _, _ = load_checkpoint(directory)
+        assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_micro_batches_give_the_update_of_one_large_batch():
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=128, context=16, n_layer=2, n_head=2, n_embd=32)
+    one, accumulated = Transformer(config), Transformer(config)
+    accumulated.load_state_dict(one.state_dict())
+    inputs = torch.randint(0, 128, (8, 16))
+    targets = torch.randint(0, 128, (8, 16))
+    results = []
+    from contextlib import nullcontext
+
+    for model, splits in ((one, [slice(0, 8)]), (accumulated, [slice(i, i + 2) for i in range(0, 8, 2)])):
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.5)  # an update proportional to the gradient
+        batches = [(inputs[s], targets[s]) for s in splits]
+        results.append(train_step(model, optimizer, batches, 0.5, 1e9, nullcontext(), World()))
+    assert results[0][0] == pytest.approx(results[1][0], rel=1e-6)  # the loss
+    assert results[0][1] == pytest.approx(results[1][1], rel=1e-5)  # the gradient norm
+    for a, b in zip(one.parameters(), accumulated.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    with pytest.raises(LLMError, match="micro-batch size .3. must divide"):
+        check_settings(TrainConfig(batch_size=16, micro_batch_size=3), World())
+
+
+def test_schedules():
+    cfg = TrainConfig(max_steps=100, warmup_steps=10, lr=1.0, min_lr_ratio=0.1)
+    assert learning_rate(0, cfg) == pytest.approx(0.1) and learning_rate(9, cfg) == pytest.approx(1.0)
+    for schedule in ("cosine", "linear", "wsd"):
+        cfg.schedule = schedule
+        rates = [learning_rate(s, cfg) for s in range(101)]
+        assert max(rates) == pytest.approx(1.0) and rates[-1] == pytest.approx(0.1)
+        assert all(a >= b - 1e-12 for a, b in zip(rates[9:], rates[10:]))  # never rises after warmup
+    cfg.schedule, cfg.decay_fraction = "wsd", 0.2
+    assert learning_rate(79, cfg) == 1.0 and learning_rate(90, cfg) == pytest.approx(0.55)
+    assert learning_rate(55, TrainConfig(max_steps=100, warmup_steps=10, lr=1.0, schedule="linear",
+                                         min_lr_ratio=0.0)) == pytest.approx(0.5)
+
+
+def test_two_processes_follow_the_one_process_run_and_resume(shakespeare_slice, nano_checkpoint, tmp_path):
+    settings = dict(max_steps=8, eval_interval=4, seed=2)
+    reference = tmp_path / "one"
+    pretrain([str(shakespeare_slice)], reference, preset="nano", overrides=settings, tokenizer_path=nano_checkpoint)
+    options = [f"--{k.replace('_', '-')}={v}" for k, v in settings.items()]
+
+    two = tmp_path / "two"
+    result = run_cli("pretrain", shakespeare_slice, "--preset", "nano", "-t", nano_checkpoint, *options, "-o", two,
+                     "--nproc", "2")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == str(two)
+    assert "on 2 processes" in result.stderr
+    expected = losses(reference)
+    assert losses(two).keys() == expected.keys()
+    assert losses(two) == pytest.approx(expected, rel=1e-5)
+
+    # a 1-process checkpoint at step 4, continued by 2 processes
+    resumed = tmp_path / "resumed"
+    shutil.copytree(reference, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step-0000008")
+    result = run_cli("pretrain", "--resume", resumed, "--nproc", "2")
+    assert result.returncode == 0, result.stderr
+    assert "resuming" in result.stderr and "from step 4" in result.stderr
+    assert losses(resumed) == pytest.approx(expected, rel=1e-5)
+
+
+def test_resume_needs_a_run(tmp_path):
+    result = run_cli("pretrain", "--resume", tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [f"llm: error: cannot resume: {tmp_path} has no config.yaml"] \
+        or "is not a checkpoint" in result.stderr
