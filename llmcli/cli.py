@@ -215,6 +215,10 @@ def _print_summary(summary: dict):
     table.add_row("val loss", f"{summary['first_val_loss']:.4f} -> {summary['val_loss']:.4f}")
     table.add_row("train loss", f"{summary['train_loss']:.4f}")
     table.add_row("time", f"{summary['seconds']:.1f}s, {summary['tokens_per_s']:,} tokens/s")
+    from llmcli.plot import read_metrics, sparkline
+
+    train_losses = [row["train_loss"] for row in read_metrics(summary["checkpoint"]) if "train_loss" in row]
+    table.add_row("train loss curve", f"{sparkline(train_losses, 40)} {max(train_losses):.2f} -> {train_losses[-1]:.2f}")
     table.add_row("checkpoint", summary["checkpoint"])
     console.print(table)
 
@@ -276,6 +280,17 @@ def evaluate(
     from rich.console import Console
 
     Console().print(table)  # the table is the result: stdout
+
+
+@app.command()
+def plot(
+    runs: Annotated[list[Path], typer.Argument(help="Training run directories (with metrics.jsonl)")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="PNG file to write")] = Path("loss.png"),
+):
+    """Draw training and validation loss against tokens seen, several runs overlaid, to a PNG; prints its path."""
+    from llmcli.plot import plot_runs
+
+    print(plot_runs(runs, out))
 
 
 @app.command()
