@@ -234,21 +234,124 @@ def generate(
     top_k: Annotated[Optional[int], typer.Option(help="Sample from the k most likely tokens; 0 = off")] = None,
     top_p: Annotated[Optional[float], typer.Option(help="Sample from the smallest set with this much probability")
                      ] = None,
+    min_p: Annotated[Optional[float], typer.Option(help="Drop tokens less likely than this times the most likely")
+                     ] = None,
+    repetition_penalty: Annotated[Optional[float], typer.Option(
+        help="Above 1 makes tokens already in the text less likely; 1 = off")] = None,
+    stop: Annotated[Optional[list[str]], typer.Option(
+        help="End a sample before this string (repeatable); it is not printed")] = None,
     num_samples: Annotated[int, typer.Option("--num-samples", "-n", help="Samples per prompt")] = 1,
     seed: Annotated[Optional[int], typer.Option(help="Random seed; the same seed gives the same text")] = None,
+    batch_size: Annotated[int, typer.Option(help="Samples (prompts x --num-samples) decoded together")] = 8,
+    input_format: Annotated[str, typer.Option(help="text: a prompt a line; jsonl: JSON objects with a 'prompt'")
+                            ] = "text",
+    chat: Annotated[bool, typer.Option("--chat", help="Wrap the prompt in the model's chat template")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object a sample: text, token counts, "
+                                          "finish reason, timings")] = False,
     truncate: Annotated[bool, typer.Option(help="Keep the end of a prompt longer than the context")] = False,
 ):
     """Continue a prompt. One sample streams as it is produced; several are each followed by a line <|endoftext|>."""
+    import time
+
+    start = time.perf_counter()
+    from llmcli.chat import chat_template, render, turn_stop
     from llmcli.checkpoint import load_checkpoint
     from llmcli.generate import apply_template, generate_text, sampling_settings
     from llmcli.progress import log
 
+    if input_format not in ("text", "jsonl"):
+        raise LLMError(f"--input-format must be text or jsonl, not {input_format!r}")
     net, tok, config = load_checkpoint(model)
+    load_s = time.perf_counter() - start
     cfg, template = sampling_settings(config, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                                      top_p=top_p, num_samples=num_samples, seed=seed)
-    prompts = (line for line in _input_lines("-")) if prompt == "-" else iter([prompt])
-    prompts = (apply_template(template, p) for p in prompts)
-    generate_text(net, tok, prompts, cfg, truncate=truncate, log=log)
+                                      top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty,
+                                      stop=tuple(stop) if stop else None, num_samples=num_samples, seed=seed,
+                                      batch_size=batch_size)
+    if input_format == "jsonl":
+        prompts = _jsonl_prompts(prompt)
+    else:
+        prompts = _input_lines("-") if prompt == "-" else iter([prompt])
+    if chat:
+        turns = chat_template(config)
+        if turns is None:
+            log("this model has no chat template; the prompt is continued as plain text")
+        cfg.stop += turn_stop(turns)
+        prompts = (render(turns, [{"role": "user", "content": p}]) for p in prompts)
+    else:
+        prompts = (apply_template(template, p) for p in prompts)
+    generate_text(net, tok, prompts, cfg, truncate=truncate, log=log, as_json=as_json, load_s=load_s)
+
+
+def _jsonl_prompts(source: str):
+    """The 'prompt' of each JSON object a line of source (a file, or '-' for stdin); blank lines are skipped."""
+    for number, line in enumerate(_input_lines(source), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise LLMError(f"line {number} of the input is not JSON: {e}") from None
+        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+            raise LLMError(f"line {number} of the input has no \"prompt\" string")
+        yield record["prompt"]
+
+
+@app.command()
+def chat(
+    model: ModelOption = None,
+    max_new_tokens: Annotated[Optional[int], typer.Option(help="Most tokens a reply [default: from the model]",
+                                                          show_default=False)] = None,
+    temperature: Annotated[Optional[float], typer.Option(help="0 = greedy [default: from the model]",
+                                                         show_default=False)] = None,
+    top_k: Annotated[Optional[int], typer.Option(help="Sample from the k most likely tokens; 0 = off")] = None,
+    top_p: Annotated[Optional[float], typer.Option(help="Sample from the smallest set with this much probability")
+                     ] = None,
+    min_p: Annotated[Optional[float], typer.Option(help="Drop tokens less likely than this times the most likely")
+                     ] = None,
+    repetition_penalty: Annotated[Optional[float], typer.Option(help="Above 1 discourages repeats; 1 = off")
+                                  ] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Random seed")] = None,
+    system: Annotated[Optional[str], typer.Option(help="A system message, when the chat template has one")] = None,
+):
+    """Talk with a model: a line a message, the reply streamed. /reset forgets the conversation, /exit or Ctrl-D
+    leaves, Ctrl-C stops a reply."""
+    from llmcli.chat import Chat, chat_template
+    from llmcli.checkpoint import load_checkpoint
+    from llmcli.generate import sampling_settings
+    from llmcli.progress import log
+
+    net, tok, config = load_checkpoint(model)
+    cfg, _ = sampling_settings(config, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                               top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed)
+    cfg.check()
+    template = chat_template(config)
+    if template is None:
+        log("this model has no chat template: your messages are continued as plain text")
+    conversation = Chat(net, tok, cfg, template, system, log)
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            sys.stderr.write("> ")
+            sys.stderr.flush()
+        try:
+            line = sys.stdin.readline()
+        except KeyboardInterrupt:  # Ctrl-C at the prompt: a fresh line, not an exit
+            sys.stderr.write("\n")
+            continue
+        if not line:  # Ctrl-D / end of input
+            break
+        message = line.rstrip("\r\n")
+        if message.strip() == "/exit":
+            break
+        if message.strip() == "/reset":
+            conversation.reset()
+            log("conversation cleared")
+            continue
+        if not message.strip():
+            continue
+        conversation.reply(message, lambda text: (sys.stdout.write(text), sys.stdout.flush()))
+        sys.stdout.write("\n")
+        sys.stdout.flush()
 
 
 @app.command("eval")

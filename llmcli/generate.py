@@ -1,18 +1,31 @@
-"""Sampling from a model: prefill the prompt into the KV cache, then one decode step per new token.
+"""Sampling from a model: prefill the prompts into the KV cache, then one decode step per new token.
 
-Sampling is a few pure functions on logits (temperature, top-k, top-p) that can be tested alone. Text is streamed
-as it is produced; bytes of a character split across tokens are held back until the character is whole.
+Several prompts and samples decode together as the rows of one batch: prompts of different lengths are left-padded,
+their positions start after the padding and no token attends to padding, so each row gives what it would alone.
+Every row draws from its own random generator, seeded by (seed, prompt, sample number), so the same seed gives the same text
+whatever else is in the batch.
+
+Logits processing is a few pure functions (repetition penalty, temperature, top-k, top-p, min-p) that can be tested
+alone. Text is streamed as it is produced: the bytes of a character split across tokens, and any text that could be
+the start of a stop string, are held back until they are known to be printable.
 """
 
+import json
+import os
 import sys
-from dataclasses import dataclass
-from typing import Iterator, TextIO
+import time
+import zlib
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Iterator, TextIO
 
+import numpy as np
 import torch
 
 from llmcli.errors import LLMError
 from llmcli.model import Transformer
 from llmcli.tokenizer import Tokenizer
+
+SEPARATOR = "<|endoftext|>"  # the line after each sample when there are several
 
 
 @dataclass
@@ -21,8 +34,12 @@ class SamplingConfig:
     temperature: float = 0.8  # 0 = greedy
     top_k: int = 0  # 0 = off
     top_p: float = 1.0  # 1 = off
+    min_p: float = 0.0  # 0 = off; keep tokens at least min_p times as likely as the most likely one
+    repetition_penalty: float = 1.0  # 1 = off; > 1 makes tokens already in the text less likely (CTRL, as HF)
+    stop: tuple[str, ...] = ()  # generation ends before the first of these strings
     num_samples: int = 1
     seed: int | None = None
+    batch_size: int = 8  # rows (prompts x samples) decoded together
 
     def check(self):
         if self.temperature < 0:
@@ -31,8 +48,16 @@ class SamplingConfig:
             raise LLMError(f"--top-k must be >= 0, got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise LLMError(f"--top-p must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.min_p <= 1:
+            raise LLMError(f"--min-p must be in [0, 1], got {self.min_p}")
+        if self.repetition_penalty <= 0:
+            raise LLMError(f"--repetition-penalty must be > 0, got {self.repetition_penalty}")
+        if any(s == "" for s in self.stop):
+            raise LLMError("--stop must not be empty")
         if self.num_samples < 1:
             raise LLMError(f"--num-samples must be >= 1, got {self.num_samples}")
+        if self.batch_size < 1:
+            raise LLMError(f"--batch-size must be >= 1, got {self.batch_size}")
         if self.max_new_tokens < 0:
             raise LLMError(f"--max-new-tokens must be >= 0, got {self.max_new_tokens}")
 
@@ -42,12 +67,24 @@ def sampling_settings(checkpoint_config: dict, **options) -> tuple[SamplingConfi
     stored = checkpoint_config.get("generation") or {}
     template = stored.get("prompt_template", "{prompt}")
     defaults = {k: v for k, v in stored.items() if k in SamplingConfig.__dataclass_fields__}
-    return SamplingConfig(**(defaults | {k: v for k, v in options.items() if v is not None})), template
+    cfg = SamplingConfig(**(defaults | {k: v for k, v in options.items() if v is not None}))
+    cfg.stop = tuple(cfg.stop)
+    return cfg, template
 
 
 def apply_template(template: str, prompt: str) -> str:
     """The prompt wrapped in the model's template; an empty prompt stays empty (the start of a document)."""
     return template.replace("{prompt}", prompt) if prompt else prompt
+
+
+# --- logits processing ---------------------------------------------------------------------------------------------
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """Divide positive logits (multiply negative ones) of the tokens already seen (a (B, vocab) bool mask)."""
+    if penalty == 1.0:
+        return logits
+    penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalized, logits)
 
 
 def apply_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
@@ -68,108 +105,276 @@ def apply_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
-def sample_next(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None) -> torch.Tensor:
-    """One token id per row of logits (B, vocab)."""
+def apply_min_p(logits: torch.Tensor, min_p: float) -> torch.Tensor:
+    """Keep the tokens whose probability is at least min_p times the largest (p >= min_p * p_max)."""
+    if min_p <= 0.0:
+        return logits
+    threshold = logits.max(dim=-1, keepdim=True).values + float(np.log(min_p))  # in log space: no softmax needed
+    return logits.masked_fill(logits < threshold, float("-inf"))
+
+
+def sample_next(logits: torch.Tensor, cfg: SamplingConfig, generator=None, seen: torch.Tensor | None = None
+                ) -> torch.Tensor:
+    """One token id per row of logits (B, vocab). generator: one torch.Generator, or a list of one per row."""
+    if seen is not None:
+        logits = apply_repetition_penalty(logits, seen, cfg.repetition_penalty)
     if cfg.temperature == 0:
         return logits.argmax(dim=-1)
-    logits = apply_top_p(apply_top_k(logits / cfg.temperature, cfg.top_k), cfg.top_p)
-    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
+    logits = apply_min_p(apply_top_p(apply_top_k(logits / cfg.temperature, cfg.top_k), cfg.top_p), cfg.min_p)
+    probs = logits.softmax(dim=-1)
+    if isinstance(generator, (list, tuple)):  # each row its own stream of random numbers
+        return torch.cat([torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(generator)])
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
+
+def row_generator(seed: int, prompt: list[int], sample: int) -> torch.Generator:
+    """The random numbers of sample number `sample` of a prompt: the same whatever the batch around it."""
+    key = zlib.crc32(np.asarray(prompt, dtype=np.int64).tobytes())
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, key, sample]).generate_state(1)[0]))
+
+
+# --- decoding ------------------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def generate_tokens(model: Transformer, prompt: list[int], cfg: SamplingConfig, stop_token: int | None = None,
-                    use_cache: bool = True) -> Iterator[torch.Tensor]:
-    """Yield the next token of each of cfg.num_samples samples (a (B,) tensor) per step.
+def decode_rows(model: Transformer, rows: list[list[int]], cfg: SamplingConfig, generators=None,
+                stop_token: int | None = None, finished: torch.Tensor | None = None, use_cache: bool = True
+                ) -> Iterator[torch.Tensor]:
+    """Yield the next token of every row (a (B,) tensor) per step, the rows left-padded into one batch.
 
-    Stops after cfg.max_new_tokens, at the end of the context, or when every sample has produced stop_token
-    (a finished sample keeps yielding stop_token).
+    Row b stops after cfg.max_new_tokens, at the end of the context, at stop_token, or when the caller sets
+    finished[b]; a finished row keeps yielding stop_token (or its last token). Ends when every row is finished.
     """
     context = model.config.context
-    if not 0 < len(prompt) < context:
-        raise ValueError(f"prompt of {len(prompt)} tokens must be 1..{context - 1}")
-    steps = min(cfg.max_new_tokens, context - len(prompt))
-    generator = torch.Generator().manual_seed(cfg.seed) if cfg.seed is not None else None
-    tokens = torch.tensor([prompt] * cfg.num_samples, dtype=torch.long)
-    finished = torch.zeros(cfg.num_samples, dtype=torch.bool)
+    lengths = [len(r) for r in rows]
+    if not all(0 < n < context for n in lengths):
+        raise ValueError(f"prompts of {lengths} tokens must be 1..{context - 1}")
+    longest = max(lengths)
+    device = model.token_embedding.weight.device
+    limits = torch.tensor([min(cfg.max_new_tokens, context - n) for n in lengths], device=device)
+    steps = int(limits.max())
+    B = len(rows)
+    finished = finished if finished is not None else torch.zeros(B, dtype=torch.bool)
+    finished |= limits == 0
+    if steps == 0:
+        return
+    fill = stop_token if stop_token is not None else 0
+    tokens = torch.tensor([[fill] * (longest - n) + r for r, n in zip(rows, lengths)], dtype=torch.long,
+                          device=device)
+    pad = None if min(lengths) == longest else torch.tensor([longest - n for n in lengths], device=device)
+    seen = None
+    if cfg.repetition_penalty != 1.0:
+        seen = torch.zeros(B, model.config.vocab_size, dtype=torch.bool, device=device)
+        for b, r in enumerate(rows):
+            seen[b, r] = True
     if use_cache:
-        model.setup_kv_cache(cfg.num_samples, len(prompt) + steps)
+        model.setup_kv_cache(B, longest + steps)
     try:
-        logits = model(tokens)[:, -1]
+        logits = model(tokens, pad=pad, last_only=True)[:, -1]
         for step in range(steps):
-            next_token = sample_next(logits.float(), cfg, generator)
+            next_token = sample_next(logits.float(), cfg, generators, seen)
             if stop_token is not None:
                 next_token = next_token.masked_fill(finished, stop_token)
                 finished |= next_token == stop_token
+            finished |= limits <= step + 1
             yield next_token
-            if finished.all() or step == steps - 1:
+            if finished.all():
                 break
+            if seen is not None:
+                seen.scatter_(1, next_token[:, None], True)
             if use_cache:
-                logits = model(next_token[:, None], pos=len(prompt) + step)[:, -1]
+                logits = model(next_token[:, None], pos=longest + step, pad=pad)[:, -1]
             else:
                 tokens = torch.cat([tokens, next_token[:, None]], dim=1)
-                logits = model(tokens)[:, -1]
+                logits = model(tokens, pad=pad, last_only=True)[:, -1]
     finally:
         model.clear_kv_cache()
 
 
-class TextStream:
-    """Turns token ids arriving one at a time into text, never splitting a UTF-8 character."""
+def generate_tokens(model: Transformer, prompt: list[int], cfg: SamplingConfig, stop_token: int | None = None,
+                    use_cache: bool = True) -> Iterator[torch.Tensor]:
+    """cfg.num_samples samples of one prompt: the next token of each (a (B,) tensor) per step."""
+    generator = torch.Generator().manual_seed(cfg.seed) if cfg.seed is not None else None
+    yield from decode_rows(model, [prompt] * cfg.num_samples, cfg, generator, stop_token, use_cache=use_cache)
 
-    def __init__(self, tokenizer: Tokenizer):
-        self.tokenizer = tokenizer
+
+# --- text ----------------------------------------------------------------------------------------------------------
+
+class TextStream:
+    """Turns token ids arriving one at a time into text that is safe to print.
+
+    Never splits a UTF-8 character, and holds back text that could be the start of a stop string; `stopped` is set
+    once a stop string appears (it and what follows are never returned). `after`: the token before the first one
+    pushed (the prompt's last), so that the first word keeps its leading space.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, stop: tuple[str, ...] = (), after: int | None = None):
+        self.tokenizer, self.stop = tokenizer, stop
+        self.prefix = [after] if after is not None else []
+        self.skip = len(tokenizer.decode(self.prefix))
         self.ids: list[int] = []
-        self.emitted = 0  # characters of decode(ids) already returned
+        self.emitted = 0  # characters of the text already returned
+        self.stopped = False
+
+    def text(self) -> str:
+        return self.tokenizer.decode(self.prefix + self.ids)[self.skip:]
 
     def push(self, token: int) -> str:
         self.ids.append(token)
-        text = self.tokenizer.decode(self.ids)
+        text = self.text()
         if text.endswith("\ufffd"):  # an incomplete byte sequence; wait for the rest of the character
             return ""
-        new, self.emitted = text[self.emitted:], len(text)
+        end = len(text)
+        for s in self.stop:
+            found = text.find(s, max(0, self.emitted - len(s)))
+            if found != -1 and found < end:
+                end, self.stopped = found, True
+        if not self.stopped:  # hold back the longest end of the text that begins a stop string
+            held = max((k for s in self.stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+            end = len(text) - held
+        new, self.emitted = text[self.emitted:end], max(self.emitted, end)
         return new
 
     def flush(self) -> str:
-        text = self.tokenizer.decode(self.ids)
+        """The rest of the text at the end of generation (nothing more once a stop string was seen)."""
+        if self.stopped:
+            return ""
+        text = self.text()
         new, self.emitted = text[self.emitted:], len(text)
         return new
 
 
-def encode_prompt(tokenizer: Tokenizer, prompt: str, context: int, truncate: bool) -> list[int]:
+def encode_prompt(tokenizer: Tokenizer, prompt: str, context: int, truncate: bool, log=None) -> list[int]:
     """The prompt's ids after an end-of-text token (the start of a document), fitted into the context."""
     start = [tokenizer.end_of_text] if tokenizer.end_of_text is not None else []
     ids = start + tokenizer.encode(prompt)
+    if not ids:
+        raise LLMError("the prompt is empty and the tokenizer has no end-of-text token to start from")
     if len(ids) >= context:
         if not truncate:
             raise LLMError(f"the prompt is {len(ids)} tokens but the model's context is {context}; "
                            f"shorten it or pass --truncate to keep its last {context - 1} tokens")
+        if log:
+            log(f"the prompt is {len(ids)} tokens; keeping its last {context - 1} (the context is {context})")
         ids = ids[-(context - 1):]
     return ids
 
 
-def generate_text(model: Transformer, tokenizer: Tokenizer, prompts: Iterator[str], cfg: SamplingConfig,
-                  truncate: bool = False, out: TextIO = sys.stdout, log=None):
-    """Write samples for each prompt to out: streamed when there is one sample; else each sample followed by a
-    line `<|endoftext|>`."""
+@dataclass
+class Sample:
+    """One sample of one prompt, and what happened while it was generated."""
+    prompt: str
+    index: int  # of the prompt in the input
+    sample: int  # number of the sample of this prompt
+    ids: list[int]  # the prompt's tokens
+    text: str = ""
+    new_tokens: int = 0
+    finish_reason: str = "length"  # stop, length or eos
+    time_to_first_token_s: float = 0.0
+    decode_s: float = 0.0  # from the first token to the last
+    stream: TextStream | None = field(default=None, repr=False)
+
+    def record(self, load_s: float | None = None) -> dict:
+        rate = (self.new_tokens - 1) / self.decode_s if self.new_tokens > 1 and self.decode_s > 0 else None
+        return {"prompt": self.prompt, "index": self.index, "sample": self.sample, "text": self.text,
+                "prompt_tokens": len(self.ids), "new_tokens": self.new_tokens, "finish_reason": self.finish_reason,
+                "load_s": None if load_s is None else round(load_s, 4),
+                "time_to_first_token_s": round(self.time_to_first_token_s, 4),
+                "tokens_per_s": None if rate is None else round(rate, 2)}
+
+
+def generate_samples(model: Transformer, tokenizer: Tokenizer, prompts: Iterable[str], cfg: SamplingConfig,
+                     truncate: bool = False, log=None, on_text: Callable[[Sample, str], None] | None = None
+                     ) -> Iterator[Sample]:
+    """Every sample of every prompt, finished, in input order; prompts x samples decode cfg.batch_size at a time.
+
+    on_text(sample, text) is called with each piece of text as soon as it is safe to print.
+    """
     cfg.check()
-    for prompt in prompts:
-        ids = encode_prompt(tokenizer, prompt, model.config.context, truncate)
-        if log and len(ids) + cfg.max_new_tokens > model.config.context:
-            log(f"the context ({model.config.context} tokens) leaves room for {model.config.context - len(ids)} "
-                "new tokens")
-        streams = [TextStream(tokenizer) for _ in range(cfg.num_samples)]
-        done = [False] * cfg.num_samples
-        for step_tokens in generate_tokens(model, ids, cfg, stop_token=tokenizer.end_of_text):
-            for i, token in enumerate(step_tokens.tolist()):
-                done[i] = done[i] or token == tokenizer.end_of_text
-                if done[i]:
-                    continue
-                text = streams[i].push(token)
-                if cfg.num_samples == 1 and text:
-                    out.write(text)
-                    out.flush()
-        if cfg.num_samples == 1:
-            out.write(streams[0].flush() + "\n")
+    seed = cfg.seed if cfg.seed is not None else int.from_bytes(os.urandom(4), "little")
+    context = model.config.context
+    warned = False
+
+    def rows() -> Iterator[Sample]:
+        nonlocal warned
+        for index, prompt in enumerate(prompts):
+            ids = encode_prompt(tokenizer, prompt, context, truncate, log)
+            if log and not warned and len(ids) + cfg.max_new_tokens > context:
+                log(f"the context ({context} tokens) leaves room for {context - len(ids)} new tokens")
+                warned = True
+            for k in range(cfg.num_samples):
+                yield Sample(prompt, index, k, ids)
+
+    batch: list[Sample] = []
+    for sample in rows():
+        batch.append(sample)
+        if len(batch) == cfg.batch_size:
+            yield from _generate_batch(model, tokenizer, batch, cfg, seed, on_text)
+            batch = []
+    if batch:
+        yield from _generate_batch(model, tokenizer, batch, cfg, seed, on_text)
+
+
+def _generate_batch(model, tokenizer, batch: list[Sample], cfg: SamplingConfig, seed: int, on_text):
+    eos = tokenizer.end_of_text
+    for s in batch:
+        s.stream = TextStream(tokenizer, cfg.stop, after=s.ids[-1])
+    generators = [row_generator(seed, s.ids, s.sample) for s in batch]
+    finished = torch.zeros(len(batch), dtype=torch.bool)
+    done = [False] * len(batch)
+    start = time.perf_counter()
+    first = None
+    for tokens in decode_rows(model, [s.ids for s in batch], cfg, generators, eos, finished):
+        now = time.perf_counter()
+        if first is None:
+            first = now
+        for b, token in enumerate(tokens.tolist()):
+            if done[b]:
+                continue
+            s = batch[b]
+            if token == eos:
+                s.finish_reason, done[b] = "eos", True
+            else:
+                s.new_tokens += 1
+                text = s.stream.push(token)
+                if text and on_text:
+                    on_text(s, text)
+                if s.stream.stopped:
+                    s.finish_reason, done[b] = "stop", True
+                    finished[b] = True  # tell the decoder to stop this row
+                elif finished[b]:
+                    done[b] = True  # its length limit
+            if done[b]:
+                s.time_to_first_token_s, s.decode_s = first - start, now - first
+    for b, s in enumerate(batch):
+        if not done[b]:  # no new tokens at all (no room in the context, or --max-new-tokens 0)
+            s.time_to_first_token_s = (first or time.perf_counter()) - start
+        rest = s.stream.flush()
+        if rest and on_text:
+            on_text(s, rest)
+        s.text = s.stream.text()[:s.stream.emitted]
+        yield s
+
+
+def generate_text(model: Transformer, tokenizer: Tokenizer, prompts: Iterable[str], cfg: SamplingConfig,
+                  truncate: bool = False, out: TextIO = sys.stdout, log=None, as_json: bool = False,
+                  load_s: float | None = None):
+    """Write the samples of the prompts to out.
+
+    One prompt and one sample: the text streamed as it is produced, then a newline. Several: each sample's text
+    followed by a line `<|endoftext|>`, in input order. as_json: one JSON object a sample.
+    """
+    prompts = list(prompts)
+    stream = len(prompts) == 1 and cfg.num_samples == 1 and not as_json
+
+    def write(sample, text):
+        out.write(text)
+        out.flush()
+
+    for sample in generate_samples(model, tokenizer, prompts, cfg, truncate, log, write if stream else None):
+        if as_json:
+            out.write(json.dumps(sample.record(load_s), ensure_ascii=False) + "\n")
+        elif stream:
+            out.write("\n")
         else:
-            for stream in streams:
-                out.write(tokenizer.decode(stream.ids) + "\n<|endoftext|>\n")
+            out.write(sample.text + "\n" + SEPARATOR + "\n")
         out.flush()

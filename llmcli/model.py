@@ -124,7 +124,8 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x: torch.Tensor, pos: int = 0, rope: tuple | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, pos: int = 0, rope: tuple | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.qkv(x).split([self.n_head * self.head_dim] + [self.n_kv_head * self.head_dim] * 2, dim=2)
         # (B, T, heads * head_dim) -> (B, heads, T, head_dim)
@@ -134,7 +135,9 @@ class CausalSelfAttention(nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if self.kv_cache is not None:
             k, v = self.kv_cache.update(pos, k, v)
-        if T == 1:
+        if mask is not None:  # given by the caller: left-padded rows of a batch
+            is_causal = False
+        elif T == 1:
             mask, is_causal = None, False  # one new token may look at every cached position
         elif pos == 0:
             mask, is_causal = None, True
@@ -175,8 +178,9 @@ class Block(nn.Module):
         self.norm_2 = make_norm(config)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, pos: int = 0, rope: tuple | None = None) -> torch.Tensor:
-        x = x + self.attn(self.norm_1(x), pos, rope)
+    def forward(self, x: torch.Tensor, pos: int = 0, rope: tuple | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.norm_1(x), pos, rope, mask)
         return x + self.mlp(self.norm_2(x))
 
 
@@ -229,22 +233,42 @@ class Transformer(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def forward(self, idx: torch.Tensor, pos: int = 0) -> torch.Tensor:
-        """Logits (B, T, vocab) for token ids idx (B, T) that sit at positions pos..pos+T of the sequence."""
+    def forward(self, idx: torch.Tensor, pos: int = 0, pad: torch.Tensor | None = None,
+                last_only: bool = False) -> torch.Tensor:
+        """Logits (B, T, vocab) for token ids idx (B, T) that sit at positions pos..pos+T of the sequence.
+
+        pad (B,): rows of a batch are left-padded by pad[b] tokens; their positions start after the padding and no
+        token attends to padding. last_only: logits of the last position only (B, 1, vocab), as sampling needs.
+        """
         T = idx.size(1)
-        if pos + T > self.config.context:
-            raise ValueError(f"sequence of {pos + T} tokens is longer than the context ({self.config.context})")
+        mask = None
+        if pad is None:
+            if pos + T > self.config.context:
+                raise ValueError(f"sequence of {pos + T} tokens is longer than the context ({self.config.context})")
+            positions = torch.arange(pos, pos + T, device=idx.device)
+        else:
+            slots = torch.arange(pos + T, device=idx.device)
+            # finished rows of a batch may run past the context; their outputs are ignored
+            positions = (slots[pos:] - pad[:, None]).clamp(0, self.config.context - 1)  # (B, T)
+            keys, queries = slots[None, None, :], slots[pos:, None]
+            # a padding query sees itself only, so that no row of the softmax is empty (NaN)
+            mask = (keys <= queries) & ((keys >= pad[:, None, None]) | (keys == queries))
+            mask = mask[:, None]  # (B, 1, T, pos + T)
         x = self.token_embedding(idx)
         rope = None
         if self.config.positions == "learned":
-            x = x + self.position_embedding(torch.arange(pos, pos + T, device=idx.device))
+            x = x + self.position_embedding(positions)
         elif self.config.positions == "sinusoidal":
-            x = x + self.position_table[pos:pos + T]
+            x = x + self.position_table[positions]
         else:
-            rope = (self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T])
+            rope = (self.rope_cos[positions], self.rope_sin[positions])
+            if pad is not None:  # (B, T, D) -> (B, 1, T, D): the same angles for every head
+                rope = (rope[0][:, None], rope[1][:, None])
         x = self.dropout(x)
         for block in self.blocks:
-            x = block(x, pos, rope)
+            x = block(x, pos, rope, mask)
+        if last_only:
+            x = x[:, -1:]
         x = self.norm_f(x)
         if self.config.tie_embeddings:
             return F.linear(x, self.token_embedding.weight)  # the output head shares the embedding matrix

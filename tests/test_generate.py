@@ -1,0 +1,183 @@
+"""`llm generate` through the CLI: controls, batching, stop strings, JSON lines, determinism; `llm chat`."""
+
+import json
+
+import pytest
+import torch
+from conftest import run_cli
+
+from llmcli.generate import SamplingConfig, TextStream, apply_min_p, apply_repetition_penalty, decode_rows
+
+PROMPTS = ["ROMEO:", "JULIET: O Romeo, Romeo, wherefore art thou", "", "KING HENRY: Once more unto the breach"]
+
+
+def _json_lines(result):
+    assert result.returncode == 0, result.stderr
+    return [json.loads(line) for line in result.stdout.splitlines()]
+
+
+def test_min_p_and_repetition_penalty():
+    logits = torch.tensor([[0.0, -1.0, -3.0, 2.0]])  # probabilities relative to the best: e^-2, e^-3, e^-5, 1
+    kept = torch.isfinite(apply_min_p(logits, 0.1)).tolist()  # e^-2 = 0.135 >= 0.1 > e^-3
+    assert kept == [[True, False, False, True]]
+    seen = torch.tensor([[True, True, False, True]])
+    assert apply_repetition_penalty(logits, seen, 2.0).tolist() == [[0.0, -2.0, -3.0, 1.0]]
+
+
+def test_text_stream_holds_back_a_stop_string_split_across_tokens(nano_checkpoint):
+    from llmcli.tokenizer import Tokenizer
+
+    tok = Tokenizer(nano_checkpoint)
+    text = "the king is dead, long live the king"
+    ids = tok.encode(text)
+    assert len(ids) > 6
+    stream = TextStream(tok, stop=("long live",))
+    pieces = []
+    for i in ids:
+        pieces.append(stream.push(i))
+        assert len("".join(pieces)) <= len("the king is dead, ")  # no part of the stop string printed
+        if stream.stopped:
+            break
+    assert stream.stopped and "".join(pieces) + stream.flush() == "the king is dead, "
+    # without the stop string, a held-back partial match is printed once it is known not to be one
+    stream = TextStream(tok, stop=("dead, short",))
+    assert "".join(stream.push(i) for i in ids) + stream.flush() == text
+
+
+def test_batched_greedy_equals_each_prompt_alone(nano_checkpoint):
+    """Left padding with an attention mask: every row of a batch gives what its prompt gives alone."""
+    from llmcli.checkpoint import load_checkpoint
+    from llmcli.generate import encode_prompt
+
+    model, tok, _ = load_checkpoint(nano_checkpoint)
+    rows = [encode_prompt(tok, p, model.config.context, False) for p in PROMPTS]
+    assert len({len(r) for r in rows}) > 2  # really padded
+    for use_cache in (True, False):
+        cfg = SamplingConfig(max_new_tokens=20, temperature=0.0)
+        batched = torch.stack(list(decode_rows(model, rows, cfg, use_cache=use_cache)), dim=1)
+        for b, row in enumerate(rows):
+            alone = torch.stack(list(decode_rows(model, [row], cfg)), dim=1)[0]
+            assert torch.equal(batched[b], alone), (b, use_cache)
+    # and the logits themselves agree, not just their argmax
+    pad = torch.tensor([max(map(len, rows)) - len(r) for r in rows])
+    padded = torch.tensor([[0] * int(p) + r for p, r in zip(pad, rows)])
+    with torch.no_grad():
+        batch_logits = model(padded, pad=pad)
+        for b, row in enumerate(rows):
+            torch.testing.assert_close(batch_logits[b, int(pad[b]):], model(torch.tensor([row]))[0],
+                                       rtol=1e-4, atol=1e-4)
+
+
+def test_cli_batched_outputs_equal_single_runs_and_seed_is_batch_independent(nano_checkpoint, tmp_path):
+    m = ("-m", nano_checkpoint, "--max-new-tokens", "12", "--json")
+    jsonl = "".join(json.dumps({"prompt": p, "id": i}) + "\n" for i, p in enumerate(PROMPTS))
+    for sampling in (("--temperature", "0"), ("--temperature", "1.0", "--seed", "5")):
+        batch = _json_lines(run_cli("generate", "-", "--input-format", "jsonl", *m, *sampling, input=jsonl))
+        assert [r["prompt"] for r in batch] == PROMPTS and [r["index"] for r in batch] == [0, 1, 2, 3]
+        one_by_one = _json_lines(run_cli("generate", "-", "--input-format", "jsonl", *m, *sampling,
+                                         "--batch-size", "1", input=jsonl))
+        assert [r["text"] for r in batch] == [r["text"] for r in one_by_one]
+    alone = _json_lines(run_cli("generate", PROMPTS[1], *m, "--temperature", "1.0", "--seed", "5"))
+    assert alone[0]["text"] == batch[1]["text"]
+    # several samples: sample 0 of -n 3 is the sample of -n 1, and the samples differ
+    three = _json_lines(run_cli("generate", PROMPTS[1], *m, "--temperature", "1.0", "--seed", "5", "-n", "3"))
+    assert three[0]["text"] == alone[0]["text"] and len({r["text"] for r in three}) > 1
+    r = batch[0]
+    assert r["finish_reason"] in ("length", "eos") and r["prompt_tokens"] > 1 and 0 < r["new_tokens"] <= 12
+    assert r["load_s"] > 0 and r["time_to_first_token_s"] > 0 and r["tokens_per_s"] > 0
+
+
+def test_cli_stop_string_split_across_tokens_is_never_printed(nano_checkpoint):
+    from llmcli.tokenizer import Tokenizer
+
+    tok = Tokenizer(nano_checkpoint)
+    args = ("generate", "KING:", "-m", nano_checkpoint, "--max-new-tokens", "40", "--seed", "2", "--temperature",
+            "1.0")
+    full = run_cli(*args)
+    assert full.returncode == 0, full.stderr
+    text = full.stdout[:-1]
+    ids = tok.encode(text)
+    # a stop string that straddles the boundary between two tokens in the middle of the text
+    for k in range(len(ids) // 2, len(ids)):
+        cut = len(tok.decode(ids[:k]))
+        stop = text[cut - 2:cut + 2]
+        if len(stop) == 4 and stop.strip() and text.find(stop) == cut - 2:
+            break
+    else:
+        pytest.skip("no token boundary with a clean stop string in this sample")
+    stopped = run_cli(*args, "--stop", "zzzq", "--stop", stop)
+    assert stopped.returncode == 0, stopped.stderr
+    assert stopped.stdout == text[:cut - 2] + "\n"
+    record = _json_lines(run_cli(*args, "--stop", stop, "--json"))[0]
+    assert record["finish_reason"] == "stop" and record["text"] == text[:cut - 2]
+
+
+def test_cli_plain_output_of_several_samples_and_length_at_the_context(nano_checkpoint):
+    several = run_cli("generate", "-", "-m", nano_checkpoint, "--max-new-tokens", "5", "-n", "2",
+                      input="To be\nKING:\n")
+    assert several.returncode == 0, several.stderr
+    assert several.stdout.count("<|endoftext|>\n") == 4
+    # --max-new-tokens past the context: stops at the context, finish reason length (nano context: 64)
+    long_prompt = "the " * 50
+    r = _json_lines(run_cli("generate", long_prompt, "-m", nano_checkpoint, "--max-new-tokens", "1000",
+                            "--temperature", "0", "--json", "--repetition-penalty", "1.3", "--min-p", "0.05"))[0]
+    assert r["prompt_tokens"] + r["new_tokens"] == 64 or r["finish_reason"] == "eos"
+    if r["finish_reason"] != "eos":
+        assert r["finish_reason"] == "length"
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--min-p", "1.5"), "--min-p"), (("--repetition-penalty", "0"), "--repetition-penalty"),
+    (("--top-k", "-1"), "--top-k"), (("--input-format", "csv"), "--input-format"), (("--stop", ""), "--stop")])
+def test_cli_bad_settings_say_one_line(nano_checkpoint, args, message):
+    result = run_cli("generate", "hi", "-m", nano_checkpoint, *args)
+    assert result.returncode == 1 and result.stderr.startswith("llm: error:") and message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_cli_jsonl_input_errors(nano_checkpoint):
+    result = run_cli("generate", "-", "--input-format", "jsonl", "-m", nano_checkpoint, input='{"prompt": "a"}\n[1]\n')
+    assert result.returncode == 1 and "line 2" in result.stderr and "prompt" in result.stderr
+
+
+def test_chat_repl_through_stdin(nano_checkpoint, tmp_path):
+    session = "ROMEO:\n/reset\nJULIET:\n/exit\nnever read\n"
+    result = run_cli("chat", "-m", nano_checkpoint, "--max-new-tokens", "8", "--temperature", "0", input=session)
+    assert result.returncode == 0, result.stderr
+    assert "no chat template" in result.stderr and "conversation cleared" in result.stderr
+    replies = result.stdout.split("\n")
+    # two replies, each streamed then ended by a newline; greedy, and after /reset the history is empty, so the
+    # second reply is what `generate` gives for the prompt alone
+    alone = run_cli("generate", "JULIET:", "-m", nano_checkpoint, "--max-new-tokens", "8", "--temperature", "0")
+    assert result.stdout.endswith(alone.stdout)
+    assert len(replies) >= 3
+    # Ctrl-D (end of input) leaves quietly; the history is trimmed to the context and said so
+    long = "".join(f"the king and the queen {i}\n" for i in range(8))
+    trimmed = run_cli("chat", "-m", nano_checkpoint, "--max-new-tokens", "8", "--temperature", "0", input=long)
+    assert trimmed.returncode == 0, trimmed.stderr
+    assert "dropped the" in trimmed.stderr and "oldest messages" in trimmed.stderr
+
+
+def test_chat_uses_the_checkpoint_chat_template(nano_checkpoint, tmp_path):
+    import shutil
+
+    import yaml
+
+    from llmcli.chat import render
+
+    template = {"system": "[S] {content}\n", "user": "[U] {content}\n", "assistant": "[A] {content}\n",
+                "assistant_prefix": "[A] "}
+    messages = [{"role": "system", "content": "be {brief}"}, {"role": "user", "content": "hi"}]
+    assert render(template, messages) == "[S] be {brief}\n[U] hi\n[A] "
+    assert render(None, messages) == "be {brief}\nhi"
+    ckpt = tmp_path / "templated"
+    shutil.copytree(nano_checkpoint, ckpt)
+    config = yaml.safe_load((ckpt / "config.yaml").read_text())
+    config.setdefault("generation", {})["chat_template"] = template
+    (ckpt / "config.yaml").write_text(yaml.safe_dump(config))
+    args = ("-m", ckpt, "--max-new-tokens", "8", "--temperature", "0")
+    chat = run_cli("chat", *args, input="ROMEO:\n")
+    assert chat.returncode == 0 and "no chat template" not in chat.stderr, chat.stderr
+    direct = run_cli("generate", "[U] ROMEO:\n[A] ", *args, "--stop", "[U] ")
+    assert chat.stdout == direct.stdout
+    assert run_cli("generate", "ROMEO:", "--chat", *args).stdout == direct.stdout
