@@ -1,0 +1,150 @@
+"""Decoding speed: `llm`'s generation against transformers' `generate` on the same weights, side by side.
+
+    python benchmarks/generate.py [--shapes small,gpt2] [--batches 1,8] [--prompts 16,512] [--new-tokens 32]
+                                  [--repeats 3] [--profile]
+
+For each shape (random weights), batch size and prompt length it builds our Transformer, copies its weights into
+transformers' GPT2LMHeadModel (the renaming of llmcli.hf's export), and times greedy decoding of both, alternating
+them: time to first token (the prompt's prefill and one token) and decode tokens/s (new tokens after the first, over
+the time after the first). Ours is llmcli.generate.decode_rows, the loop `llm generate` runs; theirs is
+`model.generate(do_sample=False)` with the KV cache. Medians over --repeats runs; the ratio is ours / theirs.
+
+The floor: at batch 1 a decode step reads every weight once (the tied embedding once, as the output head), so
+time per token >= weight bytes / memory read bandwidth (measured here with torch.sum over a 512 MB tensor). The
+table prints the floor in tokens/s and our time per token as a multiple of it. --profile prints torch.profiler's
+table of one batch-1 decode step of the last shape.
+"""
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from llmcli.generate import SamplingConfig, decode_rows  # noqa: E402
+from llmcli.hf import export_family, hf_config_for, hf_parts, is_conv1d, part_rows  # noqa: E402
+from llmcli.model import ModelConfig, Transformer  # noqa: E402
+
+# name: (layers, heads, width, vocab); the context is made long enough for the longest prompt
+SHAPES = {"small": (6, 6, 384, 4096), "gpt2": (12, 12, 768, 50257), "nano": (2, 2, 64, 512)}
+
+
+def read_bandwidth() -> float:
+    """Bytes/s that torch.sum streams from memory (best of a few), the bound of a decode step at batch 1."""
+    x = torch.ones(128 * 1024 * 1024)  # 512 MB: far larger than the caches
+    best = float("inf")
+    for _ in range(4):
+        started = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - started)
+    return x.numel() * 4 / best
+
+
+def hf_twin(model: Transformer):
+    """transformers' GPT-2 with our model's weights (as `llm export --format hf` writes them)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = model.config
+    family = export_family(config)
+    tensors = {}
+    for name, tensor in model.state_dict().items():
+        rows = part_rows(family, config, name) or [tensor.size(0)]
+        for hf_name, part in zip(hf_parts(family, name), tensor.split(rows)):
+            tensors[hf_name] = (part.t() if is_conv1d(family, name, tensor.ndim) else part).contiguous()
+    hf = GPT2LMHeadModel(GPT2Config(**hf_config_for(family, config, None))).eval()
+    missing, unexpected = hf.load_state_dict(tensors, strict=False)
+    assert not unexpected and all(m == "lm_head.weight" or m.endswith("attn.bias") for m in missing), missing
+    hf.tie_weights()  # the output head is the token embedding, as ours
+    assert hf.lm_head.weight.data_ptr() == hf.transformer.wte.weight.data_ptr()
+    return hf
+
+
+def time_ours(model, prompt: torch.Tensor, new_tokens: int) -> tuple[float, float]:
+    cfg = SamplingConfig(max_new_tokens=new_tokens, temperature=0.0)
+    started = time.perf_counter()
+    first = None
+    for _ in decode_rows(model, prompt.tolist(), cfg):
+        if first is None:
+            first = time.perf_counter()
+    end = time.perf_counter()
+    return first - started, prompt.size(0) * (new_tokens - 1) / (end - first)
+
+
+@torch.no_grad()
+def time_hf(hf, prompt: torch.Tensor, new_tokens: int) -> tuple[float, float]:
+    def run(n):
+        started = time.perf_counter()
+        out = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, min_new_tokens=n,
+                          do_sample=False, pad_token_id=0, eos_token_id=None)
+        assert out.size(1) == prompt.size(1) + n
+        return time.perf_counter() - started
+
+    first = run(1)
+    total = run(new_tokens)
+    return first, prompt.size(0) * (new_tokens - 1) / (total - first)
+
+
+def profile_step(model, new_tokens: int):
+    from torch.profiler import ProfilerActivity, profile
+
+    cfg = SamplingConfig(max_new_tokens=new_tokens, temperature=0.0)
+    prompt = [[1] * 16]
+    steps = decode_rows(model, prompt, cfg)
+    for _ in range(4):
+        next(steps)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        next(steps)
+    steps.close()
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shapes", default="small,gpt2")
+    parser.add_argument("--batches", default="1,8")
+    parser.add_argument("--prompts", default="16,512")
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--profile", action="store_true")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    bandwidth = read_bandwidth()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, read bandwidth {bandwidth / 1e9:.1f} GB/s")
+    header = (f"{'shape':>6} {'params':>7} {'batch':>5} {'prompt':>6} | {'ours tok/s':>10} {'HF tok/s':>9} "
+              f"{'ratio':>6} | {'ours TTFT':>9} {'HF TTFT':>8} | {'floor tok/s':>11} {'x floor':>7}")
+    print(header)
+    print("-" * len(header))
+    for shape in args.shapes.split(","):
+        layers, heads, width, vocab = SHAPES[shape]
+        longest = max(int(p) for p in args.prompts.split(","))
+        config = ModelConfig(n_layer=layers, n_head=heads, n_embd=width, vocab_size=vocab,
+                             context=max(1024, longest + args.new_tokens))
+        model = Transformer(config).eval()
+        hf = hf_twin(model)
+        weight_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
+                           if n != "position_embedding.weight")  # one row of the position table is read
+        floor = bandwidth / weight_bytes  # tokens/s at batch 1
+        for batch in (int(b) for b in args.batches.split(",")):
+            for length in (int(p) for p in args.prompts.split(",")):
+                prompt = torch.randint(0, vocab, (batch, length))
+                ours, theirs = [], []
+                time_ours(model, prompt[:, :4], 3)  # warm up both
+                time_hf(hf, prompt[:, :4], 3)
+                for _ in range(args.repeats):  # alternate, so that a slow stretch of a shared machine hits both
+                    ours.append(time_ours(model, prompt, args.new_tokens))
+                    theirs.append(time_hf(hf, prompt, args.new_tokens))
+                o_rate, h_rate = (statistics.median(r for _, r in runs) for runs in (ours, theirs))
+                o_first, h_first = (statistics.median(f for f, _ in runs) for runs in (ours, theirs))
+                multiple = f"{floor / (o_rate / batch):7.2f}" if batch == 1 else f"{'':>7}"
+                print(f"{shape:>6} {model.num_params() / 1e6:6.1f}M {batch:>5} {length:>6} | {o_rate:10.1f} "
+                      f"{h_rate:9.1f} {o_rate / h_rate:5.2f}x | {o_first * 1e3:7.1f}ms {h_first * 1e3:6.1f}ms | "
+                      f"{floor:11.1f} {multiple}", flush=True)
+    if args.profile:
+        profile_step(model, 8)
+
+
+if __name__ == "__main__":
+    main()
