@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from llmcli.generate import SamplingConfig, decode_rows  # noqa: E402
+from llmcli.generate import SamplingConfig, decode_rows, decoding_layout  # noqa: E402
 from llmcli.hf import export_family, hf_config_for, hf_parts, is_conv1d, part_rows  # noqa: E402
 from llmcli.model import ModelConfig, Transformer  # noqa: E402
 
@@ -124,6 +124,7 @@ def main():
                              context=max(1024, longest + args.new_tokens))
         model = Transformer(config).eval()
         hf = hf_twin(model)
+        decoding_layout(model)  # as `llm generate` does, after copying the weights out
         weight_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
                            if n != "position_embedding.weight")  # one row of the position table is read
         floor = bandwidth / weight_bytes  # tokens/s at batch 1
