@@ -7,7 +7,7 @@ For each shape (random weights), batch size and prompt length it builds our Tran
 transformers' GPT2LMHeadModel (the renaming of llmcli.hf's export), and times greedy decoding of both, alternating
 them: time to first token (the prompt's prefill and one token) and decode tokens/s (new tokens after the first, over
 the time after the first). Ours is llmcli.generate.decode_rows, the loop `llm generate` runs; theirs is
-`model.generate(do_sample=False)` with the KV cache. Medians over --repeats runs; the ratio is ours / theirs.
+`model.generate(do_sample=False)` with the KV cache, timed by a logits processor that notes each token. Medians over --repeats runs; the ratio is ours / theirs.
 
 The floor: at batch 1 a decode step reads every weight once (the tied embedding once, as the output head), so
 time per token >= weight bytes / memory read bandwidth (measured here with torch.sum over a 512 MB tensor). The
@@ -75,16 +75,22 @@ def time_ours(model, prompt: torch.Tensor, new_tokens: int) -> tuple[float, floa
 
 @torch.no_grad()
 def time_hf(hf, prompt: torch.Tensor, new_tokens: int) -> tuple[float, float]:
-    def run(n):
-        started = time.perf_counter()
-        out = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, min_new_tokens=n,
-                          do_sample=False, pad_token_id=0, eos_token_id=None)
-        assert out.size(1) == prompt.size(1) + n
-        return time.perf_counter() - started
+    from transformers import LogitsProcessor, LogitsProcessorList
 
-    first = run(1)
-    total = run(new_tokens)
-    return first, prompt.size(0) * (new_tokens - 1) / (total - first)
+    calls = []
+
+    class Clock(LogitsProcessor):  # called once a token, after the forward that gives its logits
+        def __call__(self, input_ids, scores):
+            calls.append(time.perf_counter())
+            return scores
+
+    started = time.perf_counter()
+    out = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
+                      min_new_tokens=new_tokens, do_sample=False, pad_token_id=0, eos_token_id=None,
+                      logits_processor=LogitsProcessorList([Clock()]))
+    end = time.perf_counter()
+    assert out.size(1) == prompt.size(1) + new_tokens and len(calls) == new_tokens
+    return calls[0] - started, prompt.size(0) * (new_tokens - 1) / (end - calls[0])
 
 
 def profile_step(model, new_tokens: int):

@@ -325,9 +325,9 @@ def chat(
                                top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed)
     cfg.check()
     template = chat_template(config)
+    conversation = Chat(net, tok, cfg, template, system, log)
     if template is None:
         log("this model has no chat template: your messages are continued as plain text")
-    conversation = Chat(net, tok, cfg, template, system, log)
     interactive = sys.stdin.isatty()
     while True:
         if interactive:

@@ -185,3 +185,41 @@ def test_chat_uses_the_checkpoint_chat_template(nano_checkpoint, tmp_path):
     assert chat.returncode == 0 and "no chat template" not in chat.stderr, chat.stderr
     # the same as `generate --chat`, which renders the same prompt "[U] ROMEO:\n[A] " and stops at "[U] "
     assert run_cli("generate", "ROMEO:", "--chat", *args).stdout == chat.stdout
+
+
+def test_ctrl_c_stops_a_reply_and_not_the_chat(nano_checkpoint):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT
+
+    from llmcli.chat import Chat
+    from llmcli.checkpoint import load_checkpoint
+
+    model, tok, _ = load_checkpoint(nano_checkpoint)
+    chat = Chat(model, tok, SamplingConfig(max_new_tokens=20, temperature=0.0))
+    shown = []
+
+    def interrupt_after_two(text):  # Ctrl-C arrives while the reply streams
+        shown.append(text)
+        if len(shown) == 2:
+            raise KeyboardInterrupt
+
+    partial = chat.reply("ROMEO:", interrupt_after_two)
+    assert partial == "".join(shown) and chat.messages[-1] == {"role": "assistant", "content": partial}
+    assert chat.reply("JULIET:", lambda text: None)  # the conversation goes on
+
+    # Ctrl-C at the prompt of a real `llm chat`: a fresh line, not an exit
+    proc = subprocess.Popen([sys.executable, "-m", "llmcli", "chat", "-m", str(nano_checkpoint), "--max-new-tokens",
+                             "5"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert "no chat template" in proc.stderr.readline()  # loaded, about to read stdin
+    time.sleep(2)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(1)  # a Ctrl-C discards the line being read, as at a terminal: let it land first
+    out, err = proc.communicate("ROMEO:\n/reset\n", timeout=120)
+    assert proc.returncode == 0, err
+    assert "conversation cleared" in err and out.endswith("\n")  # it read on after the Ctrl-C
