@@ -225,7 +225,8 @@ def _print_summary(summary: dict):
 
 @app.command()
 def generate(
-    prompt: Annotated[str, typer.Argument(help="Prompt text; '-' reads prompts from stdin, one a line")] = "",
+    prompt: Annotated[str, typer.Argument(help="Prompt text; '-' reads prompts from stdin, one a line; with "
+                                          "--input-format jsonl, '-' or a file of JSON lines")] = "",
     model: ModelOption = None,
     max_new_tokens: Annotated[Optional[int], typer.Option(help="Most tokens to add [default: from the model]",
                                                           show_default=False)] = None,
