@@ -208,10 +208,10 @@ class Transformer(nn.Module):
         return {}
 
     @classmethod
-    def empty(cls, config: ModelConfig, device="cpu") -> "Transformer":
+    def empty(cls, config: ModelConfig, device="cpu", **kwargs) -> "Transformer":
         """A model whose weights are uninitialised memory, for a checkpoint to fill: skips the random init."""
         with torch.device("meta"):
-            model = cls(config)
+            model = cls(config, **kwargs)
         model.to_empty(device=device)
         for name, table in model.fixed_tables().items():
             getattr(model, name).copy_(table)
@@ -231,6 +231,13 @@ class Transformer(nn.Module):
 
     def forward(self, idx: torch.Tensor, pos: int = 0) -> torch.Tensor:
         """Logits (B, T, vocab) for token ids idx (B, T) that sit at positions pos..pos+T of the sequence."""
+        x = self.features(idx, pos)
+        if self.config.tie_embeddings:
+            return F.linear(x, self.token_embedding.weight)  # the output head shares the embedding matrix
+        return self.lm_head(x)
+
+    def features(self, idx: torch.Tensor, pos: int = 0) -> torch.Tensor:
+        """The final hidden states (B, T, n_embd), before the output head (a classifier puts its own head here)."""
         T = idx.size(1)
         if pos + T > self.config.context:
             raise ValueError(f"sequence of {pos + T} tokens is longer than the context ({self.config.context})")
@@ -245,10 +252,7 @@ class Transformer(nn.Module):
         x = self.dropout(x)
         for block in self.blocks:
             x = block(x, pos, rope)
-        x = self.norm_f(x)
-        if self.config.tie_embeddings:
-            return F.linear(x, self.token_embedding.weight)  # the output head shares the embedding matrix
-        return self.lm_head(x)
+        return self.norm_f(x)
 
     def setup_kv_cache(self, batch_size: int, max_len: int | None = None):
         """Give every attention layer a cache for batch_size sequences of up to max_len tokens (default: context)."""
