@@ -96,8 +96,8 @@ def print_report(result: dict):
     labels = result["labels"]
     print(f"{result['file']}: {result['examples']} examples, accuracy {result['accuracy']:.4f}, "
           f"macro F1 {result['macro_f1']:.4f}, loss {result['loss']:.4f}")
-    width = max(8, *(len(label) for label in labels))
     corner = "gold \\ predicted"
+    width = max(len(corner), *(len(label) for label in labels))
     print(f"{corner:<{width}}  " + "  ".join(f"{label:>{width}}" for label in labels))
     for label, row in zip(labels, result["confusion"]):
         print(f"{label:<{width}}  " + "  ".join(f"{count:>{width}}" for count in row))
