@@ -10,6 +10,7 @@ import math
 import torch
 import torch.nn as nn
 
+from llmcli.errors import LLMError
 from llmcli.model import ModelConfig, Transformer
 
 PAD = -1  # input id of padding in a classification batch
@@ -21,6 +22,9 @@ class Classifier(Transformer):
         self.classifier = nn.Linear(config.n_embd, n_labels)
         nn.init.zeros_(self.classifier.weight)  # start from uniform probabilities
         nn.init.zeros_(self.classifier.bias)
+
+    def setup_kv_cache(self, *args, **kwargs):
+        raise LLMError("this checkpoint is a classifier: it labels text (llm classify), it does not generate")
 
     def forward(self, idx: torch.Tensor, pos: int = 0) -> torch.Tensor:
         """Label logits (B, n_labels) of texts idx (B, T), right-padded with PAD."""

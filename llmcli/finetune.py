@@ -304,6 +304,12 @@ def finetune(data_path: str | None, out_dir: str | Path, base: str | Path | None
             if value is not None:
                 run["train"][key] = value
         base_model, tokenizer, _ = load_checkpoint(run["finetune"]["base"], str(world.device))
+        if "adapter" in run:
+            from llmcli.lora import fingerprint
+
+            if fingerprint(base_model) != run["adapter"]["base_fingerprint"]:
+                raise LLMError(f"cannot resume: the base model at {run['finetune']['base']} has changed since "
+                               f"{out_dir} started")
     else:
         out_dir = Path(out_dir)
         if out_dir.exists() and (not out_dir.is_dir() or checkpoint_dirs(out_dir)):
