@@ -5,6 +5,7 @@ Heavy modules (torch and everything that imports it) are imported inside the com
 """
 
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -132,6 +133,9 @@ def pretrain(
     seed: Annotated[Optional[int], typer.Option(help="Random seed")] = None,
     nproc: Annotated[Optional[int], typer.Option(
         help="Train with this many processes (runs torchrun --nproc-per-node N)", show_default=False)] = None,
+    strategy: Annotated[Optional[str], typer.Option(
+        help="With several processes: ddp (a whole model each) or fsdp (parameters, gradients and optimizer state "
+        "sharded across them) [default: ddp]", show_default=False)] = None,
 ):
     """Pretrain a Transformer on next-token prediction; prints the checkpoint directory."""
     if nproc is not None:
@@ -150,7 +154,7 @@ def pretrain(
                      schedule=schedule, warmup_steps=warmup_steps, precision=precision, compile=compile,
                      context=context, vocab_size=vocab_size, eval_interval=eval_interval,
                      save_interval=save_interval, keep_last=keep_last, text_field=text_field,
-                     doc_separator=doc_separator, seed=seed)
+                     doc_separator=doc_separator, seed=seed, strategy=strategy)
     summary = run_pretrain(corpus, out, preset, config, overrides, tokenizer, resume=resume)
     import os
 
@@ -176,7 +180,19 @@ def _relaunch_with_torchrun(nproc: int):
             args.append(arg)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
                "-m", "llmcli", *args]
-    sys.exit(subprocess.run(command, env=os.environ).returncode)
+    threads = str(max(1, (os.cpu_count() or 1) // nproc))
+    launcher = subprocess.Popen(command, env={"OMP_NUM_THREADS": threads, **os.environ}, stderr=subprocess.PIPE,
+                                text=True, bufsize=1)
+    # the processes' own messages pass through; torchrun's report of a failed process (a traceback of its own)
+    # does not, and an error that every process gives is said once
+    said, failed = set(), False
+    for line in launcher.stderr:
+        failed = failed or bool(re.match(r"[EW]\d{4} .*(failed|Sending process)", line))
+        if not failed and line not in said:
+            sys.stderr.write(line)
+            if line.startswith("llm: error:"):
+                said.add(line)
+    sys.exit(launcher.wait())
 
 
 def _free_path(path: Path) -> Path:
@@ -201,6 +217,10 @@ def _print_summary(summary: dict, title: str = "pretraining summary"):
     table.add_row("val loss", f"{summary['first_val_loss']:.4f} -> {summary['val_loss']:.4f}")
     table.add_row("train loss", f"{summary['train_loss']:.4f}")
     table.add_row("time", f"{summary['seconds']:.1f}s, {summary['tokens_per_s']:,} tokens/s")
+    from llmcli.plot import read_metrics, sparkline
+
+    train_losses = [row["train_loss"] for row in read_metrics(summary["checkpoint"]) if "train_loss" in row]
+    table.add_row("train loss curve", f"{sparkline(train_losses, 40)} {max(train_losses):.2f} -> {train_losses[-1]:.2f}")
     table.add_row("checkpoint", summary["checkpoint"])
     console.print(table)
 
@@ -349,6 +369,17 @@ def evaluate(
 
 
 @app.command()
+def plot(
+    runs: Annotated[list[Path], typer.Argument(help="Training run directories (with metrics.jsonl)")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="PNG file to write")] = Path("loss.png"),
+):
+    """Draw training and validation loss against tokens seen, several runs overlaid, to a PNG; prints its path."""
+    from llmcli.plot import plot_runs
+
+    print(plot_runs(runs, out))
+
+
+@app.command()
 def export(
     checkpoint: Annotated[Path, typer.Argument(help="Checkpoint directory")],
     out: Annotated[Path, typer.Option("--out", "-o", help="New directory to write")],
@@ -388,5 +419,5 @@ def main():
     try:
         app()
     except LLMError as e:
-        print(f"llm: error: {e}", file=sys.stderr)
+        sys.stderr.write(f"llm: error: {e}\n")  # one write: the lines of several processes do not interleave
         sys.exit(1)

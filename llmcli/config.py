@@ -38,6 +38,7 @@ class TrainConfig:
     decay_fraction: float = 0.2  # wsd: the last share of the steps that decays the learning rate
     precision: str = "fp32"  # fp32, or bf16-mixed (bfloat16 autocast, fp32 weights and optimizer)
     compile: bool = False  # torch.compile the model
+    strategy: str = "ddp"  # with several processes: ddp (replicas) or fsdp (parameters, gradients, optimizer sharded)
     save_interval: int = 0  # steps between checkpoints; 0 = at every validation
     keep_last: int = 2  # checkpoints kept, besides the best by validation loss
     text_field: str = "text"  # of the records of .jsonl corpus files

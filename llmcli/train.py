@@ -2,7 +2,8 @@
 
 AdamW with weight decay on matrices only, warmup then cosine, linear or warmup-stable-decay, gradient clipping,
 gradient accumulation over micro-batches, optional bfloat16 autocast and torch.compile, and data parallelism across
-processes started by torchrun (DistributedDataParallel; gloo on CPU, NCCL on GPU).
+processes started by torchrun: DistributedDataParallel, or FSDP (fully_shard) to shard parameters, gradients and
+optimizer state; gloo on CPU, NCCL on GPU. Checkpoints hold whole tensors, so any number of processes resumes any.
 
 Nothing is lost: every save_interval steps a checkpoint directory is written under a temporary name and renamed into
 place (checkpoints/step-NNNNNNN, holding the weights, the optimizer state in safetensors and the step in JSON), and
@@ -35,6 +36,7 @@ from llmcli.tokenizer import TOKENIZER_FILE, Tokenizer, train_tokenizer
 SAVE_DTYPES = ("float32", "bfloat16", "float16")
 SCHEDULES = ("cosine", "linear", "wsd")
 PRECISIONS = ("fp32", "bf16-mixed")
+STRATEGIES = ("ddp", "fsdp")
 CHECKPOINTS_DIR = "checkpoints"
 TRAIN_STATE_FILE = "train_state.safetensors"  # optimizer moments (and fp32 weights when saved in a lower precision)
 TRAIN_STATE_META = "train_state.json"  # step, validation loss, tokens seen, time
@@ -155,19 +157,32 @@ def saved_weights(model) -> dict[str, torch.Tensor]:
     a base model's, which the checkpoint's config names: see llmcli.lora)."""
     if all(p.requires_grad for p in model.parameters()):
         return model.state_dict()
-    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
-def _state_tensors(model: Transformer, optimizer: torch.optim.Optimizer, save_dtype) -> dict[str, torch.Tensor]:
+def _whole(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of an FSDP shard (gathered from all processes: every process must call this), else itself."""
+    from torch.distributed.tensor import DTensor
+
+    return (tensor.full_tensor() if isinstance(tensor, DTensor) else tensor).detach().contiguous()
+
+
+def checkpoint_tensors(model: Transformer, optimizer: torch.optim.Optimizer, save_dtype
+                       ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(weights in save_dtype, training state: optimizer moments and, when the weights are rounded, the fp32
+    weights), as whole tensors. Under FSDP every process must call it: the shards are gathered."""
+    if hasattr(model, "reshard"):  # FSDP leaves the root's parameters gathered after a forward without gradients
+        model.reshard()
     names = {p: n for n, p in model.named_parameters()}
-    tensors = {}
+    weights = {k: _whole(v) for k, v in saved_weights(model).items()}
+    state = {}
     for group in optimizer.param_groups:
         for p in group["params"]:
             for key, value in optimizer.state.get(p, {}).items():
-                tensors[f"optimizer.{names[p]}.{key}"] = value.detach().reshape(value.shape).contiguous()
+                state[f"optimizer.{names[p]}.{key}"] = _whole(value)
     if save_dtype != torch.float32:  # the weights on disk are rounded: keep the fp32 ones to resume exactly
-        tensors.update({f"weights.{k}": v.contiguous() for k, v in saved_weights(model).items()})
-    return tensors
+        state.update({f"weights.{k}": v for k, v in weights.items()})
+    return {k: v.to(save_dtype) for k, v in weights.items()}, state
 
 
 def _fsync_tree(directory: Path):
@@ -181,8 +196,8 @@ def _fsync_tree(directory: Path):
         os.close(fd)
 
 
-def save_checkpoint(run_dir: Path, step: int, model: Transformer, optimizer, run: dict, meta: dict, save_dtype,
-                    keep_last: int) -> Path:
+def save_checkpoint(run_dir: Path, step: int, weights: dict, state: dict, run: dict, meta: dict, keep_last: int
+                    ) -> Path:
     """Write checkpoints/step-NNNNNNN atomically (temporary directory, then rename), point the run directory's
     model.safetensors at it, and delete old checkpoints beyond the last keep_last and the best."""
     from safetensors import SafetensorError
@@ -195,9 +210,8 @@ def save_checkpoint(run_dir: Path, step: int, model: Transformer, optimizer, run
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        weights = {k: v.to(save_dtype).contiguous() for k, v in saved_weights(model).items()}
         save_file(weights, str(tmp / checkpoint.MODEL_FILE), metadata={"step": str(step)})
-        save_file(_state_tensors(model, optimizer, save_dtype), str(tmp / TRAIN_STATE_FILE))
+        save_file(state, str(tmp / TRAIN_STATE_FILE))
         shutil.copyfile(run_dir / TOKENIZER_FILE, tmp / TOKENIZER_FILE)
         config = {"format": checkpoint.FORMAT, **run, "checkpoint": meta}
         (tmp / checkpoint.CONFIG_FILE).write_text(yaml_dump(config), encoding="utf-8")
@@ -242,6 +256,13 @@ def _prune_checkpoints(run_dir: Path, keep_last: int):
 
 def load_train_state(directory: Path, model: Transformer, optimizer) -> dict:
     """Put a checkpoint's weights and optimizer state into model and optimizer; return its metadata."""
+    meta, state = load_train_weights(directory, model)
+    load_optimizer_state(state, model, optimizer)
+    return meta
+
+
+def load_train_weights(directory: Path, model: Transformer) -> tuple[dict, dict]:
+    """Put a checkpoint's weights into the (not yet sharded) model; return its metadata and training state."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -257,11 +278,22 @@ def load_train_state(directory: Path, model: Transformer, optimizer) -> dict:
         model.load_state_dict({k: v.float() for k, v in weights.items()}, strict=False)
     except (OSError, ValueError, SafetensorError, RuntimeError) as e:
         raise LLMError(f"cannot resume from {directory}: {str(e).splitlines()[0]}") from None
+    return meta, state
+
+
+def load_optimizer_state(state: dict, model: Transformer, optimizer):
+    """Put the saved optimizer moments of each parameter into optimizer, sharded like the parameter under FSDP."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
     for name, p in model.named_parameters():
         moments = {k.rsplit(".", 1)[1]: v for k, v in state.items() if k.rsplit(".", 1)[0] == f"optimizer.{name}"}
+        for key, value in moments.items():
+            value = value.to(p.device)
+            if isinstance(p, DTensor) and value.shape == p.shape:
+                value = distribute_tensor(value, p.device_mesh, p.placements)
+            moments[key] = value
         if moments:
-            optimizer.state[p] = {k: v.to(p.device) for k, v in moments.items()}
-    return meta
+            optimizer.state[p] = moments
 
 
 def yaml_dump(config: dict) -> str:
@@ -310,9 +342,7 @@ def train_step(model, optimizer, micro_batches: list, lr: float, grad_clip: floa
     loss_sum = torch.zeros((), device=world.device)
     for i, (inputs, targets) in enumerate(micro_batches):
         last = i == len(micro_batches) - 1
-        # DDP all-reduces gradients once per step, on the last micro-batch
-        sync = nullcontext() if last or world.size == 1 else model.no_sync()
-        with sync:
+        with _gradient_sync(model, last or world.size == 1):
             with autocast:
                 loss = next_token_loss(model, inputs.to(world.device), targets.to(world.device), reduction="sum")
             # each process divides by its own tokens and DDP averages over processes: the mean over all tokens
@@ -325,12 +355,20 @@ def train_step(model, optimizer, micro_batches: list, lr: float, grad_clip: floa
     mean_loss = (totals[0] / totals[1]).item()
     if not math.isfinite(mean_loss):
         raise NonFiniteLoss(f"the loss became {mean_loss}")
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip).item()
+    grad_norm = _whole(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)).item()
     if not math.isfinite(grad_norm):
         raise NonFiniteLoss(f"the gradient norm became {grad_norm}")
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return mean_loss, grad_norm, bool(totals[2].item())
+
+
+def _gradient_sync(model, sync: bool):
+    """DDP and FSDP reduce gradients across processes once per step, on the last micro-batch."""
+    if hasattr(model, "set_requires_gradient_sync"):  # FSDP
+        model.set_requires_gradient_sync(sync)
+        return nullcontext()
+    return model.no_sync() if not sync and hasattr(model, "no_sync") else nullcontext()
 
 
 @torch.no_grad()
@@ -380,6 +418,8 @@ def check_settings(cfg: TrainConfig, world: World) -> int:
         raise LLMError(f"schedule must be one of {', '.join(SCHEDULES)}, got {cfg.schedule!r}")
     if cfg.precision not in PRECISIONS:
         raise LLMError(f"precision must be one of {', '.join(PRECISIONS)}, got {cfg.precision!r}")
+    if cfg.strategy not in STRATEGIES:
+        raise LLMError(f"strategy must be one of {', '.join(STRATEGIES)}, got {cfg.strategy!r}")
     if cfg.batch_size < 1 or cfg.batch_size % world.size:
         raise LLMError(f"the batch size ({cfg.batch_size}) must be a positive multiple of the number of "
                        f"processes ({world.size})")
@@ -403,7 +443,8 @@ def _resolve_run(corpus, out_dir, preset, config_file, overrides, tokenizer_path
     if corpus or preset or config_file or tokenizer_path:
         raise LLMError("--resume continues a run with its own corpus and settings; give only the run directory "
                        "(and --max-steps to train longer)")
-    allowed = {"max_steps", "eval_interval", "save_interval", "keep_last", "threads", "micro_batch_size", "compile"}
+    allowed = {"max_steps", "eval_interval", "save_interval", "keep_last", "threads", "micro_batch_size", "compile",
+               "strategy"}
     for key, value in (overrides or {}).items():
         if value is None:
             continue
@@ -478,14 +519,13 @@ def train_loop(world: World, run: dict, cfg: TrainConfig, out_dir: Path, model, 
     parameters that require gradients are trained. Returns a summary."""
     say = log if world.is_main else (lambda message: None)
     save_dtype = getattr(torch, cfg.save_dtype)
-    optimizer = make_optimizer(model, cfg)
-    start_step, best, elapsed_before = 0, None, 0.0
+    start_step, best, elapsed_before, saved_state = 0, None, 0.0, {}
     metrics_path = out_dir / checkpoint.METRICS_FILE
     if resume:
         dirs = checkpoint_dirs(out_dir)
         if not dirs:
             raise LLMError(f"cannot resume: {out_dir} has no checkpoint yet (they are in {out_dir / CHECKPOINTS_DIR})")
-        meta = load_train_state(dirs[-1], model, optimizer)
+        meta, saved_state = load_train_weights(dirs[-1], model)
         start_step, elapsed_before = meta["step"], meta.get("time", 0.0)
         best = meta.get("best_val_loss")
         if world.is_main:
@@ -501,11 +541,19 @@ def train_loop(world: World, run: dict, cfg: TrainConfig, out_dir: Path, model, 
             shutil.rmtree(leftover, ignore_errors=True)
 
     train_model = torch.compile(model) if cfg.compile else model
-    if world.size > 1:
+    if world.size > 1 and cfg.strategy == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        for block in model.blocks:  # each block's parameters are gathered just before it runs, then freed
+            fully_shard(block)
+        fully_shard(model)
+    elif world.size > 1:
         from torch.nn.parallel import DistributedDataParallel
 
         train_model = DistributedDataParallel(train_model, device_ids=[world.device] if world.device.type == "cuda"
                                               else None)
+    optimizer = make_optimizer(model, cfg)  # after sharding: FSDP's optimizer holds shards
+    load_optimizer_state(saved_state, model, optimizer)
     autocast = torch.autocast(world.device.type, dtype=torch.bfloat16) if cfg.precision == "bf16-mixed" \
         else nullcontext()
 
@@ -515,11 +563,10 @@ def train_loop(world: World, run: dict, cfg: TrainConfig, out_dir: Path, model, 
     n_params = model.num_params()
     n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     shape = model.config
-    say(f"model: {n_params / 1e6:.2f}M parameters"
-        + (f" ({n_trained:,} trained)" if n_trained < n_params else "")
+    say(f"model: {n_params / 1e6:.2f}M parameters" + (f" ({n_trained:,} trained)" if n_trained < n_params else "")
         + f", {shape.n_layer} layers, {shape.n_embd} wide, context {shape.context}; {cfg.max_steps} steps of "
         f"{cfg.batch_size} sequences"
-        + (f" on {world.size} processes" if world.size > 1 else "")
+        + (f" on {world.size} processes" + (" (fsdp)" if cfg.strategy == "fsdp" else "") if world.size > 1 else "")
         + (f", {share // micro} micro-batches of {micro}" if micro < share else "")
         + (f", {cfg.precision}" if cfg.precision != "fp32" else "") + (", compiled" if cfg.compile else ""))
 
@@ -530,7 +577,8 @@ def train_loop(world: World, run: dict, cfg: TrainConfig, out_dir: Path, model, 
 
     def save(step: int, val_loss: float | None):
         nonlocal best
-        if not all(torch.isfinite(p).all() for p in model.parameters()):  # never write a NaN checkpoint
+        weights, state = checkpoint_tensors(model, optimizer, save_dtype)  # every process: FSDP gathers shards
+        if not all(torch.isfinite(w).all() for w in weights.values()):  # never write a NaN checkpoint
             raise LLMError(f"the weights became non-finite at step {step}; stopping: the last good checkpoint is "
                            f"kept; try a lower learning rate (--lr {cfg.lr / 3:.2g})")
         if val_loss is not None and (best is None or val_loss < best):
@@ -538,7 +586,7 @@ def train_loop(world: World, run: dict, cfg: TrainConfig, out_dir: Path, model, 
         meta = {"step": step, "val_loss": val_loss, "best_val_loss": best, "tokens": step * tokens_per_step,
                 "time": elapsed_before + time.perf_counter() - started}
         if world.is_main:
-            save_checkpoint(out_dir, step, model, optimizer, run, meta, save_dtype, cfg.keep_last)
+            save_checkpoint(out_dir, step, weights, state, run, meta, cfg.keep_last)
 
     def validate(step: int) -> float:
         loss = estimate_val_loss(train_model, dataset, cfg, world, micro, autocast)

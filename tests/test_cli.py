@@ -18,7 +18,7 @@ def test_pretrain_generate_eval_end_to_end(tmp_path):
                      "--seed", "1", "-o", out)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == str(out)  # stdout carries the result only
-    assert "val loss" in result.stderr
+    assert "val loss" in result.stderr and "train loss curve" in result.stderr
     for name in ("model.safetensors", "config.yaml", "tokenizer.model", "metrics.jsonl"):
         assert (out / name).is_file()
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -27,6 +27,13 @@ def test_pretrain_generate_eval_end_to_end(tmp_path):
     assert val[-1] < 0.7 * val[0], val  # from ~ln(512) = 6.2 to well below
     config = yaml.safe_load((out / "config.yaml").read_text())
     assert config["summary"]["val_loss"] == pytest.approx(val[-1])
+
+    drawn = run_cli("plot", out, out, "-o", tmp_path / "loss.png")
+    assert drawn.returncode == 0, drawn.stderr
+    assert drawn.stdout.strip() == str(tmp_path / "loss.png")
+    assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    not_a_run = run_cli("plot", tmp_path, "-o", tmp_path / "x.png")
+    assert not_a_run.returncode == 1 and "has no metrics.jsonl" in not_a_run.stderr
 
     gen = run_cli("generate", "ROMEO:", "-m", out, "--max-new-tokens", "40", "--seed", "3")
     assert gen.returncode == 0, gen.stderr

@@ -61,3 +61,5 @@ def test_long_run_commands_run(tmp_path):
     assert (work / "long-run" / "checkpoints" / "step-0000030").is_dir()
     assert "on 2 processes" in result.stderr
     assert (work / "two-processes" / "model.safetensors").is_file()
+    assert "on 2 processes (fsdp)" in result.stderr and (work / "sharded" / "model.safetensors").is_file()
+    assert (work / "loss.png").read_bytes()[:4] == b"\x89PNG"

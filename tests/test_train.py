@@ -19,8 +19,8 @@ from llmcli.checkpoint import load_checkpoint
 from llmcli.config import TrainConfig
 from llmcli.errors import LLMError
 from llmcli.model import ModelConfig, Transformer
-from llmcli.train import (World, check_settings, checkpoint_dirs, learning_rate, load_train_state, make_optimizer,
-                          pretrain, save_checkpoint, train_step)
+from llmcli.train import (World, check_settings, checkpoint_dirs, checkpoint_tensors, learning_rate, load_train_state,
+                          make_optimizer, pretrain, save_checkpoint, train_step)
 
 
 def losses(run_dir) -> dict:
@@ -101,7 +101,8 @@ def test_disk_full_during_a_save_keeps_the_previous_checkpoint(shakespeare_slice
     resource.setrlimit(resource.RLIMIT_FSIZE, (50_000, hard))
     try:
         with pytest.raises(LLMError, match=r"could not save the checkpoint of step 7 .*step-0000006\) is intact"):
-            save_checkpoint(run, 7, model, optimizer, config, {"step": 7}, torch.float32, keep_last=2)
+            save_checkpoint(run, 7, *checkpoint_tensors(model, optimizer, torch.float32), config, {"step": 7},
+                            keep_last=2)
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
         signal.signal(signal.SIGXFSZ, previous_handler)
@@ -161,7 +162,8 @@ def test_schedules():
                                          min_lr_ratio=0.0)) == pytest.approx(0.5)
 
 
-def test_two_processes_follow_the_one_process_run_and_resume(shakespeare_slice, nano_checkpoint, tmp_path):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_processes_follow_the_one_process_run_and_resume(strategy, shakespeare_slice, nano_checkpoint, tmp_path):
     settings = dict(max_steps=8, eval_interval=4, seed=2)
     reference = tmp_path / "one"
     pretrain([str(shakespeare_slice)], reference, preset="nano", overrides=settings, tokenizer_path=nano_checkpoint)
@@ -169,10 +171,10 @@ def test_two_processes_follow_the_one_process_run_and_resume(shakespeare_slice, 
 
     two = tmp_path / "two"
     result = run_cli("pretrain", shakespeare_slice, "--preset", "nano", "-t", nano_checkpoint, *options, "-o", two,
-                     "--nproc", "2")
+                     "--nproc", "2", "--strategy", strategy)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == str(two)
-    assert "on 2 processes" in result.stderr
+    assert "on 2 processes" + (" (fsdp)" if strategy == "fsdp" else "") in result.stderr
     expected = losses(reference)
     assert losses(two).keys() == expected.keys()
     assert losses(two) == pytest.approx(expected, rel=1e-5)
@@ -181,10 +183,19 @@ def test_two_processes_follow_the_one_process_run_and_resume(shakespeare_slice, 
     resumed = tmp_path / "resumed"
     shutil.copytree(reference, resumed)
     shutil.rmtree(resumed / "checkpoints" / "step-0000008")
-    result = run_cli("pretrain", "--resume", resumed, "--nproc", "2")
+    result = run_cli("pretrain", "--resume", resumed, "--nproc", "2", "--strategy", strategy)
     assert result.returncode == 0, result.stderr
     assert "resuming" in result.stderr and "from step 4" in result.stderr
     assert losses(resumed) == pytest.approx(expected, rel=1e-5)
+    # and whole tensors on disk, whatever the strategy: the 2-process checkpoint loads in one process
+    assert load_checkpoint(two)[0].num_params() == load_checkpoint(reference)[0].num_params()
+
+    # an error that both processes meet is said once, without torchrun's report
+    result = run_cli("pretrain", "--resume", resumed, "--max-steps", "9", "--lr", "1", "--nproc", "2")
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == ["llm: error: --resume keeps the run's settings; lr cannot change (only "
+                                          "compile, eval_interval, keep_last, max_steps, micro_batch_size, "
+                                          "save_interval, strategy, threads)"]
 
 
 def test_resume_needs_a_run(tmp_path):
