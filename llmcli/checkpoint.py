@@ -82,6 +82,10 @@ def load_checkpoint(path: str | Path | None = None, device: str = "cpu"):
     if is_hf_folder(directory):
         return load_hf_folder(directory, device)
     config = read_config(directory)
+    if "adapter" in config:  # LoRA weights alone: they name their base
+        from llmcli.lora import load_adapter
+
+        return load_adapter(directory, config, device)
     for name in (MODEL_FILE, TOKENIZER_FILE):
         if not (directory / name).is_file():
             raise LLMError(f"checkpoint {directory} is incomplete: {name} is missing")
@@ -94,8 +98,13 @@ def load_checkpoint(path: str | Path | None = None, device: str = "cpu"):
         raise LLMError(f"checkpoint {directory}: tokenizer has {tokenizer.vocab_size} tokens but the model expects "
                        f"{model_config.vocab_size}; the files come from different runs")
 
+    model_class, extra = Transformer, {}
+    if config.get("task") == "classify":  # a classifier: the Transformer with a head over its labels
+        from llmcli.classify import Classifier
+
+        model_class, extra = Classifier, {"n_labels": len(config["labels"])}
     with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in Transformer(model_config).state_dict().items()}
+        expected = {k: tuple(v.shape) for k, v in model_class(model_config, **extra).state_dict().items()}
     try:
         with safe_open(directory / MODEL_FILE, framework="pt") as f:
             found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
@@ -106,7 +115,7 @@ def load_checkpoint(path: str | Path | None = None, device: str = "cpu"):
     if found != expected:
         raise LLMError(f"checkpoint {directory}: {_describe_mismatch(expected, found)}; "
                        f"{MODEL_FILE} does not match {CONFIG_FILE}")
-    model = Transformer.empty(model_config)
+    model = model_class.empty(model_config, **extra)
     model.load_state_dict(state)
     return model.to(device).eval(), tokenizer, config
 

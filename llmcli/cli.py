@@ -204,13 +204,15 @@ def _free_path(path: Path) -> Path:
     return candidate
 
 
-def _print_summary(summary: dict):
+def _print_summary(summary: dict, title: str = "pretraining summary"):
     from rich.table import Table
 
     from llmcli.progress import console
 
-    table = Table(title="pretraining summary", show_header=False)
-    table.add_row("parameters", f"{summary['parameters'] / 1e6:.2f}M")
+    table = Table(title=title, show_header=False)
+    trained = summary.get("trained_parameters", summary["parameters"])
+    table.add_row("parameters", f"{summary['parameters'] / 1e6:.2f}M"
+                  + (f" ({trained:,} trained)" if trained < summary["parameters"] else ""))
     table.add_row("steps", f"{summary['steps']:,} ({summary['tokens']:,} tokens)")
     table.add_row("val loss", f"{summary['first_val_loss']:.4f} -> {summary['val_loss']:.4f}")
     table.add_row("train loss", f"{summary['train_loss']:.4f}")
@@ -221,6 +223,83 @@ def _print_summary(summary: dict):
     table.add_row("train loss curve", f"{sparkline(train_losses, 40)} {max(train_losses):.2f} -> {train_losses[-1]:.2f}")
     table.add_row("checkpoint", summary["checkpoint"])
     console.print(table)
+
+
+@app.command()
+def finetune(
+    data: Annotated[Optional[list[str]], typer.Argument(
+        help="JSONL records: {prompt, response} or {messages: [{role, content}, ...]}; {text, label} with --task "
+        "classify. 'merge ADAPTER -o OUT' writes base + LoRA adapter as one checkpoint", show_default=False)] = None,
+    model: ModelOption = None,
+    out: Annotated[Optional[Path], typer.Option(
+        "--out", "-o", help="Checkpoint directory [default: checkpoints/<data>-<task>]", show_default=False)] = None,
+    task: Annotated[str, typer.Option(help="sft (instructions) or classify (a head predicting the label)")] = "sft",
+    val: Annotated[Optional[str], typer.Option(
+        help="Validation records [default: 10% of the data held out]", show_default=False)] = None,
+    train_on_prompt: Annotated[bool, typer.Option(
+        help="Loss on every token, not only on the replies")] = False,
+    resume: Annotated[Optional[Path], typer.Option(help="Continue this fine-tuning run from its latest checkpoint",
+                                                   show_default=False)] = None,
+    max_steps: Annotated[Optional[int], typer.Option(help="Training steps [default: 200]", show_default=False)] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Examples per step [default: 16]",
+                                                      show_default=False)] = None,
+    micro_batch_size: Annotated[Optional[int], typer.Option(help="Examples per forward pass",
+                                                            show_default=False)] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Peak learning rate [default: 5e-4]", show_default=False)] = None,
+    warmup_steps: Annotated[Optional[int], typer.Option(help="Steps of linear warmup", show_default=False)] = None,
+    eval_interval: Annotated[Optional[int], typer.Option(help="Steps between validations", show_default=False)] = None,
+    save_interval: Annotated[Optional[int], typer.Option(help="Steps between checkpoints", show_default=False)] = None,
+    precision: Annotated[Optional[str], typer.Option(help="fp32 or bf16-mixed", show_default=False)] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Random seed", show_default=False)] = None,
+    lora_rank: Annotated[int, typer.Option(help="Train rank-R LoRA adapters only (0 = every weight)")] = 0,
+    lora_alpha: Annotated[float, typer.Option(help="LoRA scale numerator: updates are scaled by alpha / rank")] = 16.0,
+    lora_dropout: Annotated[float, typer.Option(help="Dropout on the adapters' input")] = 0.0,
+    lora_targets: Annotated[str, typer.Option(
+        help="Layers given adapters, of attn.qkv, attn.proj, mlp.fc, mlp.proj")] = "attn.qkv,attn.proj",
+):
+    """Fine-tune a model on instructions or labelled texts, whole or with LoRA; prints the checkpoint directory."""
+    if data and data[0] == "merge":
+        if len(data) != 2 or out is None:
+            raise LLMError("usage: llm finetune merge ADAPTER -o OUT")
+        from llmcli.finetune import merge
+
+        print(merge(data[1], out))
+        return
+    from llmcli.finetune import LoRAConfig, finetune as run_finetune
+
+    if resume is None and not data:
+        raise LLMError("give a JSONL data file to fine-tune on, or --resume RUN_DIR")
+    if data and len(data) > 1:
+        raise LLMError(f"give one data file (and --val for validation), got {len(data)}")
+    if resume is None and out is None:
+        out = _free_path(Path("checkpoints") / f"{Path(data[0]).stem}-{task}")
+    overrides = dict(max_steps=max_steps, batch_size=batch_size, micro_batch_size=micro_batch_size, lr=lr,
+                     warmup_steps=warmup_steps, eval_interval=eval_interval, save_interval=save_interval,
+                     precision=precision, seed=seed)
+    lora = LoRAConfig(lora_rank, lora_alpha, lora_dropout, lora_targets)
+    summary = run_finetune(data[0] if data else None, out, model, task, val, train_on_prompt, overrides, lora, resume)
+    _print_summary(summary, "fine-tuning summary")
+    print(summary["checkpoint"])
+
+
+@app.command()
+def classify(
+    source: Annotated[str, typer.Argument(help="Text file, one text a line; '-' for stdin")] = "-",
+    model: ModelOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object a line: label and probabilities")] = False,
+):
+    """Label each line with a classifier checkpoint (from llm finetune --task classify): one label a line."""
+    from llmcli.checkpoint import load_checkpoint
+    from llmcli.classify import predict
+
+    net, tok, config = load_checkpoint(model)
+    if config.get("task") != "classify":
+        raise LLMError(f"{model} is not a classifier; make one with llm finetune --task classify")
+    labels = config["labels"]
+    lines = list(_input_lines(source))
+    for probs in predict(net, tok, lines).tolist():
+        best = labels[max(range(len(labels)), key=probs.__getitem__)]
+        print(json.dumps({"label": best, "probabilities": dict(zip(labels, probs))}) if as_json else best)
 
 
 @app.command()
@@ -369,7 +448,14 @@ def evaluate(
     from llmcli.evaluate import evaluate_file
     from llmcli.progress import console
 
-    net, tok, _ = load_checkpoint(model)
+    net, tok, config = load_checkpoint(model)
+    if config.get("task") == "classify":  # labelled JSONL: accuracy, macro F1, confusion matrix (llmcli.classify)
+        from llmcli.classify import evaluate_classifier, print_report
+
+        for f in files:
+            result = evaluate_classifier(net, tok, config["labels"], f)
+            print(json.dumps(result)) if as_json else print_report(result)
+        return
     results = [evaluate_file(net, tok, f, batch_size) for f in files]
     if as_json:
         for result in results:

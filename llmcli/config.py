@@ -73,7 +73,8 @@ DEFAULT_PRESET = "tiny"
 # prompt_template wraps a user's prompt before encoding, "{prompt}" standing for it (e.g. for a model trained on
 # instruction lines followed by a story)
 GENERATION_FIELD_TYPES = {"max_new_tokens": int, "temperature": float, "top_k": int, "top_p": float,
-                          "prompt_template": str}
+                          "min_p": float, "repetition_penalty": float, "stop": list, "prompt_template": str,
+                          "chat_template": dict}
 
 
 def resolve_run_config(preset: str | None, config_file: str | Path | None, overrides: dict) -> dict:

@@ -212,10 +212,10 @@ class Transformer(nn.Module):
         return {}
 
     @classmethod
-    def empty(cls, config: ModelConfig, device="cpu") -> "Transformer":
+    def empty(cls, config: ModelConfig, device="cpu", **kwargs) -> "Transformer":
         """A model whose weights are uninitialised memory, for a checkpoint to fill: skips the random init."""
         with torch.device("meta"):
-            model = cls(config)
+            model = cls(config, **kwargs)
         model.to_empty(device=device)
         for name, table in model.fixed_tables().items():
             getattr(model, name).copy_(table)
@@ -240,6 +240,15 @@ class Transformer(nn.Module):
         pad (B,): rows of a batch are left-padded by pad[b] tokens; their positions start after the padding and no
         token attends to padding. last_only: logits of the last position only (B, 1, vocab), as sampling needs.
         """
+        x = self.features(idx, pos, pad)
+        if last_only:
+            x = x[:, -1:]
+        if self.config.tie_embeddings:
+            return F.linear(x, self.token_embedding.weight)  # the output head shares the embedding matrix
+        return self.lm_head(x)
+
+    def features(self, idx: torch.Tensor, pos: int = 0, pad: torch.Tensor | None = None) -> torch.Tensor:
+        """The final hidden states (B, T, n_embd), before the output head (a classifier puts its own head here)."""
         T = idx.size(1)
         mask = None
         if pad is None:
@@ -267,12 +276,7 @@ class Transformer(nn.Module):
         x = self.dropout(x)
         for block in self.blocks:
             x = block(x, pos, rope, mask)
-        if last_only:
-            x = x[:, -1:]
-        x = self.norm_f(x)
-        if self.config.tie_embeddings:
-            return F.linear(x, self.token_embedding.weight)  # the output head shares the embedding matrix
-        return self.lm_head(x)
+        return self.norm_f(x)
 
     def setup_kv_cache(self, batch_size: int, max_len: int | None = None):
         """Give every attention layer a cache for batch_size sequences of up to max_len tokens (default: context)."""

@@ -69,9 +69,34 @@ def make_optimizer(model: Transformer, cfg: TrainConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=True)
 
 
+IGNORE = -100  # a target that carries no loss (a prompt token or padding in fine-tuning)
+
+
 def next_token_loss(model, inputs: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of the model's logits against targets of the same leading shape: next tokens (B, T) for a
+    language model, labels (B,) for a classifier. Targets equal to IGNORE carry no loss."""
     logits = model(inputs)
-    return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), reduction=reduction)
+    return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), reduction=reduction,
+                           ignore_index=IGNORE)
+
+
+def n_targets(targets: torch.Tensor) -> int:
+    return int((targets != IGNORE).sum())
+
+
+class LMBatches:
+    """The loop's dataset for pretraining: random windows of a token file, inputs and next tokens. A dataset is any
+    object with batch(split, batch_size, seed, index, rows) -> (inputs, targets) drawn from its arguments alone, and
+    tokens(batch_size), the tokens a batch holds (for tokens/s)."""
+
+    def __init__(self, token_data: data.TokenData, context: int):
+        self.token_data, self.context = token_data, context
+
+    def batch(self, split: str, batch_size: int, seed: int, index: int, rows: slice | None = None):
+        return self.token_data.batch(split, batch_size, self.context, seed, index, rows)
+
+    def tokens(self, batch_size: int) -> int:
+        return batch_size * self.context
 
 
 # --- processes -------------------------------------------------------------------------------------------------
@@ -127,6 +152,14 @@ def checkpoint_dirs(run_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
+def saved_weights(model) -> dict[str, torch.Tensor]:
+    """What a checkpoint stores: every weight, or only the trained ones when some are frozen (the frozen ones are
+    a base model's, which the checkpoint's config names: see llmcli.lora)."""
+    if all(p.requires_grad for p in model.parameters()):
+        return model.state_dict()
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
 def _whole(tensor: torch.Tensor) -> torch.Tensor:
     """The whole tensor of an FSDP shard (gathered from all processes: every process must call this), else itself."""
     from torch.distributed.tensor import DTensor
@@ -141,7 +174,7 @@ def checkpoint_tensors(model: Transformer, optimizer: torch.optim.Optimizer, sav
     if hasattr(model, "reshard"):  # FSDP leaves the root's parameters gathered after a forward without gradients
         model.reshard()
     names = {p: n for n, p in model.named_parameters()}
-    weights = {k: _whole(v) for k, v in model.state_dict().items()}
+    weights = {k: _whole(v) for k, v in saved_weights(model).items()}
     state = {}
     for group in optimizer.param_groups:
         for p in group["params"]:
@@ -239,7 +272,10 @@ def load_train_weights(directory: Path, model: Transformer) -> tuple[dict, dict]
         weights = {k[len("weights."):]: v for k, v in state.items() if k.startswith("weights.")}
         if not weights:
             weights = load_file(str(directory / checkpoint.MODEL_FILE))
-        model.load_state_dict({k: v.float() for k, v in weights.items()})
+        expected = saved_weights(model)
+        if set(weights) != set(expected):
+            raise ValueError(f"its weights are not this model's ({len(weights)} tensors, expected {len(expected)})")
+        model.load_state_dict({k: v.float() for k, v in weights.items()}, strict=False)
     except (OSError, ValueError, SafetensorError, RuntimeError) as e:
         raise LLMError(f"cannot resume from {directory}: {str(e).splitlines()[0]}") from None
     return meta, state
@@ -302,7 +338,7 @@ def train_step(model, optimizer, micro_batches: list, lr: float, grad_clip: floa
     touching the weights."""
     for group in optimizer.param_groups:
         group["lr"] = lr
-    local_tokens = sum(targets.numel() for _, targets in micro_batches)
+    local_tokens = max(1, sum(n_targets(targets) for _, targets in micro_batches))
     loss_sum = torch.zeros((), device=world.device)
     for i, (inputs, targets) in enumerate(micro_batches):
         last = i == len(micro_batches) - 1
@@ -336,8 +372,7 @@ def _gradient_sync(model, sync: bool):
 
 
 @torch.no_grad()
-def estimate_val_loss(model, token_data: data.TokenData, cfg: TrainConfig, context: int, world: World,
-                      micro_batch_size: int, autocast) -> float:
+def estimate_val_loss(model, dataset, cfg: TrainConfig, world: World, micro_batch_size: int, autocast) -> float:
     """Mean loss on the same cfg.eval_batches validation batches every time, shared out among the processes."""
     was_training = model.training
     model.eval()
@@ -346,10 +381,10 @@ def estimate_val_loss(model, token_data: data.TokenData, cfg: TrainConfig, conte
     for index in range(cfg.eval_batches):
         for start in range(world.rank * share, (world.rank + 1) * share, micro_batch_size):
             rows = slice(start, start + micro_batch_size)
-            inputs, targets = token_data.batch("val", cfg.batch_size, context, cfg.seed, index, rows)
+            inputs, targets = dataset.batch("val", cfg.batch_size, cfg.seed, index, rows)
             with autocast:
                 totals[0] += next_token_loss(model, inputs.to(world.device), targets.to(world.device), "sum")
-            totals[1] += targets.numel()
+            totals[1] += n_targets(targets)
     if world.size > 1:
         torch.distributed.all_reduce(totals)
     model.train(was_training)
@@ -445,9 +480,7 @@ def _pretrain(world, corpus, out_dir, preset, config_file, overrides, tokenizer_
     except (TypeError, ValueError) as e:
         raise LLMError(f"bad settings: {e}") from None
     micro = check_settings(cfg, world)
-    save_dtype = getattr(torch, cfg.save_dtype)
     torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // world.local_size))
-    say = log if world.is_main else (lambda message: None)
 
     if resume is None:
         if out_dir.exists() and not out_dir.is_dir():
@@ -475,9 +508,20 @@ def _pretrain(world, corpus, out_dir, preset, config_file, overrides, tokenizer_
 
     torch.manual_seed(cfg.seed)
     model = Transformer(model_config).to(world.device)
+    return train_loop(world, run, cfg, out_dir, model, LMBatches(token_data, model_config.context), micro,
+                      resume=resume is not None)
+
+
+def train_loop(world: World, run: dict, cfg: TrainConfig, out_dir: Path, model, dataset, micro: int,
+               resume: bool = False, command: str = "llm pretrain") -> dict:
+    """Train model on dataset's batches (see LMBatches) for cfg.max_steps, validating, saving checkpoints of `run`
+    in out_dir and stopping cleanly on Ctrl-C; with resume, continue from out_dir's latest checkpoint. Only the
+    parameters that require gradients are trained. Returns a summary."""
+    say = log if world.is_main else (lambda message: None)
+    save_dtype = getattr(torch, cfg.save_dtype)
     start_step, best, elapsed_before, saved_state = 0, None, 0.0, {}
     metrics_path = out_dir / checkpoint.METRICS_FILE
-    if resume is not None:
+    if resume:
         dirs = checkpoint_dirs(out_dir)
         if not dirs:
             raise LLMError(f"cannot resume: {out_dir} has no checkpoint yet (they are in {out_dir / CHECKPOINTS_DIR})")
@@ -513,13 +557,15 @@ def _pretrain(world, corpus, out_dir, preset, config_file, overrides, tokenizer_
     autocast = torch.autocast(world.device.type, dtype=torch.bfloat16) if cfg.precision == "bf16-mixed" \
         else nullcontext()
 
-    context = model_config.context
-    tokens_per_step = cfg.batch_size * context
+    tokens_per_step = dataset.tokens(cfg.batch_size)
     save_interval = cfg.save_interval or cfg.eval_interval
     share = cfg.batch_size // world.size
     n_params = model.num_params()
-    say(f"model: {n_params / 1e6:.2f}M parameters, {model_config.n_layer} layers, {model_config.n_embd} wide, "
-        f"context {context}; {cfg.max_steps} steps of {cfg.batch_size} x {context} tokens"
+    n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    shape = model.config
+    say(f"model: {n_params / 1e6:.2f}M parameters" + (f" ({n_trained:,} trained)" if n_trained < n_params else "")
+        + f", {shape.n_layer} layers, {shape.n_embd} wide, context {shape.context}; {cfg.max_steps} steps of "
+        f"{cfg.batch_size} sequences"
         + (f" on {world.size} processes" + (" (fsdp)" if cfg.strategy == "fsdp" else "") if world.size > 1 else "")
         + (f", {share // micro} micro-batches of {micro}" if micro < share else "")
         + (f", {cfg.precision}" if cfg.precision != "fp32" else "") + (", compiled" if cfg.compile else ""))
@@ -543,7 +589,7 @@ def _pretrain(world, corpus, out_dir, preset, config_file, overrides, tokenizer_
             save_checkpoint(out_dir, step, weights, state, run, meta, cfg.keep_last)
 
     def validate(step: int) -> float:
-        loss = estimate_val_loss(train_model, token_data, cfg, context, world, micro, autocast)
+        loss = estimate_val_loss(train_model, dataset, cfg, world, micro, autocast)
         record(step=step, val_loss=loss, tokens=step * tokens_per_step,
                time=elapsed_before + time.perf_counter() - started)
         return loss
@@ -562,7 +608,7 @@ def _pretrain(world, corpus, out_dir, preset, config_file, overrides, tokenizer_
         for step in range(start_step + 1, cfg.max_steps + 1):
             torch.manual_seed(_seed_for(cfg.seed, step, world.rank))  # dropout: a function of the step alone
             lr = learning_rate(step - 1, cfg)
-            micro_batches = [token_data.batch("train", cfg.batch_size, context, cfg.seed, step, slice(r, r + micro))
+            micro_batches = [dataset.batch("train", cfg.batch_size, cfg.seed, step, slice(r, r + micro))
                              for r in range(world.rank * share, (world.rank + 1) * share, micro)]
             try:
                 train_loss, grad_norm, stopping = train_step(train_model, optimizer, micro_batches, lr,
@@ -588,11 +634,12 @@ def _pretrain(world, corpus, out_dir, preset, config_file, overrides, tokenizer_
                 step_started = time.perf_counter()  # evaluation and saving are not training time
             if stopping:
                 say(f"interrupted at step {step}; the checkpoint is saved in {out_dir}; "
-                    f"continue with: llm pretrain --resume {out_dir}")
+                    f"continue with: {command} --resume {out_dir}")
                 raise KeyboardInterrupt
     elapsed = elapsed_before + time.perf_counter() - started
     summary = {
         "steps": cfg.max_steps, "tokens": cfg.max_steps * tokens_per_step, "parameters": n_params,
+        "trained_parameters": n_trained,
         "first_val_loss": first_val_loss if first_val_loss is not None else _first_val_loss(metrics_path),
         "val_loss": val_loss, "train_loss": train_loss,
         "seconds": round(elapsed, 1), "tokens_per_s": round(cfg.max_steps * tokens_per_step / elapsed),

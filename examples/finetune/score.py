@@ -1,0 +1,43 @@
+"""Exact-match accuracy of a fine-tuned model's greedy replies on held-out {prompt, response} records.
+
+    python examples/finetune/score.py -m MODEL data/qa_val.jsonl [--max-new-tokens 32] [--show 3]
+
+Each prompt goes through the model's prompt template, as with `llm generate`; the reply (up to <|endoftext|>) is
+compared with the response, whitespace stripped. Prints the accuracy and a few replies.
+"""
+
+import argparse
+import io
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from llmcli.checkpoint import load_checkpoint  # noqa: E402
+from llmcli.generate import apply_template, generate_text, sampling_settings  # noqa: E402
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("data")
+    parser.add_argument("-m", "--model", required=True)
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--show", type=int, default=3)
+    args = parser.parse_args()
+    model, tok, config = load_checkpoint(args.model)
+    cfg, template = sampling_settings(config, temperature=0.0, max_new_tokens=args.max_new_tokens)
+    records = [json.loads(line) for line in open(args.data, encoding="utf-8") if line.strip()]
+    started, right = time.perf_counter(), 0
+    for i, record in enumerate(records):
+        out = io.StringIO()
+        generate_text(model, tok, iter([apply_template(template, record["prompt"])]), cfg, truncate=True, out=out)
+        reply = out.getvalue().strip()
+        right += reply == record["response"].strip()
+        if i < args.show:
+            print(f"prompt:   {record['prompt'][:100]}\nexpected: {record['response']}\nreply:    {reply}\n")
+    print(f"exact match {right}/{len(records)} = {right / len(records):.3f} ({time.perf_counter() - started:.0f}s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+"""llm finetune (instructions): the loss mask, a tiny instruction set learned exactly, resume, bad input."""
+
+import json
+
+import yaml
+from conftest import run_cli
+
+from llmcli.finetune import CHAT_TEMPLATE, SFTBatches, render, sft_example
+from llmcli.tokenizer import Tokenizer
+from llmcli.train import IGNORE
+
+INSTRUCTIONS = [
+    {"prompt": "Say hello.", "response": "Hello there."},
+    {"prompt": "Name a color.", "response": "Blue."},
+    {"prompt": "What is two plus two?", "response": "Four."},
+    {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name an animal."},
+                  {"role": "assistant", "content": "A cat."}]},
+]
+
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+def test_only_reply_tokens_carry_loss(nano_checkpoint):
+    tok = Tokenizer(nano_checkpoint)
+    messages = [{"role": "user", "content": "Say hello."}, {"role": "assistant", "content": "Hello there."}]
+    ids, trained = sft_example(tok, CHAT_TEMPLATE, messages, train_on_prompt=False)
+    assert ids[0] == tok.end_of_text and not trained[0]
+    # the prompt is exactly what generation will be given, and the trained tokens are the reply and its end
+    n_prompt = trained.index(True)
+    assert tok.decode(ids[1:n_prompt]) == render(CHAT_TEMPLATE, messages[:1]) == "<|user|>\nSay hello.\n<|assistant|>\n"
+    assert all(trained[n_prompt:]) and ids[-1] == tok.end_of_text
+    assert tok.decode(ids[n_prompt:-1]) == "Hello there."
+
+    inputs, targets = SFTBatches.collate([(ids, trained), (ids[:n_prompt + 2], trained[:n_prompt + 2])])
+    assert inputs.shape == targets.shape == (2, len(ids) - 1)
+    assert (targets[0, :n_prompt - 1] == IGNORE).all()  # targets that are prompt tokens: no loss
+    assert targets[0, n_prompt - 1:].tolist() == ids[n_prompt:]  # every reply token (and the end) is a target
+    assert (targets[1, n_prompt + 1:] == IGNORE).all()  # padding: no loss
+
+    _, all_trained = sft_example(tok, CHAT_TEMPLATE, messages, train_on_prompt=True)
+    assert all(all_trained[1:])  # the first token is never a target
+
+
+def test_learns_a_tiny_instruction_set(tmp_path, nano_checkpoint):
+    data = write_jsonl(tmp_path / "inst.jsonl", INSTRUCTIONS)
+    out = tmp_path / "sft"
+    result = run_cli("finetune", data, "-m", nano_checkpoint, "--max-steps", "60", "--lr", "3e-3",
+                     "--batch-size", "8", "--eval-interval", "30", "-o", out)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == str(out)
+    assert "loss on replies only" in result.stderr
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["task"] == "sft" and config["generation"]["chat_template"] == CHAT_TEMPLATE
+    assert set(CHAT_TEMPLATE) == {"system", "user", "assistant", "assistant_prefix"}
+    prompts = [r["prompt"] for r in INSTRUCTIONS[:3]]
+    gen = run_cli("generate", "-", "-m", out, "--temperature", "0", "--max-new-tokens", "20",
+                  input="".join(p + "\n" for p in prompts))
+    assert gen.returncode == 0, gen.stderr
+    assert gen.stdout.splitlines() == [r["response"] for r in INSTRUCTIONS[:3]]
+
+    # the run resumes like a pretraining run
+    more = run_cli("finetune", "--resume", out, "--max-steps", "62")
+    assert more.returncode == 0, more.stderr
+    assert "resuming" in more.stderr and (out / "checkpoints" / "step-0000062").is_dir()
+
+
+def test_bad_input_says_which_line(tmp_path, nano_checkpoint):
+    cases = {
+        "missing.jsonl": ('{"prompt": "a", "response": "b"}\n{"prompt": "c"}\n', "missing.jsonl:2: missing field 'response'"),
+        "bad.jsonl": ('{"prompt": "a", "response": "b"}\n\n{"prompt": oops}\n', "bad.jsonl:3: not a JSON record"),
+        "empty.jsonl": ("\n", "has no records"),
+        "nolabel.jsonl": ('{"text": "a", "label": "x"}\n{"text": "b", "label": "x"}\n', "needs at least two"),
+        "role.jsonl": ('{"messages": [{"role": "bot", "content": "hi"}]}\n', "role.jsonl:1: each message needs"),
+    }
+    for name, (text, message) in cases.items():
+        (tmp_path / name).write_text(text)
+        task = ["--task", "classify"] if name == "nolabel.jsonl" else []
+        result = run_cli("finetune", tmp_path / name, *task, "-m", nano_checkpoint, "-o", tmp_path / "out")
+        assert result.returncode == 1, name
+        assert result.stderr.startswith("llm: error: ") and message in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr
+    assert not (tmp_path / "out" / "checkpoints").exists()

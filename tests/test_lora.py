@@ -1,0 +1,62 @@
+"""LoRA: only the adapters train, the adapter file is small and names its base, merging changes nothing."""
+
+import json
+import shutil
+
+import torch
+import yaml
+from conftest import run_cli
+from safetensors.torch import load_file, save_file
+
+from llmcli.checkpoint import load_checkpoint
+from test_finetune import INSTRUCTIONS, write_jsonl
+
+
+def test_adapter_trains_alone_is_small_and_merges(tmp_path, nano_checkpoint):
+    base = tmp_path / "base"
+    shutil.copytree(nano_checkpoint, base)
+    data = write_jsonl(tmp_path / "inst.jsonl", INSTRUCTIONS)
+    adapter = tmp_path / "adapter"
+    result = run_cli("finetune", data, "-m", base, "--lora-rank", "4", "--lora-targets", "attn.qkv,mlp.fc",
+                     "--max-steps", "10", "--lr", "1e-2", "--batch-size", "4", "-o", adapter)
+    assert result.returncode == 0, result.stderr
+    assert "trained)" in result.stderr
+
+    saved = load_file(adapter / "model.safetensors")
+    assert saved and all(".lora_" in k for k in saved)
+    assert {k.rsplit(".", 2)[-2] for k in saved} == {"qkv", "fc"}
+    assert (adapter / "model.safetensors").stat().st_size < 0.1 * (base / "model.safetensors").stat().st_size
+    assert yaml.safe_load((adapter / "config.yaml").read_text())["adapter"]["base"] == str(base.resolve())
+
+    base_model, _, _ = load_checkpoint(base)
+    tuned, tok, _ = load_checkpoint(adapter)  # base + adapter
+    tuned_state = tuned.state_dict()
+    for name, value in base_model.state_dict().items():
+        assert torch.equal(tuned_state[name], value), name  # the base weights did not move
+    assert any(tuned_state[k].abs().sum() > 0 for k in saved if k.endswith("lora_b"))  # the adapters did
+
+    merged = tmp_path / "merged"
+    result = run_cli("finetune", "merge", adapter, "-o", merged)
+    assert result.returncode == 0, result.stderr
+    merged_model, _, _ = load_checkpoint(merged)
+    assert all(".lora_" not in k for k in load_file(merged / "model.safetensors"))
+    ids = torch.tensor([tok.encode("<|user|>\nSay hello.\n<|assistant|>\n")])
+    with torch.no_grad():
+        assert not torch.allclose(base_model(ids), tuned(ids), atol=1e-4)
+        torch.testing.assert_close(merged_model(ids), tuned(ids), atol=1e-5, rtol=1e-5)
+
+    # generate needs nothing new: -m ADAPTER loads base + adapter
+    gen = [run_cli("generate", "Say hello.", "-m", m, "--temperature", "0", "--max-new-tokens", "8").stdout
+           for m in (adapter, merged)]
+    assert gen[0] == gen[1]
+
+    # the base changed: refused; the base gone: refused
+    weights = load_file(base / "model.safetensors")
+    weights["norm_f.weight"] = weights["norm_f.weight"] + 1
+    save_file(weights, base / "model.safetensors")
+    changed = run_cli("generate", "hi", "-m", adapter)
+    assert changed.returncode == 1 and "adapter of a different model" in changed.stderr
+    shutil.rmtree(base)
+    missing = run_cli("generate", "hi", "-m", adapter)
+    assert missing.returncode == 1 and "which is missing" in missing.stderr and "Traceback" not in missing.stderr
+    assert json.loads(run_cli("info", merged, "--json").stdout)["parameters"] == base_model.num_params()
