@@ -253,33 +253,42 @@ def generate(
 
 @app.command("eval")
 def evaluate(
-    files: Annotated[list[str], typer.Argument(help="Text files to score")],
-    model: ModelOption = None,
-    batch_size: Annotated[int, typer.Option(help="Windows scored at once")] = 8,
-    as_json: Annotated[bool, typer.Option("--json", help="One JSON object a file on stdout")] = False,
+    files: Annotated[list[str], typer.Argument(
+        help="Text files to score, and multiple-choice task files: .jsonl with context, choices, answer a line")],
+    models: Annotated[Optional[list[Path]], typer.Option(
+        "--model", "-m", help="Checkpoint directory, repeatable: one table row a model [default: the shipped model, "
+        "or $LLM_MODEL]", show_default=False)] = None,
+    stride: Annotated[Optional[int], typer.Option(
+        help="Tokens between sliding windows over a text file: each window scores only its last STRIDE tokens, so "
+        "every token sees at least context - stride before it; = context is fastest [default: context/2]",
+        show_default=False)] = None,
+    batch_size: Annotated[int, typer.Option(help="Windows (or choices) scored at once")] = 8,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object a (model, file) pair on stdout")] = False,
 ):
-    """Loss, perplexity and bits per byte of a model on text files, scored in windows of its context."""
-    from rich.table import Table
-
-    from llmcli.checkpoint import load_checkpoint
+    """Bits per byte, loss and perplexity on text files; accuracy on multiple-choice task files. Several --model
+    give one table, a row a model: bits per byte compares models whatever their tokenizers."""
+    from llmcli.checkpoint import default_model_path, load_checkpoint
     from llmcli.evaluate import evaluate_file
-    from llmcli.progress import console
+    from llmcli.tasks import evaluate_task, is_task_file
 
-    net, tok, _ = load_checkpoint(model)
-    results = [evaluate_file(net, tok, f, batch_size) for f in files]
-    if as_json:
-        for result in results:
-            print(json.dumps(result))
-        return
-    table = Table(title=f"context {net.config.context} tokens")
-    for column in ("file", "tokens", "loss", "perplexity", "bits/byte", "tokens/s"):
-        table.add_column(column, justify="left" if column == "file" else "right", overflow="fold")
-    for r in results:
-        table.add_row(r["file"], f"{r['tokens']:,}", f"{r['loss']:.4f}", f"{r['perplexity']:.2f}",
-                      f"{r['bits_per_byte']:.4f}", f"{r['tokens_per_s']:,}")
-    from rich.console import Console
+    from llmcli.data import check_text_file
 
-    Console().print(table)  # the table is the result: stdout
+    for f in files:
+        check_text_file(f)  # before loading any model
+    results = []
+    for path in models or [default_model_path()]:
+        net, tok, _ = load_checkpoint(path)
+        for f in files:
+            result = (evaluate_task(net, tok, f, batch_size) if is_task_file(f)
+                      else evaluate_file(net, tok, f, batch_size, stride))
+            results.append({"model": str(path), **result})
+            if as_json:
+                print(json.dumps(results[-1]), flush=True)
+        del net
+    if not as_json:
+        from llmcli.report import print_eval_tables
+
+        print_eval_tables(results)
 
 
 @app.command()

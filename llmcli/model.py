@@ -229,8 +229,9 @@ class Transformer(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def forward(self, idx: torch.Tensor, pos: int = 0) -> torch.Tensor:
-        """Logits (B, T, vocab) for token ids idx (B, T) that sit at positions pos..pos+T of the sequence."""
+    def forward(self, idx: torch.Tensor, pos: int = 0, hidden: bool = False) -> torch.Tensor:
+        """Logits (B, T, vocab) for token ids idx (B, T) that sit at positions pos..pos+T of the sequence;
+        with hidden=True the final normalised hidden states (B, T, n_embd) instead (for embeddings)."""
         T = idx.size(1)
         if pos + T > self.config.context:
             raise ValueError(f"sequence of {pos + T} tokens is longer than the context ({self.config.context})")
@@ -246,6 +247,8 @@ class Transformer(nn.Module):
         for block in self.blocks:
             x = block(x, pos, rope)
         x = self.norm_f(x)
+        if hidden:
+            return x
         if self.config.tie_embeddings:
             return F.linear(x, self.token_embedding.weight)  # the output head shares the embedding matrix
         return self.lm_head(x)
