@@ -291,6 +291,72 @@ def evaluate(
         print_eval_tables(results)
 
 
+PoolingOption = Annotated[str, typer.Option(
+    help="How hidden states become one vector: mean (of the text's tokens) or last (the last token's)")]
+
+
+@app.command()
+def embed(
+    source: Annotated[str, typer.Argument(help="Text file, one text a line, or .jsonl records; '-' for stdin")] = "-",
+    model: ModelOption = None,
+    pooling: PoolingOption = "mean",
+    field: Annotated[Optional[str], typer.Option(
+        help="Read JSONL records and embed this field (a .jsonl file reads 'text' without it)", show_default=False)
+    ] = None,
+    out: Annotated[Optional[Path], typer.Option(
+        "--out", "-o", help="Write all embeddings to this .npy or .safetensors file (prints its path) instead of "
+        "one JSON array a line", show_default=False)] = None,
+    batch_size: Annotated[int, typer.Option(help="Texts embedded at once")] = 32,
+):
+    """One embedding a line (or record): the model's final hidden states, pooled, scaled to unit length."""
+    from llmcli.checkpoint import default_model_path, load_checkpoint
+    from llmcli.embed import check_pooling, embed_texts, read_texts, write_embeddings
+
+    check_pooling(pooling)
+    texts = read_texts(source, field)
+    net, tok, _ = load_checkpoint(model)
+    vectors = embed_texts(net, tok, texts, pooling, batch_size)
+    if out is not None:
+        write_embeddings(vectors, out, {"model": str(model or default_model_path()), "pooling": pooling})
+        print(out)
+        return
+    for v in vectors:
+        print(json.dumps([round(float(x), 6) for x in v]))
+
+
+@app.command()
+def search(
+    query: Annotated[str, typer.Argument(help="What to look for")],
+    docs: Annotated[Path, typer.Option(
+        help="Documents: .jsonl records ('text'), texts between <|endoftext|> lines, or else one a line")],
+    model: ModelOption = None,
+    k: Annotated[int, typer.Option("--top-k", "-k", help="How many documents to show")] = 5,
+    pooling: PoolingOption = "mean",
+    as_json: Annotated[bool, typer.Option("--json", help='One {"rank", "score", "doc", "text"} object a line')
+                       ] = False,
+):
+    """The documents most similar to the query by cosine of embeddings, best first: rank, score, document number
+    (from 1) and its start. Document embeddings are cached next to the file."""
+    from llmcli.checkpoint import default_model_path, load_checkpoint
+    from llmcli.embed import check_pooling, embed_texts
+    from llmcli.search import doc_embeddings, read_docs, top_k
+
+    check_pooling(pooling)
+    if not query.strip():
+        raise LLMError("the query is empty")
+    if k < 1:
+        raise LLMError("--top-k must be at least 1")
+    texts = read_docs(docs)
+    net, tok, _ = load_checkpoint(model)
+    vectors = doc_embeddings(net, tok, Path(model or default_model_path()), docs, texts, pooling)
+    for rank, (i, score) in enumerate(top_k(embed_texts(net, tok, [query], pooling)[0], vectors, k), start=1):
+        if as_json:
+            print(json.dumps({"rank": rank, "score": round(score, 6), "doc": i + 1, "text": texts[i]}))
+        else:
+            start = " ".join(texts[i].split())
+            print(f"{rank}\t{score:.4f}\t{i + 1}\t{start[:100] + '...' if len(start) > 100 else start}")
+
+
 @app.command()
 def plot(
     runs: Annotated[list[Path], typer.Argument(help="Training run directories (with metrics.jsonl)")],
