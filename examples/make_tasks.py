@@ -4,8 +4,9 @@
 
 next_sentence.jsonl: the opening sentences of a TinyStories validation story; which of four sentences comes next
   (the real one, or a sentence from the middle of another story). Chance 0.25.
-shakespeare.jsonl: three lines of a Shakespeare play; which of two passages continues it (the play's next three
-  lines, or three sentences of a story of about the same length). Chance 0.5.
+shakespeare.jsonl: three lines of a Shakespeare play; which of two passages continues it (the play's next two
+  lines, or two consecutive sentences of a story). Chance 0.5.
+Every choice is at most 110 characters, so that it fits the context of the smallest models.
 """
 
 import argparse
@@ -24,12 +25,16 @@ def stories(path: Path) -> list[list[str]]:
     return [re.split(r"(?<=[.!?])\s+", " ".join(d.split())) for d in docs]
 
 
+MAX_CHOICE = 110  # characters: a choice fits the context of the smallest (nano, 64-token) models
+
+
 def next_sentence(docs: list[list[str]], n: int, rng: random.Random) -> list[dict]:
-    usable = [d for d in docs if len(d) >= 4]
-    middles = [s for d in usable for s in d[1:-1]]
+    short = lambda s: len(s) <= MAX_CHOICE  # noqa: E731
+    usable = [d for d in docs if len(d) >= 4 and any(short(s) for s in d[2:])]
+    middles = [s for d in usable for s in d[1:-1] if short(s)]
     examples = []
     for story in rng.sample(usable, min(n, len(usable))):
-        k = rng.randrange(2, len(story))
+        k = rng.choice([k for k in range(2, len(story)) if short(story[k])])
         real = story[k]
         others = [s for s in rng.sample(middles, 10) if s not in story][:3]
         choices = [" " + s for s in [real, *others]]
@@ -39,20 +44,21 @@ def next_sentence(docs: list[list[str]], n: int, rng: random.Random) -> list[dic
 
 
 def shakespeare(lines: list[str], docs: list[list[str]], n: int, rng: random.Random) -> list[dict]:
-    # passages: six consecutive non-empty lines that do not cross a blank line (one speech or exchange)
+    # passages: five consecutive non-empty lines that do not cross a blank line (one speech or exchange)
     blocks, current = [], []
     for line in lines + [""]:
         if line.strip():
             current.append(line)
         else:
-            blocks += [current[i:i + 6] for i in range(0, len(current) - 5, 6)]
+            blocks += [current[i:i + 5] for i in range(0, len(current) - 4, 5)]
             current = []
+    blocks = [b for b in blocks if len("\n".join(b[3:])) <= MAX_CHOICE]
+    pairs = [" ".join(d[i:i + 2]) for d in docs for i in range(len(d) - 1)]
+    pairs = [p for p in pairs if len(p) <= MAX_CHOICE]
     examples = []
     for block in rng.sample(blocks, min(n, len(blocks))):
         context, real = "\n".join(block[:3]) + "\n", "\n".join(block[3:])
-        story = rng.choice([d for d in docs if len(d) >= 3])
-        start = rng.randrange(0, len(story) - 2)
-        other = " ".join(story[start:start + 3])
+        other = rng.choice(pairs)
         choices = [real, other]
         rng.shuffle(choices)
         examples.append({"context": context, "choices": choices, "answer": choices.index(real)})

@@ -14,7 +14,7 @@ from conftest import run_cli
 @pytest.fixture(scope="module")
 def text_file(shakespeare_slice, tmp_path_factory):
     path = tmp_path_factory.mktemp("text") / "speech.txt"
-    path.write_text(shakespeare_slice.read_text()[100_000:101_500])
+    path.write_text(shakespeare_slice.read_text()[100_000:100_800])
     return path
 
 
@@ -101,19 +101,27 @@ def _bad(*args, input=None):
 
 
 def test_bad_eval_input(nano_checkpoint, text_file, tmp_path):
-    empty = tmp_path / "empty.txt"
-    empty.write_text("")
-    assert "has no text to score" in _bad("eval", "-m", nano_checkpoint, empty)
+    from llmcli.errors import LLMError
+    from llmcli.tasks import read_task
+
     task = tmp_path / "task.jsonl"
     good = json.dumps({"context": "a", "choices": [" b", " c"], "answer": 0})
     for body, message in [("", "has no examples"),
                           (good + "\n[1, 2]\n", "line 2 is a JSON list"),
                           (good + "\n\n" + json.dumps({"context": "a", "choices": [" b", " c"]}),
                            "line 3 lacks the field 'answer'"),
-                          (json.dumps({"context": "a", "choices": [" b", " c"], "answer": 2}), "line 1: answer 2 is out of range"),
-                          (json.dumps({"context": "a", "choices": [" b" * 100, " c"], "answer": 0}), "longer than the model's context")]:
+                          (good + "\n{oops", "line 2 is not JSON")]:
         task.write_text(body)
-        assert message in _bad("eval", "-m", nano_checkpoint, task)
+        with pytest.raises(LLMError, match=message):
+            read_task(task)
+    # and through the command
+    task.write_text(good + "\n" + json.dumps({"context": "a", "choices": [" b", " c"], "answer": 2}))
+    assert "line 2: answer 2 is out of range for 2 choices" in _bad("eval", "-m", nano_checkpoint, task)
+    task.write_text(json.dumps({"context": "a", "choices": [" b" * 100, " c"], "answer": 0}))
+    assert "longer than the model's context" in _bad("eval", "-m", nano_checkpoint, task)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    assert "has no text to score" in _bad("eval", "-m", nano_checkpoint, empty)
     assert "--stride must be between 1 and the model's context (64)" in _bad(
         "eval", "-m", nano_checkpoint, text_file, "--stride", "65")
 
