@@ -8,6 +8,8 @@ from rich.table import Table
 
 def print_eval_tables(results: list[dict]):
     console = Console()
+    if not console.is_terminal:  # a pipe or a file: wide enough that paths are not folded
+        console = Console(width=160)
     text = [r for r in results if "bits_per_byte" in r]
     tasks = [r for r in results if "accuracy" in r]
     models = list(dict.fromkeys(r["model"] for r in results))
