@@ -256,11 +256,11 @@ def evaluate(
     files: Annotated[list[str], typer.Argument(
         help="Text files to score, and multiple-choice task files: .jsonl with context, choices, answer a line")],
     models: Annotated[Optional[list[Path]], typer.Option(
-        "--model", "-m", help="Checkpoint directory, repeatable: one table row a model [default: the shipped model, "
-        "or $LLM_MODEL]", show_default=False)] = None,
+        "--model", "-m", help="Checkpoint directory, repeatable: one table row a model (default: the shipped model, "
+        "or $LLM_MODEL)", show_default=False)] = None,
     stride: Annotated[Optional[int], typer.Option(
         help="Tokens between sliding windows over a text file: each window scores only its last STRIDE tokens, so "
-        "every token sees at least context - stride before it; = context is fastest [default: context/2]",
+        "every token sees at least context - stride before it; = context is fastest (default: half the context)",
         show_default=False)] = None,
     batch_size: Annotated[int, typer.Option(help="Windows (or choices) scored at once")] = 8,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object a (model, file) pair on stdout")] = False,
