@@ -268,10 +268,9 @@ def evaluate(
     """Bits per byte, loss and perplexity on text files; accuracy on multiple-choice task files. Several --model
     give one table, a row a model: bits per byte compares models whatever their tokenizers."""
     from llmcli.checkpoint import default_model_path, load_checkpoint
+    from llmcli.data import check_text_file
     from llmcli.evaluate import evaluate_file
     from llmcli.tasks import evaluate_task, is_task_file
-
-    from llmcli.data import check_text_file
 
     for f in files:
         check_text_file(f)  # before loading any model
