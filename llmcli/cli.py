@@ -315,6 +315,9 @@ def embed(
     texts = read_texts(source, field)
     net, tok, _ = load_checkpoint(model)
     vectors = embed_texts(net, tok, texts, pooling, batch_size)
+    from llmcli.progress import log
+
+    log(f"{len(vectors)} embeddings of {vectors.shape[1]} dimensions, {pooling} pooling")
     if out is not None:
         write_embeddings(vectors, out, {"model": str(model or default_model_path()), "pooling": pooling})
         print(out)
