@@ -175,3 +175,13 @@ def test_search_finds_the_document_and_caches(nano_checkpoint, shakespeare_slice
     assert "cached the document embeddings" in changed.stderr
     assert len(list(tmp_path.glob(".docs.txt.*.embeddings.safetensors"))) == 2
     assert "the query is empty" in _bad("search", " ", "--docs", docs, "-m", nano_checkpoint)
+
+
+def test_task_files_are_told_from_text_files(tmp_path):
+    from llmcli.tasks import is_task_file
+
+    corpus, task, text = tmp_path / "corpus.jsonl", tmp_path / "task.jsonl", tmp_path / "task.txt"
+    corpus.write_text('{"text": "Once upon a time"}\n')
+    task.write_text('\n{"context": "a", "choices": [" b", " c"], "answer": 0}\n')
+    text.write_text(task.read_text())
+    assert not is_task_file(corpus) and is_task_file(task) and not is_task_file(text)
