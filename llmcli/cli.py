@@ -312,6 +312,8 @@ def embed(
     from llmcli.embed import check_pooling, embed_texts, read_texts, write_embeddings
 
     check_pooling(pooling)
+    if out is not None and out.suffix not in (".npy", ".safetensors"):
+        raise LLMError(f"cannot write {out}: the output file must end in .npy or .safetensors")
     texts = read_texts(source, field)
     net, tok, _ = load_checkpoint(model)
     vectors = embed_texts(net, tok, texts, pooling, batch_size)
