@@ -133,10 +133,13 @@ def test_embed(nano_checkpoint, tmp_path):
     vectors = np.array([json.loads(line) for line in out.stdout.splitlines()])
     assert vectors.shape == (4, 64)
     assert np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-4)
-    alone = np.array(json.loads(run_cli("embed", "-m", nano_checkpoint, input="ROMEO:\n").stdout))
+    from llmcli.checkpoint import load_checkpoint
+    from llmcli.embed import embed_texts
+
+    model, tok, _ = load_checkpoint(nano_checkpoint)
+    alone = embed_texts(model, tok, ["ROMEO:"])[0]
     assert np.allclose(alone, vectors[1], atol=1e-5)  # padding in a batch does not change an embedding
-    last = np.array([json.loads(line) for line in
-                     run_cli("embed", "-m", nano_checkpoint, "--pooling", "last", input=texts).stdout.splitlines()])
+    last = embed_texts(model, tok, texts.splitlines(), pooling="last")
     assert not np.allclose(last, vectors, atol=1e-3)
 
     records = tmp_path / "records.jsonl"
