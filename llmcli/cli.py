@@ -436,40 +436,119 @@ def chat(
 
 @app.command("eval")
 def evaluate(
-    files: Annotated[list[str], typer.Argument(help="Text files to score")],
-    model: ModelOption = None,
-    batch_size: Annotated[int, typer.Option(help="Windows scored at once")] = 8,
-    as_json: Annotated[bool, typer.Option("--json", help="One JSON object a file on stdout")] = False,
+    files: Annotated[list[str], typer.Argument(
+        help="Text files to score, and multiple-choice task files: .jsonl with context, choices, answer a line")],
+    models: Annotated[Optional[list[Path]], typer.Option(
+        "--model", "-m", help="Checkpoint directory, repeatable: one table row a model (default: the shipped model, "
+        "or $LLM_MODEL)", show_default=False)] = None,
+    stride: Annotated[Optional[int], typer.Option(
+        help="Tokens between sliding windows over a text file: each window scores only its last STRIDE tokens, so "
+        "every token sees at least context - stride before it; = context is fastest (default: half the context)",
+        show_default=False)] = None,
+    batch_size: Annotated[int, typer.Option(help="Windows (or choices) scored at once")] = 8,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object a (model, file) pair on stdout")] = False,
 ):
-    """Loss, perplexity and bits per byte of a model on text files, scored in windows of its context."""
-    from rich.table import Table
-
-    from llmcli.checkpoint import load_checkpoint
+    """Bits per byte, loss and perplexity on text files; accuracy on multiple-choice task files. Several --model
+    give one table, a row a model: bits per byte compares models whatever their tokenizers."""
+    from llmcli.checkpoint import default_model_path, load_checkpoint
+    from llmcli.data import check_text_file
     from llmcli.evaluate import evaluate_file
-    from llmcli.progress import console
+    from llmcli.tasks import evaluate_task, is_task_file
 
-    net, tok, config = load_checkpoint(model)
-    if config.get("task") == "classify":  # labelled JSONL: accuracy, macro F1, confusion matrix (llmcli.classify)
-        from llmcli.classify import evaluate_classifier, print_report
+    for f in files:
+        check_text_file(f)  # before loading any model
+    results = []
+    for path in models or [default_model_path()]:
+        net, tok, config = load_checkpoint(path)
+        if config.get("task") == "classify":  # labelled JSONL: accuracy, macro F1, confusion matrix
+            from llmcli.classify import evaluate_classifier, print_report
 
+            for f in files:
+                result = evaluate_classifier(net, tok, config["labels"], f)
+                print(json.dumps({"model": str(path), **result})) if as_json else print_report(result)
+            continue
         for f in files:
-            result = evaluate_classifier(net, tok, config["labels"], f)
-            print(json.dumps(result)) if as_json else print_report(result)
-        return
-    results = [evaluate_file(net, tok, f, batch_size) for f in files]
-    if as_json:
-        for result in results:
-            print(json.dumps(result))
-        return
-    table = Table(title=f"context {net.config.context} tokens")
-    for column in ("file", "tokens", "loss", "perplexity", "bits/byte", "tokens/s"):
-        table.add_column(column, justify="left" if column == "file" else "right", overflow="fold")
-    for r in results:
-        table.add_row(r["file"], f"{r['tokens']:,}", f"{r['loss']:.4f}", f"{r['perplexity']:.2f}",
-                      f"{r['bits_per_byte']:.4f}", f"{r['tokens_per_s']:,}")
-    from rich.console import Console
+            result = (evaluate_task(net, tok, f, batch_size) if is_task_file(f)
+                      else evaluate_file(net, tok, f, batch_size, stride))
+            results.append({"model": str(path), **result})
+            if as_json:
+                print(json.dumps(results[-1]), flush=True)
+        del net
+    if results and not as_json:
+        from llmcli.report import print_eval_tables
 
-    Console().print(table)  # the table is the result: stdout
+        print_eval_tables(results)
+
+
+PoolingOption = Annotated[str, typer.Option(
+    help="How hidden states become one vector: mean (of the text's tokens) or last (the last token's)")]
+
+
+@app.command()
+def embed(
+    source: Annotated[str, typer.Argument(help="Text file, one text a line, or .jsonl records; '-' for stdin")] = "-",
+    model: ModelOption = None,
+    pooling: PoolingOption = "mean",
+    field: Annotated[Optional[str], typer.Option(
+        help="Read JSONL records and embed this field (a .jsonl file reads 'text' without it)", show_default=False)
+    ] = None,
+    out: Annotated[Optional[Path], typer.Option(
+        "--out", "-o", help="Write all embeddings to this .npy or .safetensors file (prints its path) instead of "
+        "one JSON array a line", show_default=False)] = None,
+    batch_size: Annotated[int, typer.Option(help="Texts embedded at once")] = 32,
+):
+    """One embedding a line (or record): the model's final hidden states, pooled, scaled to unit length."""
+    from llmcli.checkpoint import default_model_path, load_checkpoint
+    from llmcli.embed import check_pooling, embed_texts, read_texts, write_embeddings
+
+    check_pooling(pooling)
+    if out is not None and out.suffix not in (".npy", ".safetensors"):
+        raise LLMError(f"cannot write {out}: the output file must end in .npy or .safetensors")
+    texts = read_texts(source, field)
+    net, tok, _ = load_checkpoint(model)
+    vectors = embed_texts(net, tok, texts, pooling, batch_size)
+    from llmcli.progress import log
+
+    log(f"{len(vectors)} embeddings of {vectors.shape[1]} dimensions, {pooling} pooling")
+    if out is not None:
+        write_embeddings(vectors, out, {"model": str(model or default_model_path()), "pooling": pooling})
+        print(out)
+        return
+    for v in vectors:
+        print(json.dumps([round(float(x), 6) for x in v]))
+
+
+@app.command()
+def search(
+    query: Annotated[str, typer.Argument(help="What to look for")],
+    docs: Annotated[Path, typer.Option(
+        help="Documents: .jsonl records ('text'), texts between <|endoftext|> lines, or else one a line")],
+    model: ModelOption = None,
+    k: Annotated[int, typer.Option("--top-k", "-k", help="How many documents to show")] = 5,
+    pooling: PoolingOption = "mean",
+    as_json: Annotated[bool, typer.Option("--json", help='One {"rank", "score", "doc", "text"} object a line')
+                       ] = False,
+):
+    """The documents most similar to the query by cosine of embeddings, best first: rank, score, document number
+    (from 1) and its start. Document embeddings are cached next to the file."""
+    from llmcli.checkpoint import default_model_path, load_checkpoint
+    from llmcli.embed import check_pooling, embed_texts
+    from llmcli.search import doc_embeddings, read_docs, top_k
+
+    check_pooling(pooling)
+    if not query.strip():
+        raise LLMError("the query is empty")
+    if k < 1:
+        raise LLMError("--top-k must be at least 1")
+    texts = read_docs(docs)
+    net, tok, _ = load_checkpoint(model)
+    vectors = doc_embeddings(net, tok, Path(model or default_model_path()), docs, texts, pooling)
+    for rank, (i, score) in enumerate(top_k(embed_texts(net, tok, [query], pooling)[0], vectors, k), start=1):
+        if as_json:
+            print(json.dumps({"rank": rank, "score": round(score, 6), "doc": i + 1, "text": texts[i]}))
+        else:
+            start = " ".join(texts[i].split())
+            print(f"{rank}\t{score:.4f}\t{i + 1}\t{start[:100] + '...' if len(start) > 100 else start}")
 
 
 @app.command()

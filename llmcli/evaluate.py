@@ -1,9 +1,12 @@
 """Language-model evaluation: loss, perplexity and bits per byte of a checkpoint on a text file.
 
-The file is tokenized as in training (each document after an end-of-text token) and scored in consecutive windows
-of the model's context, in batches and without gradients. Every token but the first is predicted exactly once.
-Bits per byte divides the total loss in bits by the UTF-8 bytes of the file, so it compares models whatever their
-tokenizers.
+The file is tokenized as in training (each document after an end-of-text token) and scored with a sliding window:
+windows of the model's context start every `stride` tokens, and each scores only the tokens the windows before it
+did not, so every token but the first is predicted exactly once, and (past the first window) with at least
+context - stride tokens before it. stride = context is the fast, consecutive-window score; smaller strides give each
+token more context and cost context/stride times as much. The last window is moved back to end at the file's end so
+that all windows have one length and batch together. Bits per byte divides the total loss in bits by the UTF-8
+bytes of the file, so it compares models whatever their tokenizers.
 """
 
 import math
@@ -29,31 +32,54 @@ def tokenize_file(tokenizer: Tokenizer, path: str) -> list[int]:
     return ids
 
 
+def default_stride(context: int) -> int:
+    return max(1, context // 2)
+
+
+def windows(n_tokens: int, context: int, stride: int) -> list[tuple[int, int]]:
+    """(start, first scored offset) of each window over n_tokens tokens: window s feeds tokens[s:s+L] and predicts
+    tokens[s+1:s+L+1], L = min(context, n_tokens - 1), scoring the predictions from offset on."""
+    length = min(context, n_tokens - 1)
+    last = n_tokens - 1 - length  # start of the window that ends at the end of the file
+    result, scored_to = [], 0  # predictions of tokens[1..scored_to] are done
+    start = 0
+    while True:
+        start = min(start, last)
+        result.append((start, scored_to - start))
+        scored_to = start + length
+        if start == last:
+            return result
+        start += stride
+
+
 @torch.no_grad()
-def evaluate_file(model: Transformer, tokenizer: Tokenizer, path: str, batch_size: int = 8) -> dict:
+def evaluate_file(model: Transformer, tokenizer: Tokenizer, path: str, batch_size: int = 8,
+                  stride: int | None = None) -> dict:
     path = str(data.check_text_file(path))
+    context = model.config.context
+    stride = default_stride(context) if stride is None else stride
+    if not 1 <= stride <= context:
+        raise LLMError(f"--stride must be between 1 and the model's context ({context}), got {stride}")
     n_bytes = os.path.getsize(path)
     started = time.perf_counter()
     ids = tokenize_file(tokenizer, path)
     if len(ids) < 2:
         raise LLMError(f"{path} has no text to score" if n_bytes == 0 or not ids else f"{path} is too short to score")
-    context = model.config.context
     tokens = torch.tensor(ids, dtype=torch.long)
-    # window at s: inputs tokens[s:s+context], targets one further; full windows in batches, then the short tail
-    n_full = (len(ids) - 1) // context
-    starts = [i * context for i in range(n_full)]
-    batches = [starts[b:b + batch_size] for b in range(0, n_full, batch_size)]
-    if (len(ids) - 1) % context:
-        batches.append([n_full * context])
+    plan = windows(len(ids), context, stride)
+    length = min(context, len(ids) - 1)
+    positions = torch.arange(length)
     total_nll = 0.0
-    with progress_bar("scoring", len(batches)) as update:
-        for group in batches:
-            n = min(context, len(ids) - 1 - group[0])
-            inputs = torch.stack([tokens[s:s + n] for s in group])
-            targets = torch.stack([tokens[s + 1:s + n + 1] for s in group])
+    with progress_bar("scoring", len(plan)) as update:
+        for b in range(0, len(plan), batch_size):
+            group = plan[b:b + batch_size]
+            inputs = torch.stack([tokens[s:s + length] for s, _ in group])
+            targets = torch.stack([tokens[s + 1:s + length + 1] for s, _ in group])
             logits = model(inputs)
-            total_nll += F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum").item()
-            update(advance=1)
+            nll = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none")
+            scored = positions[None, :] >= torch.tensor([offset for _, offset in group])[:, None]
+            total_nll += nll.view(len(group), length)[scored].sum().item()
+            update(advance=len(group))
     n_predicted = len(ids) - 1
     loss = total_nll / n_predicted
     return {
@@ -64,5 +90,7 @@ def evaluate_file(model: Transformer, tokenizer: Tokenizer, path: str, batch_siz
         "perplexity": math.exp(loss),
         "bits_per_byte": total_nll / math.log(2) / n_bytes,
         "context": context,
+        "stride": stride,
+        "windows": len(plan),
         "tokens_per_s": round(n_predicted / (time.perf_counter() - started)),
     }

@@ -1,0 +1,77 @@
+"""Semantic search: rank the documents of a file by the cosine similarity of their embeddings to a query's.
+
+Documents are the records of a .jsonl file (field `text`), the texts between `<|endoftext|>` lines of a file that
+has such lines, or else the non-empty lines of the file. Their embeddings are cached next to the file, in
+`.NAME.KEY.embeddings.safetensors`, KEY a hash of the file's bytes, the model's files and the pooling: a second
+search of the same file with the same model embeds only the query.
+"""
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+
+from llmcli import data
+from llmcli.errors import LLMError
+from llmcli.embed import embed_texts
+from llmcli.progress import log
+
+
+def read_docs(path: Path) -> list[str]:
+    data.check_text_file(path)
+    if path.suffix == ".jsonl":
+        docs = list(data.read_documents([path]))
+    elif any(line.strip() == data.DOC_SEPARATOR for line in data.read_lines(path)):
+        docs = [d for d in data.read_documents([path]) if d.strip()]
+    else:
+        docs = [line for line in data.read_lines(path) if line.strip()]
+    if not docs:
+        raise LLMError(f"{path} has no documents to search")
+    return docs
+
+
+def model_key(model_dir: Path) -> str:
+    """A hash that changes when the model's files do (their names, sizes and modification times; cheap)."""
+    h = hashlib.sha256(str(model_dir.resolve()).encode())
+    for f in sorted(model_dir.iterdir()):
+        if f.is_file() and f.suffix in (".safetensors", ".yaml", ".json", ".model"):
+            st = f.stat()
+            h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()
+
+
+def cache_path(docs_path: Path, model_dir: Path, pooling: str) -> Path:
+    h = hashlib.sha256(docs_path.read_bytes())
+    h.update(model_key(model_dir).encode() + pooling.encode())
+    return docs_path.with_name(f".{docs_path.name}.{h.hexdigest()[:16]}.embeddings.safetensors")
+
+
+def doc_embeddings(model, tokenizer, model_dir: Path, docs_path: Path, docs: list[str], pooling: str) -> np.ndarray:
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    from llmcli.embed import write_embeddings
+
+    cache = cache_path(docs_path, model_dir, pooling)
+    if cache.is_file():
+        try:
+            vectors = load_file(str(cache))["embeddings"]
+            if len(vectors) == len(docs):
+                log(f"document embeddings from the cache {cache}")
+                return vectors
+        except (SafetensorError, OSError, KeyError):
+            pass  # a damaged cache is rebuilt
+    vectors = embed_texts(model, tokenizer, docs, pooling)
+    try:
+        write_embeddings(vectors, cache, {"docs": docs_path.name, "model": str(model_dir), "pooling": pooling})
+        log(f"cached the document embeddings in {cache}")
+    except LLMError as e:
+        log(f"not cached: {e}")
+    return vectors
+
+
+def top_k(query: np.ndarray, vectors: np.ndarray, k: int) -> list[tuple[int, float]]:
+    """(document index, cosine) of the k most similar documents, best first; vectors are unit length."""
+    scores = vectors @ query
+    best = np.argsort(-scores, kind="stable")[:k]
+    return [(int(i), float(scores[i])) for i in best]
