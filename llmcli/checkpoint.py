@@ -70,7 +70,7 @@ def load_checkpoint(path: str | Path | None = None, device: str = "cpu"):
     import torch
     from safetensors import SafetensorError, safe_open
 
-    from llmcli.model import ModelConfig, Transformer
+    from llmcli.model import ModelConfig, Transformer, meta_device
 
     directory = Path(path) if path is not None else default_model_path()
     if not directory.exists():
@@ -103,7 +103,7 @@ def load_checkpoint(path: str | Path | None = None, device: str = "cpu"):
         from llmcli.classify import Classifier
 
         model_class, extra = Classifier, {"n_labels": len(config["labels"])}
-    with torch.device("meta"):
+    with meta_device():
         expected = {k: tuple(v.shape) for k, v in model_class(model_config, **extra).state_dict().items()}
     try:
         with safe_open(directory / MODEL_FILE, framework="pt") as f:
@@ -137,7 +137,7 @@ def checkpoint_info(path: str | Path | None = None) -> dict:
     from safetensors import SafetensorError, safe_open
 
     from llmcli.hf import hf_family, is_hf_folder, model_settings_from_hf, read_hf_config, weight_files
-    from llmcli.model import ModelConfig, Transformer
+    from llmcli.model import ModelConfig, Transformer, meta_device
     from llmcli.tokenizer import load_tokenizer
 
     directory = Path(path) if path is not None else default_model_path()
@@ -155,7 +155,7 @@ def checkpoint_info(path: str | Path | None = None) -> dict:
         config = ModelConfig(**settings)
     except (TypeError, ValueError) as e:
         raise LLMError(f"{directory}: bad model settings: {e}") from None
-    with torch.device("meta"):
+    with meta_device():
         parameters = Transformer(config).num_params()
     dtypes = set()
     try:

@@ -185,7 +185,7 @@ def load_hf_folder(directory: Path, device: str = "cpu"):
     import torch
     from safetensors import SafetensorError, safe_open
 
-    from llmcli.model import ModelConfig, Transformer
+    from llmcli.model import ModelConfig, Transformer, meta_device
     from llmcli.tokenizer import load_tokenizer
 
     hf = read_hf_config(directory)
@@ -202,7 +202,7 @@ def load_hf_folder(directory: Path, device: str = "cpu"):
     if family == "gpt2":  # the original GPT-2 files name their tensors without the "transformer." prefix
         files = {(n if n.startswith(("transformer.", "lm_head.")) else f"transformer.{n}"): p for n, p in files.items()}
 
-    with torch.device("meta"):
+    with meta_device():
         expected = {k: tuple(v.shape) for k, v in Transformer(model_config).state_dict().items()}
     with ExitStack() as stack:
         try:

@@ -7,6 +7,7 @@ attention, biases. A preallocated KV cache makes decoding one token cost one tok
 """
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -184,6 +185,23 @@ class Block(nn.Module):
         return x + self.mlp(self.norm_2(x))
 
 
+@contextmanager
+def meta_device():
+    """Modules built inside have shapes but no memory and no random init, so building even a large one is instant.
+    nn.init's fill functions are switched off too: calling them on meta tensors imports torch._dynamo, which costs
+    more than a second of every cold start."""
+    names = ("normal_", "zeros_", "ones_", "uniform_", "kaiming_uniform_", "trunc_normal_")
+    saved = {name: getattr(nn.init, name) for name in names}
+    try:
+        for name in names:
+            setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
+        with torch.device("meta"):
+            yield
+    finally:
+        for name, function in saved.items():
+            setattr(nn.init, name, function)
+
+
 class Transformer(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -214,7 +232,7 @@ class Transformer(nn.Module):
     @classmethod
     def empty(cls, config: ModelConfig, device="cpu", **kwargs) -> "Transformer":
         """A model whose weights are uninitialised memory, for a checkpoint to fill: skips the random init."""
-        with torch.device("meta"):
+        with meta_device():
             model = cls(config, **kwargs)
         model.to_empty(device=device)
         for name, table in model.fixed_tables().items():
