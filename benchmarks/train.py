@@ -10,7 +10,6 @@ rate this machine measures at the start for the same precision.
 """
 
 import argparse
-import math
 import statistics
 import sys
 import time

@@ -67,7 +67,6 @@ def read_config(directory: Path) -> dict:
 
 def load_checkpoint(path: str | Path | None = None, device: str = "cpu"):
     """(model in eval mode, tokenizer, config dict) from a checkpoint directory; the shipped default when None."""
-    import torch
     from safetensors import SafetensorError, safe_open
 
     from llmcli.model import ModelConfig, Transformer, meta_device
@@ -133,10 +132,9 @@ def _describe_mismatch(expected: dict, found: dict) -> str:
 
 def checkpoint_info(path: str | Path | None = None) -> dict:
     """What a checkpoint (ours or a Hugging Face folder) holds, read from its headers without loading the weights."""
-    import torch
     from safetensors import SafetensorError, safe_open
 
-    from llmcli.hf import hf_family, is_hf_folder, model_settings_from_hf, read_hf_config, weight_files
+    from llmcli.hf import is_hf_folder, model_settings_from_hf, read_hf_config, weight_files
     from llmcli.model import ModelConfig, Transformer, meta_device
     from llmcli.tokenizer import load_tokenizer
 

@@ -364,16 +364,9 @@ def generate(
 
 def _jsonl_prompts(source: str):
     """The 'prompt' of each JSON object a line of source (a file, or '-' for stdin); blank lines are skipped."""
-    for number, line in enumerate(_input_lines(source), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise LLMError(f"line {number} of the input is not JSON: {e}") from None
-        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
-            raise LLMError(f"line {number} of the input has no \"prompt\" string")
-        yield record["prompt"]
+    from llmcli.data import jsonl_texts
+
+    return jsonl_texts(source, "prompt", option="a \"prompt\" in each record")
 
 
 @app.command()

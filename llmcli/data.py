@@ -93,19 +93,29 @@ def read_lines(path: str | Path) -> Iterator[str]:
             yield line.rstrip("\r\n")
 
 
-def _jsonl_texts(path: str, text_field: str) -> Iterator[str]:
+def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
+    """(line number, record) of each non-blank line of a JSON-lines file ('-': stdin); a line that is not a JSON
+    object is an error that names it."""
+    name = "<stdin>" if str(path) == "-" else path
     for number, line in enumerate(read_lines(path), start=1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
-            raise LLMError(f"{path}: line {number} is not JSON ({e.msg})") from None
-        if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
-            fields = ", ".join(map(str, record)) if isinstance(record, dict) else type(record).__name__
-            raise LLMError(f"{path}: line {number} has no text field '{text_field}' (it has: {fields}); "
-                           "choose the field with --text-field")
-        yield record[text_field]
+            raise LLMError(f"{name}: line {number} is not JSON ({e.msg})") from None
+        if not isinstance(record, dict):
+            raise LLMError(f"{name}: line {number} is a JSON {type(record).__name__}, not an object")
+        yield number, record
+
+
+def jsonl_texts(path: str | Path, field: str, option: str = "--text-field") -> Iterator[str]:
+    """The string `field` of each record of a JSON-lines file; a record without it is an error that names it."""
+    for number, record in read_jsonl(path):
+        if not isinstance(record.get(field), str):
+            raise LLMError(f"{'<stdin>' if str(path) == '-' else path}: line {number} has no text field '{field}' "
+                           f"(it has: {', '.join(record) or 'nothing'}); choose the field with {option}")
+        yield record[field]
 
 
 def document_pieces(paths: Iterable[str | Path], text_field: str = "text", separator: str = DOC_SEPARATOR,
@@ -114,7 +124,7 @@ def document_pieces(paths: Iterable[str | Path], text_field: str = "text", separ
     line), so that one huge file never has to sit in memory whole."""
     for path in paths:
         if str(path).endswith(".jsonl"):
-            for text in _jsonl_texts(str(path), text_field):
+            for text in jsonl_texts(str(path), text_field):
                 yield text, True
             continue
         lines: list[str] = []

@@ -8,7 +8,6 @@ Poolings: `mean` averages the states of the text's tokens; `last` takes the stat
 has seen the whole text). benchmarks/retrieval.py measures which retrieves better (mean, on the shipped model).
 """
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -64,26 +63,11 @@ def embed_texts(model: Transformer, tokenizer, texts: list[str], pooling: str = 
 
 def read_texts(source: str, field: str | None = None) -> list[str]:
     """The lines of a file ('-': stdin), or with field (or a .jsonl file) that field of each JSONL record."""
-    jsonl = field is not None or str(source).endswith(".jsonl")
-    field = field or "text"
     name = "<stdin>" if source == "-" else source
-    texts = []
-    for number, line in enumerate(data.read_lines(source), start=1):
-        if not jsonl:
-            texts.append(line)
-            continue
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise LLMError(f"{name}: line {number} is not JSON ({e.msg})") from None
-        if not isinstance(record, dict):
-            raise LLMError(f"{name}: line {number} is a JSON {type(record).__name__}, not an object")
-        if not isinstance(record.get(field), str):
-            raise LLMError(f"{name}: line {number} has no text field '{field}' (it has: "
-                           f"{', '.join(record) or 'nothing'}); choose the field with --field")
-        texts.append(record[field])
+    if field is not None or str(source).endswith(".jsonl"):
+        texts = list(data.jsonl_texts(source, field or "text", option="--field"))
+    else:
+        texts = list(data.read_lines(source))
     if not texts:
         raise LLMError(f"{name} is empty: nothing to embed")
     return texts

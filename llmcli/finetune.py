@@ -43,17 +43,7 @@ DEFAULTS = dict(max_steps=200, batch_size=16, lr=5e-4, warmup_steps=10, eval_int
 
 def read_records(path: str | Path) -> list[tuple[int, dict]]:
     """(line number, record) of a JSONL file; blank lines are skipped; a line that is not a JSON object is named."""
-    records = []
-    for number, line in enumerate(data.read_lines(path), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise LLMError(f"{path}:{number}: not a JSON record ({e.msg})") from None
-        if not isinstance(record, dict):
-            raise LLMError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
-        records.append((number, record))
+    records = list(data.read_jsonl(path))
     if not records:
         raise LLMError(f"{path} has no records: fine-tuning needs at least one")
     return records

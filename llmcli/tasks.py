@@ -47,16 +47,8 @@ def is_task_file(path: str | Path) -> bool:
 
 def read_task(path: str | Path) -> list[Example]:
     examples = []
-    for number, line in enumerate(data.read_lines(path), start=1):
-        if not line.strip():
-            continue
+    for number, record in data.read_jsonl(path):
         where = f"{path}: line {number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise LLMError(f"{where} is not JSON ({e.msg})") from None
-        if not isinstance(record, dict):
-            raise LLMError(f"{where} is a JSON {type(record).__name__}, not an object with {', '.join(FIELDS)}")
         missing = [k for k in FIELDS if k not in record]
         if missing:
             raise LLMError(f"{where} lacks the field '{missing[0]}' (a task line has {', '.join(FIELDS)})")

@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from conftest import ROOT, TINYSTORIES_VALID, run_cli
+from conftest import TINYSTORIES_VALID, run_cli
 from llmcli.checkpoint import DEFAULT_MODEL, load_checkpoint
 
 

@@ -71,7 +71,7 @@ def test_learns_a_tiny_instruction_set(tmp_path, nano_checkpoint):
 def test_bad_input_says_which_line(tmp_path, nano_checkpoint):
     cases = {
         "missing.jsonl": ('{"prompt": "a", "response": "b"}\n{"prompt": "c"}\n', "missing.jsonl:2: missing field 'response'"),
-        "bad.jsonl": ('{"prompt": "a", "response": "b"}\n\n{"prompt": oops}\n', "bad.jsonl:3: not a JSON record"),
+        "bad.jsonl": ('{"prompt": "a", "response": "b"}\n\n{"prompt": oops}\n', "bad.jsonl: line 3 is not JSON"),
         "empty.jsonl": ("\n", "has no records"),
         "nolabel.jsonl": ('{"text": "a", "label": "x"}\n{"text": "b", "label": "x"}\n', "needs at least two"),
         "role.jsonl": ('{"messages": [{"role": "bot", "content": "hi"}]}\n', "role.jsonl:1: each message needs"),

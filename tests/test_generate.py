@@ -142,9 +142,11 @@ def test_cli_bad_settings_say_one_line(nano_checkpoint, args, message):
 
 
 def test_cli_jsonl_input_errors(nano_checkpoint):
-    result = run_cli("generate", "-", "--input-format", "jsonl", "-m", nano_checkpoint, input='{"prompt": "a"}\n[1]\n')
-    assert result.returncode == 1 and "line 2" in result.stderr and "prompt" in result.stderr
-    assert "Traceback" not in result.stderr
+    for bad, message in (("[1]", "line 2 is a JSON list, not an object"), ('{"text": "b"}', "line 2 has no text field 'prompt'")):
+        result = run_cli("generate", "-", "--input-format", "jsonl", "-m", nano_checkpoint,
+                         input='{"prompt": "a"}\n' + bad + "\n")
+        assert result.returncode == 1 and message in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr
 
 
 def test_chat_repl_through_stdin(nano_checkpoint, tmp_path):
