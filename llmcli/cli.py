@@ -106,6 +106,9 @@ def pretrain(
         help="YAML file with 'model' and 'train' sections; options below override it")] = None,
     tokenizer: Annotated[Optional[Path], typer.Option(
         "--tokenizer", "-t", help="Use this tokenizer instead of training one on the corpus")] = None,
+    init: Annotated[Optional[Path], typer.Option(
+        help="Continue pretraining this checkpoint (ours or a Hugging Face folder): its weights, shape and "
+        "tokenizer", show_default=False)] = None,
     max_steps: Annotated[Optional[int], typer.Option(help="Training steps")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Sequences per step, over all processes")] = None,
     micro_batch_size: Annotated[Optional[int], typer.Option(
@@ -155,7 +158,7 @@ def pretrain(
                      context=context, vocab_size=vocab_size, eval_interval=eval_interval,
                      save_interval=save_interval, keep_last=keep_last, text_field=text_field,
                      doc_separator=doc_separator, seed=seed, strategy=strategy)
-    summary = run_pretrain(corpus, out, preset, config, overrides, tokenizer, resume=resume)
+    summary = run_pretrain(corpus, out, preset, config, overrides, tokenizer, resume=resume, init=init)
     import os
 
     if os.environ.get("RANK", "0") == "0":  # under torchrun, process 0 alone reports

@@ -12,6 +12,7 @@ from (seed, s) and dropout is seeded from (seed, s, rank), so a resumed run repe
 Ctrl-C (or SIGTERM) finishes the step, saves and exits 130; a non-finite loss stops before the update is applied.
 """
 
+import dataclasses
 import json
 import math
 import os
@@ -400,7 +401,8 @@ def prepare_tokenizer(corpus: list, out_dir: Path, run: dict, tokenizer_path: st
         tokenizer = Tokenizer(tokenizer_path)
         if tokenizer.path.resolve() != target.resolve():
             shutil.copyfile(tokenizer.path, target)
-        run["model"]["vocab_size"] = tokenizer.vocab_size
+        if "init" not in run:  # a model continued from a checkpoint keeps its own embedding size
+            run["model"]["vocab_size"] = tokenizer.vocab_size
         return Tokenizer(target)
     vocab_size = run["model"]["vocab_size"]
     train = run["train"]
@@ -462,19 +464,44 @@ def pretrain(
     overrides: dict | None = None,
     tokenizer_path: str | None = None,
     resume: str | Path | None = None,
+    init: str | Path | None = None,
 ) -> dict:
     """Train a model on the corpus ('-' for stdin) into out_dir, or continue the run in `resume` from its latest
-    checkpoint. Returns a summary. Under torchrun, every process calls this; process 0 alone writes."""
+    checkpoint; `init`: start from that checkpoint's weights, shape and tokenizer (continued pretraining). Returns a
+    summary. Under torchrun, every process calls this; process 0 alone writes."""
     world = join_world()
     try:
-        return _pretrain(world, corpus, out_dir, preset, config_file, overrides, tokenizer_path, resume)
+        return _pretrain(world, corpus, out_dir, preset, config_file, overrides, tokenizer_path, resume, init)
     finally:
         if world.size > 1 and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
 
-def _pretrain(world, corpus, out_dir, preset, config_file, overrides, tokenizer_path, resume) -> dict:
+def _initial_model(init: str | Path, run: dict) -> tuple[dict, Path]:
+    """The weights and tokenizer file of the checkpoint (ours or a Hugging Face folder) a run starts from; its
+    shape replaces the run's model settings, but for dropout."""
+    from llmcli.checkpoint import load_checkpoint
+
+    model, tokenizer, _ = load_checkpoint(init)
+    if not isinstance(tokenizer, Tokenizer):
+        raise LLMError(f"{init}: continued pretraining needs a SentencePiece tokenizer.model; this checkpoint has "
+                       "a byte-level BPE tokenizer")
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise LLMError(f"{init}: its tokenizer has {tokenizer.vocab_size} tokens but the model only "
+                       f"{model.config.vocab_size} embeddings")
+    run["model"] = {**dataclasses.asdict(model.config), "dropout": run["model"].get("dropout", 0.0)}
+    run["init"] = str(init)
+    return model.state_dict(), tokenizer.path
+
+
+def _pretrain(world, corpus, out_dir, preset, config_file, overrides, tokenizer_path, resume, init=None) -> dict:
     run, out_dir = _resolve_run(corpus, out_dir, preset, config_file, overrides, tokenizer_path, resume)
+    initial_weights = None
+    if init is not None:
+        if resume is not None or tokenizer_path is not None:
+            raise LLMError("--init starts a new run from a checkpoint's weights and tokenizer; it does not go with "
+                           "--resume or --tokenizer")
+        initial_weights, tokenizer_path = _initial_model(init, run)
     try:
         cfg = TrainConfig(**run["train"])
     except (TypeError, ValueError) as e:
@@ -508,6 +535,8 @@ def _pretrain(world, corpus, out_dir, preset, config_file, overrides, tokenizer_
 
     torch.manual_seed(cfg.seed)
     model = Transformer(model_config).to(world.device)
+    if initial_weights is not None:
+        model.load_state_dict(initial_weights)
     return train_loop(world, run, cfg, out_dir, model, LMBatches(token_data, model_config.context), micro,
                       resume=resume is not None)
 

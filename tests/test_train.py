@@ -13,6 +13,7 @@ import time
 
 import pytest
 import torch
+import yaml
 
 from conftest import ROOT, run_cli
 from llmcli.checkpoint import load_checkpoint
@@ -203,3 +204,19 @@ def test_resume_needs_a_run(tmp_path):
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [f"llm: error: cannot resume: {tmp_path} has no config.yaml"] \
         or "is not a checkpoint" in result.stderr
+
+
+def test_init_continues_pretraining_from_a_checkpoint(shakespeare_slice, nano_checkpoint, tmp_path):
+    out = tmp_path / "continued"
+    result = run_cli("pretrain", shakespeare_slice, "--init", nano_checkpoint, "--max-steps", "4",
+                     "--eval-interval", "2", "-o", out)
+    assert result.returncode == 0, result.stderr
+    start = [json.loads(line)["val_loss"] for line in (out / "metrics.jsonl").read_text().splitlines()
+             if "val_loss" in line][0]
+    trained = yaml.safe_load((nano_checkpoint / "config.yaml").read_text())
+    assert start < trained["summary"]["first_val_loss"] - 1  # it starts where the checkpoint left off, not at random
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["init"] == str(nano_checkpoint) and config["model"]["n_embd"] == trained["model"]["n_embd"]
+    assert (out / "tokenizer.model").read_bytes() == (nano_checkpoint / "tokenizer.model").read_bytes()
+    clash = run_cli("pretrain", shakespeare_slice, "--init", nano_checkpoint, "-t", nano_checkpoint, "-o", tmp_path / "x")
+    assert clash.returncode == 1 and "--init starts a new run" in clash.stderr
