@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from llmcli.generate import SamplingConfig, decode_rows, decoding_layout  # noqa: E402
-from llmcli.hf import export_family, hf_config_for, hf_parts, is_conv1d, part_rows  # noqa: E402
+from llmcli.hf import export_family, hf_config_for, hf_tensors  # noqa: E402
 from llmcli.model import ModelConfig, Transformer  # noqa: E402
 
 # name: (layers, heads, width, vocab); the context is made long enough for the longest prompt
@@ -47,14 +47,9 @@ def hf_twin(model: Transformer):
     """transformers' GPT-2 with our model's weights (as `llm export --format hf` writes them)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    config = model.config
-    family = export_family(config)
-    tensors = {}
-    for name, tensor in model.state_dict().items():
-        rows = part_rows(family, config, name) or [tensor.size(0)]
-        for hf_name, part in zip(hf_parts(family, name), tensor.split(rows)):
-            tensors[hf_name] = (part.t() if is_conv1d(family, name, tensor.ndim) else part).contiguous()
-    hf = GPT2LMHeadModel(GPT2Config(**hf_config_for(family, config, None))).eval()
+    family = export_family(model.config)
+    tensors = hf_tensors(model, family)
+    hf = GPT2LMHeadModel(GPT2Config(**hf_config_for(family, model.config, None))).eval()
     missing, unexpected = hf.load_state_dict(tensors, strict=False)
     assert not unexpected and all(m == "lm_head.weight" or m.endswith("attn.bias") for m in missing), missing
     hf.tie_weights()  # the output head is the token embedding, as ours

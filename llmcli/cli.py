@@ -32,6 +32,16 @@ TokenizerOption = Annotated[Optional[Path], typer.Option(
     "--tokenizer", "-t", help="Tokenizer: a directory with tokenizer.model (a checkpoint works) or the file itself "
     "[default: the shipped model's]", show_default=False)]
 InputArgument = Annotated[str, typer.Argument(help="Text file to read, '-' for stdin")]
+# the sampling options of `generate` and `chat`; unset ones take the checkpoint's stored defaults
+MaxNewTokensOption = Annotated[Optional[int], typer.Option(help="Most tokens to add (default: from the model)",
+                                                           show_default=False)]
+TemperatureOption = Annotated[Optional[float], typer.Option(help="0 = greedy (default: from the model)",
+                                                            show_default=False)]
+TopKOption = Annotated[Optional[int], typer.Option(help="Sample from the k most likely tokens; 0 = off")]
+TopPOption = Annotated[Optional[float], typer.Option(help="Sample from the smallest set with this much probability")]
+MinPOption = Annotated[Optional[float], typer.Option(help="Drop tokens less likely than this times the most likely")]
+RepetitionPenaltyOption = Annotated[Optional[float], typer.Option(
+    help="Above 1 makes tokens already in the text less likely; 1 = off")]
 
 
 def _input_lines(source: str):
@@ -310,17 +320,12 @@ def generate(
     prompt: Annotated[str, typer.Argument(help="Prompt text; '-' reads prompts from stdin, one a line; with "
                                           "--input-format jsonl, '-' or a file of JSON lines")] = "",
     model: ModelOption = None,
-    max_new_tokens: Annotated[Optional[int], typer.Option(help="Most tokens to add [default: from the model]",
-                                                          show_default=False)] = None,
-    temperature: Annotated[Optional[float], typer.Option(help="0 = greedy [default: from the model]",
-                                                         show_default=False)] = None,
-    top_k: Annotated[Optional[int], typer.Option(help="Sample from the k most likely tokens; 0 = off")] = None,
-    top_p: Annotated[Optional[float], typer.Option(help="Sample from the smallest set with this much probability")
-                     ] = None,
-    min_p: Annotated[Optional[float], typer.Option(help="Drop tokens less likely than this times the most likely")
-                     ] = None,
-    repetition_penalty: Annotated[Optional[float], typer.Option(
-        help="Above 1 makes tokens already in the text less likely; 1 = off")] = None,
+    max_new_tokens: MaxNewTokensOption = None,
+    temperature: TemperatureOption = None,
+    top_k: TopKOption = None,
+    top_p: TopPOption = None,
+    min_p: MinPOption = None,
+    repetition_penalty: RepetitionPenaltyOption = None,
     stop: Annotated[Optional[list[str]], typer.Option(
         help="End a sample before this string (repeatable); it is not printed")] = None,
     num_samples: Annotated[int, typer.Option("--num-samples", "-n", help="Samples per prompt")] = 1,
@@ -375,17 +380,12 @@ def _jsonl_prompts(source: str):
 @app.command()
 def chat(
     model: ModelOption = None,
-    max_new_tokens: Annotated[Optional[int], typer.Option(help="Most tokens a reply [default: from the model]",
-                                                          show_default=False)] = None,
-    temperature: Annotated[Optional[float], typer.Option(help="0 = greedy [default: from the model]",
-                                                         show_default=False)] = None,
-    top_k: Annotated[Optional[int], typer.Option(help="Sample from the k most likely tokens; 0 = off")] = None,
-    top_p: Annotated[Optional[float], typer.Option(help="Sample from the smallest set with this much probability")
-                     ] = None,
-    min_p: Annotated[Optional[float], typer.Option(help="Drop tokens less likely than this times the most likely")
-                     ] = None,
-    repetition_penalty: Annotated[Optional[float], typer.Option(help="Above 1 discourages repeats; 1 = off")
-                                  ] = None,
+    max_new_tokens: MaxNewTokensOption = None,
+    temperature: TemperatureOption = None,
+    top_k: TopKOption = None,
+    top_p: TopPOption = None,
+    min_p: MinPOption = None,
+    repetition_penalty: RepetitionPenaltyOption = None,
     seed: Annotated[Optional[int], typer.Option(help="Random seed")] = None,
     system: Annotated[Optional[str], typer.Option(help="A system message, when the chat template has one")] = None,
 ):

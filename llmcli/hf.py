@@ -278,6 +278,17 @@ def hf_config_for(family: str, config, end_of_text: int | None) -> dict:
     return hf
 
 
+def hf_tensors(model, family: str) -> dict:
+    """Our model's weights under the names and layouts of the family's HF model (fused q/k/v split, Conv1D
+    transposed)."""
+    tensors = {}
+    for name, tensor in model.state_dict().items():
+        rows = part_rows(family, model.config, name) or [tensor.size(0)]
+        for hf_name, part in zip(hf_parts(family, name), tensor.split(rows)):
+            tensors[hf_name] = (part.t() if is_conv1d(family, name, tensor.ndim) else part).contiguous()
+    return tensors
+
+
 def export_hf(checkpoint: str | Path | None, out_dir: str | Path) -> Path:
     """Write a checkpoint as a HF folder that transformers' AutoModelForCausalLM.from_pretrained opens as is."""
     from safetensors.torch import save_file
@@ -290,11 +301,7 @@ def export_hf(checkpoint: str | Path | None, out_dir: str | Path) -> Path:
     model, tokenizer, _ = load_checkpoint(checkpoint)
     config = model.config
     family = export_family(config)
-    tensors = {}
-    for name, tensor in model.state_dict().items():
-        rows = part_rows(family, config, name) or [tensor.size(0)]
-        for hf_name, part in zip(hf_parts(family, name), tensor.split(rows)):
-            tensors[hf_name] = (part.t() if is_conv1d(family, name, tensor.ndim) else part).contiguous()
+    tensors = hf_tensors(model, family)
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write(out_dir / HF_WEIGHTS, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
     text = json.dumps(hf_config_for(family, config, tokenizer.end_of_text), indent=2) + "\n"

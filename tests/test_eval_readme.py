@@ -6,13 +6,11 @@ import shutil
 import numpy as np
 
 from conftest import ROOT
-from test_readme import bash_blocks, run_bash
+from test_readme import bash_blocks, run_bash, workdir
 
 
 def test_evaluation_section_commands_run(tmp_path, nano_checkpoint):
-    work = tmp_path / "work"
-    work.mkdir()
-    (tmp_path / "shared").symlink_to(ROOT.parent / "shared")
+    work = workdir(tmp_path)
     (work / "examples").symlink_to(ROOT / "examples")  # the commands run from the repository root
     shutil.copytree(nano_checkpoint, work / "shakespeare-nano")
     result = run_bash("\n".join(bash_blocks("Evaluation, tasks and semantic search")), cwd=work)

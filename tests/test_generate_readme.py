@@ -2,14 +2,11 @@
 
 import json
 
-from conftest import ROOT
-from test_readme import bash_blocks, run_bash
+from test_readme import bash_blocks, run_bash, workdir
 
 
 def test_generation_section_runs(tmp_path):
-    work = tmp_path / "work"
-    work.mkdir()
-    (tmp_path / "shared").symlink_to(ROOT.parent / "shared")
+    work = workdir(tmp_path)
     result = run_bash("\n".join(bash_blocks("Generation: sampling controls, pipelines, batches, chat")), cwd=work)
     assert result.returncode == 0, result.stderr
     records = [json.loads(line) for line in result.stdout.splitlines() if line.startswith('{"prompt"')]

@@ -22,6 +22,14 @@ def run_bash(script: str, cwd) -> subprocess.CompletedProcess:
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
 
 
+def workdir(tmp_path):
+    """An empty directory to run a README section in, with the README's ../shared/data beside it."""
+    work = tmp_path / "work"
+    work.mkdir()
+    (tmp_path / "shared").symlink_to(ROOT.parent / "shared")
+    return work
+
+
 def test_quick_start_has_two_lines_and_ci_runs_the_second():
     (block,) = bash_blocks("Quick start")
     install_and_run, install_and_test = block.strip().splitlines()
@@ -39,9 +47,7 @@ def test_quick_start_generates_a_story(tmp_path):
 
 
 def test_walkthrough_commands_run(tmp_path):
-    work = tmp_path / "work"
-    work.mkdir()
-    (tmp_path / "shared").symlink_to(ROOT.parent / "shared")  # the README's ../shared/data
+    work = workdir(tmp_path)
     result = run_bash("\n".join(bash_blocks("Walkthrough: from a text file to a model")), cwd=work)
     assert result.returncode == 0, result.stderr
     out = result.stdout
@@ -52,9 +58,7 @@ def test_walkthrough_commands_run(tmp_path):
 
 
 def test_long_run_commands_run(tmp_path):
-    work = tmp_path / "work"
-    work.mkdir()
-    (tmp_path / "shared").symlink_to(ROOT.parent / "shared")
+    work = workdir(tmp_path)
     result = run_bash("\n".join(bash_blocks("Long runs: checkpoints, resume, precision, many processes")), cwd=work)
     assert result.returncode == 0, result.stderr
     assert "resuming long-run from step 20" in result.stderr
