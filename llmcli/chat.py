@@ -45,10 +45,7 @@ class Chat:
     """A conversation with a model: each reply is generated from the history, the oldest turns dropped to fit."""
 
     def __init__(self, model, tokenizer, cfg, template: dict | None = None, system: str | None = None, log=None):
-        from llmcli.generate import decoding_layout
-
         self.model, self.tokenizer, self.template, self.log = model, tokenizer, template, log or (lambda m: None)
-        decoding_layout(model)
         self.cfg = replace(cfg, num_samples=1, stop=tuple(cfg.stop) + turn_stop(template))
         self.system = [{"role": "system", "content": system}] if system else []
         self.messages: list[dict] = []

@@ -65,11 +65,13 @@ def read_config(directory: Path) -> dict:
     return config
 
 
-def load_checkpoint(path: str | Path | None = None, device: str = "cpu"):
-    """(model in eval mode, tokenizer, config dict) from a checkpoint directory; the shipped default when None."""
-    from safetensors import SafetensorError, safe_open
+def load_checkpoint(path: str | Path | None = None, device: str = "cpu", numpy_if_small: bool = False):
+    """(model in eval mode, tokenizer, config dict) from a checkpoint directory; the shipped default when None.
 
-    from llmcli.model import ModelConfig, Transformer, meta_device
+    numpy_if_small: a small plain language model comes as a NumpyTransformer (llmcli/numpy_model.py), which decodes
+    without importing torch; anything else as the torch model.
+    """
+    from llmcli.config import ModelConfig
 
     directory = Path(path) if path is not None else default_model_path()
     if not directory.exists():
@@ -96,6 +98,16 @@ def load_checkpoint(path: str | Path | None = None, device: str = "cpu"):
     if tokenizer.vocab_size != model_config.vocab_size:
         raise LLMError(f"checkpoint {directory}: tokenizer has {tokenizer.vocab_size} tokens but the model expects "
                        f"{model_config.vocab_size}; the files come from different runs")
+    if numpy_if_small and device == "cpu":
+        from llmcli.numpy_model import load_small_checkpoint
+
+        model = load_small_checkpoint(directory, config)
+        if model is not None:
+            return model, tokenizer, config
+
+    from safetensors import SafetensorError, safe_open
+
+    from llmcli.model import Transformer, meta_device
 
     model_class, extra = Transformer, {}
     if config.get("task") == "classify":  # a classifier: the Transformer with a head over its labels

@@ -5,6 +5,7 @@ Heavy modules (torch and everything that imports it) are imported inside the com
 """
 
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -169,8 +170,6 @@ def pretrain(
                      save_interval=save_interval, keep_last=keep_last, text_field=text_field,
                      doc_separator=doc_separator, seed=seed, strategy=strategy)
     summary = run_pretrain(corpus, out, preset, config, overrides, tokenizer, resume=resume, init=init)
-    import os
-
     if os.environ.get("RANK", "0") == "0":  # under torchrun, process 0 alone reports
         _print_summary(summary)
         print(summary["checkpoint"])
@@ -178,7 +177,6 @@ def pretrain(
 
 def _relaunch_with_torchrun(nproc: int):
     """Run this same command under torchrun with nproc processes, and exit with its status."""
-    import os
     import subprocess
 
     if nproc < 1:
@@ -349,7 +347,9 @@ def generate(
 
     if input_format not in ("text", "jsonl"):
         raise LLMError(f"--input-format must be text or jsonl, not {input_format!r}")
-    net, tok, config = load_checkpoint(model)
+    # one prompt: a small model decodes on NumPy, so text appears before torch could even have been imported
+    one_prompt = input_format == "text" and prompt != "-"
+    net, tok, config = load_checkpoint(model, numpy_if_small=one_prompt)
     load_s = time.perf_counter() - start
     cfg, template = sampling_settings(config, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                                       top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty,
@@ -396,7 +396,7 @@ def chat(
     from llmcli.generate import sampling_settings
     from llmcli.progress import log
 
-    net, tok, config = load_checkpoint(model)
+    net, tok, config = load_checkpoint(model, numpy_if_small=True)
     cfg, _ = sampling_settings(config, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                                top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed)
     cfg.check()
@@ -594,6 +594,9 @@ def info(
 
 
 def main():
+    # NumPy decoding (llmcli/numpy_model.py) multiplies small matrices: BLAS threads only add waiting, 150 ms of it
+    # before the first token when the cores are busy (8-15 ms on one thread). Read when NumPy is first imported.
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     # typer itself turns usage errors into exit 2 and Ctrl-C into exit 130; our own errors are one line and exit 1
     try:
         app()

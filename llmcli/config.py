@@ -16,6 +16,57 @@ from llmcli.errors import LLMError
 
 
 @dataclass
+class ModelConfig:
+    """The shape of the Transformer of llmcli/model.py; plain data here, so that reading settings, checkpoints and
+    decoding with NumPy (llmcli/numpy_model.py) need no torch."""
+
+    vocab_size: int = 2048
+    context: int = 256  # the longest sequence the model sees; sets the size of the position table
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    dropout: float = 0.0
+    bias: bool = True  # biases in linear layers and LayerNorms, as GPT-2 has
+    norm_eps: float = 1e-5
+    norm: str = "layernorm"  # or "rmsnorm" (Llama)
+    positions: str = "learned"  # or "rope" (rotary, Llama) or "sinusoidal" (the original Transformer's fixed table)
+    mlp: str = "gelu"  # or "swiglu" (Llama)
+    intermediate_size: int = 0  # width of the MLP's hidden layer; 0 = 4 * n_embd
+    n_kv_head: int = 0  # key/value heads: 0 = n_head (multi-head), fewer = grouped-query, 1 = multi-query
+    qkv_bias: bool = False  # biases on the query/key/value projection even when bias is off (Qwen2)
+    tie_embeddings: bool = True  # the output head shares the token embedding matrix
+    rope_theta: float = 10000.0  # base of the rotary frequencies
+    rope_scaling: float = 1.0  # linear position interpolation: positions are divided by this
+
+    def __post_init__(self):
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})")
+        choices = {"norm": ("layernorm", "rmsnorm"), "positions": ("learned", "rope", "sinusoidal"),
+                   "mlp": ("gelu", "swiglu")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}, not {getattr(self, name)!r}")
+        if self.n_head % self.kv_heads:
+            raise ValueError(f"n_head ({self.n_head}) must be a multiple of n_kv_head ({self.n_kv_head})")
+        if self.positions == "rope" and self.head_dim % 2:
+            raise ValueError(f"rotary positions need an even head size, not {self.head_dim}")
+        if self.rope_scaling <= 0:
+            raise ValueError(f"rope_scaling must be > 0, not {self.rope_scaling}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head or self.n_head
+
+    @property
+    def hidden_size(self) -> int:
+        return self.intermediate_size or 4 * self.n_embd
+
+
+@dataclass
 class TrainConfig:
     max_steps: int = 2000
     batch_size: int = 32
@@ -45,12 +96,6 @@ class TrainConfig:
     doc_separator: str = "<|endoftext|>"  # a line holding only this ends a document in text files
 
 
-# The fields of llmcli.model.ModelConfig, kept here as data so that reading settings does not import torch.
-# model.vocab_size is the size of the tokenizer trained for the run; a given tokenizer brings its own.
-MODEL_FIELD_TYPES = {"vocab_size": int, "context": int, "n_layer": int, "n_head": int, "n_embd": int,
-                     "dropout": float, "bias": bool, "norm_eps": float, "norm": str, "positions": str, "mlp": str,
-                     "intermediate_size": int, "n_kv_head": int, "qkv_bias": bool, "tie_embeddings": bool,
-                     "rope_theta": float, "rope_scaling": float}
 PRESETS: dict[str, dict[str, dict]] = {
     "nano": {  # for tests: trains in seconds
         "model": dict(n_layer=2, n_head=2, n_embd=64, context=64, vocab_size=512),
@@ -70,6 +115,8 @@ PRESETS: dict[str, dict[str, dict]] = {
     },
 }
 DEFAULT_PRESET = "tiny"
+# model.vocab_size is the size of the tokenizer trained for the run; a given tokenizer brings its own.
+MODEL_FIELDS = {f.name for f in dataclasses.fields(ModelConfig)}
 # prompt_template wraps a user's prompt before encoding, "{prompt}" standing for it (e.g. for a model trained on
 # instruction lines followed by a story)
 GENERATION_FIELD_TYPES = {"max_new_tokens": int, "temperature": float, "top_k": int, "top_p": float,
@@ -94,7 +141,7 @@ def resolve_run_config(preset: str | None, config_file: str | Path | None, overr
     for key, value in overrides.items():
         if value is None:
             continue
-        if key in MODEL_FIELD_TYPES:
+        if key in MODEL_FIELDS:
             model[key] = value
         else:
             train[key] = value
@@ -117,7 +164,7 @@ def read_config_file(path: str | Path) -> dict:
         _check_key(path, "", key, sections)
         if not isinstance(value, sections[key]):
             raise LLMError(f"{path}: '{key}' must be a {sections[key].__name__}, not {type(value).__name__}")
-    for section, types in (("model", MODEL_FIELD_TYPES), ("train", _field_types(TrainConfig)),
+    for section, types in (("model", _field_types(ModelConfig)), ("train", _field_types(TrainConfig)),
                            ("generation", GENERATION_FIELD_TYPES)):
         for key, value in data.get(section, {}).items():
             _check_key(path, f"{section}.", key, types)

@@ -19,10 +19,8 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, TextIO
 
 import numpy as np
-import torch
 
 from llmcli.errors import LLMError
-from llmcli.model import Transformer
 from llmcli.tokenizer import Tokenizer
 
 SEPARATOR = "<|endoftext|>"  # the line after each sample when there are several
@@ -77,65 +75,75 @@ def apply_template(template: str, prompt: str) -> str:
     return template.replace("{prompt}", prompt) if prompt else prompt
 
 
-# --- logits processing ---------------------------------------------------------------------------------------------
+# --- logits processing (NumPy: the same for every backend) ----------------------------------------------------------
 
-def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+def apply_repetition_penalty(logits: np.ndarray, seen: np.ndarray, penalty: float) -> np.ndarray:
     """Divide positive logits (multiply negative ones) of the tokens already seen (a (B, vocab) bool mask)."""
     if penalty == 1.0:
         return logits
-    penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
-    return torch.where(seen, penalized, logits)
+    penalized = np.where(logits > 0, logits / penalty, logits * penalty)
+    return np.where(seen, penalized, logits)
 
 
-def apply_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
-    if k <= 0 or k >= logits.size(-1):
+def apply_top_k(logits: np.ndarray, k: int) -> np.ndarray:
+    if k <= 0 or k >= logits.shape[-1]:
         return logits
-    kth = torch.topk(logits, k, dim=-1).values[..., -1:]
-    return logits.masked_fill(logits < kth, float("-inf"))
+    kth = np.partition(logits, -k, axis=-1)[..., -k:-k + 1]
+    return np.where(logits < kth, -np.inf, logits)
 
 
-def apply_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
+def softmax(logits: np.ndarray) -> np.ndarray:
+    e = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def apply_top_p(logits: np.ndarray, p: float) -> np.ndarray:
     """Keep the smallest set of most likely tokens whose probabilities sum to at least p."""
     if p >= 1.0:
         return logits
-    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-    drop_sorted = cumulative - sorted_logits.softmax(dim=-1) >= p  # tokens past the first that reaches p
-    drop = drop_sorted.scatter(-1, order, drop_sorted)
-    return logits.masked_fill(drop, float("-inf"))
+    order = np.argsort(-logits, axis=-1, kind="stable")
+    probs = softmax(np.take_along_axis(logits, order, axis=-1))
+    drop_sorted = np.cumsum(probs, axis=-1) - probs >= p  # tokens past the first that reaches p
+    drop = np.empty_like(drop_sorted)
+    np.put_along_axis(drop, order, drop_sorted, axis=-1)
+    return np.where(drop, -np.inf, logits)
 
 
-def apply_min_p(logits: torch.Tensor, min_p: float) -> torch.Tensor:
+def apply_min_p(logits: np.ndarray, min_p: float) -> np.ndarray:
     """Keep the tokens whose probability is at least min_p times the largest (p >= min_p * p_max)."""
     if min_p <= 0.0:
         return logits
-    threshold = logits.max(dim=-1, keepdim=True).values + float(np.log(min_p))  # in log space: no softmax needed
-    return logits.masked_fill(logits < threshold, float("-inf"))
+    threshold = logits.max(axis=-1, keepdims=True) + np.log(min_p)  # in log space: no softmax needed
+    return np.where(logits < threshold, -np.inf, logits)
 
 
-def sample_next(logits: torch.Tensor, cfg: SamplingConfig, generator=None, seen: torch.Tensor | None = None
-                ) -> torch.Tensor:
-    """One token id per row of logits (B, vocab). generator: one torch.Generator, or a list of one per row."""
+def sample_next(logits: np.ndarray, cfg: SamplingConfig, rngs: list[np.random.Generator],
+                seen: np.ndarray | None = None) -> np.ndarray:
+    """One token id per row of logits (B, vocab), row b drawing from rngs[b].
+
+    Computed in float64 with one uniform number a row (inverse CDF), so that any backend whose logits agree to
+    float32 precision draws the same tokens from the same seed.
+    """
+    logits = logits.astype(np.float64)
     if seen is not None:
         logits = apply_repetition_penalty(logits, seen, cfg.repetition_penalty)
     if cfg.temperature == 0:
-        return logits.argmax(dim=-1)
+        return logits.argmax(axis=-1)
     logits = apply_min_p(apply_top_p(apply_top_k(logits / cfg.temperature, cfg.top_k), cfg.top_p), cfg.min_p)
-    probs = logits.softmax(dim=-1)
-    if isinstance(generator, (list, tuple)):  # each row its own stream of random numbers
-        return torch.cat([torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(generator)])
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    cumulative = np.cumsum(softmax(logits), axis=-1)
+    draws = [np.searchsorted(row, rng.random() * row[-1], side="right") for row, rng in zip(cumulative, rngs)]
+    return np.minimum(draws, logits.shape[-1] - 1)
 
 
-def row_generator(seed: int, prompt: list[int], sample: int) -> torch.Generator:
+def row_rng(seed: int, prompt: list[int], sample: int) -> np.random.Generator:
     """The random numbers of sample number `sample` of a prompt: the same whatever the batch around it."""
     key = zlib.crc32(np.asarray(prompt, dtype=np.int64).tobytes())
-    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, key, sample]).generate_state(1)[0]))
+    return np.random.default_rng(np.random.SeedSequence([seed, key, sample]))
 
 
 # --- decoding ------------------------------------------------------------------------------------------------------
 
-def decoding_layout(model: Transformer) -> Transformer:
+def decoding_layout(model):
     """Store every weight matrix transposed in memory (same values, same shapes, other strides), for inference.
 
     A decode step multiplies one row per sequence by each matrix; on CPU, x @ W with W laid out (in, out) streams
@@ -149,66 +157,99 @@ def decoding_layout(model: Transformer) -> Transformer:
     return model
 
 
-@torch.no_grad()
-def decode_rows(model: Transformer, rows: list[list[int]], cfg: SamplingConfig, generators=None,
-                stop_token: int | None = None, finished: torch.Tensor | None = None, use_cache: bool = True
-                ) -> Iterator[torch.Tensor]:
-    """Yield the next token of every row (a (B,) tensor) per step, the rows left-padded into one batch.
+class TorchDecoder:
+    """The torch Transformer as decode_rows drives it: the logits (B, vocab) of the prompts' last positions, then of
+    each new token, as NumPy arrays. Rows are left-padded; their positions start after the padding and no token
+    attends to padding."""
 
-    Row b stops after cfg.max_new_tokens, at the end of the context, at stop_token, or when the caller sets
-    finished[b]; a finished row keeps yielding stop_token (or its last token). Ends when every row is finished.
+    def __init__(self, model, rows: list[list[int]], max_len: int, use_cache: bool = True):
+        import torch
+
+        self.torch, self.model, self.use_cache = torch, decoding_layout(model), use_cache
+        self.device = model.token_embedding.weight.device
+        self.pos = max(map(len, rows))
+        pads = [self.pos - len(r) for r in rows]
+        self.tokens = torch.tensor([[0] * p + r for p, r in zip(pads, rows)], dtype=torch.long, device=self.device)
+        self.pad = torch.tensor(pads, device=self.device) if any(pads) else None
+        if use_cache:
+            model.setup_kv_cache(len(rows), max_len)
+
+    def first(self) -> np.ndarray:
+        with self.torch.no_grad():
+            return self._numpy(self.model(self.tokens, pad=self.pad, last_only=True))
+
+    def next(self, tokens: np.ndarray) -> np.ndarray:
+        new = self.torch.from_numpy(tokens).to(self.device)[:, None]
+        with self.torch.no_grad():
+            if self.use_cache:
+                logits = self.model(new, pos=self.pos, pad=self.pad)
+            else:
+                self.tokens = self.torch.cat([self.tokens, new], dim=1)
+                logits = self.model(self.tokens, pad=self.pad, last_only=True)
+        self.pos += 1
+        return self._numpy(logits)
+
+    def close(self):
+        self.model.clear_kv_cache()
+
+    @staticmethod
+    def _numpy(logits) -> np.ndarray:
+        return logits[:, -1].float().cpu().numpy()
+
+
+def decode_rows(model, rows: list[list[int]], cfg: SamplingConfig, rngs: list[np.random.Generator] | None = None,
+                stop_token: int | None = None, finished: np.ndarray | None = None, use_cache: bool = True
+                ) -> Iterator[np.ndarray]:
+    """Yield the next token of every row (a (B,) array) per step, the rows decoded as one batch.
+
+    model: the torch Transformer, or a NumpyTransformer (rows of equal length). rngs: one random generator a row
+    (None: fresh ones). Row b stops after cfg.max_new_tokens, at the end of the context, at stop_token, or when the
+    caller sets finished[b]; a finished row keeps yielding stop_token (or its last token). Ends when every row is
+    finished.
     """
     context = model.config.context
     lengths = [len(r) for r in rows]
     if not all(0 < n < context for n in lengths):
         raise ValueError(f"prompts of {lengths} tokens must be 1..{context - 1}")
-    longest = max(lengths)
-    device = model.token_embedding.weight.device
-    limits = torch.tensor([min(cfg.max_new_tokens, context - n) for n in lengths], device=device)
+    limits = np.array([min(cfg.max_new_tokens, context - n) for n in lengths])
     steps = int(limits.max())
     B = len(rows)
-    finished = finished if finished is not None else torch.zeros(B, dtype=torch.bool)
+    rngs = rngs if rngs is not None else [np.random.default_rng() for _ in rows]
+    finished = finished if finished is not None else np.zeros(B, dtype=bool)
     finished |= limits == 0
     if steps == 0:
         return
-    fill = stop_token if stop_token is not None else 0
-    tokens = torch.tensor([[fill] * (longest - n) + r for r, n in zip(rows, lengths)], dtype=torch.long,
-                          device=device)
-    pad = None if min(lengths) == longest else torch.tensor([longest - n for n in lengths], device=device)
     seen = None
     if cfg.repetition_penalty != 1.0:
-        seen = torch.zeros(B, model.config.vocab_size, dtype=torch.bool, device=device)
+        seen = np.zeros((B, model.config.vocab_size), dtype=bool)
         for b, r in enumerate(rows):
             seen[b, r] = True
-    if use_cache:
-        model.setup_kv_cache(B, longest + steps)
+    decoder = model.decoder(rows) if hasattr(model, "decoder") else TorchDecoder(model, rows, max(lengths) + steps,
+                                                                                   use_cache)
     try:
-        logits = model(tokens, pad=pad, last_only=True)[:, -1]
+        logits = decoder.first()
         for step in range(steps):
-            next_token = sample_next(logits.float(), cfg, generators, seen)
+            next_token = sample_next(logits, cfg, rngs, seen)
             if stop_token is not None:
-                next_token = next_token.masked_fill(finished, stop_token)
+                next_token[finished] = stop_token
                 finished |= next_token == stop_token
             finished |= limits <= step + 1
             yield next_token
             if finished.all():
                 break
             if seen is not None:
-                seen.scatter_(1, next_token[:, None], True)
-            if use_cache:
-                logits = model(next_token[:, None], pos=longest + step, pad=pad)[:, -1]
-            else:
-                tokens = torch.cat([tokens, next_token[:, None]], dim=1)
-                logits = model(tokens, pad=pad, last_only=True)[:, -1]
+                seen[np.arange(B), next_token] = True
+            logits = decoder.next(next_token)
     finally:
-        model.clear_kv_cache()
+        decoder.close()
 
 
-def generate_tokens(model: Transformer, prompt: list[int], cfg: SamplingConfig, stop_token: int | None = None,
-                    use_cache: bool = True) -> Iterator[torch.Tensor]:
-    """cfg.num_samples samples of one prompt: the next token of each (a (B,) tensor) per step."""
-    generator = torch.Generator().manual_seed(cfg.seed) if cfg.seed is not None else None
-    yield from decode_rows(model, [prompt] * cfg.num_samples, cfg, generator, stop_token, use_cache=use_cache)
+def generate_tokens(model, prompt: list[int], cfg: SamplingConfig, stop_token: int | None = None,
+                    use_cache: bool = True) -> Iterator[np.ndarray]:
+    """cfg.num_samples samples of one prompt: the next token of each (a (B,) array) per step."""
+    seed = cfg.seed if cfg.seed is not None else int.from_bytes(os.urandom(4), "little")
+    rngs = [row_rng(seed, prompt, k) for k in range(cfg.num_samples)]
+    yield from decode_rows(model, [prompt] * cfg.num_samples, cfg, rngs, stop_token, use_cache=use_cache)
 
 
 # --- text ----------------------------------------------------------------------------------------------------------
@@ -296,7 +337,7 @@ class Sample:
                 "tokens_per_s": None if rate is None else round(rate, 2)}
 
 
-def generate_samples(model: Transformer, tokenizer: Tokenizer, prompts: Iterable[str], cfg: SamplingConfig,
+def generate_samples(model, tokenizer: Tokenizer, prompts: Iterable[str], cfg: SamplingConfig,
                      truncate: bool = False, log=None, on_text: Callable[[Sample, str], None] | None = None
                      ) -> Iterator[Sample]:
     """Every sample of every prompt, finished, in input order; prompts x samples decode cfg.batch_size at a time.
@@ -332,12 +373,12 @@ def _generate_batch(model, tokenizer, batch: list[Sample], cfg: SamplingConfig, 
     eos = tokenizer.end_of_text
     for s in batch:
         s.stream = TextStream(tokenizer, cfg.stop, after=s.ids[-1])
-    generators = [row_generator(seed, s.ids, s.sample) for s in batch]
-    finished = torch.zeros(len(batch), dtype=torch.bool)
+    rngs = [row_rng(seed, s.ids, s.sample) for s in batch]
+    finished = np.zeros(len(batch), dtype=bool)
     done = [False] * len(batch)
     start = time.perf_counter()
     first = None
-    for tokens in decode_rows(model, [s.ids for s in batch], cfg, generators, eos, finished):
+    for tokens in decode_rows(model, [s.ids for s in batch], cfg, rngs, eos, finished):
         now = time.perf_counter()
         if first is None:
             first = now
@@ -369,7 +410,7 @@ def _generate_batch(model, tokenizer, batch: list[Sample], cfg: SamplingConfig, 
         yield s
 
 
-def generate_text(model: Transformer, tokenizer: Tokenizer, prompts: Iterable[str], cfg: SamplingConfig,
+def generate_text(model, tokenizer: Tokenizer, prompts: Iterable[str], cfg: SamplingConfig,
                   truncate: bool = False, out: TextIO = sys.stdout, log=None, as_json: bool = False,
                   load_s: float | None = None):
     """Write the samples of the prompts to out.
@@ -378,7 +419,6 @@ def generate_text(model: Transformer, tokenizer: Tokenizer, prompts: Iterable[st
     followed by a line `<|endoftext|>`, in input order. as_json: one JSON object a sample.
     """
     prompts = list(prompts)
-    decoding_layout(model)
     stream = len(prompts) == 1 and cfg.num_samples == 1 and not as_json
 
     def write(sample, text):

@@ -8,59 +8,12 @@ attention, biases. A preallocated KV cache makes decoding one token cost one tok
 
 import math
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-
-@dataclass
-class ModelConfig:
-    vocab_size: int = 2048
-    context: int = 256  # the longest sequence the model sees; sets the size of the position table
-    n_layer: int = 4
-    n_head: int = 4
-    n_embd: int = 128
-    dropout: float = 0.0
-    bias: bool = True  # biases in linear layers and LayerNorms, as GPT-2 has
-    norm_eps: float = 1e-5
-    norm: str = "layernorm"  # or "rmsnorm" (Llama)
-    positions: str = "learned"  # or "rope" (rotary, Llama) or "sinusoidal" (the original Transformer's fixed table)
-    mlp: str = "gelu"  # or "swiglu" (Llama)
-    intermediate_size: int = 0  # width of the MLP's hidden layer; 0 = 4 * n_embd
-    n_kv_head: int = 0  # key/value heads: 0 = n_head (multi-head), fewer = grouped-query, 1 = multi-query
-    qkv_bias: bool = False  # biases on the query/key/value projection even when bias is off (Qwen2)
-    tie_embeddings: bool = True  # the output head shares the token embedding matrix
-    rope_theta: float = 10000.0  # base of the rotary frequencies
-    rope_scaling: float = 1.0  # linear position interpolation: positions are divided by this
-
-    def __post_init__(self):
-        if self.n_embd % self.n_head:
-            raise ValueError(f"n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})")
-        choices = {"norm": ("layernorm", "rmsnorm"), "positions": ("learned", "rope", "sinusoidal"),
-                   "mlp": ("gelu", "swiglu")}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {', '.join(allowed)}, not {getattr(self, name)!r}")
-        if self.n_head % self.kv_heads:
-            raise ValueError(f"n_head ({self.n_head}) must be a multiple of n_kv_head ({self.n_kv_head})")
-        if self.positions == "rope" and self.head_dim % 2:
-            raise ValueError(f"rotary positions need an even head size, not {self.head_dim}")
-        if self.rope_scaling <= 0:
-            raise ValueError(f"rope_scaling must be > 0, not {self.rope_scaling}")
-
-    @property
-    def head_dim(self) -> int:
-        return self.n_embd // self.n_head
-
-    @property
-    def kv_heads(self) -> int:
-        return self.n_kv_head or self.n_head
-
-    @property
-    def hidden_size(self) -> int:
-        return self.intermediate_size or 4 * self.n_embd
+from llmcli.config import ModelConfig  # the shape: plain data, readable without torch
 
 
 def make_norm(config: ModelConfig) -> nn.Module:

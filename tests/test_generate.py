@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from conftest import run_cli
@@ -25,10 +26,10 @@ def test_bad_new_settings_are_rejected(field, value):
 
 
 def test_min_p_and_repetition_penalty():
-    logits = torch.tensor([[0.0, -1.0, -3.0, 2.0]])  # probabilities relative to the best: e^-2, e^-3, e^-5, 1
-    kept = torch.isfinite(apply_min_p(logits, 0.1)).tolist()  # e^-2 = 0.135 >= 0.1 > e^-3
+    logits = np.array([[0.0, -1.0, -3.0, 2.0]])  # probabilities relative to the best: e^-2, e^-3, e^-5, 1
+    kept = np.isfinite(apply_min_p(logits, 0.1)).tolist()  # e^-2 = 0.135 >= 0.1 > e^-3
     assert kept == [[True, False, False, True]]
-    seen = torch.tensor([[True, True, False, True]])
+    seen = np.array([[True, True, False, True]])
     assert apply_repetition_penalty(logits, seen, 2.0).tolist() == [[0.0, -2.0, -3.0, 1.0]]
 
 
@@ -62,10 +63,10 @@ def test_batched_greedy_equals_each_prompt_alone(nano_checkpoint):
     assert len({len(r) for r in rows}) > 2  # really padded
     for use_cache in (True, False):
         cfg = SamplingConfig(max_new_tokens=20, temperature=0.0)
-        batched = torch.stack(list(decode_rows(model, rows, cfg, use_cache=use_cache)), dim=1)
+        batched = np.stack(list(decode_rows(model, rows, cfg, use_cache=use_cache)), axis=1)
         for b, row in enumerate(rows):
-            alone = torch.stack(list(decode_rows(model, [row], cfg)), dim=1)[0]
-            assert torch.equal(batched[b], alone), (b, use_cache)
+            alone = np.stack(list(decode_rows(model, [row], cfg)), axis=1)[0]
+            assert np.array_equal(batched[b], alone), (b, use_cache)
     # and the logits themselves agree, not just their argmax
     pad = torch.tensor([max(map(len, rows)) - len(r) for r in rows])
     padded = torch.tensor([[0] * int(p) + r for p, r in zip(pad, rows)])

@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 
@@ -39,10 +40,10 @@ def test_greedy_generation_with_cache_equals_without():
     model = make_model(seed=3)
     prompt = [5, 17, 42, 8]
     cfg = SamplingConfig(max_new_tokens=25, temperature=0.0, num_samples=2)
-    with_cache = torch.stack(list(generate_tokens(model, prompt, cfg, use_cache=True)))
-    without = torch.stack(list(generate_tokens(model, prompt, cfg, use_cache=False)))
+    with_cache = np.stack(list(generate_tokens(model, prompt, cfg, use_cache=True)))
+    without = np.stack(list(generate_tokens(model, prompt, cfg, use_cache=False)))
     assert with_cache.shape == (25, 2)  # stops at max_new_tokens: 4 + 25 < context 32
-    assert torch.equal(with_cache, without)
+    assert np.array_equal(with_cache, without)
 
 
 def test_generation_stops_at_the_context():

@@ -1,35 +1,45 @@
+import numpy as np
 import pytest
-import torch
 
 from llmcli.errors import LLMError
 from llmcli.generate import SamplingConfig, TextStream, apply_top_k, apply_top_p, sample_next
 
 
 def test_top_k_keeps_the_k_largest():
-    logits = torch.tensor([[1.0, 5.0, 3.0, 4.0, 2.0]])
-    kept = torch.isfinite(apply_top_k(logits, 2))
+    logits = np.array([[1.0, 5.0, 3.0, 4.0, 2.0]])
+    kept = np.isfinite(apply_top_k(logits, 2))
     assert kept.tolist() == [[False, True, False, True, False]]
-    assert torch.equal(apply_top_k(logits, 0), logits)
+    assert np.array_equal(apply_top_k(logits, 0), logits)
 
 
 def test_top_p_keeps_the_smallest_set_reaching_p():
-    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
-    logits = probs.log()
-    assert torch.isfinite(apply_top_p(logits, 0.5)).tolist() == [[True, False, False, False]]
-    assert torch.isfinite(apply_top_p(logits, 0.79)).tolist() == [[True, True, False, False]]
-    assert torch.isfinite(apply_top_p(logits, 0.81)).tolist() == [[True, True, True, False]]
-    assert torch.isfinite(apply_top_p(logits, 1.0)).all()
+    logits = np.log([[0.5, 0.3, 0.15, 0.05]])
+    assert np.isfinite(apply_top_p(logits, 0.5)).tolist() == [[True, False, False, False]]
+    assert np.isfinite(apply_top_p(logits, 0.79)).tolist() == [[True, True, False, False]]
+    assert np.isfinite(apply_top_p(logits, 0.81)).tolist() == [[True, True, True, False]]
+    assert np.isfinite(apply_top_p(logits, 1.0)).all()
+
+
+def rngs(seed, rows=4):
+    return [np.random.default_rng([seed, row]) for row in range(rows)]
 
 
 def test_sampling_respects_filters_and_seed():
-    logits = torch.randn(4, 50)
+    logits = np.random.default_rng(0).normal(size=(4, 50)).astype(np.float32)
     cfg = SamplingConfig(temperature=1.0, top_k=3)
-    allowed = torch.topk(logits, 3).indices
-    draws = [sample_next(logits, cfg, torch.Generator().manual_seed(s)) for s in range(20)]
-    assert all((allowed == d[:, None]).any(dim=1).all() for d in draws)
-    again = sample_next(logits, cfg, torch.Generator().manual_seed(0))
-    assert torch.equal(draws[0], again)
-    assert torch.equal(sample_next(logits, SamplingConfig(temperature=0), None), logits.argmax(-1))
+    allowed = np.argsort(-logits, axis=-1)[:, :3]
+    draws = [sample_next(logits, cfg, rngs(s)) for s in range(20)]
+    assert all((allowed == d[:, None]).any(axis=1).all() for d in draws)
+    assert len({tuple(d) for d in draws}) > 1  # really random
+    assert np.array_equal(draws[0], sample_next(logits, cfg, rngs(0)))
+    assert np.array_equal(sample_next(logits, SamplingConfig(temperature=0), rngs(0)), logits.argmax(-1))
+
+
+def test_sampling_follows_the_probabilities():
+    logits = np.array([[np.log(0.6), np.log(0.3), np.log(0.1), -np.inf]])
+    counts = np.bincount([sample_next(logits, SamplingConfig(temperature=1.0), rngs(s, 1))[0] for s in range(3000)],
+                         minlength=4)
+    assert np.allclose(counts / 3000, [0.6, 0.3, 0.1, 0.0], atol=0.03) and counts[3] == 0
 
 
 @pytest.mark.parametrize("field, value", [("temperature", -1.0), ("top_k", -2), ("top_p", 0.0), ("top_p", 1.5),

@@ -1,0 +1,208 @@
+"""The Transformer of llmcli/model.py run with NumPy, to sample from a small checkpoint without importing torch.
+
+Importing torch costs 1.3-1.8 s on a CPU: longer than the shipped 3M-parameter model takes to write a whole story. So
+`llm generate` runs checkpoints of up to SMALL_MODEL parameters here: the same computation as model.py's forward
+(tests hold the logits equal to 1e-5 for every configuration), for rows of equal length with a KV cache, float32.
+Sampling is shared with the torch path (llmcli/generate.py), so a seed gives the same text on either.
+"""
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from llmcli.config import ModelConfig
+
+SMALL_MODEL = 30_000_000  # parameters; above this the weights, not the torch import, dominate a cold start
+
+
+def read_safetensors(path: Path) -> dict[str, np.ndarray]:
+    """The tensors of a .safetensors file as float32 arrays. The format is a little-endian u64 header length, a JSON
+    header (dtype, shape, byte offsets of each tensor) and the raw bytes; read by hand because NumPy has no bfloat16,
+    which the default checkpoint is stored in. Raises ValueError on anything else."""
+    data = Path(path).read_bytes()
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + size])
+    body = memoryview(data)[8 + size:]
+    tensors = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        start, end = info["data_offsets"]
+        raw, dtype = body[start:end], info["dtype"]
+        if dtype == "BF16":  # the upper half of a float32
+            array = (np.frombuffer(raw, np.uint16).astype(np.uint32) << 16).view(np.float32)
+        elif dtype in ("F16", "F32"):
+            array = np.frombuffer(raw, np.float16 if dtype == "F16" else np.float32).astype(np.float32)
+        else:
+            raise ValueError(f"{name}: dtype {dtype}")
+        tensors[name] = array.reshape(info["shape"])
+    return tensors
+
+
+def tensor_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Name and shape of every tensor of the Transformer's state dict (a test holds this equal to model.py's)."""
+    C, hidden = config.n_embd, config.hidden_size
+    qkv = (config.n_head + 2 * config.kv_heads) * config.head_dim
+    fc = (2 if config.mlp == "swiglu" else 1) * hidden
+    norm_bias = config.norm == "layernorm" and config.bias
+    shapes = {"token_embedding.weight": (config.vocab_size, C)}
+    if config.positions == "learned":
+        shapes["position_embedding.weight"] = (config.context, C)
+
+    def linear(name, n_in, n_out, bias):
+        shapes[f"{name}.weight"] = (n_out, n_in)
+        if bias:
+            shapes[f"{name}.bias"] = (n_out,)
+
+    def norm(name):
+        shapes[f"{name}.weight"] = (C,)
+        if norm_bias:
+            shapes[f"{name}.bias"] = (C,)
+
+    for i in range(config.n_layer):
+        norm(f"blocks.{i}.norm_1")
+        linear(f"blocks.{i}.attn.qkv", C, qkv, config.bias or config.qkv_bias)
+        linear(f"blocks.{i}.attn.proj", C, C, config.bias)
+        norm(f"blocks.{i}.norm_2")
+        linear(f"blocks.{i}.mlp.fc", C, fc, config.bias)
+        linear(f"blocks.{i}.mlp.proj", hidden, C, config.bias)
+    norm("norm_f")
+    if not config.tie_embeddings:
+        shapes["lm_head.weight"] = (config.vocab_size, C)
+    return shapes
+
+
+def position_tables(config: ModelConfig) -> dict[str, np.ndarray]:
+    """The computed (not saved) tables: sinusoidal positions, or rotary cos and sin, as model.py builds them."""
+    if config.positions == "sinusoidal":
+        positions = np.arange(config.context, dtype=np.float32)[:, None]
+        inv_freq = 1.0 / 10000.0 ** (np.arange(0, config.n_embd, 2, dtype=np.float32) / config.n_embd)
+        table = np.zeros((config.context, config.n_embd), np.float32)
+        table[:, 0::2] = np.sin(positions * inv_freq)
+        table[:, 1::2] = np.cos(positions * inv_freq)[:, : config.n_embd // 2]
+        return {"position_table": table}
+    if config.positions == "rope":
+        dim = config.head_dim
+        inv_freq = 1.0 / config.rope_theta ** (np.arange(0, dim, 2, dtype=np.float32) / dim)
+        angles = np.outer(np.arange(config.context, dtype=np.float32) / config.rope_scaling, inv_freq)
+        angles = np.concatenate([angles, angles], axis=-1).astype(np.float32)
+        return {"rope_cos": np.cos(angles), "rope_sin": np.sin(angles)}
+    return {}
+
+
+class NumpyTransformer:
+    def __init__(self, config: ModelConfig, weights: dict[str, np.ndarray]):
+        self.config = config
+        self.w = {name: (w.T.copy() if name.startswith("blocks.") and w.ndim == 2 else w)  # (in, out): x @ W
+                  for name, w in weights.items()}
+        self.w |= position_tables(config)
+        head = weights["token_embedding.weight" if config.tie_embeddings else "lm_head.weight"]
+        self.head = np.ascontiguousarray(head.T)  # (n_embd, vocab)
+
+    def num_params(self) -> int:
+        return sum(w.size for name, w in self.w.items() if name not in ("position_table", "rope_cos", "rope_sin"))
+
+    def decoder(self, rows: list[list[int]]) -> "NumpyDecoder":
+        return NumpyDecoder(self, rows)
+
+    def _norm(self, x: np.ndarray, name: str) -> np.ndarray:
+        eps, weight = self.config.norm_eps, self.w[f"{name}.weight"]
+        if self.config.norm == "rmsnorm":
+            return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * weight
+        centered = x - x.mean(axis=-1, keepdims=True)
+        x = centered / np.sqrt(np.mean(centered * centered, axis=-1, keepdims=True) + eps) * weight
+        return x + self.w[f"{name}.bias"] if f"{name}.bias" in self.w else x
+
+    def _linear(self, x: np.ndarray, name: str) -> np.ndarray:
+        y = x @ self.w[f"{name}.weight"]
+        return y + self.w[f"{name}.bias"] if f"{name}.bias" in self.w else y
+
+    def _rope(self, x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+        half = x.shape[-1] // 2
+        return x * cos + np.concatenate([-x[..., half:], x[..., :half]], axis=-1) * sin
+
+    def forward(self, idx: np.ndarray, pos: int, cache: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+        """Logits (B, vocab) of the last of tokens idx (B, T) at positions pos..pos+T, their keys and values written
+        into cache (one (keys, values) pair of (B, kv_heads, max_len, head_dim) a layer)."""
+        config = self.config
+        B, T = idx.shape
+        H, KV, D = config.n_head, config.kv_heads, config.head_dim
+        positions = np.arange(pos, pos + T)
+        x = self.w["token_embedding.weight"][idx]
+        if config.positions == "learned":
+            x = x + self.w["position_embedding.weight"][positions]
+        elif config.positions == "sinusoidal":
+            x = x + self.w["position_table"][positions]
+        else:
+            rope = self.w["rope_cos"][positions], self.w["rope_sin"][positions]
+        end = pos + T
+        # query t (at pos + t) sees keys 0..pos + t
+        causal = np.arange(end)[None, :] <= positions[:, None]
+        for i, (k_cache, v_cache) in enumerate(cache):
+            block = f"blocks.{i}"
+            qkv = self._linear(self._norm(x, f"{block}.norm_1"), f"{block}.attn.qkv")
+            q, k, v = np.split(qkv, [H * D, (H + KV) * D], axis=-1)
+            # (B, T, heads * D) -> (B, heads, T, D); queries grouped by the key head they share
+            q = q.reshape(B, T, KV, H // KV, D).transpose(0, 2, 3, 1, 4)
+            k, v = (t.reshape(B, T, KV, D).transpose(0, 2, 1, 3) for t in (k, v))
+            if config.positions == "rope":
+                q, k = self._rope(q, *rope), self._rope(k, *rope)
+            k_cache[:, :, pos:end], v_cache[:, :, pos:end] = k, v
+            keys, values = k_cache[:, :, None, :end], v_cache[:, :, None, :end]  # (B, KV, 1, end, D)
+            scores = q @ keys.swapaxes(-1, -2) / math.sqrt(D)  # (B, KV, group, T, end)
+            scores = np.where(causal, scores, -np.inf)
+            weights = np.exp(scores - scores.max(axis=-1, keepdims=True))
+            y = (weights / weights.sum(axis=-1, keepdims=True)) @ values  # (B, KV, group, T, D)
+            y = y.transpose(0, 3, 1, 2, 4).reshape(B, T, H * D)
+            x = x + self._linear(y, f"{block}.attn.proj")
+            h = self._linear(self._norm(x, f"{block}.norm_2"), f"{block}.mlp.fc")
+            if config.mlp == "swiglu":
+                gate, up = np.split(h, 2, axis=-1)
+                h = gate / (1.0 + np.exp(-gate)) * up
+            else:  # GELU, tanh approximation
+                h = 0.5 * h * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (h + 0.044715 * h ** 3)))
+            x = x + self._linear(h, f"{block}.mlp.proj")
+        return self._norm(x[:, -1], "norm_f") @ self.head
+
+
+class NumpyDecoder:
+    """What decode_rows drives (as TorchDecoder): logits of the prompts, then of each new token."""
+
+    def __init__(self, model: NumpyTransformer, rows: list[list[int]]):
+        if len({len(r) for r in rows}) != 1:
+            raise ValueError("the NumPy decoder takes rows of equal length")
+        config = model.config
+        self.model, self.tokens, self.pos = model, np.array(rows), len(rows[0])
+        shape = (len(rows), config.kv_heads, config.context, config.head_dim)
+        self.cache = [(np.zeros(shape, np.float32), np.zeros(shape, np.float32)) for _ in range(config.n_layer)]
+
+    def first(self) -> np.ndarray:
+        return self.model.forward(self.tokens, 0, self.cache)
+
+    def next(self, tokens: np.ndarray) -> np.ndarray:
+        logits = self.model.forward(np.asarray(tokens)[:, None], self.pos, self.cache)
+        self.pos += 1
+        return logits
+
+    def close(self):
+        self.cache = []
+
+
+def load_small_checkpoint(directory: Path, config: dict) -> NumpyTransformer | None:
+    """The checkpoint's model as a NumpyTransformer if it is a plain language model of at most SMALL_MODEL
+    parameters whose tensors are all there; None otherwise (the torch loader then loads it, or says what is wrong)."""
+    path = directory / "model.safetensors"
+    try:
+        model_config = ModelConfig(**config["model"])
+        with open(path, "rb") as f:  # shapes from the header first: a large model is not read twice
+            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+        shapes = {name: tuple(info["shape"]) for name, info in header.items() if name != "__metadata__"}
+        if config.get("task") or shapes != tensor_shapes(model_config):
+            return None
+        if sum(math.prod(shape) for shape in shapes.values()) > SMALL_MODEL:
+            return None
+        return NumpyTransformer(model_config, read_safetensors(path))
+    except (TypeError, ValueError, KeyError, OSError):
+        return None

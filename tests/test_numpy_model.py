@@ -1,0 +1,74 @@
+"""The NumPy decoder (llmcli/numpy_model.py) computes what the torch model computes, and `llm generate` uses it for
+a small checkpoint without importing torch."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT
+
+from llmcli.checkpoint import load_checkpoint, save_model, write_config
+from llmcli.generate import SamplingConfig, generate_samples
+from llmcli.model import ModelConfig, Transformer
+from llmcli.numpy_model import NumpyDecoder, NumpyTransformer, tensor_shapes
+
+CONFIGS = {
+    "gpt2": dict(),
+    "llama": dict(norm="rmsnorm", positions="rope", mlp="swiglu", n_kv_head=2, bias=False, tie_embeddings=False,
+                  intermediate_size=100),
+    "sinusoidal, qkv bias": dict(positions="sinusoidal", bias=False, qkv_bias=True),
+    "multi-query, scaled rope": dict(positions="rope", rope_scaling=2.0, rope_theta=500.0, n_kv_head=1),
+}
+
+
+def random_model(**options) -> Transformer:
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=97, context=32, n_layer=2, n_head=4, n_embd=32, **options)).eval()
+    with torch.no_grad():
+        for p in model.parameters():  # away from the init (zero biases, unit norms), so every term shows
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_logits_equal_the_torch_model_in_prefill_and_every_cached_step(name):
+    model = random_model(**CONFIGS[name])
+    state = {k: v.numpy() for k, v in model.state_dict().items()}
+    assert {k: v.shape for k, v in state.items()} == tensor_shapes(model.config)
+    ours = NumpyTransformer(model.config, state)
+    tokens = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = model(tokens).numpy()
+    rows = tokens.numpy()
+    decoder = NumpyDecoder(ours, rows[:, :7].tolist())
+    np.testing.assert_allclose(decoder.first(), expected[:, 6], atol=1e-5)
+    for t in range(7, 12):
+        np.testing.assert_allclose(decoder.next(rows[:, t]), expected[:, t], atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_saved_checkpoint_samples_the_same_text_on_numpy_and_torch(nano_checkpoint, tmp_path, dtype):
+    """Same seed, same text, whichever backend: the sampling is shared, the logits agree."""
+    torch_model, tok, config = load_checkpoint(nano_checkpoint)
+    save_model(tmp_path, torch_model, dtype=dtype)
+    write_config(tmp_path, {k: v for k, v in config.items() if k != "format"})
+    (tmp_path / "tokenizer.model").write_bytes((nano_checkpoint / "tokenizer.model").read_bytes())
+    numpy_model, _, _ = load_checkpoint(tmp_path, numpy_if_small=True)
+    torch_model, _, _ = load_checkpoint(tmp_path)
+    assert isinstance(numpy_model, NumpyTransformer) and isinstance(torch_model, Transformer)
+    cfg = SamplingConfig(max_new_tokens=40, temperature=1.0, top_k=50, num_samples=3, seed=7)
+    texts = [[s.text for s in generate_samples(m, tok, ["ROMEO:"], cfg)] for m in (numpy_model, torch_model)]
+    assert texts[0] == texts[1] and len(set(texts[0])) == 3 and all(texts[0])
+
+
+def test_generate_on_a_small_checkpoint_does_not_import_torch(nano_checkpoint):
+    code = ("import atexit, sys; atexit.register(lambda: print('torch' in sys.modules, file=sys.stderr)); "
+            "from llmcli.cli import main; main()")
+    for args, torch_used in ((["ROMEO:"], False), (["-", "--batch-size", "2"], True)):
+        result = subprocess.run([sys.executable, "-c", code, "generate", "-m", str(nano_checkpoint), "--seed", "1",
+                                 "--max-new-tokens", "8", *args], input="ROMEO:\nJULIET:\n", capture_output=True,
+                                text=True, cwd=ROOT)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip() and result.stderr.strip().splitlines()[-1] == str(torch_used)
