@@ -13,6 +13,7 @@ def test_hugging_face_section_commands_run(tmp_path, nano_checkpoint):
     lines = result.stdout.splitlines()
     assert lines[0] == "shakespeare-hf" and (tmp_path / "shakespeare-hf" / "config.json").is_file()
     assert any(line.startswith("architecture") and "GPT2LMHeadModel" in line for line in lines)
-    about = json.loads(next(line for line in lines if line.startswith("{")))
+    at = next(i for i, line in enumerate(lines) if line.startswith("{"))
+    about = json.loads(lines[at])
     assert about["architecture"] == "llmcli Transformer" and about["context"] == 64
-    assert len(lines[-1].split()) >= 2  # generated text
+    assert len(" ".join(lines[at + 1:]).split()) >= 2  # generated text, after the JSON line
