@@ -101,9 +101,6 @@ class NumpyTransformer:
         head = weights["token_embedding.weight" if config.tie_embeddings else "lm_head.weight"]
         self.head = np.ascontiguousarray(head.T)  # (n_embd, vocab)
 
-    def num_params(self) -> int:
-        return sum(w.size for name, w in self.w.items() if name not in ("position_table", "rope_cos", "rope_sin"))
-
     def decoder(self, rows: list[list[int]]) -> "NumpyDecoder":
         return NumpyDecoder(self, rows)
 
