@@ -6,7 +6,9 @@
 For each shape (random weights), batch size and prompt length it builds our Transformer, copies its weights into
 transformers' GPT2LMHeadModel (the renaming of llmcli.hf's export), and times greedy decoding of both, alternating
 them: time to first token (the prompt's prefill and one token) and decode tokens/s (new tokens after the first, over
-the time after the first). Ours is llmcli.generate.decode_rows, the loop `llm generate` runs; theirs is
+the time after the first). Ours is llmcli.generate.decode_rows, the loop `llm generate` runs, on the torch model and,
+for shapes small enough for it, on the NumPy one (llmcli/numpy_model.py, which `llm generate` uses for one prompt);
+theirs is
 `model.generate(do_sample=False)` with the KV cache, timed by a logits processor that notes each token. Medians over --repeats runs; the ratio is ours / theirs.
 
 The floor: at batch 1 a decode step reads every weight once (the tied embedding once, as the output head), so
@@ -16,17 +18,20 @@ table of one batch-1 decode step of the last shape.
 """
 
 import argparse
+import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
-import torch
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # as the `llm` command sets it for NumPy decoding
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from llmcli.generate import SamplingConfig, decode_rows, decoding_layout  # noqa: E402
 from llmcli.hf import export_family, hf_config_for, hf_tensors  # noqa: E402
 from llmcli.model import ModelConfig, Transformer  # noqa: E402
+from llmcli.numpy_model import SMALL_MODEL, NumpyTransformer  # noqa: E402
 
 # name: (layers, heads, width, vocab); the context is made long enough for the longest prompt
 SHAPES = {"small": (6, 6, 384, 4096), "gpt2": (12, 12, 768, 50257), "nano": (2, 2, 64, 512)}
@@ -115,7 +120,8 @@ def main():
     bandwidth = read_bandwidth()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, read bandwidth {bandwidth / 1e9:.1f} GB/s")
     header = (f"{'shape':>6} {'params':>7} {'batch':>5} {'prompt':>6} | {'ours tok/s':>10} {'HF tok/s':>9} "
-              f"{'ratio':>6} | {'ours TTFT':>9} {'HF TTFT':>8} | {'floor tok/s':>11} {'x floor':>7}")
+              f"{'ratio':>6} | {'ours TTFT':>9} {'HF TTFT':>8} | {'floor tok/s':>11} {'x floor':>7} | "
+              f"{'NumPy tok/s':>11} {'ratio':>6}")
     print(header)
     print("-" * len(header))
     for shape in args.shapes.split(","):
@@ -125,6 +131,9 @@ def main():
                              context=max(1024, longest + args.new_tokens))
         model = Transformer(config).eval()
         hf = hf_twin(model)
+        small = model.num_params() <= SMALL_MODEL
+        if small:
+            numpy_model = NumpyTransformer(config, {k: v.numpy() for k, v in model.state_dict().items()})
         decoding_layout(model)  # as `llm generate` does, after copying the weights out
         weight_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
                            if n != "position_embedding.weight")  # one row of the position table is read
@@ -132,18 +141,24 @@ def main():
         for batch in (int(b) for b in args.batches.split(",")):
             for length in (int(p) for p in args.prompts.split(",")):
                 prompt = torch.randint(0, vocab, (batch, length))
-                ours, theirs = [], []
+                ours, theirs, numpy_runs = [], [], []
                 time_ours(model, prompt[:, :4], 3)  # warm up both
                 time_hf(hf, prompt[:, :4], 3)
                 for _ in range(args.repeats):  # alternate, so that a slow stretch of a shared machine hits both
                     ours.append(time_ours(model, prompt, args.new_tokens))
                     theirs.append(time_hf(hf, prompt, args.new_tokens))
+                    if small:
+                        numpy_runs.append(time_ours(numpy_model, prompt, args.new_tokens))
                 o_rate, h_rate = (statistics.median(r for _, r in runs) for runs in (ours, theirs))
                 o_first, h_first = (statistics.median(f for f, _ in runs) for runs in (ours, theirs))
                 multiple = f"{floor / (o_rate / batch):7.2f}" if batch == 1 else f"{'':>7}"
                 print(f"{shape:>6} {model.num_params() / 1e6:6.1f}M {batch:>5} {length:>6} | {o_rate:10.1f} "
                       f"{h_rate:9.1f} {o_rate / h_rate:5.2f}x | {o_first * 1e3:7.1f}ms {h_first * 1e3:6.1f}ms | "
-                      f"{floor:11.1f} {multiple}", flush=True)
+                      f"{floor:11.1f} {multiple}", end="")
+                if small:
+                    n_rate = statistics.median(r for _, r in numpy_runs)
+                    print(f" | {n_rate:11.1f} {n_rate / h_rate:5.2f}x", end="")
+                print(flush=True)
     if args.profile:
         profile_step(model, 8)
 
