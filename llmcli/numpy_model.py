@@ -17,14 +17,18 @@ from llmcli.config import ModelConfig
 SMALL_MODEL = 30_000_000  # parameters; above this the weights, not the torch import, dominate a cold start
 
 
+def read_header(file) -> dict:
+    """The JSON header of an open .safetensors file: a little-endian u64 length, then per tensor its dtype, shape and
+    byte offsets in the data that follows (`__metadata__` aside)."""
+    return json.loads(file.read(int.from_bytes(file.read(8), "little")))
+
+
 def read_safetensors(path: Path) -> dict[str, np.ndarray]:
-    """The tensors of a .safetensors file as float32 arrays. The format is a little-endian u64 header length, a JSON
-    header (dtype, shape, byte offsets of each tensor) and the raw bytes; read by hand because NumPy has no bfloat16,
-    which the default checkpoint is stored in. Raises ValueError on anything else."""
-    data = Path(path).read_bytes()
-    size = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8:8 + size])
-    body = memoryview(data)[8 + size:]
+    """The tensors of a .safetensors file as float32 arrays; read by hand because NumPy has no bfloat16, which the
+    default checkpoint is stored in. Raises ValueError on anything else."""
+    with open(path, "rb") as f:
+        header = read_header(f)
+        body = memoryview(f.read())
     tensors = {}
     for name, info in header.items():
         if name == "__metadata__":
@@ -193,8 +197,8 @@ def load_small_checkpoint(directory: Path, config: dict) -> NumpyTransformer | N
     path = directory / "model.safetensors"
     try:
         model_config = ModelConfig(**config["model"])
-        with open(path, "rb") as f:  # shapes from the header first: a large model is not read twice
-            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+        with open(path, "rb") as f:  # shapes from the header first: a large model is not read at all
+            header = read_header(f)
         shapes = {name: tuple(info["shape"]) for name, info in header.items() if name != "__metadata__"}
         if config.get("task") or shapes != tensor_shapes(model_config):
             return None
