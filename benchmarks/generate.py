@@ -4,20 +4,23 @@
                                   [--repeats 3] [--profile]
 
 For each shape (random weights), batch size and prompt length it builds our Transformer, copies its weights into
-transformers' GPT2LMHeadModel (the renaming of llmcli.hf's export), and times greedy decoding of both, alternating
-them: time to first token (the prompt's prefill and one token) and decode tokens/s (new tokens after the first, over
-the time after the first). Ours is llmcli.generate.decode_rows, the loop `llm generate` runs, on the torch model and,
-for shapes small enough for it, on the NumPy one (llmcli/numpy_model.py, which `llm generate` uses for one prompt);
-theirs is
-`model.generate(do_sample=False)` with the KV cache, timed by a logits processor that notes each token. Medians over --repeats runs; the ratio is ours / theirs.
+transformers' GPT2LMHeadModel (the renaming of llmcli.hf's export), and times greedy decoding of each engine,
+alternating them: time to first token (the prompt's prefill and one token) and decode tokens/s (new tokens after the
+first, over the time after the first). Ours is llmcli.generate.decode_rows, the loop `llm generate` runs, on the
+torch model in float32, on the same with `--quantize int8` (llmcli/quantize.py) and, for shapes small enough for it,
+on the NumPy model (llmcli/numpy_model.py, which `llm generate` uses for one prompt). HF is
+`model.generate(do_sample=False)` with the KV cache, timed by a logits processor that notes each token. Medians over
+--repeats runs; "vs HF" is an engine's tokens/s over HF's.
 
 The floor: at batch 1 a decode step reads every weight once (the tied embedding once, as the output head), so
 time per token >= weight bytes / memory read bandwidth (measured here with torch.sum over a 512 MB tensor). The
-table prints the floor in tokens/s and our time per token as a multiple of it. --profile prints torch.profiler's
-table of one batch-1 decode step of the last shape.
+table prints the floor in tokens/s of the bytes each engine reads (float32, or int8 for int8) and the engine's time
+per token as a multiple of it. --profile prints torch.profiler's table of one batch-1 decode step of the last shape,
+float32 and int8.
 """
 
 import argparse
+import copy
 import os
 import statistics
 import sys
@@ -32,6 +35,7 @@ from llmcli.generate import SamplingConfig, decode_rows, decoding_layout  # noqa
 from llmcli.hf import export_family, hf_config_for, hf_tensors  # noqa: E402
 from llmcli.model import ModelConfig, Transformer  # noqa: E402
 from llmcli.numpy_model import SMALL_MODEL, NumpyTransformer  # noqa: E402
+from llmcli.quantize import quantize  # noqa: E402
 
 # name: (layers, heads, width, vocab); the context is made long enough for the longest prompt
 SHAPES = {"small": (6, 6, 384, 4096), "gpt2": (12, 12, 768, 50257), "nano": (2, 2, 64, 512)}
@@ -119,9 +123,8 @@ def main():
     torch.manual_seed(0)
     bandwidth = read_bandwidth()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, read bandwidth {bandwidth / 1e9:.1f} GB/s")
-    header = (f"{'shape':>6} {'params':>7} {'batch':>5} {'prompt':>6} | {'ours tok/s':>10} {'HF tok/s':>9} "
-              f"{'ratio':>6} | {'ours TTFT':>9} {'HF TTFT':>8} | {'floor tok/s':>11} {'x floor':>7} | "
-              f"{'NumPy tok/s':>11} {'ratio':>6}")
+    header = (f"{'shape':>6} {'params':>7} {'batch':>5} {'prompt':>6} | {'engine':<11} {'tok/s':>7} {'vs HF':>6} "
+              f"{'TTFT':>8} | {'floor tok/s':>11} {'x floor':>7}")
     print(header)
     print("-" * len(header))
     for shape in args.shapes.split(","):
@@ -130,37 +133,44 @@ def main():
         config = ModelConfig(n_layer=layers, n_head=heads, n_embd=width, vocab_size=vocab,
                              context=max(1024, longest + args.new_tokens))
         model = Transformer(config).eval()
-        hf = hf_twin(model)
-        small = model.num_params() <= SMALL_MODEL
-        if small:
-            numpy_model = NumpyTransformer(config, {k: v.numpy() for k, v in model.state_dict().items()})
-        decoding_layout(model)  # as `llm generate` does, after copying the weights out
-        weight_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
-                           if n != "position_embedding.weight")  # one row of the position table is read
-        floor = bandwidth / weight_bytes  # tokens/s at batch 1
+        engines = {"HF": hf_twin(model)}
+        if model.num_params() <= SMALL_MODEL:
+            engines["NumPy fp32"] = NumpyTransformer(config, {k: v.numpy() for k, v in model.state_dict().items()})
+        engines["torch int8"] = quantize(copy.deepcopy(model), "int8")
+        engines["torch fp32"] = decoding_layout(model)  # as `llm generate` does, after copying the weights out
+        floors = {name: bandwidth / weight_bytes(engines["torch int8" if "int8" in name else "torch fp32"])
+                  for name in engines}  # tokens/s at batch 1
         for batch in (int(b) for b in args.batches.split(",")):
             for length in (int(p) for p in args.prompts.split(",")):
                 prompt = torch.randint(0, vocab, (batch, length))
-                ours, theirs, numpy_runs = [], [], []
-                time_ours(model, prompt[:, :4], 3)  # warm up both
-                time_hf(hf, prompt[:, :4], 3)
-                for _ in range(args.repeats):  # alternate, so that a slow stretch of a shared machine hits both
-                    ours.append(time_ours(model, prompt, args.new_tokens))
-                    theirs.append(time_hf(hf, prompt, args.new_tokens))
-                    if small:
-                        numpy_runs.append(time_ours(numpy_model, prompt, args.new_tokens))
-                o_rate, h_rate = (statistics.median(r for _, r in runs) for runs in (ours, theirs))
-                o_first, h_first = (statistics.median(f for f, _ in runs) for runs in (ours, theirs))
-                multiple = f"{floor / (o_rate / batch):7.2f}" if batch == 1 else f"{'':>7}"
-                print(f"{shape:>6} {model.num_params() / 1e6:6.1f}M {batch:>5} {length:>6} | {o_rate:10.1f} "
-                      f"{h_rate:9.1f} {o_rate / h_rate:5.2f}x | {o_first * 1e3:7.1f}ms {h_first * 1e3:6.1f}ms | "
-                      f"{floor:11.1f} {multiple}", end="")
-                if small:
-                    n_rate = statistics.median(r for _, r in numpy_runs)
-                    print(f" | {n_rate:11.1f} {n_rate / h_rate:5.2f}x", end="")
-                print(flush=True)
+                runs = {name: [] for name in engines}
+                for name, engine in engines.items():  # warm up
+                    timer(name)(engine, prompt[:, :4], 3)
+                for _ in range(args.repeats):  # alternate, so that a slow stretch of a shared machine hits all
+                    for name, engine in engines.items():
+                        runs[name].append(timer(name)(engine, prompt, args.new_tokens))
+                rate = {name: statistics.median(r for _, r in results) for name, results in runs.items()}
+                for i, (name, results) in enumerate(runs.items()):
+                    first = statistics.median(f for f, _ in results)
+                    where = f"{shape:>6} {model.num_params() / 1e6:6.1f}M {batch:>5} {length:>6}" if i == 0 else ""
+                    floor = (f"{floors[name]:11.1f} {floors[name] / rate[name]:7.2f}" if batch == 1 else "")
+                    print(f"{where:>27} | {name:<11} {rate[name]:7.1f} {rate[name] / rate['HF']:5.2f}x "
+                          f"{first * 1e3:6.1f}ms | {floor}", flush=True)
     if args.profile:
-        profile_step(model, 8)
+        profile_step(engines["torch fp32"], 8)
+        profile_step(engines["torch int8"], 8)
+
+
+def weight_bytes(model: Transformer) -> int:
+    """Bytes a batch-1 decode step reads: every weight once (the tied embedding once, as the output head), but of a
+    table only looked up (positions, an untied input embedding) one row."""
+    tensors = dict(model.named_parameters()) | dict(model.named_buffers())
+    looked_up = ("position_", "rope_") + (() if model.config.tie_embeddings else ("token_embedding",))
+    return sum(t.numel() * t.element_size() for name, t in tensors.items() if not name.startswith(looked_up))
+
+
+def timer(name: str):
+    return time_hf if name == "HF" else time_ours
 
 
 if __name__ == "__main__":

@@ -65,12 +65,20 @@ def read_config(directory: Path) -> dict:
     return config
 
 
-def load_checkpoint(path: str | Path | None = None, device: str = "cpu", numpy_if_small: bool = False):
+def load_checkpoint(path: str | Path | None = None, device: str = "cpu", numpy_if_small: bool = False,
+                    quantize: str | None = None):
     """(model in eval mode, tokenizer, config dict) from a checkpoint directory; the shipped default when None.
 
     numpy_if_small: a small plain language model comes as a NumpyTransformer (llmcli/numpy_model.py), which decodes
-    without importing torch; anything else as the torch model.
+    without importing torch; anything else as the torch model. quantize: "int8" stores the torch model's weights as
+    int8 for faster decoding (llmcli/quantize.py).
     """
+    if quantize is not None:
+        from llmcli.quantize import check_mode, quantize as quantize_model
+
+        check_mode(quantize)
+        model, tokenizer, config = load_checkpoint(path, device)
+        return quantize_model(model, quantize), tokenizer, config
     from llmcli.config import ModelConfig
 
     directory = Path(path) if path is not None else default_model_path()

@@ -151,8 +151,9 @@ def decoding_layout(model):
     benchmarks/generate.py). F.linear sees a transposed view and takes the faster path; nothing else changes.
     Not for training: the optimizer and checkpoint saving expect contiguous parameters.
     """
-    for name, p in model.named_parameters():
-        if p.ndim == 2 and p.is_contiguous() and not name.startswith("position_embedding"):
+    looked_up = ("position_embedding",) + (() if model.config.tie_embeddings else ("token_embedding",))
+    for name, p in model.named_parameters():  # (a table only looked up is better left in rows)
+        if p.ndim == 2 and p.is_contiguous() and not name.startswith(looked_up):
             p.data = p.data.t().contiguous().t()
     return model
 
