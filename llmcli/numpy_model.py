@@ -96,6 +96,29 @@ def position_tables(config: ModelConfig) -> dict[str, np.ndarray]:
     return {}
 
 
+# In place, as a long prompt's prefill passes over (T, T) scores and (T, hidden) activations: fewer new arrays.
+
+def softmax_(x: np.ndarray) -> np.ndarray:
+    """Softmax over the last axis, overwriting x."""
+    x -= x.max(axis=-1, keepdims=True)
+    np.exp(x, out=x)
+    x /= x.sum(axis=-1, keepdims=True)
+    return x
+
+
+def gelu(h: np.ndarray) -> np.ndarray:
+    """GELU, tanh approximation: 0.5 h (1 + tanh(sqrt(2/pi) (h + 0.044715 h^3))), without pow (h ** 3: 30x slower)."""
+    y = h * h
+    y *= 0.044715
+    y += 1.0
+    y *= h * math.sqrt(2.0 / math.pi)
+    np.tanh(y, out=y)
+    y += 1.0
+    y *= h
+    y *= 0.5
+    return y
+
+
 class NumpyTransformer:
     def __init__(self, config: ModelConfig, weights: dict[str, np.ndarray]):
         self.config = config
@@ -109,11 +132,12 @@ class NumpyTransformer:
         return NumpyDecoder(self, rows)
 
     def _norm(self, x: np.ndarray, name: str) -> np.ndarray:
-        eps, weight = self.config.norm_eps, self.w[f"{name}.weight"]
+        # sums over n, not np.mean: at one token a decode step is mostly per-call overhead, and mean's is 3x a sum's
+        eps, weight, n = self.config.norm_eps, self.w[f"{name}.weight"], x.shape[-1]
         if self.config.norm == "rmsnorm":
-            return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * weight
-        centered = x - x.mean(axis=-1, keepdims=True)
-        x = centered / np.sqrt(np.mean(centered * centered, axis=-1, keepdims=True) + eps) * weight
+            return x / np.sqrt((x * x).sum(axis=-1, keepdims=True) / n + eps) * weight
+        centered = x - x.sum(axis=-1, keepdims=True) / n
+        x = centered / np.sqrt((centered * centered).sum(axis=-1, keepdims=True) / n + eps) * weight
         return x + self.w[f"{name}.bias"] if f"{name}.bias" in self.w else x
 
     def _linear(self, x: np.ndarray, name: str) -> np.ndarray:
@@ -139,12 +163,12 @@ class NumpyTransformer:
         else:
             rope = self.w["rope_cos"][positions], self.w["rope_sin"][positions]
         end = pos + T
-        # query t (at pos + t) sees keys 0..pos + t
-        causal = np.arange(end)[None, :] <= positions[:, None]
+        # query t (at pos + t) sees keys 0..pos + t: added to the scores, 0 where it may look, -inf where not
+        causal = np.where(np.arange(end)[None, :] <= positions[:, None], 0.0, -np.inf).astype(np.float32)
         for i, (k_cache, v_cache) in enumerate(cache):
             block = f"blocks.{i}"
             qkv = self._linear(self._norm(x, f"{block}.norm_1"), f"{block}.attn.qkv")
-            q, k, v = np.split(qkv, [H * D, (H + KV) * D], axis=-1)
+            q, k, v = qkv[..., :H * D], qkv[..., H * D:(H + KV) * D], qkv[..., (H + KV) * D:]
             # (B, T, heads * D) -> (B, heads, T, D); queries grouped by the key head they share
             q = q.reshape(B, T, KV, H // KV, D).transpose(0, 2, 3, 1, 4)
             k, v = (t.reshape(B, T, KV, D).transpose(0, 2, 1, 3) for t in (k, v))
@@ -152,18 +176,18 @@ class NumpyTransformer:
                 q, k = self._rope(q, *rope), self._rope(k, *rope)
             k_cache[:, :, pos:end], v_cache[:, :, pos:end] = k, v
             keys, values = k_cache[:, :, None, :end], v_cache[:, :, None, :end]  # (B, KV, 1, end, D)
-            scores = q @ keys.swapaxes(-1, -2) / math.sqrt(D)  # (B, KV, group, T, end)
-            scores = np.where(causal, scores, -np.inf)
-            weights = np.exp(scores - scores.max(axis=-1, keepdims=True))
-            y = (weights / weights.sum(axis=-1, keepdims=True)) @ values  # (B, KV, group, T, D)
+            scores = (q * (1.0 / math.sqrt(D))) @ keys.swapaxes(-1, -2)  # (B, KV, group, T, end)
+            if T > 1:  # (one new token sees every cached position)
+                scores += causal
+            y = softmax_(scores) @ values  # (B, KV, group, T, D)
             y = y.transpose(0, 3, 1, 2, 4).reshape(B, T, H * D)
             x = x + self._linear(y, f"{block}.attn.proj")
             h = self._linear(self._norm(x, f"{block}.norm_2"), f"{block}.mlp.fc")
             if config.mlp == "swiglu":
-                gate, up = np.split(h, 2, axis=-1)
+                gate, up = h[..., :config.hidden_size], h[..., config.hidden_size:]
                 h = gate / (1.0 + np.exp(-gate)) * up
-            else:  # GELU, tanh approximation; h * h * h, as h ** 3 calls pow: 30x slower
-                h = 0.5 * h * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (h + 0.044715 * h * h * h)))
+            else:
+                h = gelu(h)
             x = x + self._linear(h, f"{block}.mlp.proj")
         return self._norm(x[:, -1], "norm_f") @ self.head
 
