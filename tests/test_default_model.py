@@ -1,10 +1,11 @@
 """The shipped checkpoint: it loads, its files agree, it scores as its model card says, and sampling is seeded."""
 
+import json
 import re
 
 import pytest
 
-from conftest import TINYSTORIES_VALID, run_cli
+from conftest import ROOT, TINYSTORIES_VALID, run_cli
 from llmcli.checkpoint import DEFAULT_MODEL, load_checkpoint
 
 
@@ -26,3 +27,12 @@ def test_default_generation_is_deterministic_for_a_seed():
     assert first.returncode == 0, first.stderr
     assert first.stdout == second.stdout and first.stdout.strip()
     assert run_cli(*args[:3], "8", *args[4:]).stdout != first.stdout
+
+
+def test_int8_costs_the_bits_per_byte_the_readme_says():
+    readme = (ROOT / "README.md").read_text()
+    stated = re.search(r"bits per\s+byte on TinyStories `valid.txt` go from ([0-9.]+) to ([0-9.]+)", readme).groups()
+    for options, number in (([], stated[0]), (["--quantize", "int8"], stated[1])):
+        result = run_cli("eval", TINYSTORIES_VALID, "--stride", "256", "--json", *options)
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout)["bits_per_byte"] == pytest.approx(float(number), abs=0.0005)
