@@ -143,6 +143,19 @@ def row_rng(seed: int, prompt: list[int], sample: int) -> np.random.Generator:
 
 # --- decoding ------------------------------------------------------------------------------------------------------
 
+def distinct_rows(rows: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """(first, copies): the index of the first occurrence of each distinct row, and for every row the number of its
+    distinct row, so that rows == [rows[i] for i in first][copies]."""
+    number: dict[tuple, int] = {}
+    first, copies = [], []
+    for i, row in enumerate(rows):
+        if tuple(row) not in number:
+            number[tuple(row)] = len(first)
+            first.append(i)
+        copies.append(number[tuple(row)])
+    return np.array(first), np.array(copies)
+
+
 def decoding_layout(model):
     """Store every weight matrix transposed in memory (same values, same shapes, other strides), for inference.
 
@@ -166,18 +179,25 @@ class TorchDecoder:
     def __init__(self, model, rows: list[list[int]], max_len: int, use_cache: bool = True):
         import torch
 
-        self.torch, self.model, self.use_cache = torch, decoding_layout(model), use_cache
+        self.torch, self.model, self.use_cache, self.max_len = torch, decoding_layout(model), use_cache, max_len
         self.device = model.token_embedding.weight.device
-        self.pos = max(map(len, rows))
+        self.rows, self.pos = rows, max(map(len, rows))
         pads = [self.pos - len(r) for r in rows]
         self.tokens = torch.tensor([[0] * p + r for p, r in zip(pads, rows)], dtype=torch.long, device=self.device)
         self.pad = torch.tensor(pads, device=self.device) if any(pads) else None
-        if use_cache:
-            model.setup_kv_cache(len(rows), max_len)
 
     def first(self) -> np.ndarray:
+        if not self.use_cache:
+            with self.torch.no_grad():
+                return self._numpy(self.model(self.tokens, pad=self.pad, last_only=True))
+        # each distinct prompt is prefilled once: the samples of a prompt share its keys and values
+        distinct, copies = distinct_rows(self.rows)
+        tokens, pad = self.tokens[distinct], None if self.pad is None else self.pad[distinct]
+        self.model.setup_kv_cache(len(distinct), self.max_len)
         with self.torch.no_grad():
-            return self._numpy(self.model(self.tokens, pad=self.pad, last_only=True))
+            logits = self.model(tokens, pad=pad, last_only=True)
+        self.model.select_kv_cache_rows(self.torch.from_numpy(copies).to(self.device))
+        return self._numpy(logits)[copies]
 
     def next(self, tokens: np.ndarray) -> np.ndarray:
         new = self.torch.from_numpy(tokens).to(self.device)[:, None]

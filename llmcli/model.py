@@ -257,6 +257,12 @@ class Transformer(nn.Module):
             block.attn.kv_cache = KVCache(batch_size, max_len, self.config.kv_heads, self.config.head_dim,
                                           weight.dtype, weight.device)
 
+    def select_kv_cache_rows(self, index: torch.Tensor):
+        """Row b of every cache becomes row index[b] (the samples of a prompt take the prompt's keys and values)."""
+        for block in self.blocks:
+            cache = block.attn.kv_cache
+            cache.k, cache.v = cache.k[index], cache.v[index]
+
     def clear_kv_cache(self):
         for block in self.blocks:
             block.attn.kv_cache = None

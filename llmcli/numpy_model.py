@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from llmcli.config import ModelConfig
+from llmcli.generate import distinct_rows
 
 SMALL_MODEL = 30_000_000  # parameters; above this the weights, not the torch import, dominate a cold start
 
@@ -204,7 +205,14 @@ class NumpyDecoder:
         self.cache = [(np.zeros(shape, np.float32), np.zeros(shape, np.float32)) for _ in range(config.n_layer)]
 
     def first(self) -> np.ndarray:
-        return self.model.forward(self.tokens, 0, self.cache)
+        # each distinct prompt is prefilled once: the samples of a prompt share its keys and values
+        distinct, copies = distinct_rows(self.tokens.tolist())
+        if len(distinct) == len(self.tokens):
+            return self.model.forward(self.tokens, 0, self.cache)
+        cache = [(k[distinct], v[distinct]) for k, v in self.cache]
+        logits = self.model.forward(self.tokens[distinct], 0, cache)
+        self.cache = [(k[copies], v[copies]) for k, v in cache]
+        return logits[copies]
 
     def next(self, tokens: np.ndarray) -> np.ndarray:
         logits = self.model.forward(np.asarray(tokens)[:, None], self.pos, self.cache)

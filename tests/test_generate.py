@@ -53,6 +53,25 @@ def test_text_stream_holds_back_a_stop_string_split_across_tokens(nano_checkpoin
     assert "".join(stream.push(i) for i in ids) + stream.flush() == text
 
 
+@pytest.mark.parametrize("numpy_decoder", [False, True])
+def test_the_samples_of_a_prompt_share_one_prefill(nano_checkpoint, numpy_decoder):
+    """Rows with the same prompt are prefilled once, then decode as if each had been prefilled alone."""
+    from llmcli.checkpoint import load_checkpoint
+    from llmcli.generate import encode_prompt
+
+    model, tok, _ = load_checkpoint(nano_checkpoint, numpy_if_small=numpy_decoder)
+    prompts = [PROMPTS[1], PROMPTS[1], PROMPTS[1]] if numpy_decoder else [PROMPTS[0], PROMPTS[1], PROMPTS[0]]
+    rows = [encode_prompt(tok, p, model.config.context, False) for p in prompts]
+    batch_sizes = []
+    forward = model.forward
+    model.forward = lambda idx, *args, **kwargs: (batch_sizes.append(len(idx)), forward(idx, *args, **kwargs))[1]
+    cfg = SamplingConfig(max_new_tokens=12, temperature=0.0)
+    together = np.stack(list(decode_rows(model, rows, cfg)), axis=1)
+    assert batch_sizes[0] == len(set(prompts)) and set(batch_sizes[1:]) == {3}
+    for b, row in enumerate(rows):
+        assert np.array_equal(together[b], np.stack(list(decode_rows(model, [row], cfg)), axis=1)[0]), b
+
+
 def test_batched_greedy_equals_each_prompt_alone(nano_checkpoint):
     """Left padding with an attention mask: every row of a batch gives what its prompt gives alone."""
     from llmcli.checkpoint import load_checkpoint
