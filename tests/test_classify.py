@@ -39,6 +39,9 @@ def test_tells_shakespeare_from_tinystories(tmp_path, nano_checkpoint):
     scores = json.loads(report.stdout)
     assert scores["examples"] == 100 and scores["accuracy"] >= 0.9 and scores["macro_f1"] >= 0.9
     assert sum(map(sum, scores["confusion"])) == 100
+    quantized = run_cli("eval", "-m", out, val, "--json", "--quantize", "int8")
+    assert quantized.returncode == 0, quantized.stderr
+    assert json.loads(quantized.stdout)["accuracy"] >= 0.9
     table = run_cli("eval", "-m", out, val)
     assert "accuracy" in table.stdout and "gold \\ predicted" in table.stdout
 
