@@ -351,9 +351,8 @@ def generate(
 
     if input_format not in ("text", "jsonl"):
         raise LLMError(f"--input-format must be text or jsonl, not {input_format!r}")
-    # one prompt: a small model decodes on NumPy, so text appears before torch could even have been imported
-    one_prompt = input_format == "text" and prompt != "-"
-    net, tok, config = load_checkpoint(model, numpy_if_small=one_prompt, quantize=quantize)
+    # a small model decodes on NumPy: text appears before torch could even have been imported
+    net, tok, config = load_checkpoint(model, numpy_if_small=True, quantize=quantize)
     load_s = time.perf_counter() - start
     cfg, template = sampling_settings(config, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                                       top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty,

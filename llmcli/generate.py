@@ -223,7 +223,7 @@ def decode_rows(model, rows: list[list[int]], cfg: SamplingConfig, rngs: list[np
                 ) -> Iterator[np.ndarray]:
     """Yield the next token of every row (a (B,) array) per step, the rows decoded as one batch.
 
-    model: the torch Transformer, or a NumpyTransformer (rows of equal length). rngs: one random generator a row
+    model: the torch Transformer, or a NumpyTransformer. rngs: one random generator a row
     (None: fresh ones). Row b stops after cfg.max_new_tokens, at the end of the context, at stop_token, or when the
     caller sets finished[b]; a finished row keeps yielding stop_token (or its last token). Ends when every row is
     finished.
@@ -245,8 +245,9 @@ def decode_rows(model, rows: list[list[int]], cfg: SamplingConfig, rngs: list[np
         seen = np.zeros((B, model.config.vocab_size), dtype=bool)
         for b, r in enumerate(rows):
             seen[b, r] = True
-    decoder = model.decoder(rows) if hasattr(model, "decoder") else TorchDecoder(model, rows, max(lengths) + steps,
-                                                                                   use_cache)
+    max_len = max(lengths) + steps
+    decoder = model.decoder(rows, max_len) if hasattr(model, "decoder") else TorchDecoder(model, rows, max_len,
+                                                                                          use_cache)
     try:
         logits = decoder.first()
         for step in range(steps):

@@ -2,7 +2,7 @@
 
 Importing torch costs 1.3-1.8 s on a CPU: longer than the shipped 3M-parameter model takes to write a whole story. So
 `llm generate` runs checkpoints of up to SMALL_MODEL parameters here: the same computation as model.py's forward
-(tests hold the logits equal to 1e-5 for every configuration), for rows of equal length with a KV cache, float32.
+(tests hold the logits equal to 1e-5 for every configuration), for left-padded rows with a KV cache, float32.
 Sampling is shared with the torch path (llmcli/generate.py), so a seed gives the same text on either.
 """
 
@@ -129,8 +129,8 @@ class NumpyTransformer:
         head = weights["token_embedding.weight" if config.tie_embeddings else "lm_head.weight"]
         self.head = np.ascontiguousarray(head.T)  # (n_embd, vocab)
 
-    def decoder(self, rows: list[list[int]]) -> "NumpyDecoder":
-        return NumpyDecoder(self, rows)
+    def decoder(self, rows: list[list[int]], max_len: int) -> "NumpyDecoder":
+        return NumpyDecoder(self, rows, max_len)
 
     def _norm(self, x: np.ndarray, name: str) -> np.ndarray:
         # sums over n, not np.mean: at one token a decode step is mostly per-call overhead, and mean's is 3x a sum's
@@ -149,23 +149,35 @@ class NumpyTransformer:
         half = x.shape[-1] // 2
         return x * cos + np.concatenate([-x[..., half:], x[..., :half]], axis=-1) * sin
 
-    def forward(self, idx: np.ndarray, pos: int, cache: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
-        """Logits (B, vocab) of the last of tokens idx (B, T) at positions pos..pos+T, their keys and values written
-        into cache (one (keys, values) pair of (B, kv_heads, max_len, head_dim) a layer)."""
+    def forward(self, idx: np.ndarray, pos: int, cache: list[tuple[np.ndarray, np.ndarray]],
+                pad: np.ndarray | None = None) -> np.ndarray:
+        """Logits (B, vocab) of the last of tokens idx (B, T) in slots pos..pos+T, their keys and values written
+        into cache (one (keys, values) pair of (B, kv_heads, max_len, head_dim) a layer).
+
+        pad (B,): row b is left-padded by pad[b] tokens, as in model.py: its positions start after the padding and
+        no token attends to padding.
+        """
         config = self.config
         B, T = idx.shape
         H, KV, D = config.n_head, config.kv_heads, config.head_dim
-        positions = np.arange(pos, pos + T)
+        end = pos + T
+        slots = np.arange(end)
+        pad = np.zeros(B, dtype=np.int64) if pad is None else pad
+        # (finished rows of a batch may run past the context; their outputs are ignored)
+        positions = np.clip(slots[None, pos:] - pad[:, None], 0, config.context - 1)  # (B, T)
         x = self.w["token_embedding.weight"][idx]
         if config.positions == "learned":
             x = x + self.w["position_embedding.weight"][positions]
         elif config.positions == "sinusoidal":
             x = x + self.w["position_table"][positions]
-        else:
-            rope = self.w["rope_cos"][positions], self.w["rope_sin"][positions]
-        end = pos + T
-        # query t (at pos + t) sees keys 0..pos + t: added to the scores, 0 where it may look, -inf where not
-        causal = np.where(np.arange(end)[None, :] <= positions[:, None], 0.0, -np.inf).astype(np.float32)
+        else:  # (B, 1, T, D): the same angles for every head
+            rope = self.w["rope_cos"][positions][:, None], self.w["rope_sin"][positions][:, None]
+        # the query in slot s sees keys in slots pad..s (a padding query itself only, so that no row is empty):
+        # added to the scores, 0 where it may look and -inf where not; (B, 1, 1, T, end) as the scores
+        keys, queries = slots[None, None, :], slots[pos:, None]
+        visible = (keys <= queries) & ((keys >= pad[:, None, None]) | (keys == queries))
+        mask = np.where(visible, 0.0, -np.inf).astype(np.float32)[:, None, None]
+        masked = T > 1 or pad.any()  # (one new token of an unpadded batch sees every cached position)
         for i, (k_cache, v_cache) in enumerate(cache):
             block = f"blocks.{i}"
             qkv = self._linear(self._norm(x, f"{block}.norm_1"), f"{block}.attn.qkv")
@@ -174,12 +186,12 @@ class NumpyTransformer:
             q = q.reshape(B, T, KV, H // KV, D).transpose(0, 2, 3, 1, 4)
             k, v = (t.reshape(B, T, KV, D).transpose(0, 2, 1, 3) for t in (k, v))
             if config.positions == "rope":
-                q, k = self._rope(q, *rope), self._rope(k, *rope)
+                q, k = self._rope(q, *(t[:, None] for t in rope)), self._rope(k, *rope)
             k_cache[:, :, pos:end], v_cache[:, :, pos:end] = k, v
             keys, values = k_cache[:, :, None, :end], v_cache[:, :, None, :end]  # (B, KV, 1, end, D)
             scores = (q * (1.0 / math.sqrt(D))) @ keys.swapaxes(-1, -2)  # (B, KV, group, T, end)
-            if T > 1:  # (one new token sees every cached position)
-                scores += causal
+            if masked:
+                scores += mask
             y = softmax_(scores) @ values  # (B, KV, group, T, D)
             y = y.transpose(0, 3, 1, 2, 4).reshape(B, T, H * D)
             x = x + self._linear(y, f"{block}.attn.proj")
@@ -194,28 +206,25 @@ class NumpyTransformer:
 
 
 class NumpyDecoder:
-    """What decode_rows drives (as TorchDecoder): logits of the prompts, then of each new token."""
+    """What decode_rows drives (as TorchDecoder): logits of the prompts, then of each new token, rows left-padded."""
 
-    def __init__(self, model: NumpyTransformer, rows: list[list[int]]):
-        if len({len(r) for r in rows}) != 1:
-            raise ValueError("the NumPy decoder takes rows of equal length")
-        config = model.config
-        self.model, self.tokens, self.pos = model, np.array(rows), len(rows[0])
-        shape = (len(rows), config.kv_heads, config.context, config.head_dim)
-        self.cache = [(np.zeros(shape, np.float32), np.zeros(shape, np.float32)) for _ in range(config.n_layer)]
+    def __init__(self, model: NumpyTransformer, rows: list[list[int]], max_len: int):
+        self.model, self.rows, self.max_len, self.pos = model, rows, max_len, max(map(len, rows))
+        self.pad = np.array([self.pos - len(r) for r in rows])
+        self.tokens = np.array([[0] * p + r for p, r in zip(self.pad, rows)])
 
     def first(self) -> np.ndarray:
         # each distinct prompt is prefilled once: the samples of a prompt share its keys and values
-        distinct, copies = distinct_rows(self.tokens.tolist())
-        if len(distinct) == len(self.tokens):
-            return self.model.forward(self.tokens, 0, self.cache)
-        cache = [(k[distinct], v[distinct]) for k, v in self.cache]
-        logits = self.model.forward(self.tokens[distinct], 0, cache)
-        self.cache = [(k[copies], v[copies]) for k, v in cache]
+        distinct, copies = distinct_rows(self.rows)
+        config = self.model.config
+        shape = (len(distinct), config.kv_heads, self.max_len, config.head_dim)
+        cache = [(np.zeros(shape, np.float32), np.zeros(shape, np.float32)) for _ in range(config.n_layer)]
+        logits = self.model.forward(self.tokens[distinct], 0, cache, self.pad[distinct])
+        self.cache = cache if len(distinct) == len(self.rows) else [(k[copies], v[copies]) for k, v in cache]
         return logits[copies]
 
     def next(self, tokens: np.ndarray) -> np.ndarray:
-        logits = self.model.forward(np.asarray(tokens)[:, None], self.pos, self.cache)
+        logits = self.model.forward(np.asarray(tokens)[:, None], self.pos, self.cache, self.pad)
         self.pos += 1
         return logits
 

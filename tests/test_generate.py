@@ -60,7 +60,7 @@ def test_the_samples_of_a_prompt_share_one_prefill(nano_checkpoint, numpy_decode
     from llmcli.generate import encode_prompt
 
     model, tok, _ = load_checkpoint(nano_checkpoint, numpy_if_small=numpy_decoder)
-    prompts = [PROMPTS[1], PROMPTS[1], PROMPTS[1]] if numpy_decoder else [PROMPTS[0], PROMPTS[1], PROMPTS[0]]
+    prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[0]]
     rows = [encode_prompt(tok, p, model.config.context, False) for p in prompts]
     batch_sizes = []
     forward = model.forward
@@ -80,12 +80,13 @@ def test_batched_greedy_equals_each_prompt_alone(nano_checkpoint):
     model, tok, _ = load_checkpoint(nano_checkpoint)
     rows = [encode_prompt(tok, p, model.config.context, False) for p in PROMPTS]
     assert len({len(r) for r in rows}) > 2  # really padded
-    for use_cache in (True, False):
-        cfg = SamplingConfig(max_new_tokens=20, temperature=0.0)
-        batched = np.stack(list(decode_rows(model, rows, cfg, use_cache=use_cache)), axis=1)
+    numpy_model = load_checkpoint(nano_checkpoint, numpy_if_small=True)[0]
+    cfg = SamplingConfig(max_new_tokens=20, temperature=0.0)
+    for engine, use_cache in ((model, True), (model, False), (numpy_model, True)):
+        batched = np.stack(list(decode_rows(engine, rows, cfg, use_cache=use_cache)), axis=1)
         for b, row in enumerate(rows):
-            alone = np.stack(list(decode_rows(model, [row], cfg)), axis=1)[0]
-            assert np.array_equal(batched[b], alone), (b, use_cache)
+            alone = np.stack(list(decode_rows(engine, [row], cfg)), axis=1)[0]
+            assert np.array_equal(batched[b], alone), (b, type(engine), use_cache)
     # and the logits themselves agree, not just their argmax
     pad = torch.tensor([max(map(len, rows)) - len(r) for r in rows])
     padded = torch.tensor([[0] * int(p) + r for p, r in zip(pad, rows)])

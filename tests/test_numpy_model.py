@@ -42,7 +42,15 @@ def test_logits_equal_the_torch_model_in_prefill_and_every_cached_step(name):
     with torch.no_grad():
         expected = model(tokens).numpy()
     rows = tokens.numpy()
-    decoder = NumpyDecoder(ours, rows[:, :7].tolist())
+    decoder = NumpyDecoder(ours, rows[:, :7].tolist(), max_len=12)
+    np.testing.assert_allclose(decoder.first(), expected[:, 6], atol=1e-5)
+    for t in range(7, 12):
+        np.testing.assert_allclose(decoder.next(rows[:, t]), expected[:, t], atol=1e-5)
+    # left-padded rows: row 1 starts 4 tokens later, as model.py's pad says
+    pad = torch.tensor([0, 4])
+    with torch.no_grad():
+        expected = model(tokens, pad=pad).numpy()
+    decoder = NumpyDecoder(ours, [rows[0, :7].tolist(), rows[1, 4:7].tolist()], max_len=12)
     np.testing.assert_allclose(decoder.first(), expected[:, 6], atol=1e-5)
     for t in range(7, 12):
         np.testing.assert_allclose(decoder.next(rows[:, t]), expected[:, t], atol=1e-5)
@@ -64,9 +72,11 @@ def test_a_saved_checkpoint_samples_the_same_text_on_numpy_and_torch(nano_checkp
 
 
 def test_generate_on_a_small_checkpoint_does_not_import_torch(nano_checkpoint):
+    """One prompt or many (left-padded): NumPy; --quantize int8 needs torch's kernel."""
     code = ("import atexit, sys; atexit.register(lambda: print('torch' in sys.modules, file=sys.stderr)); "
             "from llmcli.cli import main; main()")
-    for args, torch_used in ((["ROMEO:"], False), (["-", "--batch-size", "2"], True)):
+    for args, torch_used in ((["ROMEO:"], False), (["-", "--batch-size", "2"], False),
+                             (["ROMEO:", "--quantize", "int8"], True)):
         result = subprocess.run([sys.executable, "-c", code, "generate", "-m", str(nano_checkpoint), "--seed", "1",
                                  "--max-new-tokens", "8", *args], input="ROMEO:\nJULIET:\n", capture_output=True,
                                 text=True, cwd=ROOT)
