@@ -43,7 +43,7 @@ def from_language_model(lm: Transformer, n_labels: int) -> Classifier:
 
 
 def encode_text(tokenizer, text: str, context: int) -> list[int]:
-    start = [tokenizer.end_of_text] if tokenizer.end_of_text is not None else []
+    start = [tokenizer.start_of_text] if tokenizer.start_of_text is not None else []
     return (start + tokenizer.encode(text))[:context]
 
 

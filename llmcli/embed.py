@@ -32,7 +32,7 @@ def embed_texts(model: Transformer, tokenizer, texts: list[str], pooling: str = 
     """(len(texts), n_embd) float32 unit vectors."""
     check_pooling(pooling)
     context = model.config.context
-    start = [tokenizer.end_of_text] if tokenizer.end_of_text is not None else []
+    start = [tokenizer.start_of_text] if tokenizer.start_of_text is not None else []
     raw = [start + ids for ids in tokenizer.encode_batch(list(texts))]
     encoded = [ids[:context] for ids in raw]
     cut = sum(len(ids) > context for ids in raw)

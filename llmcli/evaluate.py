@@ -25,7 +25,7 @@ from llmcli.tokenizer import Tokenizer
 
 def tokenize_file(tokenizer: Tokenizer, path: str) -> list[int]:
     ids: list[int] = []
-    start = [tokenizer.end_of_text] if tokenizer.end_of_text is not None else []
+    start = [tokenizer.start_of_text] if tokenizer.start_of_text is not None else []
     docs = list(data.read_documents([path]))
     for doc_ids in tokenizer.encode_batch(docs):
         ids += start + doc_ids

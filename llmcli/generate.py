@@ -322,10 +322,10 @@ class TextStream:
 
 def encode_prompt(tokenizer: Tokenizer, prompt: str, context: int, truncate: bool, log=None) -> list[int]:
     """The prompt's ids after an end-of-text token (the start of a document), fitted into the context."""
-    start = [tokenizer.end_of_text] if tokenizer.end_of_text is not None else []
+    start = [tokenizer.start_of_text] if tokenizer.start_of_text is not None else []
     ids = start + tokenizer.encode(prompt)
     if not ids:
-        raise LLMError("the prompt is empty and the tokenizer has no end-of-text token to start from")
+        raise LLMError("the prompt is empty and the tokenizer has no token to start a text from (<|endoftext|> or <s>)")
     if len(ids) >= context:
         if not truncate:
             raise LLMError(f"the prompt is {len(ids)} tokens but the model's context is {context}; "
@@ -392,7 +392,7 @@ def generate_samples(model, tokenizer: Tokenizer, prompts: Iterable[str], cfg: S
 
 
 def _generate_batch(model, tokenizer, batch: list[Sample], cfg: SamplingConfig, seed: int, on_text):
-    eos = tokenizer.end_of_text
+    eos = tokenizer.stop_token
     for s in batch:
         s.stream = TextStream(tokenizer, cfg.stop, after=s.ids[-1])
     rngs = [row_rng(seed, s.ids, s.sample) for s in batch]

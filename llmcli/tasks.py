@@ -71,7 +71,7 @@ def _request(tokenizer, context: str, choice: str, max_len: int, where: str) -> 
 
     The pair is encoded whole when the context's tokens are a prefix of the whole's (so the choice is tokenized as
     the model would see it in running text), else as two parts."""
-    start = [tokenizer.end_of_text] if tokenizer.end_of_text is not None else []
+    start = [tokenizer.start_of_text] if tokenizer.start_of_text is not None else []
     ctx = tokenizer.encode(context) if context else []
     whole = tokenizer.encode(context + choice)
     cont = whole[len(ctx):] if whole[:len(ctx)] == ctx and len(whole) > len(ctx) else tokenizer.encode(choice)

@@ -34,6 +34,10 @@ class Tokenizer:
         eot = self.sp.PieceToId(END_OF_TEXT)
         # PieceToId answers unk for pieces it lacks; a tokenizer from elsewhere may have no end-of-text token
         self.end_of_text = eot if self.sp.IdToPiece(eot) == END_OF_TEXT else None
+        # what a text starts with and a sample ends at: ours, the end-of-text token; Llama's, <s> and </s>
+        bos, eos = self.sp.bos_id(), self.sp.eos_id()
+        self.start_of_text = self.end_of_text if self.end_of_text is not None else bos if bos >= 0 else None
+        self.stop_token = self.end_of_text if self.end_of_text is not None else eos if eos >= 0 else None
         self.files = [self.path]
 
     def encode(self, text: str) -> list[int]:
@@ -78,6 +82,7 @@ class ByteLevelBPETokenizer:
         self.path = self.files[0]
         self.vocab_size = self.tok.get_vocab_size()
         self.end_of_text = self.tok.token_to_id(END_OF_TEXT)
+        self.start_of_text = self.stop_token = self.end_of_text
 
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False).ids

@@ -253,3 +253,40 @@ def test_mistral_context_stops_at_its_sliding_window(tmp_path, byte_level_bpe):
     tokens = torch.randint(0, SP_VOCAB, (2, 16))
     with torch.no_grad():
         assert (model(tokens) - hf_model(tokens).logits).abs().max().item() < 1e-4
+
+
+def test_a_llama_sentencepiece_tokenizer_starts_at_bos_and_stops_at_eos(tmp_path, shakespeare_slice):
+    """Llama's tokenizer.model has <s> and </s> (ids 1 and 2) and no <|endoftext|>: prompts start with <s>, and a
+    sample ends at </s>."""
+    import sentencepiece as spm
+
+    from llmcli.generate import encode_prompt
+    from llmcli.tokenizer import Tokenizer
+
+    directory = tmp_path / "llama"
+    directory.mkdir()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(shakespeare_slice.read_text().splitlines()[:3000]),
+                                   model_prefix=str(directory / "tokenizer"), vocab_size=400, byte_fallback=True,
+                                   unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2)
+    tokenizer = Tokenizer(directory / "tokenizer.model")
+    assert (tokenizer.end_of_text, tokenizer.start_of_text, tokenizer.stop_token) == (None, 1, 2)
+    assert encode_prompt(tokenizer, "ROMEO:", 64, False) == [1] + tokenizer.encode("ROMEO:")
+
+    # a model whose every prediction is </s>: no attention or MLP output, one embedding for every token, and an
+    # output head that only </s> answers
+    hf_model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=400, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=64, tie_word_embeddings=False)).eval()
+    with torch.no_grad():
+        hf_model.model.embed_tokens.weight.fill_(1.0)
+        for layer in hf_model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        hf_model.lm_head.weight.zero_()
+        hf_model.lm_head.weight[2] = 1.0
+    hf_model.save_pretrained(directory)
+    result = run_cli("generate", "ROMEO:", "-m", directory, "--temperature", "0", "--json")
+    assert result.returncode == 0, result.stderr
+    record = json.loads(result.stdout)
+    assert record["prompt_tokens"] == 1 + len(tokenizer.encode("ROMEO:"))
+    assert record["finish_reason"] == "eos" and record["new_tokens"] == 0 and record["text"] == ""
