@@ -166,15 +166,23 @@ def checkpoint_info(path: str | Path | None = None) -> dict:
         hf = read_hf_config(directory)
         family, settings = model_settings_from_hf(hf, directory)
         architecture, weight_paths = (hf.get("architectures") or [family])[0], set(weight_files(directory).values())
+        task, labels = "language model", []
     else:
-        settings, architecture = read_config(directory)["model"], "llmcli Transformer"
+        ours = read_config(directory)
+        settings, architecture = ours["model"], "llmcli Transformer"
         weight_paths = {directory / MODEL_FILE}
+        labels = (ours.get("labels") or []) if ours.get("task") == "classify" else []
+        task = f"classifier ({', '.join(map(str, labels))})" if labels else "language model"
+        if "adapter" in ours:
+            adapter = ours["adapter"]
+            task = (f"LoRA adapter (rank {adapter.get('rank')} on {', '.join(adapter.get('targets') or [])}) for "
+                    f"{adapter.get('base')}, a {task}")
     try:
         config = ModelConfig(**settings)
     except (TypeError, ValueError) as e:
         raise LLMError(f"{directory}: bad model settings: {e}") from None
     with meta_device():
-        parameters = Transformer(config).num_params()
+        parameters = Transformer(config).num_params() + (config.n_embd + 1) * len(labels)  # + a classifier's head
     dtypes = set()
     try:
         for file in weight_paths:
@@ -188,6 +196,7 @@ def checkpoint_info(path: str | Path | None = None) -> dict:
     return {
         "path": str(directory),
         "architecture": architecture,
+        "task": task,
         "parts": f"{config.norm}, {config.positions} positions, {config.mlp} MLP, {attention} attention, "
                  f"{'tied' if config.tie_embeddings else 'untied'} output head",
         "parameters": parameters,

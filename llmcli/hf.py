@@ -294,11 +294,15 @@ def export_hf(checkpoint: str | Path | None, out_dir: str | Path) -> Path:
     from safetensors.torch import save_file
 
     from llmcli.checkpoint import atomic_write, load_checkpoint
+    from llmcli.lora import merge_lora
 
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise LLMError(f"{out_dir} already exists and is not an empty directory; choose a new one")
-    model, tokenizer, _ = load_checkpoint(checkpoint)
+    model, tokenizer, settings = load_checkpoint(checkpoint)
+    if settings.get("task") == "classify":
+        raise LLMError(f"{checkpoint} is a classifier; export writes language models")
+    merge_lora(model)  # an adapter leaves merged into its base (a no-op without one)
     config = model.config
     family = export_family(config)
     tensors = hf_tensors(model, family)

@@ -6,6 +6,8 @@ import random
 import yaml
 from conftest import SHAKESPEARE, TINYSTORIES_VALID, run_cli
 
+from llmcli.checkpoint import load_checkpoint
+
 
 def passages(path, label, n, rng, chars=160):
     """n passages of about `chars` characters, whitespace folded so that line breaks give nothing away."""
@@ -39,6 +41,12 @@ def test_tells_shakespeare_from_tinystories(tmp_path, nano_checkpoint):
     scores = json.loads(report.stdout)
     assert scores["examples"] == 100 and scores["accuracy"] >= 0.9 and scores["macro_f1"] >= 0.9
     assert sum(map(sum, scores["confusion"])) == 100
+    about = json.loads(run_cli("info", out, "--json").stdout)
+    assert about["task"] == "classifier (shakespeare, tinystories)"
+    assert about["parameters"] == load_checkpoint(out)[0].num_params()
+    export = run_cli("export", out, "--format", "hf", "-o", tmp_path / "hf")
+    assert export.returncode == 1
+    assert export.stderr == f"llm: error: {out} is a classifier; export writes language models\n"
     quantized = run_cli("eval", "-m", out, val, "--json", "--quantize", "int8")
     assert quantized.returncode == 0, quantized.stderr
     assert json.loads(quantized.stdout)["accuracy"] >= 0.9

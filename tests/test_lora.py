@@ -35,6 +35,11 @@ def test_adapter_trains_alone_is_small_and_merges(tmp_path, nano_checkpoint):
         assert torch.equal(tuned_state[name], value), name  # the base weights did not move
     assert any(tuned_state[k].abs().sum() > 0 for k in saved if k.endswith("lora_b"))  # the adapters did
 
+    about = json.loads(run_cli("info", adapter, "--json").stdout)
+    assert about["task"] == f"LoRA adapter (rank 4 on attn.qkv, mlp.fc) for {base.resolve()}, a language model"
+    exported = tmp_path / "exported"  # export merges the adapter into its base
+    assert run_cli("export", adapter, "--format", "hf", "-o", exported).returncode == 0
+
     merged = tmp_path / "merged"
     result = run_cli("finetune", "merge", adapter, "-o", merged)
     assert result.returncode == 0, result.stderr
@@ -44,6 +49,7 @@ def test_adapter_trains_alone_is_small_and_merges(tmp_path, nano_checkpoint):
     with torch.no_grad():
         assert not torch.allclose(base_model(ids), tuned(ids), atol=1e-4)
         torch.testing.assert_close(merged_model(ids), tuned(ids), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(load_checkpoint(exported)[0](ids), tuned(ids), atol=1e-5, rtol=1e-5)
 
     # generate needs nothing new: -m ADAPTER loads base + adapter
     gen = [run_cli("generate", "Say hello.", "-m", m, "--temperature", "0", "--max-new-tokens", "8").stdout
