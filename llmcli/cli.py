@@ -303,12 +303,13 @@ def classify(
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object a line: label and probabilities")] = False,
 ):
     """Label each line with a classifier checkpoint (from llm finetune --task classify): one label a line."""
-    from llmcli.checkpoint import load_checkpoint
+    from llmcli.checkpoint import default_model_path, load_checkpoint
     from llmcli.classify import predict
 
     net, tok, config = load_checkpoint(model)
     if config.get("task") != "classify":
-        raise LLMError(f"{model} is not a classifier; make one with llm finetune --task classify")
+        raise LLMError(f"{model or default_model_path()} is not a classifier; make one with llm finetune --task "
+                       "classify")
     labels = config["labels"]
     lines = list(_input_lines(source))
     for probs in predict(net, tok, lines).tolist():
@@ -445,7 +446,7 @@ def evaluate(
         help="Tokens between sliding windows over a text file: each window scores only its last STRIDE tokens, so "
         "every token sees at least context - stride before it; = context is fastest (default: half the context)",
         show_default=False)] = None,
-    batch_size: Annotated[int, typer.Option(help="Windows (or choices) scored at once")] = 8,
+    batch_size: Annotated[int, typer.Option(help="Windows (or choices) scored at once", min=1)] = 8,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object a (model, file) pair on stdout")] = False,
     quantize: QuantizeOption = None,
 ):
@@ -496,7 +497,7 @@ def embed(
     out: Annotated[Optional[Path], typer.Option(
         "--out", "-o", help="Write all embeddings to this .npy or .safetensors file (prints its path) instead of "
         "one JSON array a line", show_default=False)] = None,
-    batch_size: Annotated[int, typer.Option(help="Texts embedded at once")] = 32,
+    batch_size: Annotated[int, typer.Option(help="Texts embedded at once", min=1)] = 32,
 ):
     """One embedding a line (or record): the model's final hidden states, pooled, scaled to unit length."""
     from llmcli.checkpoint import default_model_path, load_checkpoint

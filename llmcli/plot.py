@@ -71,6 +71,8 @@ def plot_runs(run_dirs: list[Path], out: Path, smooth: int = 20) -> Path:
         figure.savefig(out, dpi=120)
     except OSError as e:
         raise LLMError(f"cannot write {out}: {e.strerror}") from None
+    except ValueError as e:  # an extension matplotlib has no format for
+        raise LLMError(f"cannot write {out}: {e}") from None
     finally:
         plt.close(figure)
     return Path(out)

@@ -137,3 +137,15 @@ def test_prompt_longer_than_the_context(nano_checkpoint):
 def test_bad_sampling_options(nano_checkpoint):
     assert "--top-p" in _bad("generate", "hi", "-m", nano_checkpoint, "--top-p", "1.5")
     assert "--temperature" in _bad("generate", "hi", "-m", nano_checkpoint, "--temperature", "-1")
+
+
+def test_bad_options_of_the_other_commands(nano_checkpoint, tmp_path):
+    text = tmp_path / "one.txt"
+    text.write_text("hello there\n")
+    for command in ("eval", "embed"):  # usage errors (exit 2), not a traceback
+        result = run_cli(command, text, "-m", nano_checkpoint, "--batch-size", "0")
+        assert result.returncode == 2 and "--batch-size" in result.stderr and "Traceback" not in result.stderr
+    assert _bad("classify", text, "-m", nano_checkpoint) == (f"llm: error: {nano_checkpoint} is not a classifier; "
+                                                              "make one with llm finetune --task classify")
+    message = _bad("plot", nano_checkpoint, "-o", tmp_path / "curve.txt")
+    assert message.startswith(f"llm: error: cannot write {tmp_path / 'curve.txt'}: Format 'txt' is not supported")
