@@ -402,6 +402,8 @@ def chat(
     from llmcli.progress import log
 
     net, tok, config = load_checkpoint(model, numpy_if_small=True, quantize=quantize)
+    if config.get("task") == "classify":
+        raise LLMError("this checkpoint is a classifier: it labels text (llm classify), it does not chat")
     cfg, _ = sampling_settings(config, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                                top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed)
     cfg.check()

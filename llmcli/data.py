@@ -111,10 +111,13 @@ def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
 
 def jsonl_texts(path: str | Path, field: str, option: str = "--text-field") -> Iterator[str]:
     """The string `field` of each record of a JSON-lines file; a record without it is an error that names it."""
+    name = '<stdin>' if str(path) == '-' else path
     for number, record in read_jsonl(path):
-        if not isinstance(record.get(field), str):
-            raise LLMError(f"{'<stdin>' if str(path) == '-' else path}: line {number} has no text field '{field}' "
-                           f"(it has: {', '.join(record) or 'nothing'}); choose the field with {option}")
+        if field in record and not isinstance(record[field], str):
+            raise LLMError(f"{name}: line {number}: '{field}' must be a string, not {type(record[field]).__name__}")
+        if field not in record:
+            raise LLMError(f"{name}: line {number} has no text field '{field}' (it has: "
+                           f"{', '.join(record) or 'nothing'}); choose the field with {option}")
         yield record[field]
 
 

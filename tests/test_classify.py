@@ -69,5 +69,7 @@ def test_tells_shakespeare_from_tinystories(tmp_path, nano_checkpoint):
     assert bad.returncode == 1 and "unknown.jsonl:1: label 'poetry' is not one of" in bad.stderr
     no_text = run_cli("generate", "hello", "-m", out)
     assert no_text.returncode == 1 and "is a classifier" in no_text.stderr
+    no_chat = run_cli("chat", "-m", out, input="")
+    assert no_chat.returncode == 1 and "is a classifier" in no_chat.stderr
     not_classifier = run_cli("classify", "-m", nano_checkpoint, input="hello\n")
     assert not_classifier.returncode == 1 and "not a classifier" in not_classifier.stderr

@@ -163,7 +163,9 @@ def test_cli_bad_settings_say_one_line(nano_checkpoint, args, message):
 
 
 def test_cli_jsonl_input_errors(nano_checkpoint):
-    for bad, message in (("[1]", "line 2 is a JSON list, not an object"), ('{"text": "b"}', "line 2 has no text field 'prompt'")):
+    for bad, message in (("[1]", "line 2 is a JSON list, not an object"),
+                         ('{"text": "b"}', "line 2 has no text field 'prompt'"),
+                         ('{"prompt": 5}', "line 2: 'prompt' must be a string, not int")):
         result = run_cli("generate", "-", "--input-format", "jsonl", "-m", nano_checkpoint,
                          input='{"prompt": "a"}\n' + bad + "\n")
         assert result.returncode == 1 and message in result.stderr, result.stderr
