@@ -39,6 +39,12 @@ class ModelConfig:
     rope_scaling: float = 1.0  # linear position interpolation: positions are divided by this
 
     def __post_init__(self):
+        for field in dataclasses.fields(self):  # settings come from YAML and JSON files: check what they hold
+            value = getattr(self, field.name)
+            if field.type is float and isinstance(value, int) and not isinstance(value, bool):
+                setattr(self, field.name, float(value))
+            elif not isinstance(value, field.type) or (field.type is int and isinstance(value, bool)):
+                raise ValueError(f"{field.name} must be {field.type.__name__}, not {value!r}")
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})")
         choices = {"norm": ("layernorm", "rmsnorm"), "positions": ("learned", "rope", "sinusoidal"),

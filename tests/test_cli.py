@@ -121,7 +121,11 @@ def test_bad_checkpoints(nano_checkpoint, tmp_path):
     (broken / "config.yaml").write_text(yaml.safe_dump(config))
     assert "does not match config.yaml" in _bad("eval", "-m", broken, nano_checkpoint / "config.yaml")
 
-    config["model"]["n_embd"] = 64
+    config["model"]["n_layer"] = "six"
+    (broken / "config.yaml").write_text(yaml.safe_dump(config))
+    assert "bad model settings: n_layer must be int, not 'six'" in _bad("generate", "hi", "-m", broken)
+
+    config["model"]["n_embd"], config["model"]["n_layer"] = 64, 2
     (broken / "config.yaml").write_text(yaml.safe_dump(config))
     (broken / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{garbage")
     assert "corrupt" in _bad("generate", "hi", "-m", broken)
