@@ -471,7 +471,11 @@ def pretrain(
     summary. Under torchrun, every process calls this; process 0 alone writes."""
     world = join_world()
     try:
-        return _pretrain(world, corpus, out_dir, preset, config_file, overrides, tokenizer_path, resume, init)
+        summary = _pretrain(world, corpus, out_dir, preset, config_file, overrides, tokenizer_path, resume, init)
+        # a finished run's processes leave together: tearing the group down while another process still talks to
+        # it took that one down at exit once (FSDP on gloo: "terminate called without an active exception")
+        world.barrier()
+        return summary
     finally:
         if world.size > 1 and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
