@@ -51,9 +51,9 @@ def read_records(path: str | Path) -> list[tuple[int, dict]]:
 
 def _string_field(path, number, record, name, needs) -> str:
     if name not in record:
-        raise LLMError(f"{path}:{number}: missing field '{name}' (a record needs {needs})")
+        raise LLMError(f"{path}: line {number}: missing field '{name}' (a record needs {needs})")
     if not isinstance(record[name], (str, int)) or isinstance(record[name], bool):
-        raise LLMError(f"{path}:{number}: field '{name}' must be a string, got {type(record[name]).__name__}")
+        raise LLMError(f"{path}: line {number}: field '{name}' must be a string, got {type(record[name]).__name__}")
     return str(record[name])
 
 
@@ -65,13 +65,13 @@ def read_conversations(path) -> list[list[dict]]:
         if "messages" in record:
             messages = record["messages"]
             if not isinstance(messages, list) or not messages:
-                raise LLMError(f"{path}:{number}: 'messages' must be a non-empty list")
+                raise LLMError(f"{path}: line {number}: 'messages' must be a non-empty list")
             for m in messages:
                 if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-                    raise LLMError(f"{path}:{number}: each message needs a 'role' ({', '.join(ROLES)}) and a "
+                    raise LLMError(f"{path}: line {number}: each message needs a 'role' ({', '.join(ROLES)}) and a "
                                    f"string 'content', got {json.dumps(m)[:80]}")
             if not any(m["role"] == "assistant" for m in messages):
-                raise LLMError(f"{path}:{number}: no assistant message: nothing to learn")
+                raise LLMError(f"{path}: line {number}: no assistant message: nothing to learn")
         else:
             messages = [{"role": "user", "content": _string_field(path, number, record, "prompt", needs)},
                         {"role": "assistant", "content": _string_field(path, number, record, "response", needs)}]
@@ -87,7 +87,7 @@ def read_classification(path, labels: list[str]) -> list[tuple[str, int]]:
     index = {label: i for i, label in enumerate(labels)}
     for number, _, label in rows:
         if label not in index:
-            raise LLMError(f"{path}:{number}: label {label!r} is not one of the model's ({', '.join(labels)})")
+            raise LLMError(f"{path}: line {number}: label {label!r} is not one of the model's ({', '.join(labels)})")
     return [(text, index[label]) for _, text, label in rows]
 
 

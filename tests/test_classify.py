@@ -66,7 +66,7 @@ def test_tells_shakespeare_from_tinystories(tmp_path, nano_checkpoint):
     unknown = tmp_path / "unknown.jsonl"
     unknown.write_text('{"text": "hello", "label": "poetry"}\n')
     bad = run_cli("eval", "-m", out, unknown)
-    assert bad.returncode == 1 and "unknown.jsonl:1: label 'poetry' is not one of" in bad.stderr
+    assert bad.returncode == 1 and "unknown.jsonl: line 1: label 'poetry' is not one of" in bad.stderr
     no_text = run_cli("generate", "hello", "-m", out)
     assert no_text.returncode == 1 and "is a classifier" in no_text.stderr
     no_chat = run_cli("chat", "-m", out, input="")

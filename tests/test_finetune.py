@@ -70,11 +70,11 @@ def test_learns_a_tiny_instruction_set(tmp_path, nano_checkpoint):
 
 def test_bad_input_says_which_line(tmp_path, nano_checkpoint):
     cases = {
-        "missing.jsonl": ('{"prompt": "a", "response": "b"}\n{"prompt": "c"}\n', "missing.jsonl:2: missing field 'response'"),
+        "missing.jsonl": ('{"prompt": "a", "response": "b"}\n{"prompt": "c"}\n', "missing.jsonl: line 2: missing field 'response'"),
         "bad.jsonl": ('{"prompt": "a", "response": "b"}\n\n{"prompt": oops}\n', "bad.jsonl: line 3 is not JSON"),
         "empty.jsonl": ("\n", "has no records"),
         "nolabel.jsonl": ('{"text": "a", "label": "x"}\n{"text": "b", "label": "x"}\n', "needs at least two"),
-        "role.jsonl": ('{"messages": [{"role": "bot", "content": "hi"}]}\n', "role.jsonl:1: each message needs"),
+        "role.jsonl": ('{"messages": [{"role": "bot", "content": "hi"}]}\n', "role.jsonl: line 1: each message needs"),
     }
     for name, (text, message) in cases.items():
         (tmp_path / name).write_text(text)
