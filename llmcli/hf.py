@@ -293,7 +293,7 @@ def export_hf(checkpoint: str | Path | None, out_dir: str | Path) -> Path:
     """Write a checkpoint as a HF folder that transformers' AutoModelForCausalLM.from_pretrained opens as is."""
     from safetensors.torch import save_file
 
-    from llmcli.checkpoint import atomic_write, load_checkpoint
+    from llmcli.checkpoint import atomic_write, default_model_path, load_checkpoint
     from llmcli.lora import merge_lora
 
     out_dir = Path(out_dir)
@@ -301,7 +301,7 @@ def export_hf(checkpoint: str | Path | None, out_dir: str | Path) -> Path:
         raise LLMError(f"{out_dir} already exists and is not an empty directory; choose a new one")
     model, tokenizer, settings = load_checkpoint(checkpoint)
     if settings.get("task") == "classify":
-        raise LLMError(f"{checkpoint} is a classifier; export writes language models")
+        raise LLMError(f"{checkpoint or default_model_path()} is a classifier; export writes language models")
     merge_lora(model)  # an adapter leaves merged into its base (a no-op without one)
     config = model.config
     family = export_family(config)
