@@ -156,6 +156,13 @@ def distinct_rows(rows: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
     return np.array(first), np.array(copies)
 
 
+def left_pad(rows: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """The rows padded on the left with token 0 to the longest (B, T), and each row's amount of padding (B,)."""
+    longest = max(map(len, rows))
+    pad = np.array([longest - len(r) for r in rows])
+    return np.array([[0] * p + r for p, r in zip(pad, rows)]), pad
+
+
 def decoding_layout(model):
     """Store every weight matrix transposed in memory (same values, same shapes, other strides), for inference.
 
@@ -181,10 +188,10 @@ class TorchDecoder:
 
         self.torch, self.model, self.use_cache, self.max_len = torch, decoding_layout(model), use_cache, max_len
         self.device = model.token_embedding.weight.device
-        self.rows, self.pos = rows, max(map(len, rows))
-        pads = [self.pos - len(r) for r in rows]
-        self.tokens = torch.tensor([[0] * p + r for p, r in zip(pads, rows)], dtype=torch.long, device=self.device)
-        self.pad = torch.tensor(pads, device=self.device) if any(pads) else None
+        tokens, pad = left_pad(rows)
+        self.rows, self.pos = rows, tokens.shape[1]
+        self.tokens = torch.from_numpy(tokens).to(self.device)
+        self.pad = torch.from_numpy(pad).to(self.device) if pad.any() else None
 
     def first(self) -> np.ndarray:
         if not self.use_cache:

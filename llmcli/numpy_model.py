@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from llmcli.config import ModelConfig
-from llmcli.generate import distinct_rows
+from llmcli.generate import distinct_rows, left_pad
 
 SMALL_MODEL = 30_000_000  # parameters; above this the weights, not the torch import, dominate a cold start
 
@@ -209,9 +209,9 @@ class NumpyDecoder:
     """What decode_rows drives (as TorchDecoder): logits of the prompts, then of each new token, rows left-padded."""
 
     def __init__(self, model: NumpyTransformer, rows: list[list[int]], max_len: int):
-        self.model, self.rows, self.max_len, self.pos = model, rows, max_len, max(map(len, rows))
-        self.pad = np.array([self.pos - len(r) for r in rows])
-        self.tokens = np.array([[0] * p + r for p, r in zip(self.pad, rows)])
+        self.model, self.rows, self.max_len = model, rows, max_len
+        self.tokens, self.pad = left_pad(rows)
+        self.pos = self.tokens.shape[1]
 
     def first(self) -> np.ndarray:
         # each distinct prompt is prefilled once: the samples of a prompt share its keys and values
