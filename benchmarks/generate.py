@@ -31,11 +31,11 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # as the `llm` command sets 
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from llmcli.generate import SamplingConfig, decode_rows, decoding_layout  # noqa: E402
-from llmcli.hf import export_family, hf_config_for, hf_tensors  # noqa: E402
-from llmcli.model import ModelConfig, Transformer  # noqa: E402
-from llmcli.numpy_model import SMALL_MODEL, NumpyTransformer  # noqa: E402
-from llmcli.quantize import quantize  # noqa: E402
+from llmcli.formats.hf import export_family, hf_config_for, hf_tensors  # noqa: E402
+from llmcli.infer.generate import SamplingConfig, decode_rows, decoding_layout  # noqa: E402
+from llmcli.model.numpy_model import SMALL_MODEL, NumpyTransformer  # noqa: E402
+from llmcli.model.quantize import quantize  # noqa: E402
+from llmcli.model.transformer import ModelConfig, Transformer  # noqa: E402
 
 # name: (layers, heads, width, vocab); the context is made long enough for the longest prompt
 SHAPES = {"small": (6, 6, 384, 4096), "gpt2": (12, 12, 768, 50257), "nano": (2, 2, 64, 512)}

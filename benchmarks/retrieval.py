@@ -21,8 +21,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from llmcli.checkpoint import load_checkpoint  # noqa: E402
-from llmcli.embed import POOLINGS, embed_texts  # noqa: E402
+from llmcli.eval.embed import POOLINGS, embed_texts  # noqa: E402
+from llmcli.formats import load_model  # noqa: E402
 
 
 def stories(path: Path) -> list[list[str]]:
@@ -75,7 +75,7 @@ def main():
     parser.add_argument("-n", type=int, default=300, help="stories (documents) a task")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    model, tokenizer, _ = load_checkpoint(args.model)
+    model, tokenizer, _ = load_model(args.model)
     docs = stories(args.data / "tinystories" / "valid.txt")
     print(f"{args.n} documents a task; recall@1 / recall@10 (higher is better)")
     print(f"{'task':<16} {'method':<22} {'R@1':>6} {'R@10':>6} {'seconds':>8}")

@@ -25,8 +25,8 @@ TOKENIZER = ROOT / "checkpoints" / "tinystories" / "tokenizer.model"
 def measure(corpus: str, workers: int) -> dict:
     """In a child process: tokenize the corpus, return seconds and peak RSS (self, largest child)."""
     sys.path.insert(0, str(ROOT))
-    from llmcli.data import tokenize_corpus
-    from llmcli.tokenizer import Tokenizer
+    from llmcli.text.data import tokenize_corpus
+    from llmcli.text.tokenizer import Tokenizer
 
     tokenizer = Tokenizer(TOKENIZER)
     with tempfile.TemporaryDirectory() as out:
@@ -58,7 +58,7 @@ def main():
     parser.add_argument("--workers", type=int, default=os.cpu_count())
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        print(f"| corpus | workers | MB/s | tokens | peak RSS main | peak RSS worker |\n|---|---|---|---|---|---|")
+        print("| corpus | workers | MB/s | tokens | peak RSS main | peak RSS worker |\n|---|---|---|---|---|---|")
         results = {}
         for size in map(int, args.sizes.split(",")):
             corpus = Path(tmp) / f"corpus-{size}.txt"

@@ -21,9 +21,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from llmcli.model import ModelConfig, Transformer  # noqa: E402
-from llmcli.train import World, make_optimizer, train_step  # noqa: E402
 from llmcli.config import TrainConfig  # noqa: E402
+from llmcli.model.transformer import ModelConfig, Transformer  # noqa: E402
+from llmcli.train.pretrain import World, make_optimizer, train_step  # noqa: E402
 
 # name: (layers, heads, width, context, batch, vocab)
 SHAPES = {

@@ -14,14 +14,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from llmcli.checkpoint import load_checkpoint  # noqa: E402
-from llmcli.generate import apply_template, generate_samples, sampling_settings  # noqa: E402
+from llmcli.formats import load_model  # noqa: E402
+from llmcli.infer.generate import apply_template, generate_samples, sampling_settings  # noqa: E402
 
 TOPICS = ["cat", "dog", "bird", "fish", "bear", "frog", "dragon", "ball", "tree", "boat"]
 
 
 def share_on_topic(model_path, samples: int) -> dict[str, float]:
-    model, tokenizer, config = load_checkpoint(model_path, numpy_if_small=True)
+    model, tokenizer, config = load_model(model_path, numpy_if_small=True)
     shares = {}
     for topic in TOPICS:
         cfg, template = sampling_settings(config, num_samples=samples, seed=1)

@@ -49,7 +49,7 @@ RepetitionPenaltyOption = Annotated[Optional[float], typer.Option(
 
 
 def _input_lines(source: str):
-    from llmcli.data import read_lines
+    from llmcli.text.data import read_lines
 
     return read_lines(source)
 
@@ -64,7 +64,7 @@ def tokenize_train(
         help="Extra special token, kept whole (repeatable); <|endoftext|> is always one")] = None,
 ):
     """Train a SentencePiece tokenizer (byte fallback, so any UTF-8 text round-trips exactly)."""
-    from llmcli.tokenizer import train_tokenizer
+    from llmcli.text.tokenizer import train_tokenizer
 
     lines = (line for path in corpus for line in _input_lines(path))
     tokenizer = train_tokenizer(lines, out, vocab_size, type, tuple(special or ()))
@@ -98,8 +98,8 @@ def tokenize_decode(source: InputArgument = "-", tokenizer: TokenizerOption = No
 
 
 def _load_tokenizer(path: Optional[Path]):
-    from llmcli.checkpoint import default_model_path
-    from llmcli.tokenizer import load_tokenizer
+    from llmcli.formats import default_model_path
+    from llmcli.text.tokenizer import load_tokenizer
 
     return load_tokenizer(path if path is not None else default_model_path())
 
@@ -158,7 +158,7 @@ def pretrain(
     if nproc is not None:
         _relaunch_with_torchrun(nproc)
     from llmcli.config import resolve_run_config
-    from llmcli.train import pretrain as run_pretrain
+    from llmcli.train.pretrain import pretrain as run_pretrain
 
     if resume is not None:
         out = resume
@@ -231,7 +231,7 @@ def _print_summary(summary: dict, title: str = "pretraining summary"):
     table.add_row("val loss", f"{summary['first_val_loss']:.4f} -> {summary['val_loss']:.4f}")
     table.add_row("train loss", f"{summary['train_loss']:.4f}")
     table.add_row("time", f"{summary['seconds']:.1f}s, {summary['tokens_per_s']:,} tokens/s")
-    from llmcli.plot import read_metrics, sparkline
+    from llmcli.eval.plot import read_metrics, sparkline
 
     train_losses = [row["train_loss"] for row in read_metrics(summary["checkpoint"]) if "train_loss" in row]
     table.add_row("train loss curve", f"{sparkline(train_losses, 40)} {max(train_losses):.2f} -> {train_losses[-1]:.2f}")
@@ -275,11 +275,12 @@ def finetune(
     if data and data[0] == "merge":
         if len(data) != 2 or out is None:
             raise LLMError("usage: llm finetune merge ADAPTER -o OUT")
-        from llmcli.finetune import merge
+        from llmcli.train.finetune import merge
 
         print(merge(data[1], out))
         return
-    from llmcli.finetune import LoRAConfig, finetune as run_finetune
+    from llmcli.train.finetune import LoRAConfig
+    from llmcli.train.finetune import finetune as run_finetune
 
     if resume is None and not data:
         raise LLMError("give a JSONL data file to fine-tune on, or --resume RUN_DIR")
@@ -303,10 +304,10 @@ def classify(
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object a line: label and probabilities")] = False,
 ):
     """Label each line with a classifier checkpoint (from llm finetune --task classify): one label a line."""
-    from llmcli.checkpoint import default_model_path, load_checkpoint
-    from llmcli.classify import predict
+    from llmcli.eval.classify import predict
+    from llmcli.formats import default_model_path, load_model
 
-    net, tok, config = load_checkpoint(model)
+    net, tok, config = load_model(model)
     if config.get("task") != "classify":
         raise LLMError(f"{model or default_model_path()} is not a classifier; make one with llm finetune --task "
                        "classify")
@@ -345,15 +346,15 @@ def generate(
     import time
 
     start = time.perf_counter()
-    from llmcli.chat import chat_template, render, turn_stop
-    from llmcli.checkpoint import load_checkpoint
-    from llmcli.generate import apply_template, generate_text, sampling_settings
+    from llmcli.formats import load_model
+    from llmcli.infer.chat import chat_template, render, turn_stop
+    from llmcli.infer.generate import apply_template, generate_text, sampling_settings
     from llmcli.progress import log
 
     if input_format not in ("text", "jsonl"):
         raise LLMError(f"--input-format must be text or jsonl, not {input_format!r}")
     # a small model decodes on NumPy: text appears before torch could even have been imported
-    net, tok, config = load_checkpoint(model, numpy_if_small=True, quantize=quantize)
+    net, tok, config = load_model(model, numpy_if_small=True, quantize=quantize)
     load_s = time.perf_counter() - start
     cfg, template = sampling_settings(config, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                                       top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty,
@@ -376,7 +377,7 @@ def generate(
 
 def _jsonl_prompts(source: str):
     """The 'prompt' of each JSON object a line of source (a file, or '-' for stdin); blank lines are skipped."""
-    from llmcli.data import jsonl_texts
+    from llmcli.text.data import jsonl_texts
 
     return jsonl_texts(source, "prompt", option="a \"prompt\" in each record")
 
@@ -396,12 +397,12 @@ def chat(
 ):
     """Talk with a model: a line a message, the reply streamed. /reset forgets the conversation, /exit or Ctrl-D
     leaves, Ctrl-C stops a reply."""
-    from llmcli.chat import Chat, chat_template
-    from llmcli.checkpoint import load_checkpoint
-    from llmcli.generate import sampling_settings
+    from llmcli.formats import load_model
+    from llmcli.infer.chat import Chat, chat_template
+    from llmcli.infer.generate import sampling_settings
     from llmcli.progress import log
 
-    net, tok, config = load_checkpoint(model, numpy_if_small=True, quantize=quantize)
+    net, tok, config = load_model(model, numpy_if_small=True, quantize=quantize)
     if config.get("task") == "classify":
         raise LLMError("this checkpoint is a classifier: it labels text (llm classify), it does not chat")
     cfg, _ = sampling_settings(config, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
@@ -454,18 +455,18 @@ def evaluate(
 ):
     """Bits per byte, loss and perplexity on text files; accuracy on multiple-choice task files. Several --model
     give one table, a row a model: bits per byte compares models whatever their tokenizers."""
-    from llmcli.checkpoint import default_model_path, load_checkpoint
-    from llmcli.data import check_text_file
-    from llmcli.evaluate import evaluate_file
-    from llmcli.tasks import evaluate_task, is_task_file
+    from llmcli.eval.evaluate import evaluate_file
+    from llmcli.eval.tasks import evaluate_task, is_task_file
+    from llmcli.formats import default_model_path, load_model
+    from llmcli.text.data import check_text_file
 
     for f in files:
         check_text_file(f)  # before loading any model
     results = []
     for path in models or [default_model_path()]:
-        net, tok, config = load_checkpoint(path, quantize=quantize)
+        net, tok, config = load_model(path, quantize=quantize)
         if config.get("task") == "classify":  # labelled JSONL: accuracy, macro F1, confusion matrix
-            from llmcli.classify import evaluate_classifier, print_report
+            from llmcli.eval.classify import evaluate_classifier, print_report
 
             for f in files:
                 result = evaluate_classifier(net, tok, config["labels"], f)
@@ -502,14 +503,14 @@ def embed(
     batch_size: Annotated[int, typer.Option(help="Texts embedded at once", min=1)] = 32,
 ):
     """One embedding a line (or record): the model's final hidden states, pooled, scaled to unit length."""
-    from llmcli.checkpoint import default_model_path, load_checkpoint
-    from llmcli.embed import check_pooling, embed_texts, read_texts, write_embeddings
+    from llmcli.eval.embed import check_pooling, embed_texts, read_texts, write_embeddings
+    from llmcli.formats import default_model_path, load_model
 
     check_pooling(pooling)
     if out is not None and out.suffix not in (".npy", ".safetensors"):
         raise LLMError(f"cannot write {out}: the output file must end in .npy or .safetensors")
     texts = read_texts(source, field)
-    net, tok, _ = load_checkpoint(model)
+    net, tok, _ = load_model(model)
     vectors = embed_texts(net, tok, texts, pooling, batch_size)
     from llmcli.progress import log
 
@@ -535,9 +536,9 @@ def search(
 ):
     """The documents most similar to the query by cosine of embeddings, best first: rank, score, document number
     (from 1) and its start. Document embeddings are cached next to the file."""
-    from llmcli.checkpoint import default_model_path, load_checkpoint
-    from llmcli.embed import check_pooling, embed_texts
-    from llmcli.search import doc_embeddings, read_docs, top_k
+    from llmcli.eval.embed import check_pooling, embed_texts
+    from llmcli.eval.search import doc_embeddings, read_docs, top_k
+    from llmcli.formats import default_model_path, load_model
 
     check_pooling(pooling)
     if not query.strip():
@@ -545,7 +546,7 @@ def search(
     if k < 1:
         raise LLMError("--top-k must be at least 1")
     texts = read_docs(docs)
-    net, tok, _ = load_checkpoint(model)
+    net, tok, _ = load_model(model)
     vectors = doc_embeddings(net, tok, Path(model or default_model_path()), docs, texts, pooling)
     for rank, (i, score) in enumerate(top_k(embed_texts(net, tok, [query], pooling)[0], vectors, k), start=1):
         if as_json:
@@ -561,7 +562,7 @@ def plot(
     out: Annotated[Path, typer.Option("--out", "-o", help="PNG file to write")] = Path("loss.png"),
 ):
     """Draw training and validation loss against tokens seen, several runs overlaid, to a PNG; prints its path."""
-    from llmcli.plot import plot_runs
+    from llmcli.eval.plot import plot_runs
 
     print(plot_runs(runs, out))
 
@@ -573,11 +574,9 @@ def export(
     format: Annotated[str, typer.Option("--format", help="hf: a Hugging Face transformers model folder")] = "hf",
 ):
     """Write a checkpoint in another format; prints the directory written."""
-    if format != "hf":
-        raise LLMError(f"unknown export format {format!r}; the one format is hf")
-    from llmcli.hf import export_hf
+    from llmcli.formats import export_model
 
-    print(export_hf(checkpoint, out))
+    print(export_model(checkpoint, out, format))
 
 
 @app.command()
@@ -588,9 +587,9 @@ def info(
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object")] = False,
 ):
     """Architecture, parameter count, context, vocabulary, dtype and size on disk of a checkpoint."""
-    from llmcli.checkpoint import checkpoint_info
+    from llmcli.formats import model_info
 
-    about = checkpoint_info(checkpoint)
+    about = model_info(checkpoint)
     if as_json:
         print(json.dumps(about))
         return

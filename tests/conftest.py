@@ -32,7 +32,7 @@ def shakespeare_slice(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def nano_checkpoint(shakespeare_slice, tmp_path_factory) -> Path:
     """A test-size model trained for a few seconds, shared by the tests that need any real checkpoint."""
-    from llmcli.train import pretrain
+    from llmcli.train.pretrain import pretrain
 
     out = tmp_path_factory.mktemp("ckpt") / "nano"
     pretrain([str(shakespeare_slice)], out, preset="nano", overrides={"max_steps": 60, "eval_interval": 30})

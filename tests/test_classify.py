@@ -6,7 +6,7 @@ import random
 import yaml
 from conftest import SHAKESPEARE, TINYSTORIES_VALID, run_cli
 
-from llmcli.checkpoint import load_checkpoint
+from llmcli.formats import load_model
 
 
 def passages(path, label, n, rng, chars=160):
@@ -43,7 +43,7 @@ def test_tells_shakespeare_from_tinystories(tmp_path, nano_checkpoint):
     assert sum(map(sum, scores["confusion"])) == 100
     about = json.loads(run_cli("info", out, "--json").stdout)
     assert about["task"] == "classifier (shakespeare, tinystories)"
-    assert about["parameters"] == load_checkpoint(out)[0].num_params()
+    assert about["parameters"] == load_model(out)[0].num_params()
     export = run_cli("export", out, "--format", "hf", "-o", tmp_path / "hf")
     assert export.returncode == 1
     assert export.stderr == f"llm: error: {out} is a classifier; export writes language models\n"

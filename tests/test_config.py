@@ -3,7 +3,7 @@ import torch
 
 from llmcli.config import PRESETS, resolve_run_config
 from llmcli.errors import LLMError
-from llmcli.model import ModelConfig, Transformer
+from llmcli.model.transformer import ModelConfig, Transformer
 
 
 @pytest.mark.parametrize("preset, low, high", [("tiny", 0.8e6, 1.5e6), ("small", 8e6, 14e6), ("gpt2", 123e6, 125e6)])
@@ -48,7 +48,7 @@ def test_unknown_preset():
 
 
 def test_stored_generation_defaults_yield_to_options():
-    from llmcli.generate import apply_template, sampling_settings
+    from llmcli.infer.generate import apply_template, sampling_settings
 
     stored = {"generation": {"temperature": 0.5, "max_new_tokens": 9, "prompt_template": "{prompt}\n"}}
     cfg, template = sampling_settings(stored, temperature=0.0, top_p=None, num_samples=2)

@@ -1,13 +1,20 @@
+import json
+
 import numpy as np
 import pytest
 
-import json
-
-from llmcli import data as data_module
-from llmcli.data import (TokenData, cached_tokens, document_pieces, expand_corpus, read_documents, read_lines,
-                         tokenize_corpus)
 from llmcli.errors import LLMError
-from llmcli.tokenizer import train_tokenizer
+from llmcli.text import data as data_module
+from llmcli.text.data import (
+    TokenData,
+    cached_tokens,
+    document_pieces,
+    expand_corpus,
+    read_documents,
+    read_lines,
+    tokenize_corpus,
+)
+from llmcli.text.tokenizer import train_tokenizer
 
 
 def test_documents_are_split_on_end_of_text_lines(tmp_path):

@@ -4,18 +4,18 @@ import json
 import re
 
 import pytest
-
 from conftest import ROOT, TINYSTORIES_VALID, run_cli
-from llmcli.checkpoint import DEFAULT_MODEL, load_checkpoint
+
+from llmcli.formats import DEFAULT_MODEL, load_model
 
 
 def test_default_checkpoint_loads_and_matches_its_card():
-    model, tokenizer, config = load_checkpoint(None)
+    model, tokenizer, config = load_model(None)
     assert model.num_params() == config["summary"]["parameters"]
     card = (DEFAULT_MODEL / "README.md").read_text()
     assert "CDLA-Sharing-1.0" in card
     stated = float(re.search(r"bits per byte on `valid.txt`: ([0-9.]+)", card).group(1))
-    from llmcli.evaluate import evaluate_file
+    from llmcli.eval.evaluate import evaluate_file
 
     measured = evaluate_file(model, tokenizer, str(TINYSTORIES_VALID))["bits_per_byte"]
     assert measured == pytest.approx(stated, abs=0.005)  # a broken checkpoint or tokenizer would miss by far more

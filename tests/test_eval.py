@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import run_cli
 
 
@@ -21,7 +20,7 @@ def text_file(shakespeare_slice, tmp_path_factory):
 @pytest.fixture(scope="module")
 def second_checkpoint(shakespeare_slice, tmp_path_factory):
     """Another model with another tokenizer (vocabulary 384), so only bits per byte compares the two."""
-    from llmcli.train import pretrain
+    from llmcli.train.pretrain import pretrain
 
     out = tmp_path_factory.mktemp("ckpt2") / "other"
     pretrain([str(shakespeare_slice)], out, preset="nano",
@@ -30,7 +29,7 @@ def second_checkpoint(shakespeare_slice, tmp_path_factory):
 
 
 def test_windows_predict_every_token_once():
-    from llmcli.evaluate import windows
+    from llmcli.eval.evaluate import windows
 
     for n, context, stride in [(10, 4, 4), (10, 4, 3), (10, 4, 1), (3, 4, 2), (200, 64, 32), (65, 64, 64)]:
         length = min(context, n - 1)
@@ -39,10 +38,10 @@ def test_windows_predict_every_token_once():
 
 
 def test_stride_one_gives_every_token_its_full_context(nano_checkpoint, text_file):
-    from llmcli.checkpoint import load_checkpoint
-    from llmcli.evaluate import evaluate_file, tokenize_file
+    from llmcli.eval.evaluate import evaluate_file, tokenize_file
+    from llmcli.formats import load_model
 
-    model, tok, _ = load_checkpoint(nano_checkpoint)
+    model, tok, _ = load_model(nano_checkpoint)
     ids = torch.tensor(tokenize_file(tok, str(text_file)))
     C = model.config.context
     with torch.no_grad():  # reference: each token alone, after the (up to) C tokens before it
@@ -102,7 +101,7 @@ def _bad(*args, input=None):
 
 def test_bad_eval_input(nano_checkpoint, text_file, tmp_path):
     from llmcli.errors import LLMError
-    from llmcli.tasks import read_task
+    from llmcli.eval.tasks import read_task
 
     task = tmp_path / "task.jsonl"
     good = json.dumps({"context": "a", "choices": [" b", " c"], "answer": 0})
@@ -133,10 +132,10 @@ def test_embed(nano_checkpoint, tmp_path):
     vectors = np.array([json.loads(line) for line in out.stdout.splitlines()])
     assert vectors.shape == (4, 64)
     assert np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-4)
-    from llmcli.checkpoint import load_checkpoint
-    from llmcli.embed import embed_texts
+    from llmcli.eval.embed import embed_texts
+    from llmcli.formats import load_model
 
-    model, tok, _ = load_checkpoint(nano_checkpoint)
+    model, tok, _ = load_model(nano_checkpoint)
     alone = embed_texts(model, tok, ["ROMEO:"])[0]
     assert np.allclose(alone, vectors[1], atol=1e-5)  # padding in a batch does not change an embedding
     last = embed_texts(model, tok, texts.splitlines(), pooling="last")
@@ -181,7 +180,7 @@ def test_search_finds_the_document_and_caches(nano_checkpoint, shakespeare_slice
 
 
 def test_task_files_are_told_from_text_files(tmp_path):
-    from llmcli.tasks import is_task_file
+    from llmcli.eval.tasks import is_task_file
 
     corpus, task, text = tmp_path / "corpus.jsonl", tmp_path / "task.jsonl", tmp_path / "task.txt"
     corpus.write_text('{"text": "Once upon a time"}\n')

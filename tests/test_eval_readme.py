@@ -4,7 +4,6 @@ import json
 import shutil
 
 import numpy as np
-
 from conftest import ROOT
 from test_readme import bash_blocks, run_bash, workdir
 

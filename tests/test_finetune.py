@@ -5,9 +5,9 @@ import json
 import yaml
 from conftest import run_cli
 
-from llmcli.finetune import CHAT_TEMPLATE, SFTBatches, render, sft_example
-from llmcli.tokenizer import Tokenizer
-from llmcli.train import IGNORE
+from llmcli.text.tokenizer import Tokenizer
+from llmcli.train.finetune import CHAT_TEMPLATE, SFTBatches, render, sft_example
+from llmcli.train.pretrain import IGNORE
 
 INSTRUCTIONS = [
     {"prompt": "Say hello.", "response": "Hello there."},

@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import run_cli
 
-from llmcli.generate import SamplingConfig, TextStream, apply_min_p, apply_repetition_penalty, decode_rows
+from llmcli.infer.generate import SamplingConfig, TextStream, apply_min_p, apply_repetition_penalty, decode_rows
 
 PROMPTS = ["ROMEO:", "JULIET: O Romeo, Romeo, wherefore art thou", "", "KING HENRY: Once more unto the breach"]
 
@@ -34,7 +34,7 @@ def test_min_p_and_repetition_penalty():
 
 
 def test_text_stream_holds_back_a_stop_string_split_across_tokens(nano_checkpoint):
-    from llmcli.tokenizer import Tokenizer
+    from llmcli.text.tokenizer import Tokenizer
 
     tok = Tokenizer(nano_checkpoint)
     text = "the king is dead, long live the king"
@@ -56,10 +56,10 @@ def test_text_stream_holds_back_a_stop_string_split_across_tokens(nano_checkpoin
 @pytest.mark.parametrize("numpy_decoder", [False, True])
 def test_the_samples_of_a_prompt_share_one_prefill(nano_checkpoint, numpy_decoder):
     """Rows with the same prompt are prefilled once, then decode as if each had been prefilled alone."""
-    from llmcli.checkpoint import load_checkpoint
-    from llmcli.generate import encode_prompt
+    from llmcli.formats import load_model
+    from llmcli.infer.generate import encode_prompt
 
-    model, tok, _ = load_checkpoint(nano_checkpoint, numpy_if_small=numpy_decoder)
+    model, tok, _ = load_model(nano_checkpoint, numpy_if_small=numpy_decoder)
     prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[0]]
     rows = [encode_prompt(tok, p, model.config.context, False) for p in prompts]
     batch_sizes = []
@@ -74,13 +74,13 @@ def test_the_samples_of_a_prompt_share_one_prefill(nano_checkpoint, numpy_decode
 
 def test_batched_greedy_equals_each_prompt_alone(nano_checkpoint):
     """Left padding with an attention mask: every row of a batch gives what its prompt gives alone."""
-    from llmcli.checkpoint import load_checkpoint
-    from llmcli.generate import encode_prompt
+    from llmcli.formats import load_model
+    from llmcli.infer.generate import encode_prompt
 
-    model, tok, _ = load_checkpoint(nano_checkpoint)
+    model, tok, _ = load_model(nano_checkpoint)
     rows = [encode_prompt(tok, p, model.config.context, False) for p in PROMPTS]
     assert len({len(r) for r in rows}) > 2  # really padded
-    numpy_model = load_checkpoint(nano_checkpoint, numpy_if_small=True)[0]
+    numpy_model = load_model(nano_checkpoint, numpy_if_small=True)[0]
     cfg = SamplingConfig(max_new_tokens=20, temperature=0.0)
     for engine, use_cache in ((model, True), (model, False), (numpy_model, True)):
         batched = np.stack(list(decode_rows(engine, rows, cfg, use_cache=use_cache)), axis=1)
@@ -117,7 +117,7 @@ def test_cli_batched_outputs_equal_single_runs_and_seed_is_batch_independent(nan
 
 
 def test_cli_stop_string_split_across_tokens_is_never_printed(nano_checkpoint):
-    from llmcli.tokenizer import Tokenizer
+    from llmcli.text.tokenizer import Tokenizer
 
     tok = Tokenizer(nano_checkpoint)
     args = ("generate", "KING:", "-m", nano_checkpoint, "--max-new-tokens", "40", "--seed", "2", "--temperature",
@@ -193,7 +193,7 @@ def test_chat_uses_the_checkpoint_chat_template(nano_checkpoint, tmp_path):
 
     import yaml
 
-    from llmcli.chat import render
+    from llmcli.infer.chat import render
 
     template = {"system": "[S] {content}\n", "user": "[U] {content}\n", "assistant": "[A] {content}\n",
                 "assistant_prefix": "[A] "}
@@ -221,10 +221,10 @@ def test_ctrl_c_stops_a_reply_and_not_the_chat(nano_checkpoint):
 
     from conftest import ROOT
 
-    from llmcli.chat import Chat
-    from llmcli.checkpoint import load_checkpoint
+    from llmcli.formats import load_model
+    from llmcli.infer.chat import Chat
 
-    model, tok, _ = load_checkpoint(nano_checkpoint)
+    model, tok, _ = load_model(nano_checkpoint)
     chat = Chat(model, tok, SamplingConfig(max_new_tokens=20, temperature=0.0))
     shown = []
 

@@ -13,11 +13,16 @@ transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
 from conftest import ROOT, run_cli  # noqa: E402
-from llmcli.checkpoint import checkpoint_info, load_checkpoint, save_model, write_config  # noqa: E402
+
 from llmcli.errors import LLMError  # noqa: E402
-from llmcli.generate import SamplingConfig, generate_tokens  # noqa: E402
-from llmcli.hf import export_hf  # noqa: E402
-from llmcli.model import ModelConfig, Transformer  # noqa: E402
+from llmcli.formats import (
+    export_model,  # noqa: E402
+    load_model,
+    model_info,
+)
+from llmcli.formats.ours import save_model, write_config  # noqa: E402
+from llmcli.infer.generate import SamplingConfig, generate_tokens  # noqa: E402
+from llmcli.model.transformer import ModelConfig, Transformer  # noqa: E402
 
 SENTENCEPIECE = ROOT / "checkpoints" / "tinystories" / "tokenizer.model"  # 2048 tokens
 SP_VOCAB = 2048
@@ -90,7 +95,7 @@ def test_logits_and_greedy_generation_equal_transformers(name, tmp_path, byte_le
     hf_model = make_hf_model(name)
     directory = save_hf(hf_model, tmp_path / name, byte_level_bpe,
                         ("vocab.json", "merges.txt") if "odd" in name else ("tokenizer.json",))
-    model, tokenizer, config = load_checkpoint(directory)
+    model, tokenizer, config = load_model(directory)
     assert model.num_params() == hf_model.num_parameters()
     tokens = torch.randint(0, hf_model.config.vocab_size, (3, 40), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -105,7 +110,7 @@ def test_logits_and_greedy_generation_equal_transformers(name, tmp_path, byte_le
 
 
 def test_byte_level_bpe_round_trips_and_knows_end_of_text(tmp_path, byte_level_bpe):
-    from llmcli.tokenizer import load_tokenizer
+    from llmcli.text.tokenizer import load_tokenizer
 
     for files in (("tokenizer.json",), ("vocab.json", "merges.txt")):
         directory = tmp_path / files[0]
@@ -125,13 +130,13 @@ def test_sharded_checkpoint_loads_and_a_missing_shard_is_named(tmp_path, byte_le
     directory = save_hf(hf_model, tmp_path / "sharded", byte_level_bpe, max_shard_size="100KB")
     shards = sorted(directory.glob("model-*-of-*.safetensors"))
     assert len(shards) > 1 and (directory / "model.safetensors.index.json").is_file()
-    model, _, _ = load_checkpoint(directory)
+    model, _, _ = load_model(directory)
     tokens = torch.randint(0, SP_VOCAB, (1, 30))
     with torch.no_grad():
         assert (model(tokens) - hf_model(tokens).logits).abs().max().item() < 1e-4
     shards[-1].unlink()
     with pytest.raises(LLMError, match=f"names {shards[-1].name}, which is missing"):
-        load_checkpoint(directory)
+        load_model(directory)
 
 
 def train_tiny(config: ModelConfig, directory):
@@ -157,38 +162,38 @@ OURS = {
 @pytest.mark.parametrize("kind", ["trained-gpt2", "llama", "qwen2"])
 def test_export_opens_in_transformers_with_the_same_logits(kind, tmp_path, nano_checkpoint):
     checkpoint = nano_checkpoint if kind == "trained-gpt2" else train_tiny(OURS[kind], tmp_path / kind)
-    out = export_hf(checkpoint, tmp_path / "hf")
+    out = export_model(checkpoint, tmp_path / "hf")
     hf_model, loading = transformers.AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
     assert all(not v for v in loading.values()), loading  # no missing, unexpected or mismatched weights
     expected_class = {"trained-gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
     assert type(hf_model).__name__ == expected_class[kind]
-    model, _, _ = load_checkpoint(checkpoint)
+    model, _, _ = load_model(checkpoint)
     tokens = torch.randint(0, model.config.vocab_size, (2, model.config.context))
     with torch.no_grad():
         assert (model(tokens) - hf_model.eval()(tokens).logits).abs().max().item() < 1e-4
-        assert torch.allclose(load_checkpoint(out)[0](tokens), model(tokens), atol=1e-5)  # and back again
+        assert torch.allclose(load_model(out)[0](tokens), model(tokens), atol=1e-5)  # and back again
 
 
 def test_export_refuses_what_no_family_has_and_never_overwrites(tmp_path, nano_checkpoint):
     sinusoidal = ModelConfig(vocab_size=SP_VOCAB, context=32, n_layer=1, n_head=2, n_embd=32, positions="sinusoidal")
     with pytest.raises(LLMError, match="positions=sinusoidal"):
-        export_hf(train_tiny(sinusoidal, tmp_path / "sin"), tmp_path / "out")
+        export_model(train_tiny(sinusoidal, tmp_path / "sin"), tmp_path / "out")
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "keep.txt").write_text("mine")
     with pytest.raises(LLMError, match="not an empty directory"):
-        export_hf(nano_checkpoint, tmp_path / "full")
+        export_model(nano_checkpoint, tmp_path / "full")
     assert (tmp_path / "full" / "keep.txt").read_text() == "mine"
 
 
 def test_info_reads_ours_and_hf_folders(tmp_path, byte_level_bpe):
     hf_model = make_hf_model("qwen2-qkv-bias")
     directory = save_hf(hf_model, tmp_path / "qwen", byte_level_bpe)
-    about = checkpoint_info(directory)
+    about = model_info(directory)
     assert about["architecture"] == "Qwen2ForCausalLM" and about["parameters"] == hf_model.num_parameters()
     assert about["context"] == 64 and about["vocab_size"] == SP_VOCAB and about["dtype"] == "F32"
     assert "grouped-query (2 key/value heads)" in about["parts"]
     assert about["size_bytes"] > 4 * hf_model.num_parameters()
-    ours = checkpoint_info(None)
+    ours = model_info(None)
     assert ours["dtype"] == "BF16" and ours["architecture"] == "llmcli Transformer"
 
 
@@ -218,7 +223,7 @@ def test_bad_hf_folders_are_refused_in_one_line(tmp_path, byte_level_bpe, edit, 
     directory = save_hf(make_hf_model("llama-gqa-untied-theta-linear-rope"), tmp_path / "m", byte_level_bpe)
     corrupt(directory, edit_config=edit)
     with pytest.raises(LLMError, match=message):
-        load_checkpoint(directory)
+        load_model(directory)
 
 
 def test_bad_input_through_the_cli(tmp_path, byte_level_bpe):
@@ -248,7 +253,7 @@ def test_generate_eval_and_info_open_a_gpt2_folder_from_the_cli(tmp_path, byte_l
 def test_mistral_context_stops_at_its_sliding_window(tmp_path, byte_level_bpe):
     hf_model = make_hf_model("mistral-gqa")
     hf_model.config.sliding_window = 16  # within 16 tokens, sliding-window attention is plain causal attention
-    model, _, _ = load_checkpoint(save_hf(hf_model, tmp_path / "m", byte_level_bpe))
+    model, _, _ = load_model(save_hf(hf_model, tmp_path / "m", byte_level_bpe))
     assert model.config.context == 16
     tokens = torch.randint(0, SP_VOCAB, (2, 16))
     with torch.no_grad():
@@ -260,8 +265,8 @@ def test_a_llama_sentencepiece_tokenizer_starts_at_bos_and_stops_at_eos(tmp_path
     sample ends at </s>."""
     import sentencepiece as spm
 
-    from llmcli.generate import encode_prompt
-    from llmcli.tokenizer import Tokenizer
+    from llmcli.infer.generate import encode_prompt
+    from llmcli.text.tokenizer import Tokenizer
 
     directory = tmp_path / "llama"
     directory.mkdir()

@@ -7,9 +7,9 @@ import torch
 import yaml
 from conftest import run_cli
 from safetensors.torch import load_file, save_file
-
-from llmcli.checkpoint import load_checkpoint
 from test_finetune import INSTRUCTIONS, write_jsonl
+
+from llmcli.formats import load_model
 
 
 def test_adapter_trains_alone_is_small_and_merges(tmp_path, nano_checkpoint):
@@ -28,8 +28,8 @@ def test_adapter_trains_alone_is_small_and_merges(tmp_path, nano_checkpoint):
     assert (adapter / "model.safetensors").stat().st_size < 0.1 * (base / "model.safetensors").stat().st_size
     assert yaml.safe_load((adapter / "config.yaml").read_text())["adapter"]["base"] == str(base.resolve())
 
-    base_model, _, _ = load_checkpoint(base)
-    tuned, tok, _ = load_checkpoint(adapter)  # base + adapter
+    base_model, _, _ = load_model(base)
+    tuned, tok, _ = load_model(adapter)  # base + adapter
     tuned_state = tuned.state_dict()
     for name, value in base_model.state_dict().items():
         assert torch.equal(tuned_state[name], value), name  # the base weights did not move
@@ -43,13 +43,13 @@ def test_adapter_trains_alone_is_small_and_merges(tmp_path, nano_checkpoint):
     merged = tmp_path / "merged"
     result = run_cli("finetune", "merge", adapter, "-o", merged)
     assert result.returncode == 0, result.stderr
-    merged_model, _, _ = load_checkpoint(merged)
+    merged_model, _, _ = load_model(merged)
     assert all(".lora_" not in k for k in load_file(merged / "model.safetensors"))
     ids = torch.tensor([tok.encode("<|user|>\nSay hello.\n<|assistant|>\n")])
     with torch.no_grad():
         assert not torch.allclose(base_model(ids), tuned(ids), atol=1e-4)
         torch.testing.assert_close(merged_model(ids), tuned(ids), atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(load_checkpoint(exported)[0](ids), tuned(ids), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(load_model(exported)[0](ids), tuned(ids), atol=1e-5, rtol=1e-5)
 
     # generate needs nothing new: -m ADAPTER loads base + adapter
     gen = [run_cli("generate", "Say hello.", "-m", m, "--temperature", "0", "--max-new-tokens", "8").stdout

@@ -2,9 +2,10 @@ import numpy as np
 import pytest
 import torch
 
-from llmcli.checkpoint import load_checkpoint, save_model, write_config
-from llmcli.generate import SamplingConfig, generate_tokens
-from llmcli.model import ModelConfig, Transformer
+from llmcli.formats import load_model
+from llmcli.formats.ours import save_model, write_config
+from llmcli.infer.generate import SamplingConfig, generate_tokens
+from llmcli.model.transformer import ModelConfig, Transformer
 
 CONFIG = ModelConfig(vocab_size=97, context=32, n_layer=2, n_head=4, n_embd=32)
 
@@ -53,7 +54,7 @@ def test_generation_stops_at_the_context():
 
 
 def test_save_then_load_gives_identical_logits(tmp_path):
-    from llmcli.tokenizer import train_tokenizer
+    from llmcli.text.tokenizer import train_tokenizer
 
     tok = train_tokenizer([f"word{i} token{i * 7} other{i % 13}" for i in range(2000)], tmp_path, vocab_size=300)
     config = ModelConfig(**{**vars(CONFIG), "vocab_size": tok.vocab_size})
@@ -61,7 +62,7 @@ def test_save_then_load_gives_identical_logits(tmp_path):
     model = Transformer(config).eval()
     save_model(tmp_path, model)
     write_config(tmp_path, {"model": vars(config)})
-    loaded, _, _ = load_checkpoint(tmp_path)
+    loaded, _, _ = load_model(tmp_path)
     tokens = torch.randint(0, config.vocab_size, (2, 16))
     with torch.no_grad():
         assert torch.equal(model(tokens), loaded(tokens))

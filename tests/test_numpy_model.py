@@ -9,10 +9,11 @@ import pytest
 import torch
 from conftest import ROOT
 
-from llmcli.checkpoint import load_checkpoint, save_model, write_config
-from llmcli.generate import SamplingConfig, generate_samples
-from llmcli.model import ModelConfig, Transformer
-from llmcli.numpy_model import NumpyDecoder, NumpyTransformer, tensor_shapes
+from llmcli.formats import load_model
+from llmcli.formats.ours import save_model, write_config
+from llmcli.infer.generate import SamplingConfig, generate_samples
+from llmcli.model.numpy_model import NumpyDecoder, NumpyTransformer, tensor_shapes
+from llmcli.model.transformer import ModelConfig, Transformer
 
 CONFIGS = {
     "gpt2": dict(),
@@ -59,12 +60,12 @@ def test_logits_equal_the_torch_model_in_prefill_and_every_cached_step(name):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_a_saved_checkpoint_samples_the_same_text_on_numpy_and_torch(nano_checkpoint, tmp_path, dtype):
     """Same seed, same text, whichever backend: the sampling is shared, the logits agree."""
-    torch_model, tok, config = load_checkpoint(nano_checkpoint)
+    torch_model, tok, config = load_model(nano_checkpoint)
     save_model(tmp_path, torch_model, dtype=dtype)
     write_config(tmp_path, {k: v for k, v in config.items() if k != "format"})
     (tmp_path / "tokenizer.model").write_bytes((nano_checkpoint / "tokenizer.model").read_bytes())
-    numpy_model, _, _ = load_checkpoint(tmp_path, numpy_if_small=True)
-    torch_model, _, _ = load_checkpoint(tmp_path)
+    numpy_model, _, _ = load_model(tmp_path, numpy_if_small=True)
+    torch_model, _, _ = load_model(tmp_path)
     assert isinstance(numpy_model, NumpyTransformer) and isinstance(torch_model, Transformer)
     cfg = SamplingConfig(max_new_tokens=40, temperature=1.0, top_k=50, num_samples=3, seed=7)
     texts = [[s.text for s in generate_samples(m, tok, ["ROMEO:"], cfg)] for m in (numpy_model, torch_model)]

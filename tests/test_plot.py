@@ -1,4 +1,4 @@
-from llmcli.plot import sparkline
+from llmcli.eval.plot import sparkline
 
 
 def test_sparkline_follows_the_values():

@@ -10,8 +10,8 @@ import torch.nn as nn
 from conftest import run_cli
 from test_numpy_model import CONFIGS, random_model
 
-from llmcli.lora import add_lora
-from llmcli.quantize import Int8Linear, quantize
+from llmcli.model.lora import add_lora
+from llmcli.model.quantize import Int8Linear, quantize
 
 
 def relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from llmcli.errors import LLMError
-from llmcli.generate import SamplingConfig, TextStream, apply_top_k, apply_top_p, sample_next
+from llmcli.infer.generate import SamplingConfig, TextStream, apply_top_k, apply_top_p, sample_next
 
 
 def test_top_k_keeps_the_k_largest():
@@ -50,7 +50,7 @@ def test_bad_sampling_settings_are_rejected(field, value):
 
 
 def test_text_stream_never_emits_half_a_character(nano_checkpoint):
-    from llmcli.tokenizer import Tokenizer
+    from llmcli.text.tokenizer import Tokenizer
 
     tok = Tokenizer(nano_checkpoint)
     text = "a 🐱 é 日本"

@@ -1,10 +1,10 @@
 import json
 
 import pytest
-
 from conftest import run_cli
+
 from llmcli.errors import LLMError
-from llmcli.tokenizer import END_OF_TEXT, Tokenizer, train_tokenizer
+from llmcli.text.tokenizer import END_OF_TEXT, Tokenizer, train_tokenizer
 
 SAMPLES = [
     "Plain ASCII text, with punctuation!",

@@ -14,14 +14,24 @@ import time
 import pytest
 import torch
 import yaml
-
 from conftest import ROOT, run_cli
-from llmcli.checkpoint import load_checkpoint
+
 from llmcli.config import TrainConfig
 from llmcli.errors import LLMError
-from llmcli.model import ModelConfig, Transformer
-from llmcli.train import (World, check_settings, checkpoint_dirs, checkpoint_tensors, learning_rate, load_train_state,
-                          make_optimizer, pretrain, save_checkpoint, train_step)
+from llmcli.formats import load_model
+from llmcli.model.transformer import ModelConfig, Transformer
+from llmcli.train.pretrain import (
+    World,
+    check_settings,
+    checkpoint_dirs,
+    checkpoint_tensors,
+    learning_rate,
+    load_train_state,
+    make_optimizer,
+    pretrain,
+    save_checkpoint,
+    train_step,
+)
 
 
 def losses(run_dir) -> dict:
@@ -76,8 +86,8 @@ def test_interrupt_and_kill_then_resume_repeats_the_uninterrupted_run(shakespear
     second.kill()
     second.wait()
     for directory in checkpoint_dirs(run):  # every complete checkpoint loads, the run directory too
-        load_checkpoint(directory)
-    load_checkpoint(run)
+        load_model(directory)
+    load_model(run)
 
     third = run_cli("pretrain", "--resume", run)
     assert third.returncode == 0, third.stderr
@@ -90,7 +100,7 @@ def test_disk_full_during_a_save_keeps_the_previous_checkpoint(shakespeare_slice
     run = tmp_path / "run"
     pretrain([str(shakespeare_slice)], run, preset="nano", overrides=dict(max_steps=6, eval_interval=3),
              tokenizer_path=nano_checkpoint)
-    model, _, config = load_checkpoint(run)
+    model, _, config = load_model(run)
     optimizer = make_optimizer(model, TrainConfig(**config["train"]))
     load_train_state(checkpoint_dirs(run)[-1], model, optimizer)
     config.pop("format")
@@ -123,7 +133,7 @@ def test_non_finite_loss_stops_without_writing_a_checkpoint(shakespeare_slice, n
     saved = checkpoint_dirs(run)
     assert [int(p.name.split("-")[1]) for p in saved] == list(range(max(1, bad_step - 2), bad_step))
     for directory in saved:  # what was saved is finite
-        model, _, _ = load_checkpoint(directory)
+        model, _, _ = load_model(directory)
         assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
@@ -189,7 +199,7 @@ def test_two_processes_follow_the_one_process_run_and_resume(strategy, shakespea
     assert "resuming" in result.stderr and "from step 4" in result.stderr
     assert losses(resumed) == pytest.approx(expected, rel=1e-5)
     # and whole tensors on disk, whatever the strategy: the 2-process checkpoint loads in one process
-    assert load_checkpoint(two)[0].num_params() == load_checkpoint(reference)[0].num_params()
+    assert load_model(two)[0].num_params() == load_model(reference)[0].num_params()
 
     # an error that both processes meet is said once, without torchrun's report
     result = run_cli("pretrain", "--resume", resumed, "--max-steps", "9", "--lr", "1", "--nproc", "2")

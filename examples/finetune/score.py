@@ -14,8 +14,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from llmcli.checkpoint import load_checkpoint  # noqa: E402
-from llmcli.generate import apply_template, generate_text, sampling_settings  # noqa: E402
+from llmcli.formats import load_model  # noqa: E402
+from llmcli.infer.generate import apply_template, generate_text, sampling_settings  # noqa: E402
 
 
 def main():
@@ -25,7 +25,7 @@ def main():
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--show", type=int, default=3)
     args = parser.parse_args()
-    model, tok, config = load_checkpoint(args.model)
+    model, tok, config = load_model(args.model)
     cfg, template = sampling_settings(config, temperature=0.0, max_new_tokens=args.max_new_tokens)
     records = [json.loads(line) for line in open(args.data, encoding="utf-8") if line.strip()]
     started, right = time.perf_counter(), 0

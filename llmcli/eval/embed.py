@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from llmcli import data
 from llmcli.errors import LLMError
-from llmcli.model import Transformer
+from llmcli.model.transformer import Transformer
 from llmcli.progress import log, progress_bar
+from llmcli.text import data
 
 POOLINGS = ("mean", "last")
 
@@ -75,7 +75,7 @@ def read_texts(source: str, field: str | None = None) -> list[str]:
 
 def write_embeddings(vectors: np.ndarray, out: Path, metadata: dict):
     """.npy (numpy) or .safetensors (tensor 'embeddings', with metadata), written atomically."""
-    from llmcli.checkpoint import atomic_write
+    from llmcli.formats.files import atomic_write
 
     if out.suffix == ".npy":
         atomic_write(out, lambda tmp: tmp.write_bytes(_npy_bytes(vectors)))

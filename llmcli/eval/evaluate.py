@@ -16,11 +16,11 @@ import time
 import torch
 import torch.nn.functional as F
 
-from llmcli import data
 from llmcli.errors import LLMError
-from llmcli.model import Transformer
+from llmcli.model.transformer import Transformer
 from llmcli.progress import progress_bar
-from llmcli.tokenizer import Tokenizer
+from llmcli.text import data
+from llmcli.text.tokenizer import Tokenizer
 
 
 def tokenize_file(tokenizer: Tokenizer, path: str) -> list[int]:

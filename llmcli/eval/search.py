@@ -11,10 +11,10 @@ from pathlib import Path
 
 import numpy as np
 
-from llmcli import data
 from llmcli.errors import LLMError
-from llmcli.embed import embed_texts
+from llmcli.eval.embed import embed_texts
 from llmcli.progress import log
+from llmcli.text import data
 
 
 def read_docs(path: Path) -> list[str]:
@@ -50,7 +50,7 @@ def doc_embeddings(model, tokenizer, model_dir: Path, docs_path: Path, docs: lis
     from safetensors import SafetensorError
     from safetensors.numpy import load_file
 
-    from llmcli.embed import write_embeddings
+    from llmcli.eval.embed import write_embeddings
 
     cache = cache_path(docs_path, model_dir, pooling)
     if cache.is_file():

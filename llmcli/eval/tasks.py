@@ -16,10 +16,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from llmcli import data
 from llmcli.errors import LLMError
-from llmcli.model import Transformer
+from llmcli.model.transformer import Transformer
 from llmcli.progress import progress_bar
+from llmcli.text import data
 
 FIELDS = ("context", "choices", "answer")
 

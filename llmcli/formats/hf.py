@@ -185,8 +185,8 @@ def load_hf_folder(directory: Path, device: str = "cpu"):
     import torch
     from safetensors import SafetensorError, safe_open
 
-    from llmcli.model import ModelConfig, Transformer, meta_device
-    from llmcli.tokenizer import load_tokenizer
+    from llmcli.model.transformer import ModelConfig, Transformer, meta_device
+    from llmcli.text.tokenizer import load_tokenizer
 
     hf = read_hf_config(directory)
     family, settings = model_settings_from_hf(hf, directory)
@@ -289,20 +289,13 @@ def hf_tensors(model, family: str) -> dict:
     return tensors
 
 
-def export_hf(checkpoint: str | Path | None, out_dir: str | Path) -> Path:
-    """Write a checkpoint as a HF folder that transformers' AutoModelForCausalLM.from_pretrained opens as is."""
+def write_hf(model, tokenizer, out_dir: Path) -> Path:
+    """Write a language model as a HF folder that transformers' AutoModelForCausalLM.from_pretrained opens as is:
+    config.json, model.safetensors and the tokenizer's files. Raises LLMError for parts no HF family has."""
     from safetensors.torch import save_file
 
-    from llmcli.checkpoint import atomic_write, default_model_path, load_checkpoint
-    from llmcli.lora import merge_lora
+    from llmcli.formats.files import atomic_write
 
-    out_dir = Path(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise LLMError(f"{out_dir} already exists and is not an empty directory; choose a new one")
-    model, tokenizer, settings = load_checkpoint(checkpoint)
-    if settings.get("task") == "classify":
-        raise LLMError(f"{checkpoint or default_model_path()} is a classifier; export writes language models")
-    merge_lora(model)  # an adapter leaves merged into its base (a no-op without one)
     config = model.config
     family = export_family(config)
     tensors = hf_tensors(model, family)
@@ -313,3 +306,10 @@ def export_hf(checkpoint: str | Path | None, out_dir: str | Path) -> Path:
     for file in tokenizer.files:
         shutil.copyfile(file, out_dir / file.name)
     return out_dir
+
+
+def hf_info(directory: Path) -> tuple[dict, str, set[Path]]:
+    """(ModelConfig fields, architecture name, weight files) of a HF folder, from config.json and the index."""
+    hf = read_hf_config(directory)
+    family, settings = model_settings_from_hf(hf, directory)
+    return settings, (hf.get("architectures") or [family])[0], set(weight_files(directory).values())

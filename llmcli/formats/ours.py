@@ -1,42 +1,22 @@
-"""Checkpoints: a directory with model.safetensors, config.yaml and tokenizer.model, written atomically.
+"""Our checkpoint format: a directory with model.safetensors, config.yaml and tokenizer.model, written atomically.
 
 Every file is written to a temporary name and renamed into place, so a run killed at any moment leaves the previous
-version of each file whole. Loading checks that the pieces agree before building anything.
+version of each file whole. Loading checks that the pieces agree before building anything. A config.yaml with an
+`adapter` section is a LoRA adapter instead (llmcli/formats/adapter.py).
 """
 
-import os
 from pathlib import Path
 
 import yaml
 
 from llmcli.errors import LLMError
-from llmcli.tokenizer import TOKENIZER_FILE, Tokenizer
+from llmcli.formats.files import atomic_write
+from llmcli.text.tokenizer import TOKENIZER_FILE, Tokenizer
 
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
 FORMAT = "llmcli-checkpoint/1"
-# The shipped default model: used when a command gets no --model. LLM_MODEL overrides it.
-DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "checkpoints" / "tinystories"
-
-
-def default_model_path() -> Path:
-    return Path(os.environ.get("LLM_MODEL", DEFAULT_MODEL))
-
-
-def atomic_write(path: Path, write):
-    """Call write(tmp_path), then rename tmp_path over path: readers see the old file or the new one, never half."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise LLMError(f"could not write {path}: {e.strerror or e}; the previous version is intact") from None
-
 
 def write_config(directory: Path, config: dict):
     text = yaml.safe_dump({"format": FORMAT, **config}, sort_keys=False)
@@ -65,36 +45,14 @@ def read_config(directory: Path) -> dict:
     return config
 
 
-def load_checkpoint(path: str | Path | None = None, device: str = "cpu", numpy_if_small: bool = False,
-                    quantize: str | None = None):
-    """(model in eval mode, tokenizer, config dict) from a checkpoint directory; the shipped default when None.
+def load_ours(directory: Path, config: dict, device: str = "cpu", numpy_if_small: bool = False):
+    """(model in eval mode, tokenizer, config) from one of our checkpoint directories, whose config.yaml is config.
 
-    numpy_if_small: a small plain language model comes as a NumpyTransformer (llmcli/numpy_model.py), which decodes
-    without importing torch; anything else as the torch model. quantize: "int8" stores the torch model's weights as
-    int8 for faster decoding (llmcli/quantize.py).
+    numpy_if_small: a small plain language model comes as a NumpyTransformer (llmcli/model/numpy_model.py), which
+    decodes without importing torch. Raises LLMError when the files are missing, corrupt or disagree.
     """
-    if quantize is not None:
-        from llmcli.quantize import check_mode, quantize as quantize_model
-
-        check_mode(quantize)
-        model, tokenizer, config = load_checkpoint(path, device)
-        return quantize_model(model, quantize), tokenizer, config
     from llmcli.config import ModelConfig
 
-    directory = Path(path) if path is not None else default_model_path()
-    if not directory.exists():
-        raise LLMError(f"checkpoint {directory} does not exist")
-    if not directory.is_dir():
-        raise LLMError(f"{directory} is not a checkpoint directory")
-    from llmcli.hf import is_hf_folder, load_hf_folder
-
-    if is_hf_folder(directory):
-        return load_hf_folder(directory, device)
-    config = read_config(directory)
-    if "adapter" in config:  # LoRA weights alone: they name their base
-        from llmcli.lora import load_adapter
-
-        return load_adapter(directory, config, device)
     for name in (MODEL_FILE, TOKENIZER_FILE):
         if not (directory / name).is_file():
             raise LLMError(f"checkpoint {directory} is incomplete: {name} is missing")
@@ -107,19 +65,17 @@ def load_checkpoint(path: str | Path | None = None, device: str = "cpu", numpy_i
         raise LLMError(f"checkpoint {directory}: tokenizer has {tokenizer.vocab_size} tokens but the model expects "
                        f"{model_config.vocab_size}; the files come from different runs")
     if numpy_if_small and device == "cpu":
-        from llmcli.numpy_model import load_small_checkpoint
-
-        model = load_small_checkpoint(directory, config)
+        model = _load_small(directory, config)
         if model is not None:
             return model, tokenizer, config
 
     from safetensors import SafetensorError, safe_open
 
-    from llmcli.model import Transformer, meta_device
+    from llmcli.model.transformer import Transformer, meta_device
 
     model_class, extra = Transformer, {}
     if config.get("task") == "classify":  # a classifier: the Transformer with a head over its labels
-        from llmcli.classify import Classifier
+        from llmcli.model.heads import Classifier
 
         model_class, extra = Classifier, {"n_labels": len(config["labels"])}
     with meta_device():
@@ -150,63 +106,25 @@ def _describe_mismatch(expected: dict, found: dict) -> str:
     return f"tensor {name} has shape {list(found[name])}, the config implies {list(expected[name])}"
 
 
-def checkpoint_info(path: str | Path | None = None) -> dict:
-    """What a checkpoint (ours or a Hugging Face folder) holds, read from its headers without loading the weights."""
-    from safetensors import SafetensorError, safe_open
+def _load_small(directory: Path, config: dict):
+    """The checkpoint's model as a NumpyTransformer if it is a plain language model of at most SMALL_MODEL
+    parameters whose tensors are all there; None otherwise (the torch loader then loads it, or says what is wrong)."""
+    import math
 
-    from llmcli.hf import is_hf_folder, model_settings_from_hf, read_hf_config, weight_files
-    from llmcli.model import ModelConfig, Transformer, meta_device
-    from llmcli.tokenizer import load_tokenizer
+    from llmcli.config import ModelConfig
+    from llmcli.formats.files import read_header, read_safetensors
+    from llmcli.model.numpy_model import SMALL_MODEL, NumpyTransformer, tensor_shapes
 
-    directory = Path(path) if path is not None else default_model_path()
-    if not directory.is_dir():
-        raise LLMError(f"checkpoint {directory} does not exist" if not directory.exists()
-                       else f"{directory} is not a checkpoint directory")
-    if is_hf_folder(directory):
-        hf = read_hf_config(directory)
-        family, settings = model_settings_from_hf(hf, directory)
-        architecture, weight_paths = (hf.get("architectures") or [family])[0], set(weight_files(directory).values())
-        task, labels = "language model", []
-    else:
-        ours = read_config(directory)
-        settings, architecture = ours["model"], "llmcli Transformer"
-        weight_paths = {directory / MODEL_FILE}
-        labels = (ours.get("labels") or []) if ours.get("task") == "classify" else []
-        task = f"classifier ({', '.join(map(str, labels))})" if labels else "language model"
-        if "adapter" in ours:
-            adapter = ours["adapter"]
-            task = (f"LoRA adapter (rank {adapter.get('rank')} on {', '.join(adapter.get('targets') or [])}) for "
-                    f"{adapter.get('base')}, a {task}")
+    path = directory / MODEL_FILE
     try:
-        config = ModelConfig(**settings)
-    except (TypeError, ValueError) as e:
-        raise LLMError(f"{directory}: bad model settings: {e}") from None
-    with meta_device():
-        parameters = Transformer(config).num_params() + (config.n_embd + 1) * len(labels)  # + a classifier's head
-    dtypes = set()
-    try:
-        for file in weight_paths:
-            with safe_open(file, framework="pt") as f:
-                dtypes |= {f.get_slice(k).get_dtype() for k in f.keys()}
-    except (SafetensorError, OSError) as e:
-        raise LLMError(f"a weights file in {directory} is corrupt: {e}") from None
-    tokenizer = load_tokenizer(directory)
-    attention = ("multi-head" if config.kv_heads == config.n_head else "multi-query" if config.kv_heads == 1
-                 else f"grouped-query ({config.kv_heads} key/value heads)")
-    return {
-        "path": str(directory),
-        "architecture": architecture,
-        "task": task,
-        "parts": f"{config.norm}, {config.positions} positions, {config.mlp} MLP, {attention} attention, "
-                 f"{'tied' if config.tie_embeddings else 'untied'} output head",
-        "parameters": parameters,
-        "layers": config.n_layer,
-        "heads": config.n_head,
-        "width": config.n_embd,
-        "context": config.context,
-        "vocab_size": config.vocab_size,
-        "tokenizer": f"{'SentencePiece' if isinstance(tokenizer, Tokenizer) else 'byte-level BPE'} "
-                     f"({tokenizer.vocab_size} tokens)",
-        "dtype": ", ".join(sorted(dtypes)),
-        "size_bytes": sum(f.stat().st_size for f in directory.iterdir() if f.is_file()),
-    }
+        model_config = ModelConfig(**config["model"])
+        with open(path, "rb") as f:  # shapes from the header first: a large model is not read at all
+            header = read_header(f)
+        shapes = {name: tuple(info["shape"]) for name, info in header.items() if name != "__metadata__"}
+        if config.get("task") or shapes != tensor_shapes(model_config):
+            return None
+        if sum(math.prod(shape) for shape in shapes.values()) > SMALL_MODEL:
+            return None
+        return NumpyTransformer(model_config, read_safetensors(path))
+    except (TypeError, ValueError, KeyError, OSError):
+        return None

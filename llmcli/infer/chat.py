@@ -73,7 +73,7 @@ class Chat:
 
     def reply(self, content: str, on_text: Callable[[str], None]) -> str:
         """Add the user's message, stream the model's reply through on_text, add it to the history and return it."""
-        from llmcli.generate import generate_samples
+        from llmcli.infer.generate import generate_samples
 
         self.messages.append({"role": "user", "content": content})
         shown: list[str] = []

@@ -21,7 +21,8 @@ from typing import Callable, Iterable, Iterator, TextIO
 import numpy as np
 
 from llmcli.errors import LLMError
-from llmcli.tokenizer import Tokenizer
+from llmcli.model.batching import distinct_rows, left_pad
+from llmcli.text.tokenizer import Tokenizer
 
 SEPARATOR = "<|endoftext|>"  # the line after each sample when there are several
 
@@ -142,26 +143,6 @@ def row_rng(seed: int, prompt: list[int], sample: int) -> np.random.Generator:
 
 
 # --- decoding ------------------------------------------------------------------------------------------------------
-
-def distinct_rows(rows: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
-    """(first, copies): the index of the first occurrence of each distinct row, and for every row the number of its
-    distinct row, so that rows == [rows[i] for i in first][copies]."""
-    number: dict[tuple, int] = {}
-    first, copies = [], []
-    for i, row in enumerate(rows):
-        if tuple(row) not in number:
-            number[tuple(row)] = len(first)
-            first.append(i)
-        copies.append(number[tuple(row)])
-    return np.array(first), np.array(copies)
-
-
-def left_pad(rows: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
-    """The rows padded on the left with token 0 to the longest (B, T), and each row's amount of padding (B,)."""
-    longest = max(map(len, rows))
-    pad = np.array([longest - len(r) for r in rows])
-    return np.array([[0] * p + r for p, r in zip(pad, rows)]), pad
-
 
 def decoding_layout(model):
     """Store every weight matrix transposed in memory (same values, same shapes, other strides), for inference.

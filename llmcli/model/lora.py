@@ -3,12 +3,11 @@
 A target layer y = W x + b becomes y = W x + b + (alpha / r) B A dropout(x), with A (r, in) random and B (out, r)
 zero, so training starts from the base model exactly. Only A and B (and a classifier's head) are trained; the
 checkpoint stores them alone (see train.saved_weights) with the base's path and a fingerprint of its weights, and
-load_adapter rebuilds base + adapter. Merging adds (alpha / r) B A into W: the same function, a standalone model.
+llmcli/formats/adapter.py rebuilds base + adapter. Merging adds (alpha / r) B A into W: the same function, a standalone model.
 """
 
 import hashlib
 import math
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -89,33 +88,3 @@ def fingerprint(model: nn.Module) -> str:
         h.update(name.encode())
         h.update(value.detach().float().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
-
-
-def load_adapter(directory: Path, config: dict, device: str = "cpu"):
-    """(base + adapter in eval mode, tokenizer, config) for an adapter checkpoint."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    from llmcli.checkpoint import MODEL_FILE, load_checkpoint
-    from llmcli.finetune import prepare_model
-
-    adapter = config["adapter"]
-    base = Path(adapter["base"])
-    if not base.exists():
-        raise LLMError(f"{directory} is a LoRA adapter of {base}, which is missing; put the base model back there "
-                       f"or edit adapter.base in {directory / 'config.yaml'}")
-    base_model, tokenizer, base_config = load_checkpoint(base, device)
-    if fingerprint(base_model) != adapter["base_fingerprint"]:
-        raise LLMError(f"{directory} is a LoRA adapter of a different model than the one now at {base} "
-                       "(its weights changed); it needs the base it was trained on")
-    model = prepare_model(base_model, config)
-    try:
-        weights = load_file(str(directory / MODEL_FILE))
-    except (SafetensorError, OSError) as e:
-        raise LLMError(f"{directory / MODEL_FILE} is corrupt: {e}") from None
-    expected = {n for n, p in model.named_parameters() if p.requires_grad}
-    if set(weights) != expected:
-        raise LLMError(f"{directory / MODEL_FILE} does not hold this adapter's weights "
-                       f"({len(weights)} tensors, expected {len(expected)})")
-    model.load_state_dict({k: v.float() for k, v in weights.items()}, strict=False)
-    return model.to(device).eval(), tokenizer, config

@@ -1,49 +1,19 @@
-"""The Transformer of llmcli/model.py run with NumPy, to sample from a small checkpoint without importing torch.
+"""The Transformer of llmcli/model/transformer.py run with NumPy, to sample from a small checkpoint without importing torch.
 
 Importing torch costs 1.3-1.8 s on a CPU: longer than the shipped 3M-parameter model takes to write a whole story. So
 `llm generate` runs checkpoints of up to SMALL_MODEL parameters here: the same computation as model.py's forward
 (tests hold the logits equal to 1e-5 for every configuration), for left-padded rows with a KV cache, float32.
-Sampling is shared with the torch path (llmcli/generate.py), so a seed gives the same text on either.
+Sampling is shared with the torch path (llmcli/infer/generate.py), so a seed gives the same text on either.
 """
 
-import json
 import math
-from pathlib import Path
 
 import numpy as np
 
 from llmcli.config import ModelConfig
-from llmcli.generate import distinct_rows, left_pad
+from llmcli.model.batching import distinct_rows, left_pad
 
 SMALL_MODEL = 30_000_000  # parameters; above this the weights, not the torch import, dominate a cold start
-
-
-def read_header(file) -> dict:
-    """The JSON header of an open .safetensors file: a little-endian u64 length, then per tensor its dtype, shape and
-    byte offsets in the data that follows (`__metadata__` aside)."""
-    return json.loads(file.read(int.from_bytes(file.read(8), "little")))
-
-
-def read_safetensors(path: Path) -> dict[str, np.ndarray]:
-    """The tensors of a .safetensors file as float32 arrays; read by hand because NumPy has no bfloat16, which the
-    default checkpoint is stored in. Raises ValueError on anything else."""
-    with open(path, "rb") as f:
-        header = read_header(f)
-        body = memoryview(f.read())
-    tensors = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        start, end = info["data_offsets"]
-        raw, dtype = body[start:end], info["dtype"]
-        if dtype == "BF16":  # the upper half of a float32
-            array = (np.frombuffer(raw, np.uint16).astype(np.uint32) << 16).view(np.float32)
-        elif dtype in ("F16", "F32"):
-            array = np.frombuffer(raw, np.float16 if dtype == "F16" else np.float32).astype(np.float32)
-        else:
-            raise ValueError(f"{name}: dtype {dtype}")
-        tensors[name] = array.reshape(info["shape"])
-    return tensors
 
 
 def tensor_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -230,21 +200,3 @@ class NumpyDecoder:
 
     def close(self):
         self.cache = []
-
-
-def load_small_checkpoint(directory: Path, config: dict) -> NumpyTransformer | None:
-    """The checkpoint's model as a NumpyTransformer if it is a plain language model of at most SMALL_MODEL
-    parameters whose tensors are all there; None otherwise (the torch loader then loads it, or says what is wrong)."""
-    path = directory / "model.safetensors"
-    try:
-        model_config = ModelConfig(**config["model"])
-        with open(path, "rb") as f:  # shapes from the header first: a large model is not read at all
-            header = read_header(f)
-        shapes = {name: tuple(info["shape"]) for name, info in header.items() if name != "__metadata__"}
-        if config.get("task") or shapes != tensor_shapes(model_config):
-            return None
-        if sum(math.prod(shape) for shape in shapes.values()) > SMALL_MODEL:
-            return None
-        return NumpyTransformer(model_config, read_safetensors(path))
-    except (TypeError, ValueError, KeyError, OSError):
-        return None

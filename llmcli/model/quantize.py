@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 from llmcli.errors import LLMError
-from llmcli.lora import merge_lora
+from llmcli.model.lora import merge_lora
 
 MODES = ("int8",)
 

@@ -24,7 +24,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from llmcli.errors import LLMError
-from llmcli.tokenizer import END_OF_TEXT, Tokenizer
+from llmcli.text.tokenizer import END_OF_TEXT, Tokenizer
 
 DOC_SEPARATOR = END_OF_TEXT
 CORPUS_SUFFIXES = (".txt", ".md", ".jsonl")

@@ -16,13 +16,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from llmcli import checkpoint, data
-from llmcli.chat import render
 from llmcli.config import TrainConfig
 from llmcli.errors import LLMError
+from llmcli.formats import ours as checkpoint
+from llmcli.formats.adapter import prepare_model
+from llmcli.formats.files import atomic_write
+from llmcli.infer.chat import render
 from llmcli.progress import log
-from llmcli.tokenizer import TOKENIZER_FILE
-from llmcli.train import IGNORE
+from llmcli.text import data
+from llmcli.text.tokenizer import TOKENIZER_FILE
+from llmcli.train.pretrain import IGNORE
 
 TASKS = ("sft", "classify")
 # The agreed interface with `llm generate --chat` / `llm chat`: each role's turn, and what starts the model's reply.
@@ -159,7 +162,7 @@ class ClassifyBatches(ExampleBatches):
 
     @staticmethod
     def collate(examples):
-        from llmcli.classify import pad_batch
+        from llmcli.model.heads import pad_batch
 
         return pad_batch([ids for ids, _ in examples]), torch.tensor([label for _, label in examples])
 
@@ -179,7 +182,7 @@ def _split(examples: list, val_examples: list | None, fraction: float, name: str
 def make_dataset(run: dict, tokenizer) -> ExampleBatches:
     spec, context = run["finetune"], run["model"]["context"]
     if run["task"] == "classify":
-        from llmcli.classify import encode_text
+        from llmcli.model.heads import encode_text
 
         def load(path):
             return [(encode_text(tokenizer, text, context), label)
@@ -207,23 +210,6 @@ def make_dataset(run: dict, tokenizer) -> ExampleBatches:
     splits = _split(examples, val, run["train"]["val_fraction"], spec["data"])
     log(f"{len(splits['train'])} training examples, {len(splits['val'])} validation examples")
     return batches(splits)
-
-
-# --- the model ----------------------------------------------------------------------------------------------------
-
-def prepare_model(base_model, run: dict):
-    """The model a run trains, from its base: a classifier head when the task is classification, and LoRA
-    adapters (everything else frozen) when the run has an adapter section."""
-    from llmcli.classify import from_language_model
-    from llmcli.lora import add_lora
-
-    model = base_model
-    if run["task"] == "classify":
-        model = from_language_model(base_model, len(run["labels"]))
-    if "adapter" in run:
-        a = run["adapter"]
-        model = add_lora(model, a["rank"], a["alpha"], a["dropout"], a["targets"])
-    return model
 
 
 # --- the run ------------------------------------------------------------------------------------------------------
@@ -256,7 +242,7 @@ def new_run(base: Path, data_path: str, val: str | None, task: str, train_on_pro
         generation["prompt_template"] = render(CHAT_TEMPLATE, [{"role": "user", "content": "{prompt}"}])
     run["generation"] = generation
     if lora.rank:
-        from llmcli.lora import fingerprint, parse_targets
+        from llmcli.model.lora import fingerprint, parse_targets
 
         run["adapter"] = {"base": str(base.resolve()), "base_fingerprint": fingerprint(base_model),
                           "rank": lora.rank, "alpha": lora.alpha, "dropout": lora.dropout,
@@ -268,8 +254,8 @@ def finetune(data_path: str | None, out_dir: str | Path, base: str | Path | None
              val: str | None = None, train_on_prompt: bool = False, overrides: dict | None = None,
              lora: LoRAConfig | None = None, resume: str | Path | None = None) -> dict:
     """Fine-tune `base` on data_path into out_dir (or continue the run in `resume`); returns the loop's summary."""
-    from llmcli.checkpoint import default_model_path, load_checkpoint
-    from llmcli.train import World, check_settings, checkpoint_dirs, train_loop
+    from llmcli.formats import default_model_path, load_model
+    from llmcli.train.pretrain import World, check_settings, checkpoint_dirs, train_loop
 
     world = World(device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     if resume is not None:
@@ -287,9 +273,9 @@ def finetune(data_path: str | None, out_dir: str | Path, base: str | Path | None
                 raise LLMError(f"--resume keeps the run's settings; {key} cannot change")
             if value is not None:
                 run["train"][key] = value
-        base_model, tokenizer, _ = load_checkpoint(run["finetune"]["base"], str(world.device))
+        base_model, tokenizer, _ = load_model(run["finetune"]["base"], str(world.device))
         if "adapter" in run:
-            from llmcli.lora import fingerprint
+            from llmcli.model.lora import fingerprint
 
             if fingerprint(base_model) != run["adapter"]["base_fingerprint"]:
                 raise LLMError(f"cannot resume: the base model at {run['finetune']['base']} has changed since "
@@ -300,7 +286,7 @@ def finetune(data_path: str | None, out_dir: str | Path, base: str | Path | None
             raise LLMError(f"{out_dir} already exists; continue it with --resume {out_dir}, or choose another "
                            "directory")
         base = Path(base) if base is not None else default_model_path()
-        base_model, tokenizer, base_config = load_checkpoint(base, str(world.device))
+        base_model, tokenizer, base_config = load_model(base, str(world.device))
         if base_config.get("task") == "classify" or "adapter" in base_config:
             raise LLMError(f"{base} is a classifier or an adapter; fine-tune a language model (merge an adapter "
                            "first with llm finetune merge)")
@@ -320,7 +306,7 @@ def finetune(data_path: str | None, out_dir: str | Path, base: str | Path | None
     dataset = make_dataset(run, tokenizer)
     if resume is None:
         out_dir.mkdir(parents=True, exist_ok=True)
-        checkpoint.atomic_write(out_dir / TOKENIZER_FILE, lambda tmp: tmp.write_bytes(tokenizer.files[0].read_bytes()))
+        atomic_write(out_dir / TOKENIZER_FILE, lambda tmp: tmp.write_bytes(tokenizer.files[0].read_bytes()))
         checkpoint.write_config(out_dir, run)
     torch.manual_seed(cfg.seed)  # the LoRA matrices' initial values
     model = prepare_model(base_model, run).to(world.device).train()
@@ -336,10 +322,11 @@ def finetune(data_path: str | None, out_dir: str | Path, base: str | Path | None
 
 def merge(adapter_dir: str | Path, out_dir: str | Path) -> Path:
     """Write base + adapter as one standalone checkpoint (the LoRA updates added into the weights)."""
-    from llmcli.checkpoint import load_checkpoint, save_model
-    from llmcli.lora import merge_lora
+    from llmcli.formats import load_model
+    from llmcli.formats.ours import save_model
+    from llmcli.model.lora import merge_lora
 
-    model, tokenizer, config = load_checkpoint(adapter_dir)
+    model, tokenizer, config = load_model(adapter_dir)
     if "adapter" not in config:
         raise LLMError(f"{adapter_dir} is not a LoRA adapter: it has nothing to merge")
     out_dir = Path(out_dir)
@@ -350,6 +337,6 @@ def merge(adapter_dir: str | Path, out_dir: str | Path) -> Path:
     config["merged_from"] = {"adapter": str(Path(adapter_dir).resolve()), "base": config["finetune"]["base"]}
     out_dir.mkdir(parents=True)
     save_model(out_dir, merged)
-    checkpoint.atomic_write(out_dir / TOKENIZER_FILE, lambda tmp: tmp.write_bytes(tokenizer.files[0].read_bytes()))
+    atomic_write(out_dir / TOKENIZER_FILE, lambda tmp: tmp.write_bytes(tokenizer.files[0].read_bytes()))
     checkpoint.write_config(out_dir, config)
     return out_dir

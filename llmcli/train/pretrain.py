@@ -27,12 +27,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from llmcli import checkpoint, data
 from llmcli.config import TrainConfig, resolve_run_config
 from llmcli.errors import LLMError
-from llmcli.model import ModelConfig, Transformer
+from llmcli.formats import ours as checkpoint
+from llmcli.formats.files import atomic_write
+from llmcli.model.transformer import ModelConfig, Transformer
 from llmcli.progress import log, progress_bar
-from llmcli.tokenizer import TOKENIZER_FILE, Tokenizer, train_tokenizer
+from llmcli.text import data
+from llmcli.text.tokenizer import TOKENIZER_FILE, Tokenizer, train_tokenizer
 
 SAVE_DTYPES = ("float32", "bfloat16", "float16")
 SCHEDULES = ("cosine", "linear", "wsd")
@@ -484,9 +486,9 @@ def pretrain(
 def _initial_model(init: str | Path, run: dict) -> tuple[dict, Path]:
     """The weights and tokenizer file of the checkpoint (ours or a Hugging Face folder) a run starts from; its
     shape replaces the run's model settings, but for dropout."""
-    from llmcli.checkpoint import load_checkpoint
+    from llmcli.formats import load_model
 
-    model, tokenizer, _ = load_checkpoint(init)
+    model, tokenizer, _ = load_model(init)
     if not isinstance(tokenizer, Tokenizer):
         raise LLMError(f"{init}: continued pretraining needs a SentencePiece tokenizer.model; this checkpoint has "
                        "a byte-level BPE tokenizer")
@@ -698,7 +700,7 @@ def _truncate_metrics(path: Path, step: int):
         return
     rows = [line for line in path.read_text(encoding="utf-8").splitlines()
             if line.strip() and _row_step(line) is not None and _row_step(line) <= step]
-    checkpoint.atomic_write(path, lambda tmp: tmp.write_text("".join(r + "\n" for r in rows), encoding="utf-8"))
+    atomic_write(path, lambda tmp: tmp.write_text("".join(r + "\n" for r in rows), encoding="utf-8"))
 
 
 def _row_step(line: str):

@@ -1,0 +1,138 @@
+"""Model formats: what a path is, and the module that reads (and writes) it.
+
+`load_model` is the one entry point for every command that takes `-m`: our checkpoint directories
+(llmcli/formats/ours.py), LoRA adapters on any base (adapter.py) and Hugging Face folders (hf.py). Each format module
+reads its files into our Transformer (llmcli/model/) and a tokenizer (llmcli/text/); nothing here trains or decodes.
+"""
+
+import os
+from pathlib import Path
+
+from llmcli.errors import LLMError
+
+# The shipped default model: used when a command gets no --model. LLM_MODEL overrides it.
+DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "checkpoints" / "tinystories"
+
+
+def default_model_path() -> Path:
+    return Path(os.environ.get("LLM_MODEL", DEFAULT_MODEL))
+
+
+def _directory(path) -> Path:
+    directory = Path(path) if path is not None else default_model_path()
+    if not directory.exists():
+        raise LLMError(f"checkpoint {directory} does not exist")
+    if not directory.is_dir():
+        raise LLMError(f"{directory} is not a checkpoint directory")
+    return directory
+
+
+def load_model(path: str | Path | None = None, device: str = "cpu", numpy_if_small: bool = False,
+               quantize: str | None = None):
+    """(model in eval mode, tokenizer, config dict) from any model path; the shipped default when None.
+
+    numpy_if_small: a small plain language model of ours comes as a NumpyTransformer (llmcli/model/numpy_model.py),
+    which decodes without importing torch; anything else as the torch model. quantize: "int8" stores the weights as
+    int8 for faster decoding (llmcli/model/quantize.py), after merging any LoRA adapter. Raises LLMError for a path
+    that is not a model or whose files are missing, corrupt or disagree.
+    """
+    if quantize is not None:
+        from llmcli.model.lora import merge_lora
+        from llmcli.model.quantize import check_mode
+        from llmcli.model.quantize import quantize as quantize_model
+
+        check_mode(quantize)
+        model, tokenizer, config = load_model(path, device)
+        return quantize_model(merge_lora(model), quantize), tokenizer, config
+    from llmcli.formats import hf, ours
+
+    directory = _directory(path)
+    if hf.is_hf_folder(directory):
+        return hf.load_hf_folder(directory, device)
+    config = ours.read_config(directory)
+    if "adapter" in config:  # LoRA weights alone: they name their base
+        from llmcli.formats.adapter import base_path, load_adapter
+
+        base_model, tokenizer, _ = load_model(base_path(directory, config), device)
+        return load_adapter(directory, config, base_model, device), tokenizer, config
+    return ours.load_ours(directory, config, device, numpy_if_small)
+
+
+def model_info(path: str | Path | None = None) -> dict:
+    """What a model path holds (architecture, task, parameters, shape, tokenizer, dtype, size on disk), read from
+    its headers without loading the weights."""
+    from safetensors import SafetensorError, safe_open
+
+    from llmcli.config import ModelConfig
+    from llmcli.formats import hf, ours
+    from llmcli.model.transformer import Transformer, meta_device
+    from llmcli.text.tokenizer import Tokenizer, load_tokenizer
+
+    directory = _directory(path)
+    labels = []
+    if hf.is_hf_folder(directory):
+        settings, architecture, weight_paths = hf.hf_info(directory)
+        task = "language model"
+    else:
+        config = ours.read_config(directory)
+        settings, architecture = config["model"], "llmcli Transformer"
+        weight_paths = {directory / ours.MODEL_FILE}
+        labels = (config.get("labels") or []) if config.get("task") == "classify" else []
+        task = f"classifier ({', '.join(map(str, labels))})" if labels else "language model"
+        if "adapter" in config:
+            adapter = config["adapter"]
+            task = (f"LoRA adapter (rank {adapter.get('rank')} on {', '.join(adapter.get('targets') or [])}) for "
+                    f"{adapter.get('base')}, a {task}")
+    try:
+        model_config = ModelConfig(**settings)
+    except (TypeError, ValueError) as e:
+        raise LLMError(f"{directory}: bad model settings: {e}") from None
+    with meta_device():  # + a classifier's head
+        parameters = Transformer(model_config).num_params() + (model_config.n_embd + 1) * len(labels)
+    dtypes = set()
+    try:
+        for file in weight_paths:
+            with safe_open(file, framework="pt") as f:
+                dtypes |= {f.get_slice(k).get_dtype() for k in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise LLMError(f"a weights file in {directory} is corrupt: {e}") from None
+    tokenizer = load_tokenizer(directory)
+    c = model_config
+    attention = ("multi-head" if c.kv_heads == c.n_head else "multi-query" if c.kv_heads == 1
+                 else f"grouped-query ({c.kv_heads} key/value heads)")
+    return {
+        "path": str(directory),
+        "architecture": architecture,
+        "task": task,
+        "parts": f"{c.norm}, {c.positions} positions, {c.mlp} MLP, {attention} attention, "
+                 f"{'tied' if c.tie_embeddings else 'untied'} output head",
+        "parameters": parameters,
+        "layers": c.n_layer,
+        "heads": c.n_head,
+        "width": c.n_embd,
+        "context": c.context,
+        "vocab_size": c.vocab_size,
+        "tokenizer": f"{'SentencePiece' if isinstance(tokenizer, Tokenizer) else 'byte-level BPE'} "
+                     f"({tokenizer.vocab_size} tokens)",
+        "dtype": ", ".join(sorted(dtypes)),
+        "size_bytes": sum(f.stat().st_size for f in directory.iterdir() if f.is_file()),
+    }
+
+
+def export_model(path: str | Path | None, out_dir: str | Path, format: str = "hf") -> Path:
+    """Write the model at path (any format; an adapter merged into its base) to out_dir in `format` ("hf").
+
+    Raises LLMError for an unknown format, a classifier (no exported family has its head) or an out_dir that exists
+    and is not empty."""
+    from llmcli.formats import hf
+    from llmcli.model.lora import merge_lora
+
+    if format != "hf":
+        raise LLMError(f"unknown export format {format!r}; the one format is hf")
+    out_dir = Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise LLMError(f"{out_dir} already exists and is not an empty directory; choose a new one")
+    model, tokenizer, settings = load_model(path)
+    if settings.get("task") == "classify":
+        raise LLMError(f"{path or default_model_path()} is a classifier; export writes language models")
+    return hf.write_hf(merge_lora(model), tokenizer, out_dir)
