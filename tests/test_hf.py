@@ -15,11 +15,7 @@ tokenizers = pytest.importorskip("tokenizers")
 from conftest import ROOT, run_cli  # noqa: E402
 
 from llmcli.errors import LLMError  # noqa: E402
-from llmcli.formats import (
-    export_model,  # noqa: E402
-    load_model,
-    model_info,
-)
+from llmcli.formats import export_model, load_model, model_info  # noqa: E402
 from llmcli.formats.ours import save_model, write_config  # noqa: E402
 from llmcli.infer.generate import SamplingConfig, generate_tokens  # noqa: E402
 from llmcli.model.transformer import ModelConfig, Transformer  # noqa: E402
@@ -274,7 +270,8 @@ def test_a_llama_sentencepiece_tokenizer_starts_at_bos_and_stops_at_eos(tmp_path
                                    model_prefix=str(directory / "tokenizer"), vocab_size=400, byte_fallback=True,
                                    unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2)
     tokenizer = Tokenizer(directory / "tokenizer.model")
-    assert (tokenizer.end_of_text, tokenizer.start_of_text, tokenizer.stop_token) == (None, 1, 2)
+    # no <|endoftext|>: texts start with <s>, and </s> both ends a sample and separates training documents
+    assert (tokenizer.end_of_text, tokenizer.start_of_text, tokenizer.stop_tokens) == (2, 1, (2,))
     assert encode_prompt(tokenizer, "ROMEO:", 64, False) == [1] + tokenizer.encode("ROMEO:")
 
     # a model whose every prediction is </s>: no attention or MLP output, one embedding for every token, and an

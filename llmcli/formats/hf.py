@@ -8,7 +8,6 @@ are Conv1D layers, which store a linear layer's weight transposed.
 """
 
 import json
-import shutil
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -254,8 +253,9 @@ def export_family(config) -> str:
                    f"positions={config.positions}, mlp={config.mlp}, bias={config.bias}")
 
 
-def hf_config_for(family: str, config, end_of_text: int | None) -> dict:
-    tokens = {"bos_token_id": end_of_text, "eos_token_id": end_of_text}
+def hf_config_for(family: str, config, tokenizer) -> dict:
+    eos = list(tokenizer.stop_tokens)
+    tokens = {"bos_token_id": tokenizer.start_of_text, "eos_token_id": eos[0] if len(eos) == 1 else eos or None}
     if family == "gpt2":
         return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": config.vocab_size,
                 "n_positions": config.context, "n_embd": config.n_embd, "n_layer": config.n_layer,
@@ -291,7 +291,8 @@ def hf_tensors(model, family: str) -> dict:
 
 def write_hf(model, tokenizer, out_dir: Path) -> Path:
     """Write a language model as a HF folder that transformers' AutoModelForCausalLM.from_pretrained opens as is:
-    config.json, model.safetensors and the tokenizer's files. Raises LLMError for parts no HF family has."""
+    config.json, generation_config.json (the end tokens), model.safetensors, the tokenizer's files and its chat
+    template (tokenizer_config.json). Raises LLMError for parts no HF family has."""
     from safetensors.torch import save_file
 
     from llmcli.formats.files import atomic_write
@@ -301,10 +302,17 @@ def write_hf(model, tokenizer, out_dir: Path) -> Path:
     tensors = hf_tensors(model, family)
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write(out_dir / HF_WEIGHTS, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
-    text = json.dumps(hf_config_for(family, config, tokenizer.end_of_text), indent=2) + "\n"
-    atomic_write(out_dir / HF_CONFIG, lambda tmp: tmp.write_text(text, encoding="utf-8"))
-    for file in tokenizer.files:
-        shutil.copyfile(file, out_dir / file.name)
+    hf = hf_config_for(family, config, tokenizer)
+    tokens = {k: hf[k] for k in ("bos_token_id", "eos_token_id")}
+    tokenizer_config = {"bos_token": tokenizer.token(tokenizer.start_of_text),
+                        "eos_token": tokenizer.token(tokenizer.stop_tokens[0] if tokenizer.stop_tokens else None)}
+    if tokenizer.chat_template:
+        tokenizer_config["chat_template"] = tokenizer.chat_template
+    for name, record in ((HF_CONFIG, hf), ("generation_config.json", tokens), ("tokenizer_config.json",
+                                                                              tokenizer_config)):
+        text = json.dumps(record, indent=2, ensure_ascii=False) + "\n"
+        atomic_write(out_dir / name, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    tokenizer.save(out_dir)
     return out_dir
 
 

@@ -11,7 +11,7 @@ import yaml
 
 from llmcli.errors import LLMError
 from llmcli.formats.files import atomic_write
-from llmcli.text.tokenizer import TOKENIZER_FILE, Tokenizer
+from llmcli.text.tokenizer import TOKENIZER_FILE, load_tokenizer, tokenizer_files
 
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.yaml"
@@ -53,17 +53,18 @@ def load_ours(directory: Path, config: dict, device: str = "cpu", numpy_if_small
     """
     from llmcli.config import ModelConfig
 
-    for name in (MODEL_FILE, TOKENIZER_FILE):
-        if not (directory / name).is_file():
-            raise LLMError(f"checkpoint {directory} is incomplete: {name} is missing")
+    if not (directory / MODEL_FILE).is_file():
+        raise LLMError(f"checkpoint {directory} is incomplete: {MODEL_FILE} is missing")
+    if not tokenizer_files(directory):
+        raise LLMError(f"checkpoint {directory} is incomplete: {TOKENIZER_FILE} is missing")
     try:
         model_config = ModelConfig(**config["model"])
     except (TypeError, ValueError) as e:
         raise LLMError(f"{directory / CONFIG_FILE}: bad model settings: {e}") from None
-    tokenizer = Tokenizer(directory / TOKENIZER_FILE)
-    if tokenizer.vocab_size != model_config.vocab_size:
-        raise LLMError(f"checkpoint {directory}: tokenizer has {tokenizer.vocab_size} tokens but the model expects "
-                       f"{model_config.vocab_size}; the files come from different runs")
+    tokenizer = load_tokenizer(directory)
+    if tokenizer.vocab_size > model_config.vocab_size:  # (fewer is fine: embeddings padded to a round size)
+        raise LLMError(f"checkpoint {directory}: tokenizer has {tokenizer.vocab_size} tokens but the model only "
+                       f"{model_config.vocab_size} embeddings; the files come from different runs")
     if numpy_if_small and device == "cpu":
         model = _load_small(directory, config)
         if model is not None:

@@ -207,13 +207,13 @@ class TorchDecoder:
 
 
 def decode_rows(model, rows: list[list[int]], cfg: SamplingConfig, rngs: list[np.random.Generator] | None = None,
-                stop_token: int | None = None, finished: np.ndarray | None = None, use_cache: bool = True
+                stop_tokens: tuple[int, ...] = (), finished: np.ndarray | None = None, use_cache: bool = True
                 ) -> Iterator[np.ndarray]:
     """Yield the next token of every row (a (B,) array) per step, the rows decoded as one batch.
 
     model: the torch Transformer, or a NumpyTransformer. rngs: one random generator a row
-    (None: fresh ones). Row b stops after cfg.max_new_tokens, at the end of the context, at stop_token, or when the
-    caller sets finished[b]; a finished row keeps yielding stop_token (or its last token). Ends when every row is
+    (None: fresh ones). Row b stops after cfg.max_new_tokens, at the end of the context, at any of stop_tokens, or when
+    the caller sets finished[b]; a finished row keeps yielding the first stop token (or its last token). Ends when every row is
     finished.
     """
     context = model.config.context
@@ -240,9 +240,9 @@ def decode_rows(model, rows: list[list[int]], cfg: SamplingConfig, rngs: list[np
         logits = decoder.first()
         for step in range(steps):
             next_token = sample_next(logits, cfg, rngs, seen)
-            if stop_token is not None:
-                next_token[finished] = stop_token
-                finished |= next_token == stop_token
+            if stop_tokens:
+                next_token[finished] = stop_tokens[0]
+                finished |= np.isin(next_token, stop_tokens)
             finished |= limits <= step + 1
             yield next_token
             if finished.all():
@@ -254,12 +254,12 @@ def decode_rows(model, rows: list[list[int]], cfg: SamplingConfig, rngs: list[np
         decoder.close()
 
 
-def generate_tokens(model, prompt: list[int], cfg: SamplingConfig, stop_token: int | None = None,
+def generate_tokens(model, prompt: list[int], cfg: SamplingConfig, stop_tokens: tuple[int, ...] = (),
                     use_cache: bool = True) -> Iterator[np.ndarray]:
     """cfg.num_samples samples of one prompt: the next token of each (a (B,) array) per step."""
     seed = cfg.seed if cfg.seed is not None else int.from_bytes(os.urandom(4), "little")
     rngs = [row_rng(seed, prompt, k) for k in range(cfg.num_samples)]
-    yield from decode_rows(model, [prompt] * cfg.num_samples, cfg, rngs, stop_token, use_cache=use_cache)
+    yield from decode_rows(model, [prompt] * cfg.num_samples, cfg, rngs, stop_tokens, use_cache=use_cache)
 
 
 # --- text ----------------------------------------------------------------------------------------------------------
@@ -268,20 +268,21 @@ class TextStream:
     """Turns token ids arriving one at a time into text that is safe to print.
 
     Never splits a UTF-8 character, and holds back text that could be the start of a stop string; `stopped` is set
-    once a stop string appears (it and what follows are never returned). `after`: the token before the first one
-    pushed (the prompt's last), so that the first word keeps its leading space.
+    once a stop string appears (it and what follows are never returned). Special tokens (a chat template's
+    <|im_start|>, ...) are never text. `after`: the token before the first one pushed (the prompt's last), so that
+    the first word keeps its leading space.
     """
 
     def __init__(self, tokenizer: Tokenizer, stop: tuple[str, ...] = (), after: int | None = None):
         self.tokenizer, self.stop = tokenizer, stop
         self.prefix = [after] if after is not None else []
-        self.skip = len(tokenizer.decode(self.prefix))
+        self.skip = len(tokenizer.decode(self.prefix, skip_special=True))
         self.ids: list[int] = []
         self.emitted = 0  # characters of the text already returned
         self.stopped = False
 
     def text(self) -> str:
-        return self.tokenizer.decode(self.prefix + self.ids)[self.skip:]
+        return self.tokenizer.decode(self.prefix + self.ids, skip_special=True)[self.skip:]
 
     def push(self, token: int) -> str:
         self.ids.append(token)
@@ -308,9 +309,11 @@ class TextStream:
         return new
 
 
-def encode_prompt(tokenizer: Tokenizer, prompt: str, context: int, truncate: bool, log=None) -> list[int]:
-    """The prompt's ids after an end-of-text token (the start of a document), fitted into the context."""
-    start = [tokenizer.start_of_text] if tokenizer.start_of_text is not None else []
+def encode_prompt(tokenizer: Tokenizer, prompt: str, context: int, truncate: bool, log=None,
+                  add_start: bool = True) -> list[int]:
+    """The prompt's ids after the tokenizer's start-of-text token (unless add_start is False: a chat template
+    writes its own), fitted into the context. Raises LLMError when it does not fit and truncate is False."""
+    start = [tokenizer.start_of_text] if add_start and tokenizer.start_of_text is not None else []
     ids = start + tokenizer.encode(prompt)
     if not ids:
         raise LLMError("the prompt is empty and the tokenizer has no token to start a text from (<|endoftext|> or <s>)")
@@ -380,7 +383,7 @@ def generate_samples(model, tokenizer: Tokenizer, prompts: Iterable[str], cfg: S
 
 
 def _generate_batch(model, tokenizer, batch: list[Sample], cfg: SamplingConfig, seed: int, on_text):
-    eos = tokenizer.stop_token
+    stops = tokenizer.stop_tokens
     for s in batch:
         s.stream = TextStream(tokenizer, cfg.stop, after=s.ids[-1])
     rngs = [row_rng(seed, s.ids, s.sample) for s in batch]
@@ -388,7 +391,7 @@ def _generate_batch(model, tokenizer, batch: list[Sample], cfg: SamplingConfig, 
     done = [False] * len(batch)
     start = time.perf_counter()
     first = None
-    for tokens in decode_rows(model, [s.ids for s in batch], cfg, rngs, eos, finished):
+    for tokens in decode_rows(model, [s.ids for s in batch], cfg, rngs, stops, finished):
         now = time.perf_counter()
         if first is None:
             first = now
@@ -396,7 +399,7 @@ def _generate_batch(model, tokenizer, batch: list[Sample], cfg: SamplingConfig, 
             if done[b]:
                 continue
             s = batch[b]
-            if token == eos:
+            if token in stops:
                 s.finish_reason, done[b] = "eos", True
             else:
                 s.new_tokens += 1

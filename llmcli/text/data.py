@@ -211,23 +211,31 @@ def cached_tokens(paths: list[str], tokenizer: Tokenizer, text_field: str = "tex
     return target
 
 
-# A tokenizer per worker process, loaded once by the pool's initializer.
+def document_separator(tokenizer) -> list[int]:
+    """The ids before each document of a corpus: `<|endoftext|>` where the tokenizer has it (ours, GPT-2's), else the
+    model's end token then its beginning token (Llama's </s> <s>), so a document ends as the model's texts end and
+    starts as its prompts start."""
+    start = tokenizer.start_of_text
+    return [tokenizer.end_of_text] + ([start] if start is not None and start != tokenizer.end_of_text else [])
+
+
+# A tokenizer per worker process, given once to the pool's initializer.
 _worker_tokenizer: Tokenizer | None = None
 
 
-def _init_worker(tokenizer_path: str):
+def _init_worker(tokenizer):
     global _worker_tokenizer
-    _worker_tokenizer = Tokenizer(tokenizer_path)
+    _worker_tokenizer = tokenizer
 
 
 def _encode_chunk(pieces: list[tuple[str, bool]], tokenizer: Tokenizer | None = None) -> np.ndarray:
-    """Token ids of a chunk of document pieces, with the end-of-text token before each document's first piece."""
+    """Token ids of a chunk of document pieces, with the document separator before each document's first piece."""
     tokenizer = tokenizer or _worker_tokenizer
-    eot = tokenizer.end_of_text
+    separator = document_separator(tokenizer)
     flat: list[int] = []
     for (_, starts), ids in zip(pieces, tokenizer.encode_batch([text for text, _ in pieces])):
         if starts:
-            flat.append(eot)
+            flat += separator
         flat += ids
     return np.array(flat, dtype=token_dtype(tokenizer.vocab_size))
 
@@ -252,7 +260,8 @@ def tokenize_corpus(paths: list, tokenizer: Tokenizer, out_dir: Path, text_field
     corpus order, so the result does not depend on the number of workers.
     """
     if tokenizer.end_of_text is None:
-        raise LLMError(f"the tokenizer {tokenizer.path} has no {END_OF_TEXT} token to separate documents")
+        raise LLMError(f"the tokenizer {tokenizer.path} has neither {END_OF_TEXT} nor an end token to separate "
+                       "documents")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     dtype = token_dtype(tokenizer.vocab_size)
@@ -316,7 +325,7 @@ def _tokenize_in_pool(first, second, chunks, tokenizer, workers, write, progress
     # fork: workers start in milliseconds and use only sentencepiece and numpy, never torch
     context = multiprocessing.get_context("fork")
     with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
-                             initargs=(str(tokenizer.path),)) as pool:
+                             initargs=(tokenizer,)) as pool:
         pending: deque = deque()
 
         def drain(limit: int):

@@ -1,7 +1,8 @@
 """SentencePiece tokenizers: train one on a corpus, load it, encode and decode losslessly.
 
-Hugging Face folders may bring GPT-2's byte-level BPE instead (tokenizer.json, or vocab.json + merges.txt): that is
-read by HF's `tokenizers` library, an optional extra (pip install 'llmcli[hf]'), behind the same interface.
+Hugging Face folders may bring a `tokenizers` tokenizer instead (tokenizer.json, or GPT-2's vocab.json + merges.txt),
+read by HF's `tokenizers` library, an optional extra (pip install 'llmcli[hf]'), behind the same interface; their
+special tokens come from the folder's generation_config.json, config.json and tokenizer_config.json.
 
 Trained tokenizers use byte fallback and no normalisation, so any UTF-8 text round-trips exactly; the end-of-text
 token `<|endoftext|>` separates documents and is matched wherever that string appears in text.
@@ -21,9 +22,20 @@ MODEL_TYPES = ("bpe", "unigram")
 
 
 class Tokenizer:
-    """A loaded SentencePiece model with the few operations the workbench needs."""
+    """A SentencePiece model (ours, or a Hugging Face folder's tokenizer.model) with the operations the workbench needs.
 
-    def __init__(self, path: str | Path):
+    The special tokens every tokenizer of the workbench names (HFTokenizer has the same attributes):
+    - start_of_text: the id a text starts with: `<|endoftext|>` where the vocabulary has it (ours, GPT-2's), else the
+      model's beginning-of-sequence token (`<s>`), else None.
+    - stop_tokens: the ids that end a sample (a model may have several: Llama 3's `<|eot_id|>` and
+      `<|end_of_text|>`); `<|endoftext|>` for ours.
+    - end_of_text: the id that separates documents in training data: `<|endoftext|>`, else the model's own end token.
+    - special_ids: control tokens, never printed as generated text.
+    """
+
+    def __init__(self, path: str | Path, specials_from: Path | None = None):
+        """path: a tokenizer.model or a directory holding one; specials_from: a folder whose files name the special
+        tokens (read_special_tokens), else the model's own <s> and </s>. Raises LLMError."""
         self.path = resolve_tokenizer_path(path)
         self.sp = spm.SentencePieceProcessor()
         try:
@@ -31,14 +43,18 @@ class Tokenizer:
         except (OSError, RuntimeError) as e:
             raise LLMError(f"{self.path} is not a SentencePiece model ({e})") from None
         self.vocab_size = self.sp.GetPieceSize()
-        eot = self.sp.PieceToId(END_OF_TEXT)
-        # PieceToId answers unk for pieces it lacks; a tokenizer from elsewhere may have no end-of-text token
-        self.end_of_text = eot if self.sp.IdToPiece(eot) == END_OF_TEXT else None
-        # what a text starts with and a sample ends at: ours, the end-of-text token; Llama's, <s> and </s>
-        bos, eos = self.sp.bos_id(), self.sp.eos_id()
-        self.start_of_text = self.end_of_text if self.end_of_text is not None else bos if bos >= 0 else None
-        self.stop_token = self.end_of_text if self.end_of_text is not None else eos if eos >= 0 else None
         self.files = [self.path]
+        eot = self._piece_id(END_OF_TEXT)  # a tokenizer from elsewhere may have no end-of-text token
+        bos, eos = self.sp.bos_id(), self.sp.eos_id()
+        specials = read_special_tokens(specials_from, self._piece_id) if specials_from else {}
+        self.chat_template = specials.get("chat_template")
+        _set_specials(self, eot, specials.get("bos", bos if bos >= 0 else None),
+                      specials.get("eos") or ([eos] if eos >= 0 else []),
+                      {i for i in range(self.vocab_size) if self.sp.IsControl(i)})
+
+    def _piece_id(self, piece: str) -> int | None:
+        i = self.sp.PieceToId(piece)
+        return i if self.sp.IdToPiece(i) == piece else None
 
     def encode(self, text: str) -> list[int]:
         return self.sp.EncodeAsIds(text)
@@ -46,43 +62,60 @@ class Tokenizer:
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return self.sp.Encode(texts, out_type=int)
 
-    def decode(self, ids: list[int]) -> str:
-        bad = [i for i in ids if not 0 <= i < self.vocab_size]
-        if bad:
-            raise LLMError(f"token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})")
-        return self.sp.DecodeIds(ids)
+    def decode(self, ids: list[int], skip_special: bool = False) -> str:
+        """The text of ids; skip_special leaves out special tokens (for generated text). Raises LLMError for an id
+        outside the vocabulary."""
+        _check_ids(ids, self.vocab_size)
+        return self.sp.DecodeIds([i for i in ids if i not in self.special_ids] if skip_special else ids)
 
     def pieces(self, ids: list[int]) -> list[str]:
         return [self.sp.IdToPiece(i) for i in ids]
 
+    def token(self, i: int | None) -> str:
+        return "" if i is None else self.sp.IdToPiece(i)
 
-class ByteLevelBPETokenizer:
-    """GPT-2's byte-level BPE from a Hugging Face folder, read by the `tokenizers` library."""
+    def save(self, directory: Path):
+        """Write what load_tokenizer(directory) reads back as this tokenizer."""
+        from llmcli.formats.files import atomic_write
 
-    def __init__(self, directory: Path):
-        try:
-            import tokenizers
-        except ImportError:
-            raise LLMError(f"{directory} has a byte-level BPE tokenizer, which needs the `tokenizers` library: "
-                           "pip install 'llmcli[hf]'") from None
+        atomic_write(directory / TOKENIZER_FILE, lambda tmp: tmp.write_bytes(self.path.read_bytes()))
+        _save_specials(self, directory)
+
+
+class HFTokenizer:
+    """Any Hugging Face `tokenizers` tokenizer (tokenizer.json: GPT-2, Llama 3, Qwen2 and SmolLM byte-level BPE,
+    SentencePiece-style BPE or Unigram), with the special tokens the model's own files name. Same interface as
+    Tokenizer; `tokenizers` is an optional extra (pip install 'llmcli[hf]')."""
+
+    def __init__(self, tok, files: list[Path], bos_id: int | None = None, eos_ids: list[int] = (),
+                 pad_id: int | None = None, chat_template: str | None = None):
+        self.tok, self.files, self.path = tok, [Path(f) for f in files], Path(files[0])
+        self.vocab_size = tok.get_vocab_size()
+        self.chat_template, self.pad_id = chat_template, pad_id
+        added = tok.get_added_tokens_decoder()  # id -> AddedToken
+        _set_specials(self, tok.token_to_id(END_OF_TEXT), bos_id, list(eos_ids),
+                      {i for i, a in added.items() if a.special})
+
+    @classmethod
+    def from_folder(cls, directory: Path) -> "HFTokenizer":
+        tokenizers = _import_tokenizers(directory)
         json_file, vocab, merges = directory / "tokenizer.json", directory / "vocab.json", directory / "merges.txt"
         try:
             if json_file.is_file():
-                self.files = [json_file]
-                self.tok = tokenizers.Tokenizer.from_file(str(json_file))
-            else:
-                self.files = [vocab, merges]
-                self.tok = tokenizers.Tokenizer(tokenizers.models.BPE.from_file(str(vocab), str(merges)))
-                self.tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
-                self.tok.decoder = tokenizers.decoders.ByteLevel()
-                if self.tok.token_to_id(END_OF_TEXT) is not None:
-                    self.tok.add_special_tokens([END_OF_TEXT])  # matched whole, never split into pieces
+                files = [json_file]
+                tok = tokenizers.Tokenizer.from_file(str(json_file))
+            else:  # GPT-2's original files
+                files = [vocab, merges]
+                tok = tokenizers.Tokenizer(tokenizers.models.BPE.from_file(str(vocab), str(merges)))
+                tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+                tok.decoder = tokenizers.decoders.ByteLevel()
+                if tok.token_to_id(END_OF_TEXT) is not None:
+                    tok.add_special_tokens([END_OF_TEXT])  # matched whole, never split into pieces
         except Exception as e:  # tokenizers raises plain Exceptions for unreadable files
             raise LLMError(f"the tokenizer in {directory} cannot be read: {e}") from None
-        self.path = self.files[0]
-        self.vocab_size = self.tok.get_vocab_size()
-        self.end_of_text = self.tok.token_to_id(END_OF_TEXT)
-        self.start_of_text = self.stop_token = self.end_of_text
+        specials = read_special_tokens(directory, tok.token_to_id)
+        return cls(tok, files, specials.get("bos"), specials.get("eos", []), specials.get("pad"),
+                   specials.get("chat_template"))
 
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False).ids
@@ -90,22 +123,127 @@ class ByteLevelBPETokenizer:
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=False)]
 
-    def decode(self, ids: list[int]) -> str:
-        bad = [i for i in ids if not 0 <= i < self.vocab_size]
-        if bad:
-            raise LLMError(f"token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})")
-        return self.tok.decode(ids, skip_special_tokens=False)
+    def decode(self, ids: list[int], skip_special: bool = False) -> str:
+        _check_ids(ids, self.vocab_size)
+        return self.tok.decode(ids, skip_special_tokens=skip_special)
 
     def pieces(self, ids: list[int]) -> list[str]:
         return [self.tok.id_to_token(i) for i in ids]
 
+    def token(self, i: int | None) -> str:
+        return "" if i is None else self.tok.id_to_token(i)
+
+    def save(self, directory: Path):
+        """Write tokenizer.json (and the special tokens) so that load_tokenizer(directory) reads this back."""
+        from llmcli.formats.files import atomic_write
+
+        text = self.tok.to_str()
+        atomic_write(directory / "tokenizer.json", lambda tmp: tmp.write_text(text, encoding="utf-8"))
+        _save_specials(self, directory)
+
+
+def _import_tokenizers(where):
+    try:
+        import tokenizers
+    except ImportError:
+        raise LLMError(f"{where} has a Hugging Face tokenizer, which needs the `tokenizers` library: "
+                       "pip install 'llmcli[hf]'") from None
+    return tokenizers
+
+
+def _set_specials(tok, eot: int | None, bos: int | None, eos: list[int], control: set[int]):
+    """The attributes of the Tokenizer docstring, from the end-of-text, beginning and end ids a model names."""
+    tok.start_of_text = eot if eot is not None else bos
+    tok.stop_tokens = tuple(dict.fromkeys(([eot] if eot is not None else []) + [i for i in eos if i is not None]))
+    tok.end_of_text = eot if eot is not None else (tok.stop_tokens[0] if tok.stop_tokens else None)
+    tok.bos_id = bos
+    tok.eos_ids = tuple(i for i in eos if i is not None)
+    tok.special_ids = frozenset(control) | set(tok.stop_tokens) | ({bos} if bos is not None else set())
+
+
+def _check_ids(ids: list[int], vocab_size: int):
+    bad = [i for i in ids if not 0 <= i < vocab_size]
+    if bad:
+        raise LLMError(f"token id {bad[0]} is outside the vocabulary (0..{vocab_size - 1})")
+
+
+SPECIALS_FILE = "special_tokens.json"  # the special tokens a copied tokenizer came with (ours; not a HF file)
+
+
+def tokenizer_files(directory: Path) -> list[Path]:
+    """The files of the tokenizer Tokenizer.save or HFTokenizer.save wrote in directory (to copy them along)."""
+    return [directory / n for n in (TOKENIZER_FILE, "tokenizer.json", SPECIALS_FILE) if (directory / n).is_file()]
+
+
+def _save_specials(tok, directory: Path):
+    import json
+
+    from llmcli.formats.files import atomic_write
+
+    record = {"bos_token_id": tok.bos_id, "eos_token_id": list(tok.eos_ids)}
+    if tok.chat_template:
+        record["chat_template"] = tok.chat_template
+    text = json.dumps(record, ensure_ascii=False, indent=1) + "\n"
+    atomic_write(directory / SPECIALS_FILE, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def read_special_tokens(directory: Path, token_to_id) -> dict:
+    """{"bos": id, "eos": [ids], "pad": id, "chat_template": str} as a Hugging Face folder names them:
+    generation_config.json first (the ids generate() stops at), then config.json, then the token strings of
+    tokenizer_config.json; our special_tokens.json before all. The chat template: chat_template.jinja, else
+    tokenizer_config.json's `chat_template` (a string, or a list of named ones: "default"). A malformed file is an
+    LLMError naming it."""
+    import json
+
+    found: dict = {}
+
+    def ids(value) -> list[int]:
+        if isinstance(value, dict):  # tokenizer_config.json's AddedToken form
+            value = value.get("content")
+        if isinstance(value, str):
+            value = token_to_id(value)
+        values = value if isinstance(value, list) else [value]
+        return [v for v in values if isinstance(v, int) and not isinstance(v, bool)]
+
+    for name, keys in ((SPECIALS_FILE, ("bos_token_id", "eos_token_id", "pad_token_id")),
+                       ("generation_config.json", ("bos_token_id", "eos_token_id", "pad_token_id")),
+                       ("config.json", ("bos_token_id", "eos_token_id", "pad_token_id")),
+                       ("tokenizer_config.json", ("bos_token", "eos_token", "pad_token"))):
+        path = directory / name
+        if not path.is_file():
+            continue
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise LLMError(f"{path} is not valid JSON: {e}") from None
+        if not isinstance(record, dict):
+            raise LLMError(f"{path} is not a JSON object")
+        for kind, key in zip(("bos", "eos", "pad"), keys):
+            if kind in found or key not in record or record[key] is None:
+                continue
+            values = ids(record[key])
+            if values:
+                found[kind] = values if kind == "eos" else values[0]
+        template = record.get("chat_template")
+        if isinstance(template, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
+            template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"),
+                            None)
+        if isinstance(template, str) and "chat_template" not in found:
+            found["chat_template"] = template
+    if (directory / "chat_template.jinja").is_file():
+        found["chat_template"] = (directory / "chat_template.jinja").read_text(encoding="utf-8")
+    return found
+
 
 def load_tokenizer(path: str | Path):
-    """The tokenizer of a directory (ours or a HF folder) or file: SentencePiece first, then byte-level BPE."""
+    """The tokenizer of a directory (ours, a HF folder) or a tokenizer.model file: SentencePiece first, then HF's
+    tokenizer.json (or GPT-2's vocab.json + merges.txt); special tokens from the folder's files. Raises LLMError."""
     path = Path(path)
-    if path.is_dir() and not (path / TOKENIZER_FILE).is_file():
+    if path.is_dir():
+        if (path / TOKENIZER_FILE).is_file():
+            return Tokenizer(path / TOKENIZER_FILE, specials_from=path)
         if (path / "tokenizer.json").is_file() or (path / "vocab.json").is_file():
-            return ByteLevelBPETokenizer(path)
+            return HFTokenizer.from_folder(path)
         raise LLMError(f"no tokenizer in {path}: expected {TOKENIZER_FILE}, tokenizer.json or vocab.json + merges.txt")
     return Tokenizer(path)
 

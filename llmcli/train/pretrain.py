@@ -34,7 +34,7 @@ from llmcli.formats.files import atomic_write
 from llmcli.model.transformer import ModelConfig, Transformer
 from llmcli.progress import log, progress_bar
 from llmcli.text import data
-from llmcli.text.tokenizer import TOKENIZER_FILE, Tokenizer, train_tokenizer
+from llmcli.text.tokenizer import Tokenizer, load_tokenizer, tokenizer_files, train_tokenizer
 
 SAVE_DTYPES = ("float32", "bfloat16", "float16")
 SCHEDULES = ("cosine", "linear", "wsd")
@@ -215,7 +215,8 @@ def save_checkpoint(run_dir: Path, step: int, weights: dict, state: dict, run: d
         tmp.mkdir()
         save_file(weights, str(tmp / checkpoint.MODEL_FILE), metadata={"step": str(step)})
         save_file(state, str(tmp / TRAIN_STATE_FILE))
-        shutil.copyfile(run_dir / TOKENIZER_FILE, tmp / TOKENIZER_FILE)
+        for file in tokenizer_files(run_dir):
+            shutil.copyfile(file, tmp / file.name)
         config = {"format": checkpoint.FORMAT, **run, "checkpoint": meta}
         (tmp / checkpoint.CONFIG_FILE).write_text(yaml_dump(config), encoding="utf-8")
         (tmp / TRAIN_STATE_META).write_text(json.dumps(meta, indent=1), encoding="utf-8")
@@ -396,16 +397,17 @@ def estimate_val_loss(model, dataset, cfg: TrainConfig, world: World, micro_batc
 
 # --- the run ---------------------------------------------------------------------------------------------------------
 
-def prepare_tokenizer(corpus: list, out_dir: Path, run: dict, tokenizer_path: str | None) -> Tokenizer:
-    """Copy the given tokenizer into the run, or train one on the corpus."""
-    target = out_dir / TOKENIZER_FILE
-    if tokenizer_path is not None:
-        tokenizer = Tokenizer(tokenizer_path)
-        if tokenizer.path.resolve() != target.resolve():
-            shutil.copyfile(tokenizer.path, target)
+def prepare_tokenizer(corpus: list, out_dir: Path, run: dict, tokenizer) -> Tokenizer:
+    """Save the given tokenizer (a loaded one, or a path load_tokenizer reads) into the run, or train one on the
+    corpus."""
+    if tokenizer is not None:
+        if not hasattr(tokenizer, "save"):
+            tokenizer = load_tokenizer(tokenizer)
+        if Path(tokenizer.path).resolve().parent != out_dir.resolve():
+            tokenizer.save(out_dir)
         if "init" not in run:  # a model continued from a checkpoint keeps its own embedding size
             run["model"]["vocab_size"] = tokenizer.vocab_size
-        return Tokenizer(target)
+        return load_tokenizer(out_dir)
     vocab_size = run["model"]["vocab_size"]
     train = run["train"]
     log(f"training a {train['tokenizer_type']} tokenizer with {vocab_size} tokens")
@@ -484,20 +486,17 @@ def pretrain(
 
 
 def _initial_model(init: str | Path, run: dict) -> tuple[dict, Path]:
-    """The weights and tokenizer file of the checkpoint (ours or a Hugging Face folder) a run starts from; its
-    shape replaces the run's model settings, but for dropout."""
+    """The weights and tokenizer of the model (any format load_model reads) a run starts from; its shape replaces
+    the run's model settings, but for dropout."""
     from llmcli.formats import load_model
 
     model, tokenizer, _ = load_model(init)
-    if not isinstance(tokenizer, Tokenizer):
-        raise LLMError(f"{init}: continued pretraining needs a SentencePiece tokenizer.model; this checkpoint has "
-                       "a byte-level BPE tokenizer")
     if tokenizer.vocab_size > model.config.vocab_size:
         raise LLMError(f"{init}: its tokenizer has {tokenizer.vocab_size} tokens but the model only "
                        f"{model.config.vocab_size} embeddings")
     run["model"] = {**dataclasses.asdict(model.config), "dropout": run["model"].get("dropout", 0.0)}
     run["init"] = str(init)
-    return model.state_dict(), tokenizer.path
+    return model.state_dict(), tokenizer
 
 
 def _pretrain(world, corpus, out_dir, preset, config_file, overrides, tokenizer_path, resume, init=None) -> dict:
@@ -718,12 +717,12 @@ def _prepare_data(corpus, out_dir: Path, run: dict, tokenizer_path, cfg: TrainCo
         stdin_copy = str(data.save_stdin(out_dir / "data" / "stdin.txt"))
         corpus = [stdin_copy if p == "-" else p for p in corpus]
     tokenizer = prepare_tokenizer(corpus, out_dir, run, tokenizer_path)
-    run["tokenizer"] = {"file": TOKENIZER_FILE, "vocab_size": tokenizer.vocab_size}
+    run["tokenizer"] = {"file": tokenizer.path.name, "vocab_size": tokenizer.vocab_size}
     _tokenize(corpus, out_dir, run, cfg)
 
 
 def _tokenize(corpus: list[str], out_dir: Path, run: dict, cfg: TrainConfig):
-    tokenizer = Tokenizer(out_dir / TOKENIZER_FILE)
+    tokenizer = load_tokenizer(out_dir)
     total_bytes = sum(os.path.getsize(p) for p in corpus)
     started = time.perf_counter()
     with progress_bar("tokenizing", total_bytes) as update:
