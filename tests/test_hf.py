@@ -36,6 +36,10 @@ FAMILIES = {
         vocab_size=SP_VOCAB, hidden_size=48, intermediate_size=40, num_hidden_layers=2, num_attention_heads=3,
         num_key_value_heads=1, max_position_embeddings=64, attention_bias=True, mlp_bias=True,
         tie_word_embeddings=True, rms_norm_eps=1e-5)),
+    "llama3-rope": lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=SP_VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=64, rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                  "high_freq_factor": 8.0, "original_max_position_embeddings": 64})),
     "mistral-gqa": lambda: transformers.MistralForCausalLM(transformers.MistralConfig(
         vocab_size=SP_VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=64, sliding_window=4096)),

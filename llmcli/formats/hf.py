@@ -99,8 +99,8 @@ def model_settings_from_hf(hf: dict, where: Path) -> tuple[str, dict]:
     # transformers 5 writes rope_parameters; earlier versions rope_theta and rope_scaling
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type not in ("default", "linear"):
-        refuse(f"rope scaling of type {rope_type!r} (only linear is supported)")
+    if rope_type not in ("default", "linear", "llama3"):
+        refuse(f"rope scaling of type {rope_type!r} (default, linear and llama3 are supported)")
     rope_theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
     if family == "qwen2":
         bias, qkv_bias = False, True
@@ -119,7 +119,19 @@ def model_settings_from_hf(hf: dict, where: Path) -> tuple[str, dict]:
         n_embd=n_embd, n_kv_head=hf.get("num_key_value_heads") or n_head, intermediate_size=need("intermediate_size"),
         norm="rmsnorm", positions="rope", mlp="swiglu", bias=bias, qkv_bias=qkv_bias,
         norm_eps=hf.get("rms_norm_eps", 1e-6), tie_embeddings=hf.get("tie_word_embeddings", False),
-        rope_theta=float(rope_theta), rope_scaling=float(rope.get("factor", 1.0)) if rope_type == "linear" else 1.0)
+        rope_theta=float(rope_theta), **rope_settings(rope_type, rope))
+
+
+def rope_settings(rope_type: str, rope: dict) -> dict:
+    """ModelConfig's rope fields from HF's rope_scaling / rope_parameters of that type."""
+    if rope_type == "linear":
+        return {"rope_scaling": float(rope.get("factor", 1.0))}
+    if rope_type == "llama3":
+        return {"rope_type": "llama3", "rope_scaling": float(rope["factor"]),
+                "rope_low_freq_factor": float(rope.get("low_freq_factor", 1.0)),
+                "rope_high_freq_factor": float(rope.get("high_freq_factor", 4.0)),
+                "rope_original_context": int(rope.get("original_max_position_embeddings", 8192))}
+    return {}
 
 
 def hf_parts(family: str, name: str) -> list[str]:
@@ -273,7 +285,12 @@ def hf_config_for(family: str, config, tokenizer) -> dict:
           "torch_dtype": "float32", **tokens}
     if family == "llama":
         hf |= {"attention_bias": config.bias, "mlp_bias": config.bias}
-    if config.rope_scaling != 1.0:
+    if config.rope_type == "llama3":
+        hf["rope_scaling"] = {"rope_type": "llama3", "factor": config.rope_scaling,
+                              "low_freq_factor": config.rope_low_freq_factor,
+                              "high_freq_factor": config.rope_high_freq_factor,
+                              "original_max_position_embeddings": config.rope_original_context}
+    elif config.rope_scaling != 1.0:
         hf["rope_scaling"] = {"rope_type": "linear", "type": "linear", "factor": config.rope_scaling}
     return hf
 

@@ -24,9 +24,9 @@ def make_norm(config: ModelConfig) -> nn.Module:
 
 def rope_tables(config: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin (context, head_dim) of the rotary angles, laid out as Llama's rotate_half expects."""
-    dim = config.head_dim
-    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
-    positions = torch.arange(config.context, dtype=torch.float32) / config.rope_scaling
+    frequencies, divisor = config.rope_frequencies()
+    inv_freq = torch.tensor(frequencies, dtype=torch.float32)
+    positions = torch.arange(config.context, dtype=torch.float32) / divisor
     angles = torch.outer(positions, inv_freq)
     angles = torch.cat([angles, angles], dim=-1)
     return angles.cos(), angles.sin()
