@@ -64,10 +64,10 @@ def tokenize_train(
         help="Extra special token, kept whole (repeatable); <|endoftext|> is always one")] = None,
 ):
     """Train a SentencePiece tokenizer (byte fallback, so any UTF-8 text round-trips exactly)."""
+    from llmcli.text.data import expand_corpus, training_lines
     from llmcli.text.tokenizer import train_tokenizer
 
-    lines = (line for path in corpus for line in _input_lines(path))
-    tokenizer = train_tokenizer(lines, out, vocab_size, type, tuple(special or ()))
+    tokenizer = train_tokenizer(training_lines(expand_corpus(corpus)), out, vocab_size, type, tuple(special or ()))
     print(tokenizer.path)
 
 
@@ -77,24 +77,28 @@ def tokenize_encode(
     tokenizer: TokenizerOption = None,
     as_json: Annotated[bool, typer.Option("--json", help='One {"ids": [...], "pieces": [...]} object a line')] = False,
 ):
-    """Print the token ids of each input line, space-separated, one output line per input line."""
+    """Print the token ids of each input line, space-separated, one output line per input line, ended as the input
+    line was (LF, CR LF, or nothing for a last line without one), so that decode gives back every byte."""
     tok = _load_tokenizer(tokenizer)
-    for line in _input_lines(source):
+    lines = _input_lines(source)
+    for line in lines:
         ids = tok.encode(line)
-        print(json.dumps({"ids": ids, "pieces": tok.pieces(ids)}, ensure_ascii=False) if as_json
-              else " ".join(map(str, ids)))
+        sys.stdout.write((json.dumps({"ids": ids, "pieces": tok.pieces(ids)}, ensure_ascii=False) if as_json
+                          else " ".join(map(str, ids))) + lines.ending)
 
 
 @tokenize_app.command("decode")
 def tokenize_decode(source: InputArgument = "-", tokenizer: TokenizerOption = None):
-    """Turn lines of token ids (space-separated, or JSON objects with "ids") back into text."""
+    """Turn lines of token ids (space-separated, or JSON objects with "ids") back into text, a line for a line,
+    each ended as its line of ids was."""
     tok = _load_tokenizer(tokenizer)
-    for number, line in enumerate(_input_lines(source), start=1):
+    lines = _input_lines(source)
+    for number, line in enumerate(lines, start=1):
         try:
             ids = json.loads(line)["ids"] if line.lstrip().startswith("{") else [int(t) for t in line.split()]
         except (ValueError, KeyError, TypeError):
             raise LLMError(f"line {number}: expected token ids separated by spaces, got {line[:40]!r}") from None
-        print(tok.decode(ids))
+        sys.stdout.write(tok.decode(ids) + lines.ending)
 
 
 def _load_tokenizer(path: Optional[Path]):
@@ -312,10 +316,15 @@ def classify(
         raise LLMError(f"{model or default_model_path()} is not a classifier; make one with llm finetune --task "
                        "classify")
     labels = config["labels"]
-    lines = list(_input_lines(source))
-    for probs in predict(net, tok, lines).tolist():
-        best = labels[max(range(len(labels)), key=probs.__getitem__)]
-        print(json.dumps({"label": best, "probabilities": dict(zip(labels, probs))}) if as_json else best)
+    from llmcli.text.data import batches
+
+    lines = _input_lines(source)
+    for batch in batches(lines, 32, lines.ready):  # each batch written as soon as it is done
+        for probs in predict(net, tok, batch).tolist():
+            best = labels[max(range(len(labels)), key=probs.__getitem__)]
+            sys.stdout.write((json.dumps({"label": best, "probabilities": dict(zip(labels, probs))}) if as_json
+                              else best) + "\n")
+        sys.stdout.flush()
 
 
 @app.command()
@@ -360,26 +369,31 @@ def generate(
                                       top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty,
                                       stop=tuple(stop) if stop else None, num_samples=num_samples, seed=seed,
                                       batch_size=batch_size)
+    lines = None
     if input_format == "jsonl":
-        prompts = _jsonl_prompts(prompt)
+        lines = _input_lines(prompt)
+        prompts = _jsonl_prompts(lines)
+    elif prompt == "-":
+        prompts = lines = _input_lines("-")
     else:
-        prompts = _input_lines("-") if prompt == "-" else iter([prompt])
+        prompts = iter([prompt])
     if chat:
         turns = chat_template(config)
         if turns is None:
             log("this model has no chat template; the prompt is continued as plain text")
         cfg.stop += turn_stop(turns)
-        prompts = (render(turns, [{"role": "user", "content": p}]) for p in prompts)
+        wrap = lambda p: render(turns, [{"role": "user", "content": p}])  # noqa: E731
     else:
-        prompts = (apply_template(template, p) for p in prompts)
-    generate_text(net, tok, prompts, cfg, truncate=truncate, log=log, as_json=as_json, load_s=load_s)
+        wrap = lambda p: apply_template(template, p)  # noqa: E731
+    generate_text(net, tok, prompts, cfg, truncate=truncate, log=log, as_json=as_json, load_s=load_s, template=wrap,
+                  ready=lines.ready if lines is not None else None, several=lines is not None)
 
 
-def _jsonl_prompts(source: str):
-    """The 'prompt' of each JSON object a line of source (a file, or '-' for stdin); blank lines are skipped."""
+def _jsonl_prompts(lines):
+    """The 'prompt' of each JSON object a line (of a file, or stdin); blank lines are skipped."""
     from llmcli.text.data import jsonl_texts
 
-    return jsonl_texts(source, "prompt", option="a \"prompt\" in each record")
+    return jsonl_texts(lines, "prompt", option=None)
 
 
 @app.command()
@@ -503,24 +517,29 @@ def embed(
     batch_size: Annotated[int, typer.Option(help="Texts embedded at once", min=1)] = 32,
 ):
     """One embedding a line (or record): the model's final hidden states, pooled, scaled to unit length."""
-    from llmcli.eval.embed import check_pooling, embed_texts, read_texts, write_embeddings
+    from llmcli.eval.embed import check_pooling, embed_stream, embed_texts, read_texts, write_embeddings
     from llmcli.formats import default_model_path, load_model
 
     check_pooling(pooling)
     if out is not None and out.suffix not in (".npy", ".safetensors"):
         raise LLMError(f"cannot write {out}: the output file must end in .npy or .safetensors")
-    texts = read_texts(source, field)
+    texts, lines = read_texts(source, field)  # opened before the model loads: a missing file is said at once
     net, tok, _ = load_model(model)
-    vectors = embed_texts(net, tok, texts, pooling, batch_size)
     from llmcli.progress import log
 
-    log(f"{len(vectors)} embeddings of {vectors.shape[1]} dimensions, {pooling} pooling")
-    if out is not None:
+    if out is not None:  # all of them, in one file
+        texts = list(texts)
+        if not texts:
+            raise LLMError(f"{lines.name} is empty: nothing to embed")
+        vectors = embed_texts(net, tok, texts, pooling, batch_size)
+        log(f"{len(vectors)} embeddings of {vectors.shape[1]} dimensions, {pooling} pooling")
         write_embeddings(vectors, out, {"model": str(model or default_model_path()), "pooling": pooling})
         print(out)
         return
-    for v in vectors:
-        print(json.dumps([round(float(x), 6) for x in v]))
+    for vectors in embed_stream(net, tok, texts, lines, pooling, batch_size):  # each batch as soon as it is done
+        for v in vectors:
+            sys.stdout.write(json.dumps([round(float(x), 6) for x in v]) + "\n")
+        sys.stdout.flush()
 
 
 @app.command()
@@ -610,3 +629,10 @@ def main():
     except LLMError as e:
         sys.stderr.write(f"llm: error: {e}\n")  # one write: the lines of several processes do not interleave
         sys.exit(1)
+    except SystemExit:
+        # the reader of stdout went away (`llm ... | head`): click then wraps stdout to silence it and exits 1;
+        # that is how a pipeline ends, not a failure, so exit 0 with nothing more written
+        if type(sys.stdout).__name__ == "PacifyFlushWrapper":  # click's, or the copy typer carries
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(0)
+        raise

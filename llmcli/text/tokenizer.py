@@ -5,10 +5,14 @@ read by HF's `tokenizers` library, an optional extra (pip install 'llmcli[hf]'),
 special tokens come from the folder's generation_config.json, config.json and tokenizer_config.json.
 
 Trained tokenizers use byte fallback and no normalisation, so any UTF-8 text round-trips exactly; the end-of-text
-token `<|endoftext|>` separates documents and is matched wherever that string appears in text.
+token `<|endoftext|>` separates documents and is matched wherever that string appears in text. SentencePiece writes a
+space as U+2581 (▁) and turns every ▁ back into a space when decoding; so that a literal ▁ in the text survives, it
+is encoded as its three UTF-8 byte tokens, which decode to ▁ itself.
 """
 
 import os
+import re
+import shutil
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -19,6 +23,8 @@ from llmcli.errors import LLMError
 END_OF_TEXT = "<|endoftext|>"
 TOKENIZER_FILE = "tokenizer.model"
 MODEL_TYPES = ("bpe", "unigram")
+SPACE_MARK = "\u2581"  # SentencePiece's sign for a space in its pieces
+MAX_SENTENCE_BYTES = 4096  # training text is cut into pieces of at most this (SentencePiece skips longer sentences)
 
 
 class Tokenizer:
@@ -51,16 +57,31 @@ class Tokenizer:
         _set_specials(self, eot, specials.get("bos", bos if bos >= 0 else None),
                       specials.get("eos") or ([eos] if eos >= 0 else []),
                       {i for i in range(self.vocab_size) if self.sp.IsControl(i)})
+        byte_ids = [self.sp.PieceToId(f"<0x{b:02X}>") for b in SPACE_MARK.encode("utf-8")]
+        # a tokenizer without byte pieces, or one that puts a space before every text (Llama's), cannot encode
+        # pieces of a text separately: a literal ▁ reads as a space there, as in SentencePiece itself
+        dummy_prefix = self.sp.EncodeAsPieces("a")[:1] != ["a"]
+        self.space_mark_ids = byte_ids if all(self.sp.IsByte(i) for i in byte_ids) and not dummy_prefix else None
 
     def _piece_id(self, piece: str) -> int | None:
         i = self.sp.PieceToId(piece)
         return i if self.sp.IdToPiece(i) == piece else None
 
     def encode(self, text: str) -> list[int]:
-        return self.sp.EncodeAsIds(text)
+        return self.encode_batch([text])[0]
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return self.sp.Encode(texts, out_type=int)
+        if self.space_mark_ids is None or not any(SPACE_MARK in t for t in texts):
+            return self.sp.Encode(texts, out_type=int)
+        # the parts between literal ▁ encoded as usual, each ▁ as its byte tokens
+        out = []
+        for text in texts:
+            parts = text.split(SPACE_MARK)
+            ids = self.sp.Encode(parts[0], out_type=int)
+            for part in parts[1:]:
+                ids += self.space_mark_ids + self.sp.Encode(part, out_type=int)
+            out.append(ids)
+        return out
 
     def decode(self, ids: list[int], skip_special: bool = False) -> str:
         """The text of ids; skip_special leaves out special tokens (for generated text). Raises LLMError for an id
@@ -266,15 +287,21 @@ def train_tokenizer(
     special_tokens: tuple[str, ...] = (),
     max_sentences: int = 2_000_000,
 ) -> Tokenizer:
-    """Train a SentencePiece model on an iterable of lines and write out_dir/tokenizer.model."""
+    """Train a SentencePiece model on an iterable of texts (lines or whole documents) and write
+    out_dir/tokenizer.model. A text longer than MAX_SENTENCE_BYTES is cut into pieces (SentencePiece would skip it).
+
+    Raises LLMError when there is no text, when vocab_size is too small for the corpus's characters (naming the
+    size needed), or when SentencePiece fails; nothing is left behind in out_dir then.
+    """
     if model_type not in MODEL_TYPES:
         raise LLMError(f"unknown tokenizer type {model_type!r}; choose one of {', '.join(MODEL_TYPES)}")
     if vocab_size < 260 + len(special_tokens):
         # byte fallback alone takes 256 ids, plus unk and the special tokens
         raise LLMError(f"vocabulary size {vocab_size} is too small: byte fallback needs at least 260 ids")
     out_dir = Path(out_dir)
+    made_dir = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
-    seen = _CountingIterator(sentences)
+    seen = _CountingIterator(piece for text in sentences for piece in training_pieces(text))
     symbols = [END_OF_TEXT] + [s for s in special_tokens if s != END_OF_TEXT]
     try:
         spm.SentencePieceTrainer.Train(
@@ -295,6 +322,7 @@ def train_tokenizer(
             eos_id=-1,
             pad_id=-1,
             input_sentence_size=max_sentences,
+            max_sentence_length=MAX_SENTENCE_BYTES + 1,
             shuffle_input_sentence=True,
             train_extremely_large_corpus=False,
             num_threads=os.cpu_count() or 1,
@@ -302,17 +330,46 @@ def train_tokenizer(
         )
         if seen.error is not None:
             raise seen.error
-    except RuntimeError as e:
+        if not seen.text:
+            raise LLMError("the corpus has no text to train a tokenizer on (it is empty or blank)")
+    except (RuntimeError, LLMError) as e:
+        for name in ("tokenizer.model", "tokenizer.vocab"):
+            (out_dir / name).unlink(missing_ok=True)
+        if made_dir:
+            shutil.rmtree(out_dir, ignore_errors=True)
+        if isinstance(e, LLMError):
+            raise
         if seen.error is not None:
             raise seen.error from None
-        if seen.count == 0:
-            raise LLMError("the corpus is empty: no text to train a tokenizer on") from None
+        if not seen.text:
+            raise LLMError("the corpus has no text to train a tokenizer on (it is empty or blank)") from None
         message = str(e).strip().splitlines()[-1].rsplit("] ", 1)[-1]  # drop SentencePiece's source location
+        needed = re.search(r"Vocabulary size is smaller than required_chars\. \d+ vs (\d+)", message)
+        if needed:
+            raise LLMError(f"--vocab-size {vocab_size} is too small for this corpus: it needs at least "
+                           f"{needed.group(1)} (a token for each of its characters, besides the 256 bytes and the "
+                           "special tokens)") from None
         if "Vocabulary size" in message:
             message += " Use a smaller --vocab-size or a larger corpus."
         raise LLMError(f"tokenizer training failed: {message}") from None
     (out_dir / "tokenizer.vocab").unlink(missing_ok=True)  # a human-readable copy we never read
     return Tokenizer(out_dir / TOKENIZER_FILE)
+
+
+def training_pieces(text: str, max_bytes: int = MAX_SENTENCE_BYTES) -> Iterator[str]:
+    """The text cut into pieces of at most max_bytes UTF-8 bytes, each cut after the last newline or space before
+    the limit (or at a character boundary when there is none); an empty text gives nothing."""
+    data = text.encode("utf-8")
+    while len(data) > max_bytes:
+        cut = max(data.rfind(b"\n", 0, max_bytes), data.rfind(b" ", 0, max_bytes)) + 1
+        if cut <= max_bytes // 2:  # no break in the second half: cut between characters
+            cut = max_bytes
+            while data[cut] & 0xC0 == 0x80:  # a UTF-8 continuation byte
+                cut -= 1
+        yield data[:cut].decode("utf-8")
+        data = data[cut:]
+    if data:
+        yield data.decode("utf-8")
 
 
 class _CountingIterator:
@@ -321,6 +378,7 @@ class _CountingIterator:
     def __init__(self, items: Iterable[str]):
         self.items = iter(items)
         self.count = 0
+        self.text = False  # whether any item had more than whitespace
         self.error: LLMError | None = None
 
     def __iter__(self) -> Iterator[str]:
@@ -333,4 +391,5 @@ class _CountingIterator:
             self.error = e
             raise StopIteration from None
         self.count += 1
+        self.text = self.text or not item.isspace()
         return item

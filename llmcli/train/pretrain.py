@@ -411,8 +411,7 @@ def prepare_tokenizer(corpus: list, out_dir: Path, run: dict, tokenizer) -> Toke
     vocab_size = run["model"]["vocab_size"]
     train = run["train"]
     log(f"training a {train['tokenizer_type']} tokenizer with {vocab_size} tokens")
-    docs = data.read_documents(corpus, train["text_field"], train["doc_separator"])
-    lines = (line for doc in docs for line in doc.split("\n"))
+    lines = data.training_lines(corpus, train["text_field"], train["doc_separator"])
     return train_tokenizer(lines, out_dir, vocab_size, train["tokenizer_type"])
 
 
