@@ -2,9 +2,15 @@
 
 Every file is written to a temporary name and renamed into place, so a run killed at any moment leaves the previous
 version of each file whole. Loading checks that the pieces agree before building anything.
+
+What we write follows one mode policy: files 0666 and directories 0777 less the umask (0644 and 0755 with the usual
+umask 022), set on the descriptor as it is created, so that another user of a shared file system can read a run.
 """
 
+import contextlib
+import json
 import os
+import tempfile
 from pathlib import Path
 
 import yaml
@@ -24,32 +30,114 @@ def default_model_path() -> Path:
     return Path(os.environ.get("LLM_MODEL", DEFAULT_MODEL))
 
 
-def atomic_write(path: Path, write):
-    """Call write(tmp_path), then rename tmp_path over path: readers see the old file or the new one, never half."""
-    tmp = path.with_name(f".{path.name}.tmp")
+def file_mode(directory: bool = False) -> int:
+    """The mode of what we create: 0666 (files) or 0777 (directories) less the process's umask."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return (0o777 if directory else 0o666) & ~mask
+
+
+def atomic_write(path: Path, content: bytes | str):
+    """Write content to path through a temporary file in the same directory, renamed over path: readers see the old
+    file or the new one, never half. The temporary name is unpredictable and created exclusively (mkstemp), so a
+    symlink planted in the directory is never followed; rename replaces a link at path itself, not its target."""
+    path = Path(path)
+    data = content.encode("utf-8") if isinstance(content, str) else content
+    existed = path.exists()
     try:
-        write(tmp)
-        os.chmod(tmp, 0o644)
-        with open(tmp, "rb+") as f:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise LLMError(f"could not write {path}: {os_error_reason(e)}") from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), file_mode())
+            f.write(data)
+            f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise LLMError(f"could not write {path}: {e.strerror or e}; the previous version is intact") from None
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise LLMError(f"could not write {path}: {os_error_reason(e)}"
+                       + ("; the previous version is intact" if existed else "")) from None
+
+
+def os_error_reason(e: OSError) -> str:
+    import errno
+
+    return "the disk is full" if e.errno in (errno.ENOSPC, errno.EDQUOT) else e.strerror or str(e)
+
+
+def make_output_dir(path: Path, exist_ok: bool = True) -> Path:
+    """Create the directory a command writes to (and its parents), or say in one line why it cannot be."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=exist_ok, mode=file_mode(directory=True) | 0o700)
+    except FileExistsError:
+        raise LLMError(f"{path} already exists; choose a new directory") from None
+    except OSError as e:
+        raise LLMError(f"cannot create the output directory {path}: {os_error_reason(e)}") from None
+    if not path.is_dir():
+        raise LLMError(f"{path} exists and is not a directory")
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise LLMError(f"cannot write to the output directory {path}: "
+                       + ("read-only file system" if _read_only(path) else "permission denied"))
+    return path
+
+
+def _read_only(path: Path) -> bool:
+    return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+
+
+MAX_HEADER_BYTES = 100_000_000  # as the safetensors library allows
+
+
+def safetensors_header(path: Path) -> dict[str, dict]:
+    """The header of a .safetensors file, checked: {tensor name: {"dtype", "shape", "data_offsets"}} (the
+    `__metadata__` entry left out). The format: a little-endian u64 header length, that many bytes of JSON, then the
+    tensors' bytes (https://github.com/huggingface/safetensors). Raises LLMError naming the file when it is not one."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            length = int.from_bytes(f.read(8), "little")
+            if size < 8 or length > min(MAX_HEADER_BYTES, size - 8):
+                raise ValueError(f"its header length ({length} bytes) does not fit the file ({size} bytes)")
+            header = json.loads(f.read(length))
+    except OSError as e:
+        raise LLMError(f"cannot read {path}: {os_error_reason(e)}") from None
+    except (ValueError, RecursionError) as e:  # bad JSON, bad UTF-8, nesting deeper than Python's stack
+        message = "its header is nested too deeply" if isinstance(e, RecursionError) else str(e).splitlines()[0]
+        raise LLMError(f"{path} is corrupt: {message}") from None
+    if not isinstance(header, dict):
+        raise LLMError(f"{path} is corrupt: its header is a JSON {type(header).__name__}, not an object")
+    tensors = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        ok = (isinstance(info, dict) and isinstance(info.get("dtype"), str) and isinstance(info.get("shape"), list)
+              and all(isinstance(n, int) and n >= 0 for n in info["shape"])
+              and isinstance(info.get("data_offsets"), list) and len(info["data_offsets"]) == 2
+              and all(isinstance(n, int) and 0 <= n <= size for n in info["data_offsets"])
+              and info["data_offsets"][0] <= info["data_offsets"][1])
+        if not ok:
+            raise LLMError(f"{path} is corrupt: the header's entry for {str(name)[:80]!r} is not a tensor's "
+                           "dtype, shape and data offsets")
+        tensors[name] = info
+    return tensors
 
 
 def write_config(directory: Path, config: dict):
-    text = yaml.safe_dump({"format": FORMAT, **config}, sort_keys=False)
-    atomic_write(directory / CONFIG_FILE, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    atomic_write(directory / CONFIG_FILE, yaml.safe_dump({"format": FORMAT, **config}, sort_keys=False))
 
 
 def save_model(directory: Path, model, metadata: dict | None = None, dtype=None):
     """Weights to directory/model.safetensors (optionally cast, e.g. to bfloat16 to halve the size)."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     state = {k: (v.to(dtype) if dtype is not None else v).contiguous() for k, v in model.state_dict().items()}
     metadata = {k: str(v) for k, v in (metadata or {}).items()}
-    atomic_write(directory / MODEL_FILE, lambda tmp: save_file(state, str(tmp), metadata=metadata))
+    atomic_write(directory / MODEL_FILE, save(state, metadata=metadata))
 
 
 def read_config(directory: Path) -> dict:
@@ -124,14 +212,14 @@ def load_checkpoint(path: str | Path | None = None, device: str = "cpu", numpy_i
         model_class, extra = Classifier, {"n_labels": len(config["labels"])}
     with meta_device():
         expected = {k: tuple(v.shape) for k, v in model_class(model_config, **extra).state_dict().items()}
-    try:
-        with safe_open(directory / MODEL_FILE, framework="pt") as f:
-            found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-            if found == expected:
+    found = {k: tuple(v["shape"]) for k, v in safetensors_header(directory / MODEL_FILE).items()}
+    if found == expected:
+        try:
+            with safe_open(directory / MODEL_FILE, framework="pt") as f:
                 state = {k: f.get_tensor(k).float() for k in f.keys()}
-    except (SafetensorError, OSError) as e:
-        raise LLMError(f"{directory / MODEL_FILE} is corrupt: {e}") from None
-    if found != expected:
+        except (SafetensorError, OSError) as e:
+            raise LLMError(f"{directory / MODEL_FILE} is corrupt: {e}") from None
+    else:
         raise LLMError(f"checkpoint {directory}: {_describe_mismatch(expected, found)}; "
                        f"{MODEL_FILE} does not match {CONFIG_FILE}")
     model = model_class.empty(model_config, **extra)
@@ -152,8 +240,6 @@ def _describe_mismatch(expected: dict, found: dict) -> str:
 
 def checkpoint_info(path: str | Path | None = None) -> dict:
     """What a checkpoint (ours or a Hugging Face folder) holds, read from its headers without loading the weights."""
-    from safetensors import SafetensorError, safe_open
-
     from llmcli.hf import is_hf_folder, model_settings_from_hf, read_hf_config, weight_files
     from llmcli.model import ModelConfig, Transformer, meta_device
     from llmcli.tokenizer import load_tokenizer
@@ -183,13 +269,7 @@ def checkpoint_info(path: str | Path | None = None) -> dict:
         raise LLMError(f"{directory}: bad model settings: {e}") from None
     with meta_device():
         parameters = Transformer(config).num_params() + (config.n_embd + 1) * len(labels)  # + a classifier's head
-    dtypes = set()
-    try:
-        for file in weight_paths:
-            with safe_open(file, framework="pt") as f:
-                dtypes |= {f.get_slice(k).get_dtype() for k in f.keys()}
-    except (SafetensorError, OSError) as e:
-        raise LLMError(f"a weights file in {directory} is corrupt: {e}") from None
+    dtypes = {info["dtype"] for file in weight_paths for info in safetensors_header(file).values()}
     tokenizer = load_tokenizer(directory)
     attention = ("multi-head" if config.kv_heads == config.n_head else "multi-query" if config.kv_heads == 1
                  else f"grouped-query ({config.kv_heads} key/value heads)")

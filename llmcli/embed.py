@@ -78,12 +78,12 @@ def write_embeddings(vectors: np.ndarray, out: Path, metadata: dict):
     from llmcli.checkpoint import atomic_write
 
     if out.suffix == ".npy":
-        atomic_write(out, lambda tmp: tmp.write_bytes(_npy_bytes(vectors)))
+        atomic_write(out, _npy_bytes(vectors))
     elif out.suffix == ".safetensors":
         from safetensors.numpy import save
 
         blob = save({"embeddings": vectors}, metadata={k: str(v) for k, v in metadata.items()})
-        atomic_write(out, lambda tmp: tmp.write_bytes(blob))
+        atomic_write(out, blob)
     else:
         raise LLMError(f"cannot write {out}: the output file must end in .npy or .safetensors")
 

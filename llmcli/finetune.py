@@ -319,8 +319,8 @@ def finetune(data_path: str | None, out_dir: str | Path, base: str | Path | None
     torch.set_num_threads(cfg.threads or max(1, os.cpu_count() or 1))
     dataset = make_dataset(run, tokenizer)
     if resume is None:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        checkpoint.atomic_write(out_dir / TOKENIZER_FILE, lambda tmp: tmp.write_bytes(tokenizer.files[0].read_bytes()))
+        checkpoint.make_output_dir(out_dir)
+        checkpoint.atomic_write(out_dir / TOKENIZER_FILE, tokenizer.files[0].read_bytes())
         checkpoint.write_config(out_dir, run)
     torch.manual_seed(cfg.seed)  # the LoRA matrices' initial values
     model = prepare_model(base_model, run).to(world.device).train()
@@ -348,8 +348,8 @@ def merge(adapter_dir: str | Path, out_dir: str | Path) -> Path:
     merged = merge_lora(model)
     config = {k: v for k, v in config.items() if k not in ("adapter", "format", "checkpoint")}
     config["merged_from"] = {"adapter": str(Path(adapter_dir).resolve()), "base": config["finetune"]["base"]}
-    out_dir.mkdir(parents=True)
+    checkpoint.make_output_dir(out_dir, exist_ok=False)
     save_model(out_dir, merged)
-    checkpoint.atomic_write(out_dir / TOKENIZER_FILE, lambda tmp: tmp.write_bytes(tokenizer.files[0].read_bytes()))
+    checkpoint.atomic_write(out_dir / TOKENIZER_FILE, tokenizer.files[0].read_bytes())
     checkpoint.write_config(out_dir, config)
     return out_dir

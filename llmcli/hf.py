@@ -291,9 +291,9 @@ def hf_tensors(model, family: str) -> dict:
 
 def export_hf(checkpoint: str | Path | None, out_dir: str | Path) -> Path:
     """Write a checkpoint as a HF folder that transformers' AutoModelForCausalLM.from_pretrained opens as is."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
-    from llmcli.checkpoint import atomic_write, default_model_path, load_checkpoint
+    from llmcli.checkpoint import atomic_write, default_model_path, load_checkpoint, make_output_dir
     from llmcli.lora import merge_lora
 
     out_dir = Path(out_dir)
@@ -306,10 +306,9 @@ def export_hf(checkpoint: str | Path | None, out_dir: str | Path) -> Path:
     config = model.config
     family = export_family(config)
     tensors = hf_tensors(model, family)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write(out_dir / HF_WEIGHTS, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
-    text = json.dumps(hf_config_for(family, config, tokenizer.end_of_text), indent=2) + "\n"
-    atomic_write(out_dir / HF_CONFIG, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    make_output_dir(out_dir)
+    atomic_write(out_dir / HF_WEIGHTS, save(tensors, metadata={"format": "pt"}))
+    atomic_write(out_dir / HF_CONFIG, json.dumps(hf_config_for(family, config, tokenizer.end_of_text), indent=2) + "\n")
     for file in tokenizer.files:
-        shutil.copyfile(file, out_dir / file.name)
+        atomic_write(out_dir / file.name, file.read_bytes())
     return out_dir

@@ -6,34 +6,27 @@ Importing torch costs 1.3-1.8 s on a CPU: longer than the shipped 3M-parameter m
 Sampling is shared with the torch path (llmcli/generate.py), so a seed gives the same text on either.
 """
 
-import json
 import math
 from pathlib import Path
 
 import numpy as np
 
+from llmcli.checkpoint import safetensors_header
 from llmcli.config import ModelConfig
 from llmcli.generate import distinct_rows, left_pad
 
 SMALL_MODEL = 30_000_000  # parameters; above this the weights, not the torch import, dominate a cold start
 
 
-def read_header(file) -> dict:
-    """The JSON header of an open .safetensors file: a little-endian u64 length, then per tensor its dtype, shape and
-    byte offsets in the data that follows (`__metadata__` aside)."""
-    return json.loads(file.read(int.from_bytes(file.read(8), "little")))
-
-
 def read_safetensors(path: Path) -> dict[str, np.ndarray]:
     """The tensors of a .safetensors file as float32 arrays; read by hand because NumPy has no bfloat16, which the
     default checkpoint is stored in. Raises ValueError on anything else."""
+    header = safetensors_header(path)
     with open(path, "rb") as f:
-        header = read_header(f)
+        f.seek(8 + int.from_bytes(f.read(8), "little"))
         body = memoryview(f.read())
     tensors = {}
     for name, info in header.items():
-        if name == "__metadata__":
-            continue
         start, end = info["data_offsets"]
         raw, dtype = body[start:end], info["dtype"]
         if dtype == "BF16":  # the upper half of a float32
@@ -238,9 +231,8 @@ def load_small_checkpoint(directory: Path, config: dict) -> NumpyTransformer | N
     path = directory / "model.safetensors"
     try:
         model_config = ModelConfig(**config["model"])
-        with open(path, "rb") as f:  # shapes from the header first: a large model is not read at all
-            header = read_header(f)
-        shapes = {name: tuple(info["shape"]) for name, info in header.items() if name != "__metadata__"}
+        header = safetensors_header(path)  # shapes from the header first: a large model is not read at all
+        shapes = {name: tuple(info["shape"]) for name, info in header.items()}
         if config.get("task") or shapes != tensor_shapes(model_config):
             return None
         if sum(math.prod(shape) for shape in shapes.values()) > SMALL_MODEL:

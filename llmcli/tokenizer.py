@@ -128,20 +128,25 @@ def train_tokenizer(
     special_tokens: tuple[str, ...] = (),
     max_sentences: int = 2_000_000,
 ) -> Tokenizer:
-    """Train a SentencePiece model on an iterable of lines and write out_dir/tokenizer.model."""
+    """Train a SentencePiece model on an iterable of lines and write out_dir/tokenizer.model (atomically; the model
+    records no path, so the same text and settings give the same bytes wherever they are written)."""
+    import io
+
+    from llmcli.checkpoint import atomic_write, make_output_dir
+
     if model_type not in MODEL_TYPES:
         raise LLMError(f"unknown tokenizer type {model_type!r}; choose one of {', '.join(MODEL_TYPES)}")
     if vocab_size < 260 + len(special_tokens):
         # byte fallback alone takes 256 ids, plus unk and the special tokens
         raise LLMError(f"vocabulary size {vocab_size} is too small: byte fallback needs at least 260 ids")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = make_output_dir(Path(out_dir))
     seen = _CountingIterator(sentences)
+    model = io.BytesIO()
     symbols = [END_OF_TEXT] + [s for s in special_tokens if s != END_OF_TEXT]
     try:
         spm.SentencePieceTrainer.Train(
             sentence_iterator=seen,
-            model_prefix=str(out_dir / "tokenizer"),
+            model_writer=model,
             model_type=model_type,
             vocab_size=vocab_size,
             byte_fallback=True,
@@ -173,7 +178,7 @@ def train_tokenizer(
         if "Vocabulary size" in message:
             message += " Use a smaller --vocab-size or a larger corpus."
         raise LLMError(f"tokenizer training failed: {message}") from None
-    (out_dir / "tokenizer.vocab").unlink(missing_ok=True)  # a human-readable copy we never read
+    atomic_write(out_dir / TOKENIZER_FILE, model.getvalue())
     return Tokenizer(out_dir / TOKENIZER_FILE)
 
 
