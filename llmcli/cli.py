@@ -619,15 +619,118 @@ def info(
         print(f"{key.replace('_bytes', ' on disk'):<{width}}  {value}")
 
 
+@app.command()
+def cache(
+    clear: Annotated[bool, typer.Option("--clear", help="Delete the cached token shards")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object an entry")] = False,
+):
+    """The token cache ($LLM_CACHE_DIR, default ~/.cache/llmcli): its entries (size, tokens, corpus) and their total;
+    --clear deletes them (a run whose tokens are gone tokenizes its corpus again when resumed)."""
+    from llmcli.text.data import cache_entries, clear_cache, default_cache_dir
+
+    if clear:
+        freed = clear_cache()
+        print(f"freed {_size(freed)} in {default_cache_dir() / 'tokens'}")
+        return
+    entries = cache_entries()
+    for entry in entries:
+        if as_json:
+            print(json.dumps(entry))
+        else:
+            tokens = f"{entry['tokens']:,} tokens" if entry["tokens"] is not None else "being written"
+            print(f"{_size(entry['bytes']):>10}  {tokens:>20}  {entry['path']}  {' '.join(entry['corpus'])}")
+    if not as_json:
+        print(f"{_size(sum(e['bytes'] for e in entries)):>10}  total in {default_cache_dir() / 'tokens'}")
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+
+
+def _terminate(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM stops a command as Ctrl-C does: cleanup runs, exit 130
+
+
 def main():
     # NumPy decoding (llmcli/numpy_model.py) multiplies small matrices: BLAS threads only add waiting, 150 ms of it
     # before the first token when the cores are busy (8-15 ms on one thread). Read when NumPy is first imported.
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    import signal
+
+    signal.signal(signal.SIGTERM, _terminate)
+    sys.stdout = _Results(sys.stdout)
     # typer itself turns usage errors into exit 2 and Ctrl-C into exit 130; our own errors are one line and exit 1
     try:
         app()
+    except SystemExit as e:
+        code = e.code
     except LLMError as e:
-        sys.stderr.write(f"llm: error: {e}\n")  # one write: the lines of several processes do not interleave
+        code = _fail(str(e))
+    except OSError as e:  # the system refused a read or write we did not expect to fail: say which and why
+        code = _fail(_describe_os_error(e))
+    except MemoryError:
+        code = _fail("out of memory")
+    _flush_stdout()
+    sys.exit(code)
+
+
+def _fail(message: str) -> int:
+    sys.stderr.write(f"llm: error: {message}\n")  # one write: the lines of several processes do not interleave
+    return 1
+
+
+def _describe_os_error(e: OSError) -> str:
+    import errno
+
+    if e.errno == errno.ENOSPC:
+        reason = "the disk is full"
+    else:
+        reason = e.strerror or str(e)
+    return f"{e.filename}: {reason}" if e.filename else reason
+
+
+class _Results:
+    """sys.stdout, whose write errors (a full disk, /dev/full) say that the output could not be written."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except OSError as e:
+            raise _output_error(e) from None
+
+    def flush(self):
+        try:
+            self._stream.flush()
+        except OSError as e:
+            raise _output_error(e) from None
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+def _output_error(e: OSError) -> OSError:
+    import errno
+
+    if e.errno == errno.EPIPE:  # click's own handling of a closed pipe (| head) stays as it is
+        return e
+    return LLMError(f"cannot write the output: {_describe_os_error(e)}")
+
+
+def _flush_stdout():
+    """Results written to a full disk, a closed pipe or /dev/full: one line and exit 1, not Python's own report
+    at exit. stdout is then pointed at /dev/null so that the interpreter's last flush has nothing to fail on."""
+    try:
+        sys.stdout.flush()
+    except (OSError, LLMError) as e:
+        if not isinstance(e, BrokenPipeError):  # a reader that went away (| head) is not an error
+            _fail(str(e))
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.__stdout__.fileno())
         sys.exit(1)
     except SystemExit:
         # the reader of stdout went away (`llm ... | head`): click then wraps stdout to silence it and exits 1;

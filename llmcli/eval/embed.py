@@ -85,15 +85,15 @@ def embed_stream(model: Transformer, tokenizer, texts: Iterator[str], lines: "da
 
 def write_embeddings(vectors: np.ndarray, out: Path, metadata: dict):
     """.npy (numpy) or .safetensors (tensor 'embeddings', with metadata), written atomically."""
-    from llmcli.formats.files import atomic_write
+    from llmcli.files import atomic_write
 
     if out.suffix == ".npy":
-        atomic_write(out, lambda tmp: tmp.write_bytes(_npy_bytes(vectors)))
+        atomic_write(out, _npy_bytes(vectors))
     elif out.suffix == ".safetensors":
         from safetensors.numpy import save
 
         blob = save({"embeddings": vectors}, metadata={k: str(v) for k, v in metadata.items()})
-        atomic_write(out, lambda tmp: tmp.write_bytes(blob))
+        atomic_write(out, blob)
     else:
         raise LLMError(f"cannot write {out}: the output file must end in .npy or .safetensors")
 

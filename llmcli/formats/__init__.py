@@ -61,9 +61,8 @@ def load_model(path: str | Path | None = None, device: str = "cpu", numpy_if_sma
 def model_info(path: str | Path | None = None) -> dict:
     """What a model path holds (architecture, task, parameters, shape, tokenizer, dtype, size on disk), read from
     its headers without loading the weights."""
-    from safetensors import SafetensorError, safe_open
-
     from llmcli.config import ModelConfig
+    from llmcli.files import safetensors_header
     from llmcli.formats import hf, ours
     from llmcli.model.transformer import Transformer, meta_device
     from llmcli.text.tokenizer import Tokenizer, load_tokenizer
@@ -89,13 +88,7 @@ def model_info(path: str | Path | None = None) -> dict:
         raise LLMError(f"{directory}: bad model settings: {e}") from None
     with meta_device():  # + a classifier's head
         parameters = Transformer(model_config).num_params() + (model_config.n_embd + 1) * len(labels)
-    dtypes = set()
-    try:
-        for file in weight_paths:
-            with safe_open(file, framework="pt") as f:
-                dtypes |= {f.get_slice(k).get_dtype() for k in f.keys()}
-    except (SafetensorError, OSError) as e:
-        raise LLMError(f"a weights file in {directory} is corrupt: {e}") from None
+    dtypes = {info["dtype"] for file in weight_paths for info in safetensors_header(file).values()}
     tokenizer = load_tokenizer(directory)
     c = model_config
     attention = ("multi-head" if c.kv_heads == c.n_head else "multi-query" if c.kv_heads == 1

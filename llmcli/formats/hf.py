@@ -310,15 +310,15 @@ def write_hf(model, tokenizer, out_dir: Path) -> Path:
     """Write a language model as a HF folder that transformers' AutoModelForCausalLM.from_pretrained opens as is:
     config.json, generation_config.json (the end tokens), model.safetensors, the tokenizer's files and its chat
     template (tokenizer_config.json). Raises LLMError for parts no HF family has."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
-    from llmcli.formats.files import atomic_write
+    from llmcli.files import atomic_write, make_output_dir
 
     config = model.config
     family = export_family(config)
     tensors = hf_tensors(model, family)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write(out_dir / HF_WEIGHTS, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+    make_output_dir(out_dir)
+    atomic_write(out_dir / HF_WEIGHTS, save(tensors, metadata={"format": "pt"}))
     hf = hf_config_for(family, config, tokenizer)
     tokens = {k: hf[k] for k in ("bos_token_id", "eos_token_id")}
     tokenizer_config = {"bos_token": tokenizer.token(tokenizer.start_of_text),
@@ -327,8 +327,7 @@ def write_hf(model, tokenizer, out_dir: Path) -> Path:
         tokenizer_config["chat_template"] = tokenizer.chat_template
     for name, record in ((HF_CONFIG, hf), ("generation_config.json", tokens), ("tokenizer_config.json",
                                                                               tokenizer_config)):
-        text = json.dumps(record, indent=2, ensure_ascii=False) + "\n"
-        atomic_write(out_dir / name, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+        atomic_write(out_dir / name, json.dumps(record, indent=2, ensure_ascii=False) + "\n")
     tokenizer.save(out_dir)
     return out_dir
 

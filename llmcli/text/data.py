@@ -16,6 +16,8 @@ import hashlib
 import json
 import os
 import shutil
+import signal
+import socket
 import sys
 from collections import deque
 from pathlib import Path
@@ -277,10 +279,11 @@ def default_cache_dir() -> Path:
 
 
 def corpus_hash(paths: list[str], tokenizer: Tokenizer, text_field: str, separator: str) -> str:
-    """A hash of what the token shards depend on: the corpus bytes in order, the tokenizer, how documents split."""
+    """A hash of what the token shards depend on: the corpus bytes in order, the tokenizer's model (what decides
+    the tokens, not the paths it records), how documents split."""
     digest = hashlib.blake2b(digest_size=16)
     digest.update(json.dumps([TOKENS_FORMAT, text_field, separator, CHUNK_CHARS]).encode())
-    digest.update(tokenizer.path.read_bytes())
+    digest.update(tokenizer_fingerprint(tokenizer.path.read_bytes()))
     for path in paths:
         digest.update(b"\0jsonl\0" if path.endswith(".jsonl") else b"\0text\0")
         with open(path, "rb") as f:
@@ -289,17 +292,80 @@ def corpus_hash(paths: list[str], tokenizer: Tokenizer, text_field: str, separat
     return digest.hexdigest()
 
 
+# Fields of SentencePiece's TrainerSpec (sentencepiece_model.proto) that only say how a model was trained, never
+# how it encodes: where its input and output were (input, model_prefix, input_format, seed_sentencepieces_file) and
+# how much of the machine it used (num_threads). A model trained twice on the same text differs only in these.
+_TRAINING_ONLY_FIELDS = {1, 2, 7, 16, 54}
+
+
+def tokenizer_fingerprint(model: bytes) -> bytes:
+    """The bytes of a SentencePiece model proto that decide its tokens: the pieces, their scores and types, the
+    normalizer and the trainer settings used when encoding, without the fields above or the self-test data (field 4
+    of ModelProto). Not a proto (or not one we can walk): the bytes themselves."""
+    try:
+        kept = []
+        for number, raw, payload in _proto_fields(model):
+            if number == 2:  # trainer_spec
+                raw = b"".join(r for n, r, _ in _proto_fields(payload) if n not in _TRAINING_ONLY_FIELDS)
+            if number != 4:
+                kept.append(raw)
+        return b"".join(kept)
+    except (IndexError, ValueError):
+        return model
+
+
+def _proto_fields(buffer: bytes) -> Iterator[tuple[int, bytes, bytes]]:
+    """(field number, the field's whole encoding, its length-delimited payload or b"") of a protobuf message."""
+    def varint(i: int) -> tuple[int, int]:
+        value, shift = 0, 0
+        while True:
+            byte = buffer[i]
+            value |= (byte & 0x7F) << shift
+            i, shift = i + 1, shift + 7
+            if byte < 0x80:
+                return value, i
+            if shift > 63:
+                raise ValueError("varint too long")
+
+    i = 0
+    while i < len(buffer):
+        start = i
+        key, i = varint(i)
+        payload = b""
+        if key & 7 == 0:
+            _, i = varint(i)
+        elif key & 7 == 1:
+            i += 8
+        elif key & 7 == 2:
+            length, i = varint(i)
+            payload, i = buffer[i:i + length], i + length
+        elif key & 7 == 5:
+            i += 4
+        else:
+            raise ValueError(f"wire type {key & 7}")
+        if i > len(buffer):
+            raise ValueError("truncated")
+        yield key >> 3, buffer[start:i], payload
+
+
 def cached_tokens(paths: list[str], tokenizer: Tokenizer, text_field: str = "text", separator: str = DOC_SEPARATOR,
                   cache_dir: Path | None = None, workers: int | None = None, progress=None, log=None) -> Path:
-    """The directory of token shards for this corpus and tokenizer: found in the cache, or made and put there."""
+    """The directory of token shards for this corpus and tokenizer: found in the cache, or made and put there.
+
+    It is made under a temporary name, .tmp-KEY-HOST-PID, and renamed into place; the temporary folders of
+    processes of this host that are gone (killed) are removed first."""
     key = corpus_hash(paths, tokenizer, text_field, separator)
     target = (cache_dir or default_cache_dir()) / "tokens" / key
     if (target / INDEX_FILE).is_file():
         if log:
             log(f"tokens found in the cache ({target}): skipping tokenization")
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".tmp-{key}-{os.getpid()}"
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise LLMError(f"could not make the token cache {target.parent}: {e.strerror or e}") from None
+    remove_stale_temporaries(target.parent)
+    tmp = target.parent / f".tmp-{key}-{socket.gethostname()}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tokenize_corpus(paths, tokenizer, tmp, text_field, separator, workers, progress)
@@ -323,13 +389,96 @@ def document_separator(tokenizer) -> list[int]:
     return [tokenizer.end_of_text] + ([start] if start is not None and start != tokenizer.end_of_text else [])
 
 
+def _temporary_owner(name: str) -> tuple[str, int] | None:
+    """(host, process id) of a temporary folder .tmp-KEY-HOST-PID (or .tmp-KEY-PID, this host's), else None."""
+    parts = name[len(".tmp-"):].split("-") if name.startswith(".tmp-") else []
+    if len(parts) < 2 or not parts[-1].isdigit():
+        return None
+    return "-".join(parts[1:-1]) or socket.gethostname(), int(parts[-1])
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def remove_stale_temporaries(tokens_dir: Path) -> int:
+    """Delete the temporary folders that processes of this host left when they were killed; their bytes."""
+    freed = 0
+    host = socket.gethostname()
+    for path in tokens_dir.glob(".tmp-*"):
+        owner = _temporary_owner(path.name)
+        if owner is None or owner[0] != host or (owner[1] != os.getpid() and _alive(owner[1])):
+            continue  # a process still writing it, or one on another machine of a shared file system
+        freed += directory_size(path)
+        shutil.rmtree(path, ignore_errors=True)
+    return freed
+
+
+def directory_size(path: Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def cache_entries(cache_dir: Path | None = None) -> list[dict]:
+    """The token cache's entries, largest first: {"path", "bytes", "tokens", "corpus"}; temporary folders of
+    running processes count too (tokens None)."""
+    root = (cache_dir or default_cache_dir()) / "tokens"
+    entries = []
+    for path in sorted(root.iterdir()) if root.is_dir() else []:
+        if not path.is_dir():
+            continue
+        try:
+            index = json.loads((path / INDEX_FILE).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            index = {}
+        entries.append({"path": str(path), "bytes": directory_size(path), "tokens": index.get("tokens"),
+                        "corpus": index.get("corpus", [])})
+    return sorted(entries, key=lambda e: -e["bytes"])
+
+
+def clear_cache(cache_dir: Path | None = None) -> int:
+    """Delete the token cache's entries (not the temporary folders of processes still writing them); the bytes
+    freed. A run whose tokens were deleted tokenizes its corpus again when resumed."""
+    root = (cache_dir or default_cache_dir()) / "tokens"
+    if not root.is_dir():
+        return 0
+    freed = remove_stale_temporaries(root)
+    for path in root.iterdir():
+        if path.is_dir() and not path.name.startswith(".tmp-"):
+            freed += directory_size(path)
+            shutil.rmtree(path, ignore_errors=True)
+    return freed
+
+
 # A tokenizer per worker process, given once to the pool's initializer.
 _worker_tokenizer: Tokenizer | None = None
 
 
-def _init_worker(tokenizer):
+def _init_worker(tokenizer, parent: int):
     global _worker_tokenizer
+    _die_with_parent(parent)
+    # Ctrl-C reaches the whole process group: the parent stops the pool, a worker must not print a traceback
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the parent's handler, inherited through fork
     _worker_tokenizer = tokenizer
+
+
+def _die_with_parent(parent: int):
+    """Have the kernel kill this process when its parent dies (Linux's PR_SET_PDEATHSIG), so that a parent killed
+    by SIGKILL leaves no worker behind holding its stdout and stderr open. Elsewhere the parent's cleanup alone."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:  # the parent died before the line above
+        os._exit(1)
 
 
 def _encode_chunk(pieces: list[tuple[str, bool]], tokenizer: Tokenizer | None = None) -> np.ndarray:
@@ -417,7 +566,7 @@ def tokenize_corpus(paths: list, tokenizer: Tokenizer, out_dir: Path, text_field
     if n_tokens == 0:
         raise LLMError("the corpus is empty: no text to train on")
     index = {"format": TOKENS_FORMAT, "dtype": np.dtype(dtype).name, "vocab_size": tokenizer.vocab_size,
-             "tokens": n_tokens, "shards": shards}
+             "tokens": n_tokens, "shards": shards, "corpus": [str(p) for p in paths]}
     (out_dir / INDEX_FILE).write_text(json.dumps(index, indent=1), encoding="utf-8")
     return index
 
@@ -428,20 +577,27 @@ def _tokenize_in_pool(first, second, chunks, tokenizer, workers, write, progress
 
     # fork: workers start in milliseconds and use only sentencepiece and numpy, never torch
     context = multiprocessing.get_context("fork")
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
-                             initargs=(tokenizer,)) as pool:
-        pending: deque = deque()
+    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
+                               initargs=(tokenizer, os.getpid()))
+    pending: deque = deque()
 
-        def drain(limit: int):
-            while len(pending) > limit:
-                future, size = pending.popleft()
-                write(future.result())
-                progress and progress(size)
+    def drain(limit: int):
+        while len(pending) > limit:
+            future, size = pending.popleft()
+            write(future.result())
+            progress and progress(size)
 
+    try:
         for chunk, size in _chain(first, second, chunks):
             pending.append((pool.submit(_encode_chunk, chunk), size))
             drain(2 * workers)
         drain(0)
+    except BaseException:  # an error, Ctrl-C or SIGTERM: stop the workers now rather than finish their chunks
+        for process in list((getattr(pool, "_processes", None) or {}).values()):
+            process.kill()
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown()
 
 
 def _chain(first, second, rest):

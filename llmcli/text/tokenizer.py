@@ -97,9 +97,9 @@ class Tokenizer:
 
     def save(self, directory: Path):
         """Write what load_tokenizer(directory) reads back as this tokenizer."""
-        from llmcli.formats.files import atomic_write
+        from llmcli.files import atomic_write
 
-        atomic_write(directory / TOKENIZER_FILE, lambda tmp: tmp.write_bytes(self.path.read_bytes()))
+        atomic_write(directory / TOKENIZER_FILE, self.path.read_bytes())
         _save_specials(self, directory)
 
 
@@ -156,10 +156,9 @@ class HFTokenizer:
 
     def save(self, directory: Path):
         """Write tokenizer.json (and the special tokens) so that load_tokenizer(directory) reads this back."""
-        from llmcli.formats.files import atomic_write
+        from llmcli.files import atomic_write
 
-        text = self.tok.to_str()
-        atomic_write(directory / "tokenizer.json", lambda tmp: tmp.write_text(text, encoding="utf-8"))
+        atomic_write(directory / "tokenizer.json", self.tok.to_str())
         _save_specials(self, directory)
 
 
@@ -199,13 +198,14 @@ def tokenizer_files(directory: Path) -> list[Path]:
 def _save_specials(tok, directory: Path):
     import json
 
-    from llmcli.formats.files import atomic_write
+    from llmcli.files import atomic_write
 
     record = {"bos_token_id": tok.bos_id, "eos_token_id": list(tok.eos_ids)}
     if tok.chat_template:
         record["chat_template"] = tok.chat_template
-    text = json.dumps(record, ensure_ascii=False, indent=1) + "\n"
-    atomic_write(directory / SPECIALS_FILE, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    if tok.bos_id is None and not tok.eos_ids and not tok.chat_template:
+        return  # nothing the tokenizer's own file does not say (ours)
+    atomic_write(directory / SPECIALS_FILE, json.dumps(record, ensure_ascii=False, indent=1) + "\n")
 
 
 def read_special_tokens(directory: Path, token_to_id) -> dict:
@@ -288,11 +288,17 @@ def train_tokenizer(
     max_sentences: int = 2_000_000,
 ) -> Tokenizer:
     """Train a SentencePiece model on an iterable of texts (lines or whole documents) and write
-    out_dir/tokenizer.model. A text longer than MAX_SENTENCE_BYTES is cut into pieces (SentencePiece would skip it).
+    out_dir/tokenizer.model (atomically; the model records no path, so the same text and settings give the same
+    bytes wherever they are written). A text longer than MAX_SENTENCE_BYTES is cut into pieces (SentencePiece
+    would skip it).
 
     Raises LLMError when there is no text, when vocab_size is too small for the corpus's characters (naming the
     size needed), or when SentencePiece fails; nothing is left behind in out_dir then.
     """
+    import io
+
+    from llmcli.files import atomic_write, make_output_dir
+
     if model_type not in MODEL_TYPES:
         raise LLMError(f"unknown tokenizer type {model_type!r}; choose one of {', '.join(MODEL_TYPES)}")
     if vocab_size < 260 + len(special_tokens):
@@ -300,13 +306,14 @@ def train_tokenizer(
         raise LLMError(f"vocabulary size {vocab_size} is too small: byte fallback needs at least 260 ids")
     out_dir = Path(out_dir)
     made_dir = not out_dir.exists()
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_output_dir(out_dir)
+    model = io.BytesIO()
     seen = _CountingIterator(piece for text in sentences for piece in training_pieces(text))
     symbols = [END_OF_TEXT] + [s for s in special_tokens if s != END_OF_TEXT]
     try:
         spm.SentencePieceTrainer.Train(
             sentence_iterator=seen,
-            model_prefix=str(out_dir / "tokenizer"),
+            model_writer=model,
             model_type=model_type,
             vocab_size=vocab_size,
             byte_fallback=True,
@@ -333,8 +340,6 @@ def train_tokenizer(
         if not seen.text:
             raise LLMError("the corpus has no text to train a tokenizer on (it is empty or blank)")
     except (RuntimeError, LLMError) as e:
-        for name in ("tokenizer.model", "tokenizer.vocab"):
-            (out_dir / name).unlink(missing_ok=True)
         if made_dir:
             shutil.rmtree(out_dir, ignore_errors=True)
         if isinstance(e, LLMError):
@@ -352,7 +357,7 @@ def train_tokenizer(
         if "Vocabulary size" in message:
             message += " Use a smaller --vocab-size or a larger corpus."
         raise LLMError(f"tokenizer training failed: {message}") from None
-    (out_dir / "tokenizer.vocab").unlink(missing_ok=True)  # a human-readable copy we never read
+    atomic_write(out_dir / TOKENIZER_FILE, model.getvalue())
     return Tokenizer(out_dir / TOKENIZER_FILE)
 
 

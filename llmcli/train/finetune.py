@@ -18,6 +18,7 @@ import torch
 
 from llmcli.config import TrainConfig
 from llmcli.errors import LLMError
+from llmcli.files import make_output_dir
 from llmcli.formats import ours as checkpoint
 from llmcli.formats.adapter import prepare_model
 from llmcli.infer.chat import render
@@ -301,7 +302,7 @@ def finetune(data_path: str | None, out_dir: str | Path, base: str | Path | None
     torch.set_num_threads(cfg.threads or max(1, os.cpu_count() or 1))
     dataset = make_dataset(run, tokenizer)
     if resume is None:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        make_output_dir(out_dir)
         tokenizer.save(out_dir)
         checkpoint.write_config(out_dir, run)
     torch.manual_seed(cfg.seed)  # the LoRA matrices' initial values
@@ -331,7 +332,7 @@ def merge(adapter_dir: str | Path, out_dir: str | Path) -> Path:
     merged = merge_lora(model)
     config = {k: v for k, v in config.items() if k not in ("adapter", "format", "checkpoint")}
     config["merged_from"] = {"adapter": str(Path(adapter_dir).resolve()), "base": config["finetune"]["base"]}
-    out_dir.mkdir(parents=True)
+    make_output_dir(out_dir, exist_ok=False)
     save_model(out_dir, merged)
     tokenizer.save(out_dir)
     checkpoint.write_config(out_dir, config)
