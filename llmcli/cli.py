@@ -64,10 +64,10 @@ def tokenize_train(
         help="Extra special token, kept whole (repeatable); <|endoftext|> is always one")] = None,
 ):
     """Train a SentencePiece tokenizer (byte fallback, so any UTF-8 text round-trips exactly)."""
+    from llmcli.text.data import expand_corpus, training_lines
     from llmcli.text.tokenizer import train_tokenizer
 
-    lines = (line for path in corpus for line in _input_lines(path))
-    tokenizer = train_tokenizer(lines, out, vocab_size, type, tuple(special or ()))
+    tokenizer = train_tokenizer(training_lines(expand_corpus(corpus)), out, vocab_size, type, tuple(special or ()))
     print(tokenizer.path)
 
 
@@ -77,24 +77,28 @@ def tokenize_encode(
     tokenizer: TokenizerOption = None,
     as_json: Annotated[bool, typer.Option("--json", help='One {"ids": [...], "pieces": [...]} object a line')] = False,
 ):
-    """Print the token ids of each input line, space-separated, one output line per input line."""
+    """Print the token ids of each input line, space-separated, one output line per input line, ended as the input
+    line was (LF, CR LF, or nothing for a last line without one), so that decode gives back every byte."""
     tok = _load_tokenizer(tokenizer)
-    for line in _input_lines(source):
+    lines = _input_lines(source)
+    for line in lines:
         ids = tok.encode(line)
-        print(json.dumps({"ids": ids, "pieces": tok.pieces(ids)}, ensure_ascii=False) if as_json
-              else " ".join(map(str, ids)))
+        sys.stdout.write((json.dumps({"ids": ids, "pieces": tok.pieces(ids)}, ensure_ascii=False) if as_json
+                          else " ".join(map(str, ids))) + lines.ending)
 
 
 @tokenize_app.command("decode")
 def tokenize_decode(source: InputArgument = "-", tokenizer: TokenizerOption = None):
-    """Turn lines of token ids (space-separated, or JSON objects with "ids") back into text."""
+    """Turn lines of token ids (space-separated, or JSON objects with "ids") back into text, a line for a line,
+    each ended as its line of ids was."""
     tok = _load_tokenizer(tokenizer)
-    for number, line in enumerate(_input_lines(source), start=1):
+    lines = _input_lines(source)
+    for number, line in enumerate(lines, start=1):
         try:
             ids = json.loads(line)["ids"] if line.lstrip().startswith("{") else [int(t) for t in line.split()]
         except (ValueError, KeyError, TypeError):
             raise LLMError(f"line {number}: expected token ids separated by spaces, got {line[:40]!r}") from None
-        print(tok.decode(ids))
+        sys.stdout.write(tok.decode(ids) + lines.ending)
 
 
 def _load_tokenizer(path: Optional[Path]):
@@ -312,10 +316,15 @@ def classify(
         raise LLMError(f"{model or default_model_path()} is not a classifier; make one with llm finetune --task "
                        "classify")
     labels = config["labels"]
-    lines = list(_input_lines(source))
-    for probs in predict(net, tok, lines).tolist():
-        best = labels[max(range(len(labels)), key=probs.__getitem__)]
-        print(json.dumps({"label": best, "probabilities": dict(zip(labels, probs))}) if as_json else best)
+    from llmcli.text.data import batches
+
+    lines = _input_lines(source)
+    for batch in batches(lines, 32, lines.ready):  # each batch written as soon as it is done
+        for probs in predict(net, tok, batch).tolist():
+            best = labels[max(range(len(labels)), key=probs.__getitem__)]
+            sys.stdout.write((json.dumps({"label": best, "probabilities": dict(zip(labels, probs))}) if as_json
+                              else best) + "\n")
+        sys.stdout.flush()
 
 
 @app.command()
@@ -360,26 +369,31 @@ def generate(
                                       top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty,
                                       stop=tuple(stop) if stop else None, num_samples=num_samples, seed=seed,
                                       batch_size=batch_size)
+    lines = None
     if input_format == "jsonl":
-        prompts = _jsonl_prompts(prompt)
+        lines = _input_lines(prompt)
+        prompts = _jsonl_prompts(lines)
+    elif prompt == "-":
+        prompts = lines = _input_lines("-")
     else:
-        prompts = _input_lines("-") if prompt == "-" else iter([prompt])
+        prompts = iter([prompt])
     if chat:
         turns = chat_template(config)
         if turns is None:
             log("this model has no chat template; the prompt is continued as plain text")
         cfg.stop += turn_stop(turns)
-        prompts = (render(turns, [{"role": "user", "content": p}]) for p in prompts)
+        wrap = lambda p: render(turns, [{"role": "user", "content": p}])  # noqa: E731
     else:
-        prompts = (apply_template(template, p) for p in prompts)
-    generate_text(net, tok, prompts, cfg, truncate=truncate, log=log, as_json=as_json, load_s=load_s)
+        wrap = lambda p: apply_template(template, p)  # noqa: E731
+    generate_text(net, tok, prompts, cfg, truncate=truncate, log=log, as_json=as_json, load_s=load_s, template=wrap,
+                  ready=lines.ready if lines is not None else None, several=lines is not None)
 
 
-def _jsonl_prompts(source: str):
-    """The 'prompt' of each JSON object a line of source (a file, or '-' for stdin); blank lines are skipped."""
+def _jsonl_prompts(lines):
+    """The 'prompt' of each JSON object a line (of a file, or stdin); blank lines are skipped."""
     from llmcli.text.data import jsonl_texts
 
-    return jsonl_texts(source, "prompt", option="a \"prompt\" in each record")
+    return jsonl_texts(lines, "prompt", option=None)
 
 
 @app.command()
@@ -503,24 +517,29 @@ def embed(
     batch_size: Annotated[int, typer.Option(help="Texts embedded at once", min=1)] = 32,
 ):
     """One embedding a line (or record): the model's final hidden states, pooled, scaled to unit length."""
-    from llmcli.eval.embed import check_pooling, embed_texts, read_texts, write_embeddings
+    from llmcli.eval.embed import check_pooling, embed_stream, embed_texts, read_texts, write_embeddings
     from llmcli.formats import default_model_path, load_model
 
     check_pooling(pooling)
     if out is not None and out.suffix not in (".npy", ".safetensors"):
         raise LLMError(f"cannot write {out}: the output file must end in .npy or .safetensors")
-    texts = read_texts(source, field)
+    texts, lines = read_texts(source, field)  # opened before the model loads: a missing file is said at once
     net, tok, _ = load_model(model)
-    vectors = embed_texts(net, tok, texts, pooling, batch_size)
     from llmcli.progress import log
 
-    log(f"{len(vectors)} embeddings of {vectors.shape[1]} dimensions, {pooling} pooling")
-    if out is not None:
+    if out is not None:  # all of them, in one file
+        texts = list(texts)
+        if not texts:
+            raise LLMError(f"{lines.name} is empty: nothing to embed")
+        vectors = embed_texts(net, tok, texts, pooling, batch_size)
+        log(f"{len(vectors)} embeddings of {vectors.shape[1]} dimensions, {pooling} pooling")
         write_embeddings(vectors, out, {"model": str(model or default_model_path()), "pooling": pooling})
         print(out)
         return
-    for v in vectors:
-        print(json.dumps([round(float(x), 6) for x in v]))
+    for vectors in embed_stream(net, tok, texts, lines, pooling, batch_size):  # each batch as soon as it is done
+        for v in vectors:
+            sys.stdout.write(json.dumps([round(float(x), 6) for x in v]) + "\n")
+        sys.stdout.flush()
 
 
 @app.command()
@@ -604,13 +623,123 @@ def info(
         print(f"{key.replace('_bytes', ' on disk'):<{width}}  {value}")
 
 
+@app.command()
+def cache(
+    clear: Annotated[bool, typer.Option("--clear", help="Delete the cached token shards")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object an entry")] = False,
+):
+    """The token cache ($LLM_CACHE_DIR, default ~/.cache/llmcli): its entries (size, tokens, corpus) and their total;
+    --clear deletes them (a run whose tokens are gone tokenizes its corpus again when resumed)."""
+    from llmcli.text.data import cache_entries, clear_cache, default_cache_dir
+
+    if clear:
+        freed = clear_cache()
+        print(f"freed {_size(freed)} in {default_cache_dir() / 'tokens'}")
+        return
+    entries = cache_entries()
+    for entry in entries:
+        if as_json:
+            print(json.dumps(entry))
+        else:
+            tokens = f"{entry['tokens']:,} tokens" if entry["tokens"] is not None else "being written"
+            print(f"{_size(entry['bytes']):>10}  {tokens:>20}  {entry['path']}  {' '.join(entry['corpus'])}")
+    if not as_json:
+        print(f"{_size(sum(e['bytes'] for e in entries)):>10}  total in {default_cache_dir() / 'tokens'}")
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+
+
+def _terminate(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM stops a command as Ctrl-C does: cleanup runs, exit 130
+
+
 def main():
     # NumPy decoding (llmcli/numpy_model.py) multiplies small matrices: BLAS threads only add waiting, 150 ms of it
     # before the first token when the cores are busy (8-15 ms on one thread). Read when NumPy is first imported.
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    import signal
+
+    signal.signal(signal.SIGTERM, _terminate)
+    sys.stdout = _Results(sys.stdout)
     # typer itself turns usage errors into exit 2 and Ctrl-C into exit 130; our own errors are one line and exit 1
     try:
         app()
+    except SystemExit as e:
+        code = e.code
     except LLMError as e:
-        sys.stderr.write(f"llm: error: {e}\n")  # one write: the lines of several processes do not interleave
+        code = _fail(str(e))
+    except OSError as e:  # the system refused a read or write we did not expect to fail: say which and why
+        code = _fail(_describe_os_error(e))
+    except MemoryError:
+        code = _fail("out of memory")
+    _flush_stdout()
+    sys.exit(code)
+
+
+def _fail(message: str) -> int:
+    sys.stderr.write(f"llm: error: {message}\n")  # one write: the lines of several processes do not interleave
+    return 1
+
+
+def _describe_os_error(e: OSError) -> str:
+    import errno
+
+    if e.errno == errno.ENOSPC:
+        reason = "the disk is full"
+    else:
+        reason = e.strerror or str(e)
+    return f"{e.filename}: {reason}" if e.filename else reason
+
+
+class _Results:
+    """sys.stdout, whose write errors (a full disk, /dev/full) say that the output could not be written."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except OSError as e:
+            raise _output_error(e) from None
+
+    def flush(self):
+        try:
+            self._stream.flush()
+        except OSError as e:
+            raise _output_error(e) from None
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+def _output_error(e: OSError) -> OSError:
+    import errno
+
+    if e.errno == errno.EPIPE:  # click's own handling of a closed pipe (| head) stays as it is
+        return e
+    return LLMError(f"cannot write the output: {_describe_os_error(e)}")
+
+
+def _flush_stdout():
+    """Results written to a full disk, a closed pipe or /dev/full: one line and exit 1, not Python's own report
+    at exit. stdout is then pointed at /dev/null so that the interpreter's last flush has nothing to fail on."""
+    try:
+        sys.stdout.flush()
+    except (OSError, LLMError) as e:
+        if not isinstance(e, BrokenPipeError):  # a reader that went away (| head) is not an error
+            _fail(str(e))
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.__stdout__.fileno())
         sys.exit(1)
+    except SystemExit:
+        # the reader of stdout went away (`llm ... | head`): click then wraps stdout to silence it and exits 1;
+        # that is how a pipeline ends, not a failure, so exit 0 with nothing more written
+        if type(sys.stdout).__name__ == "PacifyFlushWrapper":  # click's, or the copy typer carries
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(0)
+        raise

@@ -7,6 +7,7 @@ in its checkpoint for `llm generate`.
 
 import dataclasses
 import difflib
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,7 +37,11 @@ class ModelConfig:
     qkv_bias: bool = False  # biases on the query/key/value projection even when bias is off (Qwen2)
     tie_embeddings: bool = True  # the output head shares the token embedding matrix
     rope_theta: float = 10000.0  # base of the rotary frequencies
-    rope_scaling: float = 1.0  # linear position interpolation: positions are divided by this
+    rope_scaling: float = 1.0  # "linear": positions are divided by this; "llama3": the low frequencies are
+    rope_type: str = "linear"  # or "llama3" (Llama 3.1/3.2's frequency-band scaling, with the three fields below)
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_context: int = 8192  # the context the model was pretrained with before scaling
 
     def __post_init__(self):
         for field in dataclasses.fields(self):  # settings come from YAML and JSON files: check what they hold
@@ -48,7 +53,7 @@ class ModelConfig:
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})")
         choices = {"norm": ("layernorm", "rmsnorm"), "positions": ("learned", "rope", "sinusoidal"),
-                   "mlp": ("gelu", "swiglu")}
+                   "mlp": ("gelu", "swiglu"), "rope_type": ("linear", "llama3")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, not {getattr(self, name)!r}")
@@ -58,6 +63,29 @@ class ModelConfig:
             raise ValueError(f"rotary positions need an even head size, not {self.head_dim}")
         if self.rope_scaling <= 0:
             raise ValueError(f"rope_scaling must be > 0, not {self.rope_scaling}")
+
+    def rope_frequencies(self) -> tuple[list[float], float]:
+        """(inverse frequencies (head_dim / 2), divisor of the positions) of the rotary angles.
+
+        llama3: frequencies whose wavelength exceeds rope_original_context / low_freq_factor are divided by
+        rope_scaling, those shorter than rope_original_context / high_freq_factor kept, and those between
+        interpolated (Meta's Llama 3.1 reference code; transformers' `_compute_llama3_parameters`)."""
+        dim = self.head_dim
+        inv_freq = [1.0 / self.rope_theta ** (i / dim) for i in range(0, dim, 2)]
+        if self.rope_type == "linear":
+            return inv_freq, self.rope_scaling
+        factor, low, high = self.rope_scaling, self.rope_low_freq_factor, self.rope_high_freq_factor
+        scaled = []
+        for f in inv_freq:
+            wavelength = 2 * math.pi / f
+            if wavelength < self.rope_original_context / high:
+                scaled.append(f)
+            elif wavelength > self.rope_original_context / low:
+                scaled.append(f / factor)
+            else:
+                smooth = (self.rope_original_context / wavelength - low) / (high - low)
+                scaled.append((1 - smooth) * f / factor + smooth * f)
+        return scaled, 1.0
 
     @property
     def head_dim(self) -> int:

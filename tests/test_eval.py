@@ -42,7 +42,7 @@ def test_stride_one_gives_every_token_its_full_context(nano_checkpoint, text_fil
     from llmcli.formats import load_model
 
     model, tok, _ = load_model(nano_checkpoint)
-    ids = torch.tensor(tokenize_file(tok, str(text_file)))
+    ids = torch.tensor(tokenize_file(tok, str(text_file))[0])
     C = model.config.context
     with torch.no_grad():  # reference: each token alone, after the (up to) C tokens before it
         nll = sum(F.cross_entropy(model(ids[max(0, i - C):i][None])[0, -1], ids[i]).item() for i in range(1, len(ids)))

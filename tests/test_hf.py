@@ -15,11 +15,7 @@ tokenizers = pytest.importorskip("tokenizers")
 from conftest import ROOT, run_cli  # noqa: E402
 
 from llmcli.errors import LLMError  # noqa: E402
-from llmcli.formats import (
-    export_model,  # noqa: E402
-    load_model,
-    model_info,
-)
+from llmcli.formats import export_model, load_model, model_info  # noqa: E402
 from llmcli.formats.ours import save_model, write_config  # noqa: E402
 from llmcli.infer.generate import SamplingConfig, generate_tokens  # noqa: E402
 from llmcli.model.transformer import ModelConfig, Transformer  # noqa: E402
@@ -40,6 +36,10 @@ FAMILIES = {
         vocab_size=SP_VOCAB, hidden_size=48, intermediate_size=40, num_hidden_layers=2, num_attention_heads=3,
         num_key_value_heads=1, max_position_embeddings=64, attention_bias=True, mlp_bias=True,
         tie_word_embeddings=True, rms_norm_eps=1e-5)),
+    "llama3-rope": lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=SP_VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=64, rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                  "high_freq_factor": 8.0, "original_max_position_embeddings": 64})),
     "mistral-gqa": lambda: transformers.MistralForCausalLM(transformers.MistralConfig(
         vocab_size=SP_VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=64, sliding_window=4096)),
@@ -274,7 +274,8 @@ def test_a_llama_sentencepiece_tokenizer_starts_at_bos_and_stops_at_eos(tmp_path
                                    model_prefix=str(directory / "tokenizer"), vocab_size=400, byte_fallback=True,
                                    unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2)
     tokenizer = Tokenizer(directory / "tokenizer.model")
-    assert (tokenizer.end_of_text, tokenizer.start_of_text, tokenizer.stop_token) == (None, 1, 2)
+    # no <|endoftext|>: texts start with <s>, and </s> both ends a sample and separates training documents
+    assert (tokenizer.end_of_text, tokenizer.start_of_text, tokenizer.stop_tokens) == (2, 1, (2,))
     assert encode_prompt(tokenizer, "ROMEO:", 64, False) == [1] + tokenizer.encode("ROMEO:")
 
     # a model whose every prediction is </s>: no attention or MLP output, one embedding for every token, and an

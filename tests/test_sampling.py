@@ -58,3 +58,67 @@ def test_text_stream_never_emits_half_a_character(nano_checkpoint):
     pieces = [stream.push(i) for i in tok.encode(text)] + [stream.flush()]
     assert "".join(pieces) == text
     assert not any("\ufffd" in p for p in pieces)
+
+
+# --- every sampling control at its edge values, on any logits ---------------------------------------------------
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st
+
+EDGE_TEMPERATURES = [1e-300, 1e-6, 0.01, 1.0, 100.0, 1e300]
+
+
+@st.composite
+def logits_and_config(draw):
+    vocab = draw(st.integers(1, 40))
+    rows = draw(st.integers(1, 3))
+    values = st.floats(-1e4, 1e4, allow_nan=False, width=32) | st.sampled_from([0.0, 1.0, -1.0])  # ties likely
+    logits = np.array(draw(st.lists(st.lists(values, min_size=vocab, max_size=vocab), min_size=rows,
+                                    max_size=rows)), dtype=np.float32)
+    cfg = SamplingConfig(
+        temperature=draw(st.sampled_from(EDGE_TEMPERATURES) | st.floats(1e-3, 10.0)),
+        top_k=draw(st.sampled_from([0, 1, 2, vocab - 1, vocab, vocab + 1]).filter(lambda k: k >= 0)),
+        top_p=draw(st.sampled_from([1e-300, 0.5, 0.999999, 1.0]) | st.floats(0.01, 1.0)),
+        min_p=draw(st.sampled_from([0.0, 1e-300, 0.5, 1.0]) | st.floats(0.0, 1.0)),
+        repetition_penalty=draw(st.sampled_from([1.0, 1e-3, 1.3, 1e3])))
+    seen = np.array(draw(st.lists(st.lists(st.booleans(), min_size=vocab, max_size=vocab), min_size=rows,
+                                  max_size=rows)))
+    return logits, cfg, seen, draw(st.integers(0, 2**32 - 1))
+
+
+@settings(max_examples=150, deadline=None, database=None)
+@given(logits_and_config())
+def test_any_sampling_settings_draw_a_token_every_filter_allows(case):
+    from llmcli.infer.generate import apply_repetition_penalty
+
+    logits, cfg, seen, seed = case
+    cfg.check()
+    tokens = sample_next(logits, cfg, rngs(seed, len(logits)), seen)
+    penalized = apply_repetition_penalty(logits.astype(np.float64), seen, cfg.repetition_penalty)
+    for row, token in zip(penalized, tokens):
+        assert 0 <= token < len(row)
+        higher = (row > row[token]).sum()
+        if cfg.top_k:
+            assert higher < cfg.top_k  # among the k largest
+        if cfg.top_k == 1 or cfg.top_p == 1e-300:
+            assert token == row.argmax()  # greedy: the first of the largest
+        if cfg.min_p == 1.0 or cfg.temperature == 1e-300:
+            assert row[token] == row.max()  # one of the largest
+        # never a token of probability 0 at this temperature
+        assert np.exp((row[token] - row.max()) / cfg.temperature) > 0 or row[token] == row.max()
+
+
+@settings(max_examples=50, deadline=None, database=None)
+@given(logits_and_config())
+def test_top_k_1_is_greedy_at_any_temperature(case):
+    logits, cfg, _, seed = case
+    cfg.top_k, cfg.repetition_penalty = 1, 1.0
+    assert np.array_equal(sample_next(logits, cfg, rngs(seed, len(logits))),
+                          sample_next(logits, SamplingConfig(temperature=0), rngs(seed, len(logits))))
+
+
+@pytest.mark.parametrize("field, value", [("temperature", float("nan")), ("temperature", float("inf")),
+                                          ("repetition_penalty", float("inf"))])
+def test_non_finite_settings_are_rejected(field, value):
+    with pytest.raises(LLMError, match=field.replace("_", "-")):
+        SamplingConfig(**{field: value}).check()

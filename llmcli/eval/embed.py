@@ -9,6 +9,7 @@ has seen the whole text). benchmarks/retrieval.py measures which retrieves bette
 """
 
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -28,8 +29,8 @@ def check_pooling(pooling: str):
 
 @torch.no_grad()
 def embed_texts(model: Transformer, tokenizer, texts: list[str], pooling: str = "mean",
-                batch_size: int = 32) -> np.ndarray:
-    """(len(texts), n_embd) float32 unit vectors."""
+                batch_size: int = 32, progress: bool = True) -> np.ndarray:
+    """(len(texts), n_embd) float32 unit vectors. progress: a progress bar on a terminal's stderr."""
     check_pooling(pooling)
     context = model.config.context
     start = [tokenizer.start_of_text] if tokenizer.start_of_text is not None else []
@@ -40,7 +41,7 @@ def embed_texts(model: Transformer, tokenizer, texts: list[str], pooling: str = 
         log(f"{cut} of {len(texts)} texts were cut to the model's context of {context} tokens")
     out = np.zeros((len(texts), model.config.n_embd), dtype=np.float32)
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))  # similar lengths batch together
-    with progress_bar("embedding", len(order)) as update:
+    with progress_bar("embedding", len(order) if progress else None) as update:
         for b in range(0, len(order), batch_size):
             rows = order[b:b + batch_size]
             lengths = torch.tensor([len(encoded[i]) for i in rows])
@@ -61,29 +62,38 @@ def embed_texts(model: Transformer, tokenizer, texts: list[str], pooling: str = 
     return out
 
 
-def read_texts(source: str, field: str | None = None) -> list[str]:
-    """The lines of a file ('-': stdin), or with field (or a .jsonl file) that field of each JSONL record."""
-    name = "<stdin>" if source == "-" else source
+def read_texts(source: str, field: str | None = None) -> tuple[Iterator[str], "data.Lines"]:
+    """The lines of a file ('-': stdin), or with field (or a .jsonl file) that field of each JSONL record, read
+    lazily; and the Lines they come from (whose ready() says whether another can be read without waiting)."""
+    lines = data.read_lines(source)
     if field is not None or str(source).endswith(".jsonl"):
-        texts = list(data.jsonl_texts(source, field or "text", option="--field"))
-    else:
-        texts = list(data.read_lines(source))
-    if not texts:
-        raise LLMError(f"{name} is empty: nothing to embed")
-    return texts
+        return data.jsonl_texts(lines, field or "text", option="--field"), lines
+    return lines, lines
+
+
+def embed_stream(model: Transformer, tokenizer, texts: Iterator[str], lines: "data.Lines", pooling: str,
+                 batch_size: int) -> Iterator[np.ndarray]:
+    """The embeddings (n, n_embd) of texts (from read_texts), a batch at a time, each as soon as it is computed:
+    an endless pipe streams. An input with no text at all is an error."""
+    count = 0
+    for batch in data.batches(texts, batch_size, lines.ready):
+        count += len(batch)
+        yield embed_texts(model, tokenizer, batch, pooling, batch_size, progress=False)
+    if not count:
+        raise LLMError(f"{lines.name} is empty: nothing to embed")
 
 
 def write_embeddings(vectors: np.ndarray, out: Path, metadata: dict):
     """.npy (numpy) or .safetensors (tensor 'embeddings', with metadata), written atomically."""
-    from llmcli.formats.files import atomic_write
+    from llmcli.files import atomic_write
 
     if out.suffix == ".npy":
-        atomic_write(out, lambda tmp: tmp.write_bytes(_npy_bytes(vectors)))
+        atomic_write(out, _npy_bytes(vectors))
     elif out.suffix == ".safetensors":
         from safetensors.numpy import save
 
         blob = save({"embeddings": vectors}, metadata={k: str(v) for k, v in metadata.items()})
-        atomic_write(out, lambda tmp: tmp.write_bytes(blob))
+        atomic_write(out, blob)
     else:
         raise LLMError(f"cannot write {out}: the output file must end in .npy or .safetensors")
 

@@ -5,12 +5,16 @@ windows of the model's context start every `stride` tokens, and each scores only
 did not, so every token but the first is predicted exactly once, and (past the first window) with at least
 context - stride tokens before it. stride = context is the fast, consecutive-window score; smaller strides give each
 token more context and cost context/stride times as much. The last window is moved back to end at the file's end so
-that all windows have one length and batch together. Bits per byte divides the total loss in bits by the UTF-8
-bytes of the file, so it compares models whatever their tokenizers.
+that all windows have one length and batch together.
+
+Bits per byte divides the total loss in bits by the UTF-8 bytes of the text the tokens encode: the documents'
+text, each line ending counted as the one byte LF whether the file has LF or CR LF, and neither the separator lines
+nor the line ending that closes a document's last line (they are no document's text; the end-of-text token that
+stands for a separator is scored, as the prediction that a document ends). So the same text gives the same bits per
+byte whatever its line endings, and it compares models whatever their tokenizers.
 """
 
 import math
-import os
 import time
 
 import torch
@@ -23,13 +27,15 @@ from llmcli.text import data
 from llmcli.text.tokenizer import Tokenizer
 
 
-def tokenize_file(tokenizer: Tokenizer, path: str) -> list[int]:
+def tokenize_file(tokenizer: Tokenizer, path: str) -> tuple[list[int], int]:
+    """The token ids of a text file as in training (each document after the start-of-text token, if any), and
+    the UTF-8 bytes of the documents' text they encode."""
     ids: list[int] = []
     start = [tokenizer.start_of_text] if tokenizer.start_of_text is not None else []
     docs = list(data.read_documents([path]))
     for doc_ids in tokenizer.encode_batch(docs):
         ids += start + doc_ids
-    return ids
+    return ids, sum(len(doc.encode("utf-8")) for doc in docs)
 
 
 def default_stride(context: int) -> int:
@@ -60,10 +66,9 @@ def evaluate_file(model: Transformer, tokenizer: Tokenizer, path: str, batch_siz
     stride = default_stride(context) if stride is None else stride
     if not 1 <= stride <= context:
         raise LLMError(f"--stride must be between 1 and the model's context ({context}), got {stride}")
-    n_bytes = os.path.getsize(path)
     started = time.perf_counter()
-    ids = tokenize_file(tokenizer, path)
-    if len(ids) < 2:
+    ids, n_bytes = tokenize_file(tokenizer, path)
+    if len(ids) < 2 or n_bytes == 0:
         raise LLMError(f"{path} has no text to score" if n_bytes == 0 or not ids else f"{path} is too short to score")
     tokens = torch.tensor(ids, dtype=torch.long)
     plan = windows(len(ids), context, stride)

@@ -31,10 +31,11 @@ def read_docs(path: Path) -> list[str]:
 
 
 def model_key(model_dir: Path) -> str:
-    """A hash that changes when the model's files do (their names, sizes and modification times; cheap)."""
+    """A hash that changes when the model's files do (their names, sizes and modification times; cheap). model_dir
+    may also be a single-file model (GGUF)."""
     h = hashlib.sha256(str(model_dir.resolve()).encode())
-    for f in sorted(model_dir.iterdir()):
-        if f.is_file() and f.suffix in (".safetensors", ".yaml", ".json", ".model"):
+    for f in sorted(model_dir.iterdir()) if model_dir.is_dir() else [model_dir]:
+        if f.is_file() and f.suffix in (".safetensors", ".yaml", ".json", ".model", ".gguf"):
             st = f.stat()
             h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
     return h.hexdigest()

@@ -2,8 +2,7 @@
 
 `load_model` is the one entry point for every command that takes `-m`: our checkpoint directories
 (llmcli/formats/ours.py), LoRA adapters on any base (adapter.py), Hugging Face folders (hf.py) and .gguf files
-(gguf.py). Each format module
-reads its files into our Transformer (llmcli/model/) and a tokenizer (llmcli/text/); nothing here trains or decodes.
+(gguf.py). Each format module reads its files into our Transformer (llmcli/model/) and a tokenizer (llmcli/text/); nothing here trains or decodes.
 """
 
 import os
@@ -64,9 +63,8 @@ def load_model(path: str | Path | None = None, device: str = "cpu", numpy_if_sma
 def model_info(path: str | Path | None = None) -> dict:
     """What a model path holds (architecture, task, parameters, shape, tokenizer, dtype, size on disk), read from
     its headers without loading the weights."""
-    from safetensors import SafetensorError, safe_open
-
     from llmcli.config import ModelConfig
+    from llmcli.files import safetensors_header
     from llmcli.formats import gguf, hf, ours
     from llmcli.model.transformer import Transformer, meta_device
     from llmcli.text.tokenizer import Tokenizer, load_tokenizer
@@ -96,13 +94,7 @@ def model_info(path: str | Path | None = None) -> dict:
         raise LLMError(f"{directory}: bad model settings: {e}") from None
     with meta_device():  # + a classifier's head
         parameters = Transformer(model_config).num_params() + (model_config.n_embd + 1) * len(labels)
-    dtypes = set()
-    try:
-        for file in weight_paths:
-            with safe_open(file, framework="pt") as f:
-                dtypes |= {f.get_slice(k).get_dtype() for k in f.keys()}
-    except (SafetensorError, OSError) as e:
-        raise LLMError(f"a weights file in {directory} is corrupt: {e}") from None
+    dtypes = {info["dtype"] for file in weight_paths for info in safetensors_header(file).values()}
     tokenizer = load_tokenizer(directory)
     return _describe(directory, architecture, task, model_config, parameters,
                      f"{'SentencePiece' if isinstance(tokenizer, Tokenizer) else 'byte-level BPE'} "

@@ -389,11 +389,9 @@ def gguf_tokenizer(metadata: dict, path: Path, vocab_size: int):
             raise LLMError(f"{path}: tokenizer.ggml.{key} {value} is outside the vocabulary (0..{len(tokens) - 1})")
         return value
 
-    # llama.cpp adds the beginning token to SentencePiece vocabularies unless told not to, not to byte-level ones
-    add_bos = metadata.get("tokenizer.ggml.add_bos_token", metadata.get("tokenizer.ggml.model") == "llama")
     ends = [token_id(key) for key in ("eos_token_id", "eot_token_id", "eom_token_id")]
     template = metadata.get("tokenizer.chat_template")
-    return HFTokenizer(build_tokenizer(metadata, path), files=[], bos_id=token_id("bos_token_id") if add_bos else None,
+    return HFTokenizer(build_tokenizer(metadata, path), files=[path], bos_id=token_id("bos_token_id"),
                        eos_ids=list(dict.fromkeys(i for i in ends if i is not None)),
                        pad_id=token_id("padding_token_id"), chat_template=template if isinstance(template, str) else None)
 
@@ -449,11 +447,11 @@ def tokenizer_metadata(tokenizer) -> dict:
         meta = _tokenizers_metadata(tokenizer.tok)
     else:
         raise LLMError(f"a {type(tokenizer).__name__} cannot be written to GGUF")
-    start = getattr(tokenizer, "start_of_text", None)
-    ends = getattr(tokenizer, "eos_ids", None) or [getattr(tokenizer, "stop_token", None)]
-    meta |= {"bos_token_id": start, "add_bos_token": start is not None, "eos_token_id": ends[0],
+    # what our commands do: texts start with start_of_text, samples end at any of stop_tokens
+    start, ends = tokenizer.start_of_text, list(dict.fromkeys([*tokenizer.eos_ids, *tokenizer.stop_tokens]))
+    meta |= {"bos_token_id": start, "add_bos_token": start is not None, "eos_token_id": ends[0] if ends else None,
              "eot_token_id": ends[1] if len(ends) > 1 else None, "padding_token_id": getattr(tokenizer, "pad_id", None),
-             "chat_template": getattr(tokenizer, "chat_template", None)}
+             "chat_template": tokenizer.chat_template}
     return {k: v for k, v in meta.items() if v is not None}
 
 
@@ -508,10 +506,13 @@ def write_gguf(model, tokenizer, out: Path, type: str = "f16") -> Path:
     """Write a language model as one .gguf file that llama.cpp and transformers open: our default parts as GGUF's
     gpt2, Llama's parts as llama (qwen2 with q/k/v biases only), matrices in `type` (WRITE_TYPES), the tokenizer and
     its chat template in the metadata. Raises LLMError for parts no GGUF architecture has or an unknown type."""
+    import os
+    import tempfile
+
     import numpy as np
     import torch
 
-    from llmcli.formats.files import atomic_write
+    from llmcli.files import file_mode, make_output_dir, os_error_reason
     from llmcli.formats.hf import export_family
 
     gguf = _gguf()
@@ -580,6 +581,20 @@ def write_gguf(model, tokenizer, out: Path, type: str = "f16") -> Path:
         writer.write_tensors_to_file()
         writer.close()
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(out, write)
+    # written whole to a temporary file beside out, then renamed: out is never half a file
+    make_output_dir(out.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+        os.close(fd)
+    except OSError as e:
+        raise LLMError(f"could not write {out}: {os_error_reason(e)}") from None
+    try:
+        write(Path(tmp))
+        os.chmod(tmp, file_mode())
+        os.replace(tmp, out)
+    except OSError as e:
+        raise LLMError(f"could not write {out}: {os_error_reason(e)}") from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
     return out

@@ -8,7 +8,6 @@ are Conv1D layers, which store a linear layer's weight transposed.
 """
 
 import json
-import shutil
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -100,8 +99,8 @@ def model_settings_from_hf(hf: dict, where: Path) -> tuple[str, dict]:
     # transformers 5 writes rope_parameters; earlier versions rope_theta and rope_scaling
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type not in ("default", "linear"):
-        refuse(f"rope scaling of type {rope_type!r} (only linear is supported)")
+    if rope_type not in ("default", "linear", "llama3"):
+        refuse(f"rope scaling of type {rope_type!r} (default, linear and llama3 are supported)")
     rope_theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
     if family == "qwen2":
         bias, qkv_bias = False, True
@@ -120,7 +119,19 @@ def model_settings_from_hf(hf: dict, where: Path) -> tuple[str, dict]:
         n_embd=n_embd, n_kv_head=hf.get("num_key_value_heads") or n_head, intermediate_size=need("intermediate_size"),
         norm="rmsnorm", positions="rope", mlp="swiglu", bias=bias, qkv_bias=qkv_bias,
         norm_eps=hf.get("rms_norm_eps", 1e-6), tie_embeddings=hf.get("tie_word_embeddings", False),
-        rope_theta=float(rope_theta), rope_scaling=float(rope.get("factor", 1.0)) if rope_type == "linear" else 1.0)
+        rope_theta=float(rope_theta), **rope_settings(rope_type, rope))
+
+
+def rope_settings(rope_type: str, rope: dict) -> dict:
+    """ModelConfig's rope fields from HF's rope_scaling / rope_parameters of that type."""
+    if rope_type == "linear":
+        return {"rope_scaling": float(rope.get("factor", 1.0))}
+    if rope_type == "llama3":
+        return {"rope_type": "llama3", "rope_scaling": float(rope["factor"]),
+                "rope_low_freq_factor": float(rope.get("low_freq_factor", 1.0)),
+                "rope_high_freq_factor": float(rope.get("high_freq_factor", 4.0)),
+                "rope_original_context": int(rope.get("original_max_position_embeddings", 8192))}
+    return {}
 
 
 def hf_parts(family: str, name: str) -> list[str]:
@@ -254,8 +265,9 @@ def export_family(config) -> str:
                    f"positions={config.positions}, mlp={config.mlp}, bias={config.bias}")
 
 
-def hf_config_for(family: str, config, end_of_text: int | None) -> dict:
-    tokens = {"bos_token_id": end_of_text, "eos_token_id": end_of_text}
+def hf_config_for(family: str, config, tokenizer) -> dict:
+    eos = list(tokenizer.stop_tokens)
+    tokens = {"bos_token_id": tokenizer.start_of_text, "eos_token_id": eos[0] if len(eos) == 1 else eos or None}
     if family == "gpt2":
         return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": config.vocab_size,
                 "n_positions": config.context, "n_embd": config.n_embd, "n_layer": config.n_layer,
@@ -273,7 +285,12 @@ def hf_config_for(family: str, config, end_of_text: int | None) -> dict:
           "torch_dtype": "float32", **tokens}
     if family == "llama":
         hf |= {"attention_bias": config.bias, "mlp_bias": config.bias}
-    if config.rope_scaling != 1.0:
+    if config.rope_type == "llama3":
+        hf["rope_scaling"] = {"rope_type": "llama3", "factor": config.rope_scaling,
+                              "low_freq_factor": config.rope_low_freq_factor,
+                              "high_freq_factor": config.rope_high_freq_factor,
+                              "original_max_position_embeddings": config.rope_original_context}
+    elif config.rope_scaling != 1.0:
         hf["rope_scaling"] = {"rope_type": "linear", "type": "linear", "factor": config.rope_scaling}
     return hf
 
@@ -291,20 +308,27 @@ def hf_tensors(model, family: str) -> dict:
 
 def write_hf(model, tokenizer, out_dir: Path) -> Path:
     """Write a language model as a HF folder that transformers' AutoModelForCausalLM.from_pretrained opens as is:
-    config.json, model.safetensors and the tokenizer's files. Raises LLMError for parts no HF family has."""
-    from safetensors.torch import save_file
+    config.json, generation_config.json (the end tokens), model.safetensors, the tokenizer's files and its chat
+    template (tokenizer_config.json). Raises LLMError for parts no HF family has."""
+    from safetensors.torch import save
 
-    from llmcli.formats.files import atomic_write
+    from llmcli.files import atomic_write, make_output_dir
 
     config = model.config
     family = export_family(config)
     tensors = hf_tensors(model, family)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write(out_dir / HF_WEIGHTS, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
-    text = json.dumps(hf_config_for(family, config, tokenizer.end_of_text), indent=2) + "\n"
-    atomic_write(out_dir / HF_CONFIG, lambda tmp: tmp.write_text(text, encoding="utf-8"))
-    for file in tokenizer.files:
-        shutil.copyfile(file, out_dir / file.name)
+    make_output_dir(out_dir)
+    atomic_write(out_dir / HF_WEIGHTS, save(tensors, metadata={"format": "pt"}))
+    hf = hf_config_for(family, config, tokenizer)
+    tokens = {k: hf[k] for k in ("bos_token_id", "eos_token_id")}
+    tokenizer_config = {"bos_token": tokenizer.token(tokenizer.start_of_text),
+                        "eos_token": tokenizer.token(tokenizer.stop_tokens[0] if tokenizer.stop_tokens else None)}
+    if tokenizer.chat_template:
+        tokenizer_config["chat_template"] = tokenizer.chat_template
+    for name, record in ((HF_CONFIG, hf), ("generation_config.json", tokens), ("tokenizer_config.json",
+                                                                              tokenizer_config)):
+        atomic_write(out_dir / name, json.dumps(record, indent=2, ensure_ascii=False) + "\n")
+    tokenizer.save(out_dir)
     return out_dir
 
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import yaml
 
 from llmcli.errors import LLMError
-from llmcli.formats.files import atomic_write
-from llmcli.text.tokenizer import TOKENIZER_FILE, Tokenizer
+from llmcli.files import atomic_write, safetensors_header
+from llmcli.text.tokenizer import TOKENIZER_FILE, load_tokenizer, tokenizer_files
 
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.yaml"
@@ -19,17 +19,16 @@ METRICS_FILE = "metrics.jsonl"
 FORMAT = "llmcli-checkpoint/1"
 
 def write_config(directory: Path, config: dict):
-    text = yaml.safe_dump({"format": FORMAT, **config}, sort_keys=False)
-    atomic_write(directory / CONFIG_FILE, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    atomic_write(directory / CONFIG_FILE, yaml.safe_dump({"format": FORMAT, **config}, sort_keys=False))
 
 
 def save_model(directory: Path, model, metadata: dict | None = None, dtype=None):
     """Weights to directory/model.safetensors (optionally cast, e.g. to bfloat16 to halve the size)."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     state = {k: (v.to(dtype) if dtype is not None else v).contiguous() for k, v in model.state_dict().items()}
     metadata = {k: str(v) for k, v in (metadata or {}).items()}
-    atomic_write(directory / MODEL_FILE, lambda tmp: save_file(state, str(tmp), metadata=metadata))
+    atomic_write(directory / MODEL_FILE, save(state, metadata=metadata))
 
 
 def read_config(directory: Path) -> dict:
@@ -53,17 +52,18 @@ def load_ours(directory: Path, config: dict, device: str = "cpu", numpy_if_small
     """
     from llmcli.config import ModelConfig
 
-    for name in (MODEL_FILE, TOKENIZER_FILE):
-        if not (directory / name).is_file():
-            raise LLMError(f"checkpoint {directory} is incomplete: {name} is missing")
+    if not (directory / MODEL_FILE).is_file():
+        raise LLMError(f"checkpoint {directory} is incomplete: {MODEL_FILE} is missing")
+    if not tokenizer_files(directory):
+        raise LLMError(f"checkpoint {directory} is incomplete: {TOKENIZER_FILE} is missing")
     try:
         model_config = ModelConfig(**config["model"])
     except (TypeError, ValueError) as e:
         raise LLMError(f"{directory / CONFIG_FILE}: bad model settings: {e}") from None
-    tokenizer = Tokenizer(directory / TOKENIZER_FILE)
-    if tokenizer.vocab_size != model_config.vocab_size:
-        raise LLMError(f"checkpoint {directory}: tokenizer has {tokenizer.vocab_size} tokens but the model expects "
-                       f"{model_config.vocab_size}; the files come from different runs")
+    tokenizer = load_tokenizer(directory)
+    if tokenizer.vocab_size > model_config.vocab_size:  # (fewer is fine: embeddings padded to a round size)
+        raise LLMError(f"checkpoint {directory}: tokenizer has {tokenizer.vocab_size} tokens but the model only "
+                       f"{model_config.vocab_size} embeddings; the files come from different runs")
     if numpy_if_small and device == "cpu":
         model = _load_small(directory, config)
         if model is not None:
@@ -80,14 +80,14 @@ def load_ours(directory: Path, config: dict, device: str = "cpu", numpy_if_small
         model_class, extra = Classifier, {"n_labels": len(config["labels"])}
     with meta_device():
         expected = {k: tuple(v.shape) for k, v in model_class(model_config, **extra).state_dict().items()}
-    try:
-        with safe_open(directory / MODEL_FILE, framework="pt") as f:
-            found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-            if found == expected:
+    found = {k: tuple(v["shape"]) for k, v in safetensors_header(directory / MODEL_FILE).items()}
+    if found == expected:
+        try:
+            with safe_open(directory / MODEL_FILE, framework="pt") as f:
                 state = {k: f.get_tensor(k).float() for k in f.keys()}
-    except (SafetensorError, OSError) as e:
-        raise LLMError(f"{directory / MODEL_FILE} is corrupt: {e}") from None
-    if found != expected:
+        except (SafetensorError, OSError) as e:
+            raise LLMError(f"{directory / MODEL_FILE} is corrupt: {e}") from None
+    else:
         raise LLMError(f"checkpoint {directory}: {_describe_mismatch(expected, found)}; "
                        f"{MODEL_FILE} does not match {CONFIG_FILE}")
     model = model_class.empty(model_config, **extra)
@@ -112,15 +112,14 @@ def _load_small(directory: Path, config: dict):
     import math
 
     from llmcli.config import ModelConfig
-    from llmcli.formats.files import read_header, read_safetensors
+    from llmcli.files import read_safetensors
     from llmcli.model.numpy_model import SMALL_MODEL, NumpyTransformer, tensor_shapes
 
     path = directory / MODEL_FILE
     try:
         model_config = ModelConfig(**config["model"])
-        with open(path, "rb") as f:  # shapes from the header first: a large model is not read at all
-            header = read_header(f)
-        shapes = {name: tuple(info["shape"]) for name, info in header.items() if name != "__metadata__"}
+        header = safetensors_header(path)  # shapes from the header first: a large model is not read at all
+        shapes = {name: tuple(info["shape"]) for name, info in header.items()}
         if config.get("task") or shapes != tensor_shapes(model_config):
             return None
         if sum(math.prod(shape) for shape in shapes.values()) > SMALL_MODEL:

@@ -10,6 +10,7 @@ alone. Text is streamed as it is produced: the bytes of a character split across
 the start of a stop string, are held back until they are known to be printable.
 """
 
+import itertools
 import json
 import os
 import sys
@@ -41,15 +42,15 @@ class SamplingConfig:
     batch_size: int = 8  # rows (prompts x samples) decoded together
 
     def check(self):
-        if self.temperature < 0:
-            raise LLMError(f"--temperature must be >= 0, got {self.temperature}")
+        if not 0 <= self.temperature < float("inf"):
+            raise LLMError(f"--temperature must be a number >= 0, got {self.temperature}")
         if self.top_k < 0:
             raise LLMError(f"--top-k must be >= 0, got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise LLMError(f"--top-p must be in (0, 1], got {self.top_p}")
         if not 0 <= self.min_p <= 1:
             raise LLMError(f"--min-p must be in [0, 1], got {self.min_p}")
-        if self.repetition_penalty <= 0:
+        if not 0 < self.repetition_penalty < float("inf"):
             raise LLMError(f"--repetition-penalty must be > 0, got {self.repetition_penalty}")
         if any(s == "" for s in self.stop):
             raise LLMError("--stop must not be empty")
@@ -87,10 +88,13 @@ def apply_repetition_penalty(logits: np.ndarray, seen: np.ndarray, penalty: floa
 
 
 def apply_top_k(logits: np.ndarray, k: int) -> np.ndarray:
+    """Keep the k largest logits of each row; of equal ones the first, so that k = 1 is greedy (argmax)."""
     if k <= 0 or k >= logits.shape[-1]:
         return logits
-    kth = np.partition(logits, -k, axis=-1)[..., -k:-k + 1]
-    return np.where(logits < kth, -np.inf, logits)
+    order = np.argsort(-logits, axis=-1, kind="stable")
+    keep = np.zeros(logits.shape, dtype=bool)
+    np.put_along_axis(keep, order[..., :k], True, axis=-1)
+    return np.where(keep, logits, -np.inf)
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -130,10 +134,15 @@ def sample_next(logits: np.ndarray, cfg: SamplingConfig, rngs: list[np.random.Ge
         logits = apply_repetition_penalty(logits, seen, cfg.repetition_penalty)
     if cfg.temperature == 0:
         return logits.argmax(axis=-1)
-    logits = apply_min_p(apply_top_p(apply_top_k(logits / cfg.temperature, cfg.top_k), cfg.top_p), cfg.min_p)
+    # scaled after taking away the largest: every logit <= 0 before dividing, so a tiny temperature gives -inf
+    # (probability 0), never inf - inf = nan
+    logits = (logits - logits.max(axis=-1, keepdims=True)) / cfg.temperature
+    logits = apply_min_p(apply_top_p(apply_top_k(logits, cfg.top_k), cfg.top_p), cfg.min_p)
     cumulative = np.cumsum(softmax(logits), axis=-1)
-    draws = [np.searchsorted(row, rng.random() * row[-1], side="right") for row, rng in zip(cumulative, rngs)]
-    return np.minimum(draws, logits.shape[-1] - 1)
+    # the token whose interval holds the draw; side="right" passes over tokens of probability 0, and a draw rounded
+    # up to the total falls to the last token of positive probability
+    return np.array([min(np.searchsorted(row, rng.random() * row[-1], side="right"),
+                         np.searchsorted(row, row[-1], side="left")) for row, rng in zip(cumulative, rngs)])
 
 
 def row_rng(seed: int, prompt: list[int], sample: int) -> np.random.Generator:
@@ -207,13 +216,13 @@ class TorchDecoder:
 
 
 def decode_rows(model, rows: list[list[int]], cfg: SamplingConfig, rngs: list[np.random.Generator] | None = None,
-                stop_token: int | None = None, finished: np.ndarray | None = None, use_cache: bool = True
+                stop_tokens: tuple[int, ...] = (), finished: np.ndarray | None = None, use_cache: bool = True
                 ) -> Iterator[np.ndarray]:
     """Yield the next token of every row (a (B,) array) per step, the rows decoded as one batch.
 
     model: the torch Transformer, or a NumpyTransformer. rngs: one random generator a row
-    (None: fresh ones). Row b stops after cfg.max_new_tokens, at the end of the context, at stop_token, or when the
-    caller sets finished[b]; a finished row keeps yielding stop_token (or its last token). Ends when every row is
+    (None: fresh ones). Row b stops after cfg.max_new_tokens, at the end of the context, at any of stop_tokens, or when
+    the caller sets finished[b]; a finished row keeps yielding the first stop token (or its last token). Ends when every row is
     finished.
     """
     context = model.config.context
@@ -240,9 +249,9 @@ def decode_rows(model, rows: list[list[int]], cfg: SamplingConfig, rngs: list[np
         logits = decoder.first()
         for step in range(steps):
             next_token = sample_next(logits, cfg, rngs, seen)
-            if stop_token is not None:
-                next_token[finished] = stop_token
-                finished |= next_token == stop_token
+            if stop_tokens:
+                next_token[finished] = stop_tokens[0]
+                finished |= np.isin(next_token, stop_tokens)
             finished |= limits <= step + 1
             yield next_token
             if finished.all():
@@ -254,12 +263,12 @@ def decode_rows(model, rows: list[list[int]], cfg: SamplingConfig, rngs: list[np
         decoder.close()
 
 
-def generate_tokens(model, prompt: list[int], cfg: SamplingConfig, stop_token: int | None = None,
+def generate_tokens(model, prompt: list[int], cfg: SamplingConfig, stop_tokens: tuple[int, ...] = (),
                     use_cache: bool = True) -> Iterator[np.ndarray]:
     """cfg.num_samples samples of one prompt: the next token of each (a (B,) array) per step."""
     seed = cfg.seed if cfg.seed is not None else int.from_bytes(os.urandom(4), "little")
     rngs = [row_rng(seed, prompt, k) for k in range(cfg.num_samples)]
-    yield from decode_rows(model, [prompt] * cfg.num_samples, cfg, rngs, stop_token, use_cache=use_cache)
+    yield from decode_rows(model, [prompt] * cfg.num_samples, cfg, rngs, stop_tokens, use_cache=use_cache)
 
 
 # --- text ----------------------------------------------------------------------------------------------------------
@@ -268,20 +277,21 @@ class TextStream:
     """Turns token ids arriving one at a time into text that is safe to print.
 
     Never splits a UTF-8 character, and holds back text that could be the start of a stop string; `stopped` is set
-    once a stop string appears (it and what follows are never returned). `after`: the token before the first one
-    pushed (the prompt's last), so that the first word keeps its leading space.
+    once a stop string appears (it and what follows are never returned). Special tokens (a chat template's
+    <|im_start|>, ...) are never text. `after`: the token before the first one pushed (the prompt's last), so that
+    the first word keeps its leading space.
     """
 
     def __init__(self, tokenizer: Tokenizer, stop: tuple[str, ...] = (), after: int | None = None):
         self.tokenizer, self.stop = tokenizer, stop
         self.prefix = [after] if after is not None else []
-        self.skip = len(tokenizer.decode(self.prefix))
+        self.skip = len(tokenizer.decode(self.prefix, skip_special=True))
         self.ids: list[int] = []
         self.emitted = 0  # characters of the text already returned
         self.stopped = False
 
     def text(self) -> str:
-        return self.tokenizer.decode(self.prefix + self.ids)[self.skip:]
+        return self.tokenizer.decode(self.prefix + self.ids, skip_special=True)[self.skip:]
 
     def push(self, token: int) -> str:
         self.ids.append(token)
@@ -308,9 +318,11 @@ class TextStream:
         return new
 
 
-def encode_prompt(tokenizer: Tokenizer, prompt: str, context: int, truncate: bool, log=None) -> list[int]:
-    """The prompt's ids after an end-of-text token (the start of a document), fitted into the context."""
-    start = [tokenizer.start_of_text] if tokenizer.start_of_text is not None else []
+def encode_prompt(tokenizer: Tokenizer, prompt: str, context: int, truncate: bool, log=None,
+                  add_start: bool = True) -> list[int]:
+    """The prompt's ids after the tokenizer's start-of-text token (unless add_start is False: a chat template
+    writes its own), fitted into the context. Raises LLMError when it does not fit and truncate is False."""
+    start = [tokenizer.start_of_text] if add_start and tokenizer.start_of_text is not None else []
     ids = start + tokenizer.encode(prompt)
     if not ids:
         raise LLMError("the prompt is empty and the tokenizer has no token to start a text from (<|endoftext|> or <s>)")
@@ -327,10 +339,11 @@ def encode_prompt(tokenizer: Tokenizer, prompt: str, context: int, truncate: boo
 @dataclass
 class Sample:
     """One sample of one prompt, and what happened while it was generated."""
-    prompt: str
+    prompt: str  # as given
     index: int  # of the prompt in the input
     sample: int  # number of the sample of this prompt
-    ids: list[int]  # the prompt's tokens
+    ids: list[int]  # the tokens of the templated prompt
+    templated_prompt: str = ""  # the text the model continued: the prompt in the model's template
     text: str = ""
     new_tokens: int = 0
     finish_reason: str = "length"  # stop, length or eos
@@ -340,7 +353,8 @@ class Sample:
 
     def record(self, load_s: float | None = None) -> dict:
         rate = (self.new_tokens - 1) / self.decode_s if self.new_tokens > 1 and self.decode_s > 0 else None
-        return {"prompt": self.prompt, "index": self.index, "sample": self.sample, "text": self.text,
+        return {"prompt": self.prompt, "templated_prompt": self.templated_prompt, "index": self.index,
+                "sample": self.sample, "text": self.text,
                 "prompt_tokens": len(self.ids), "new_tokens": self.new_tokens, "finish_reason": self.finish_reason,
                 "load_s": None if load_s is None else round(load_s, 4),
                 "time_to_first_token_s": round(self.time_to_first_token_s, 4),
@@ -348,11 +362,15 @@ class Sample:
 
 
 def generate_samples(model, tokenizer: Tokenizer, prompts: Iterable[str], cfg: SamplingConfig,
-                     truncate: bool = False, log=None, on_text: Callable[[Sample, str], None] | None = None
+                     truncate: bool = False, log=None, on_text: Callable[[Sample, str], None] | None = None,
+                     template: Callable[[str], str] | None = None, ready: Callable[[], bool] | None = None
                      ) -> Iterator[Sample]:
     """Every sample of every prompt, finished, in input order; prompts x samples decode cfg.batch_size at a time.
 
-    on_text(sample, text) is called with each piece of text as soon as it is safe to print.
+    Prompts are read lazily, at most a batch ahead: an endless input streams. template(prompt): the text the model
+    continues (default: the prompt). ready(): whether another prompt can be read without waiting; when it says no,
+    the batch decodes with the prompts it has, so that a prompt arriving by a pipe is answered without waiting for
+    the next. on_text(sample, text) is called with each piece of text as soon as it is safe to print.
     """
     cfg.check()
     seed = cfg.seed if cfg.seed is not None else int.from_bytes(os.urandom(4), "little")
@@ -362,17 +380,21 @@ def generate_samples(model, tokenizer: Tokenizer, prompts: Iterable[str], cfg: S
     def rows() -> Iterator[Sample]:
         nonlocal warned
         for index, prompt in enumerate(prompts):
-            ids = encode_prompt(tokenizer, prompt, context, truncate, log)
+            text = template(prompt) if template else prompt
+            ids = encode_prompt(tokenizer, text, context, truncate, log)
             if log and not warned and len(ids) + cfg.max_new_tokens > context:
-                log(f"the context ({context} tokens) leaves room for {context - len(ids)} new tokens")
+                room = context - len(ids)
+                log(f"the context ({context} tokens) leaves room for {room} new token{'s' * (room != 1)}")
                 warned = True
             for k in range(cfg.num_samples):
-                yield Sample(prompt, index, k, ids)
+                yield Sample(prompt, index, k, ids, text)
 
     batch: list[Sample] = []
     for sample in rows():
         batch.append(sample)
-        if len(batch) == cfg.batch_size:
+        # the last sample of a prompt, and no next prompt to be had now: decode what there is
+        waiting = sample.sample == cfg.num_samples - 1 and ready is not None and not ready()
+        if len(batch) == cfg.batch_size or waiting:
             yield from _generate_batch(model, tokenizer, batch, cfg, seed, on_text)
             batch = []
     if batch:
@@ -380,7 +402,7 @@ def generate_samples(model, tokenizer: Tokenizer, prompts: Iterable[str], cfg: S
 
 
 def _generate_batch(model, tokenizer, batch: list[Sample], cfg: SamplingConfig, seed: int, on_text):
-    eos = tokenizer.stop_token
+    stops = tokenizer.stop_tokens
     for s in batch:
         s.stream = TextStream(tokenizer, cfg.stop, after=s.ids[-1])
     rngs = [row_rng(seed, s.ids, s.sample) for s in batch]
@@ -388,7 +410,7 @@ def _generate_batch(model, tokenizer, batch: list[Sample], cfg: SamplingConfig, 
     done = [False] * len(batch)
     start = time.perf_counter()
     first = None
-    for tokens in decode_rows(model, [s.ids for s in batch], cfg, rngs, eos, finished):
+    for tokens in decode_rows(model, [s.ids for s in batch], cfg, rngs, stops, finished):
         now = time.perf_counter()
         if first is None:
             first = now
@@ -396,7 +418,7 @@ def _generate_batch(model, tokenizer, batch: list[Sample], cfg: SamplingConfig, 
             if done[b]:
                 continue
             s = batch[b]
-            if token == eos:
+            if token in stops:
                 s.finish_reason, done[b] = "eos", True
             else:
                 s.new_tokens += 1
@@ -422,20 +444,27 @@ def _generate_batch(model, tokenizer, batch: list[Sample], cfg: SamplingConfig, 
 
 def generate_text(model, tokenizer: Tokenizer, prompts: Iterable[str], cfg: SamplingConfig,
                   truncate: bool = False, out: TextIO = sys.stdout, log=None, as_json: bool = False,
-                  load_s: float | None = None):
-    """Write the samples of the prompts to out.
+                  load_s: float | None = None, template: Callable[[str], str] | None = None,
+                  ready: Callable[[], bool] | None = None, several: bool | None = None):
+    """Write the samples of the prompts to out, each batch's as soon as it is done (see generate_samples).
 
-    One prompt and one sample: the text streamed as it is produced, then a newline. Several: each sample's text
-    followed by a line `<|endoftext|>`, in input order. as_json: one JSON object a sample.
+    One prompt and one sample: the text streamed as it is produced, then a newline. Several prompts (or samples),
+    or `several` (a stream of prompts, however many come): each sample's text followed by a line `<|endoftext|>`, in
+    input order. as_json: one JSON object a sample.
     """
-    prompts = list(prompts)
-    stream = len(prompts) == 1 and cfg.num_samples == 1 and not as_json
+    prompts = iter(prompts)
+    if several is None:  # one prompt or more: known by reading a second one, not the whole input
+        ahead = list(itertools.islice(prompts, 2))
+        several = len(ahead) > 1
+        prompts = itertools.chain(ahead, prompts)
+    stream = not several and cfg.num_samples == 1 and not as_json
 
     def write(sample, text):
         out.write(text)
         out.flush()
 
-    for sample in generate_samples(model, tokenizer, prompts, cfg, truncate, log, write if stream else None):
+    for sample in generate_samples(model, tokenizer, prompts, cfg, truncate, log, write if stream else None,
+                                   template, ready):
         if as_json:
             out.write(json.dumps(sample.record(load_s), ensure_ascii=False) + "\n")
         elif stream:

@@ -59,9 +59,9 @@ def position_tables(config: ModelConfig) -> dict[str, np.ndarray]:
         table[:, 1::2] = np.cos(positions * inv_freq)[:, : config.n_embd // 2]
         return {"position_table": table}
     if config.positions == "rope":
-        dim = config.head_dim
-        inv_freq = 1.0 / config.rope_theta ** (np.arange(0, dim, 2, dtype=np.float32) / dim)
-        angles = np.outer(np.arange(config.context, dtype=np.float32) / config.rope_scaling, inv_freq)
+        frequencies, divisor = config.rope_frequencies()
+        inv_freq = np.array(frequencies, dtype=np.float32)
+        angles = np.outer(np.arange(config.context, dtype=np.float32) / divisor, inv_freq)
         angles = np.concatenate([angles, angles], axis=-1).astype(np.float32)
         return {"rope_cos": np.cos(angles), "rope_sin": np.sin(angles)}
     return {}

@@ -27,9 +27,9 @@ def rope_tables(config: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
 
     Computed on the CPU even inside meta_device(): arange on the meta device imports torch._refs, 1-5 s of loading
     any rotary model; the tables are small and Transformer.empty copies them to the model's device."""
-    dim = config.head_dim
-    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32, device="cpu") / dim))
-    positions = torch.arange(config.context, dtype=torch.float32, device="cpu") / config.rope_scaling
+    frequencies, divisor = config.rope_frequencies()
+    inv_freq = torch.tensor(frequencies, dtype=torch.float32, device="cpu")
+    positions = torch.arange(config.context, dtype=torch.float32, device="cpu") / divisor
     angles = torch.outer(positions, inv_freq)
     angles = torch.cat([angles, angles], dim=-1)
     return angles.cos(), angles.sin()

@@ -16,10 +16,12 @@ import hashlib
 import json
 import os
 import shutil
+import signal
+import socket
 import sys
 from collections import deque
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -71,33 +73,113 @@ def expand_corpus(specs: Iterable[str]) -> list[str]:
     return paths
 
 
-def read_lines(path: str | Path) -> Iterator[str]:
-    """The lines of a UTF-8 text file without their line endings; '-' reads stdin. Names the place of bad bytes."""
-    if str(path) == "-":
-        stream, name = sys.stdin.buffer, "<stdin>"
-    else:
-        path = check_text_file(path)
-        stream, name = open(path, "rb"), str(path)
-    offset = 0
-    with stream:
-        for number, raw in enumerate(stream, start=1):
-            if b"\0" in raw:
-                raise LLMError(f"{name}: NUL byte at line {number} (byte {offset + raw.index(0)}): "
-                               "this looks like a binary file, not text")
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise LLMError(f"{name}: bytes that are not UTF-8 at line {number}, byte {offset + e.start} "
-                               f"({raw[e.start:e.start + 4]!r})") from None
-            offset += len(raw)
-            yield line.rstrip("\r\n")
+class Lines:
+    """The lines of a UTF-8 text file, or of stdin for '-', read as they arrive: an iterator of each line's text.
+
+    What a line is, for every reader of text (files, stdin, JSON lines, corpora): the text up to a line ending,
+    LF, CR LF or CR (Python's universal newlines), without it; the last line may have no ending. Documents join
+    their lines with LF, so a text means the same whatever its line endings. `ending` is the ending of the line
+    last returned ("\\n", "\\r\\n", "\\r", or "" for a last line without one), so a reader that writes a line for
+    a line (llm tokenize encode) can give back every byte. `ready()` says whether the next line (or the
+    end of the input) can be had without waiting, so a pipeline can work on what has arrived. NUL bytes and bytes
+    that are not UTF-8 are errors naming their place.
+    """
+
+    BLOCK = 1 << 20
+
+    def __init__(self, path: str | Path):
+        if str(path) == "-":
+            self.fd, self.name, self.owned = sys.stdin.fileno(), "<stdin>", False
+        else:
+            path = check_text_file(path)
+            self.fd, self.name, self.owned = os.open(path, os.O_RDONLY), str(path), True
+        self.buffer, self.pos = b"", 0  # bytes read and not yet returned: buffer[pos:]
+        self.eof = False
+        self.number = 0  # of the line last returned
+        self.offset = 0  # of the next line in the input, in bytes
+        self.ending = ""
+
+    def __iter__(self) -> "Lines":
+        return self
+
+    def _read(self) -> bytes:
+        block = os.read(self.fd, self.BLOCK) if not self.eof else b""
+        if not block:
+            self.eof = True
+            self.close()
+        return block
+
+    def _line_end(self) -> tuple[int, int] | None:
+        """(end of the text, end of the line ending) of the next line in the buffer; None if more input is needed
+        to know where it ends."""
+        n = self.buffer.find(b"\n", self.pos)
+        r = self.buffer.find(b"\r", self.pos, n if n >= 0 else len(self.buffer))
+        if r < 0:
+            return (n, n + 1) if n >= 0 else None
+        if r + 1 < len(self.buffer):
+            return (r, r + 2) if self.buffer[r + 1] == 0x0A else (r, r + 1)
+        return (r, r + 1) if self.eof else None  # a CR last in the buffer: is an LF next?
+
+    def ready(self) -> bool:
+        import select
+
+        while not self.eof and self._line_end() is None:
+            if not select.select([self.fd], [], [], 0)[0]:
+                return False
+            self.buffer, self.pos = self.buffer[self.pos:] + self._read(), 0
+        return True
+
+    def __next__(self) -> str:
+        found = self._line_end()
+        while found is None and not self.eof:  # read on to the end of the line; blocks are joined once
+            parts = [self.buffer[self.pos:]]
+            ends = b"\r" in parts[0]  # (a CR last in the buffer: one more block tells what it ends)
+            while not ends and (block := self._read()):
+                parts.append(block)
+                ends = b"\n" in block or b"\r" in block
+            if parts[-1].endswith(b"\r") and not self.eof:
+                parts.append(self._read())  # (the LF of a CR LF cut between two blocks)
+            self.buffer, self.pos = b"".join(parts), 0
+            found = self._line_end()
+        if found is None:  # the last line, without an ending
+            if self.pos >= len(self.buffer):
+                raise StopIteration
+            found = (len(self.buffer), len(self.buffer))
+        raw, self.ending = self.buffer[self.pos:found[0]], self.buffer[found[0]:found[1]].decode("ascii")
+        self.pos = found[1]
+        self.number += 1
+        if b"\0" in raw:
+            raise LLMError(f"{self.name}: NUL byte at line {self.number} (byte {self.offset + raw.index(0)}): "
+                           "this looks like a binary file, not text")
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise LLMError(f"{self.name}: bytes that are not UTF-8 at line {self.number}, byte {self.offset + e.start} "
+                           f"({raw[e.start:e.start + 4]!r})") from None
+        self.offset += len(raw) + len(self.ending)
+        return line
+
+    def close(self):
+        if getattr(self, "owned", False) and self.fd >= 0:  # (a failed __init__ opened nothing)
+            os.close(self.fd)
+            self.fd = -1
+
+    def __del__(self):
+        self.close()
 
 
-def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
-    """(line number, record) of each non-blank line of a JSON-lines file ('-': stdin); a line that is not a JSON
-    object is an error that names it."""
-    name = "<stdin>" if str(path) == "-" else path
-    for number, line in enumerate(read_lines(path), start=1):
+def read_lines(path: str | Path) -> Lines:
+    """The lines of a UTF-8 text file ('-': stdin) without their endings (see Lines for what a line is)."""
+    return Lines(path)
+
+
+def read_jsonl(source: "str | Path | Lines") -> Iterator[tuple[int, dict]]:
+    """(line number, record) of each non-blank line of a JSON-lines file ('-': stdin, or Lines being read); a line
+    that is not a JSON object is an error that names it."""
+    lines = source if isinstance(source, Lines) else Lines(source)
+    name = lines.name
+    for line in lines:
+        number = lines.number
         if not line.strip():
             continue
         try:
@@ -109,15 +191,18 @@ def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
         yield number, record
 
 
-def jsonl_texts(path: str | Path, field: str, option: str = "--text-field") -> Iterator[str]:
-    """The string `field` of each record of a JSON-lines file; a record without it is an error that names it."""
-    name = '<stdin>' if str(path) == '-' else path
-    for number, record in read_jsonl(path):
+def jsonl_texts(source: "str | Path | Lines", field: str, option: str | None = "--text-field") -> Iterator[str]:
+    """The string `field` of each record of a JSON-lines file (see read_jsonl); a record without it is an error that
+    names it, and the option that chooses another field (None: there is none, the field is required)."""
+    lines = source if isinstance(source, Lines) else Lines(source)
+    for number, record in read_jsonl(lines):
         if field in record and not isinstance(record[field], str):
-            raise LLMError(f"{name}: line {number}: '{field}' must be a string, not {type(record[field]).__name__}")
+            raise LLMError(f"{lines.name}: line {number}: '{field}' must be a string, not "
+                           f"{type(record[field]).__name__}")
         if field not in record:
-            raise LLMError(f"{name}: line {number} has no text field '{field}' (it has: "
-                           f"{', '.join(record) or 'nothing'}); choose the field with {option}")
+            hint = f"choose the field with {option}" if option else f"every record needs a '{field}'"
+            raise LLMError(f"{lines.name}: line {number} has no text field '{field}' (it has: "
+                           f"{', '.join(record) or 'nothing'}); {hint}")
         yield record[field]
 
 
@@ -154,6 +239,27 @@ def read_documents(paths: Iterable[str | Path], text_field: str = "text",
         yield text
 
 
+def batches(items: Iterable, size: int, ready: Callable[[], bool] | None = None) -> Iterator[list]:
+    """Lists of up to `size` consecutive items, read lazily: at most a batch ahead of the consumer. ready(): whether
+    another item can be had without waiting (Lines.ready); when it says no, the batch ends with what it has, so a
+    pipe's lines are answered as they come rather than when a batch is full."""
+    batch = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size or (ready is not None and not ready()):
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def training_lines(paths: Iterable[str | Path], text_field: str = "text",
+                   separator: str = DOC_SEPARATOR) -> Iterator[str]:
+    """The lines of the corpus's documents, to train a tokenizer on (a .jsonl file's records are documents)."""
+    for doc in read_documents(paths, text_field, separator):
+        yield from doc.split("\n")
+
+
 def save_stdin(path: Path) -> Path:
     """Copy stdin to a file, so that a corpus read from a pipe can be passed over more than once."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -173,10 +279,11 @@ def default_cache_dir() -> Path:
 
 
 def corpus_hash(paths: list[str], tokenizer: Tokenizer, text_field: str, separator: str) -> str:
-    """A hash of what the token shards depend on: the corpus bytes in order, the tokenizer, how documents split."""
+    """A hash of what the token shards depend on: the corpus bytes in order, the tokenizer's model (what decides
+    the tokens, not the paths it records), how documents split."""
     digest = hashlib.blake2b(digest_size=16)
     digest.update(json.dumps([TOKENS_FORMAT, text_field, separator, CHUNK_CHARS]).encode())
-    digest.update(tokenizer.path.read_bytes())
+    digest.update(tokenizer_fingerprint(tokenizer.path.read_bytes()))
     for path in paths:
         digest.update(b"\0jsonl\0" if path.endswith(".jsonl") else b"\0text\0")
         with open(path, "rb") as f:
@@ -185,17 +292,80 @@ def corpus_hash(paths: list[str], tokenizer: Tokenizer, text_field: str, separat
     return digest.hexdigest()
 
 
+# Fields of SentencePiece's TrainerSpec (sentencepiece_model.proto) that only say how a model was trained, never
+# how it encodes: where its input and output were (input, model_prefix, input_format, seed_sentencepieces_file) and
+# how much of the machine it used (num_threads). A model trained twice on the same text differs only in these.
+_TRAINING_ONLY_FIELDS = {1, 2, 7, 16, 54}
+
+
+def tokenizer_fingerprint(model: bytes) -> bytes:
+    """The bytes of a SentencePiece model proto that decide its tokens: the pieces, their scores and types, the
+    normalizer and the trainer settings used when encoding, without the fields above or the self-test data (field 4
+    of ModelProto). Not a proto (or not one we can walk): the bytes themselves."""
+    try:
+        kept = []
+        for number, raw, payload in _proto_fields(model):
+            if number == 2:  # trainer_spec
+                raw = b"".join(r for n, r, _ in _proto_fields(payload) if n not in _TRAINING_ONLY_FIELDS)
+            if number != 4:
+                kept.append(raw)
+        return b"".join(kept)
+    except (IndexError, ValueError):
+        return model
+
+
+def _proto_fields(buffer: bytes) -> Iterator[tuple[int, bytes, bytes]]:
+    """(field number, the field's whole encoding, its length-delimited payload or b"") of a protobuf message."""
+    def varint(i: int) -> tuple[int, int]:
+        value, shift = 0, 0
+        while True:
+            byte = buffer[i]
+            value |= (byte & 0x7F) << shift
+            i, shift = i + 1, shift + 7
+            if byte < 0x80:
+                return value, i
+            if shift > 63:
+                raise ValueError("varint too long")
+
+    i = 0
+    while i < len(buffer):
+        start = i
+        key, i = varint(i)
+        payload = b""
+        if key & 7 == 0:
+            _, i = varint(i)
+        elif key & 7 == 1:
+            i += 8
+        elif key & 7 == 2:
+            length, i = varint(i)
+            payload, i = buffer[i:i + length], i + length
+        elif key & 7 == 5:
+            i += 4
+        else:
+            raise ValueError(f"wire type {key & 7}")
+        if i > len(buffer):
+            raise ValueError("truncated")
+        yield key >> 3, buffer[start:i], payload
+
+
 def cached_tokens(paths: list[str], tokenizer: Tokenizer, text_field: str = "text", separator: str = DOC_SEPARATOR,
                   cache_dir: Path | None = None, workers: int | None = None, progress=None, log=None) -> Path:
-    """The directory of token shards for this corpus and tokenizer: found in the cache, or made and put there."""
+    """The directory of token shards for this corpus and tokenizer: found in the cache, or made and put there.
+
+    It is made under a temporary name, .tmp-KEY-HOST-PID, and renamed into place; the temporary folders of
+    processes of this host that are gone (killed) are removed first."""
     key = corpus_hash(paths, tokenizer, text_field, separator)
     target = (cache_dir or default_cache_dir()) / "tokens" / key
     if (target / INDEX_FILE).is_file():
         if log:
             log(f"tokens found in the cache ({target}): skipping tokenization")
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".tmp-{key}-{os.getpid()}"
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise LLMError(f"could not make the token cache {target.parent}: {e.strerror or e}") from None
+    remove_stale_temporaries(target.parent)
+    tmp = target.parent / f".tmp-{key}-{socket.gethostname()}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tokenize_corpus(paths, tokenizer, tmp, text_field, separator, workers, progress)
@@ -211,23 +381,114 @@ def cached_tokens(paths: list[str], tokenizer: Tokenizer, text_field: str = "tex
     return target
 
 
-# A tokenizer per worker process, loaded once by the pool's initializer.
+def document_separator(tokenizer) -> list[int]:
+    """The ids before each document of a corpus: `<|endoftext|>` where the tokenizer has it (ours, GPT-2's), else the
+    model's end token then its beginning token (Llama's </s> <s>), so a document ends as the model's texts end and
+    starts as its prompts start."""
+    start = tokenizer.start_of_text
+    return [tokenizer.end_of_text] + ([start] if start is not None and start != tokenizer.end_of_text else [])
+
+
+def _temporary_owner(name: str) -> tuple[str, int] | None:
+    """(host, process id) of a temporary folder .tmp-KEY-HOST-PID (or .tmp-KEY-PID, this host's), else None."""
+    parts = name[len(".tmp-"):].split("-") if name.startswith(".tmp-") else []
+    if len(parts) < 2 or not parts[-1].isdigit():
+        return None
+    return "-".join(parts[1:-1]) or socket.gethostname(), int(parts[-1])
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def remove_stale_temporaries(tokens_dir: Path) -> int:
+    """Delete the temporary folders that processes of this host left when they were killed; their bytes."""
+    freed = 0
+    host = socket.gethostname()
+    for path in tokens_dir.glob(".tmp-*"):
+        owner = _temporary_owner(path.name)
+        if owner is None or owner[0] != host or (owner[1] != os.getpid() and _alive(owner[1])):
+            continue  # a process still writing it, or one on another machine of a shared file system
+        freed += directory_size(path)
+        shutil.rmtree(path, ignore_errors=True)
+    return freed
+
+
+def directory_size(path: Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def cache_entries(cache_dir: Path | None = None) -> list[dict]:
+    """The token cache's entries, largest first: {"path", "bytes", "tokens", "corpus"}; temporary folders of
+    running processes count too (tokens None)."""
+    root = (cache_dir or default_cache_dir()) / "tokens"
+    entries = []
+    for path in sorted(root.iterdir()) if root.is_dir() else []:
+        if not path.is_dir():
+            continue
+        try:
+            index = json.loads((path / INDEX_FILE).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            index = {}
+        entries.append({"path": str(path), "bytes": directory_size(path), "tokens": index.get("tokens"),
+                        "corpus": index.get("corpus", [])})
+    return sorted(entries, key=lambda e: -e["bytes"])
+
+
+def clear_cache(cache_dir: Path | None = None) -> int:
+    """Delete the token cache's entries (not the temporary folders of processes still writing them); the bytes
+    freed. A run whose tokens were deleted tokenizes its corpus again when resumed."""
+    root = (cache_dir or default_cache_dir()) / "tokens"
+    if not root.is_dir():
+        return 0
+    freed = remove_stale_temporaries(root)
+    for path in root.iterdir():
+        if path.is_dir() and not path.name.startswith(".tmp-"):
+            freed += directory_size(path)
+            shutil.rmtree(path, ignore_errors=True)
+    return freed
+
+
+# A tokenizer per worker process, given once to the pool's initializer.
 _worker_tokenizer: Tokenizer | None = None
 
 
-def _init_worker(tokenizer_path: str):
+def _init_worker(tokenizer, parent: int):
     global _worker_tokenizer
-    _worker_tokenizer = Tokenizer(tokenizer_path)
+    _die_with_parent(parent)
+    # Ctrl-C reaches the whole process group: the parent stops the pool, a worker must not print a traceback
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the parent's handler, inherited through fork
+    _worker_tokenizer = tokenizer
+
+
+def _die_with_parent(parent: int):
+    """Have the kernel kill this process when its parent dies (Linux's PR_SET_PDEATHSIG), so that a parent killed
+    by SIGKILL leaves no worker behind holding its stdout and stderr open. Elsewhere the parent's cleanup alone."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:  # the parent died before the line above
+        os._exit(1)
 
 
 def _encode_chunk(pieces: list[tuple[str, bool]], tokenizer: Tokenizer | None = None) -> np.ndarray:
-    """Token ids of a chunk of document pieces, with the end-of-text token before each document's first piece."""
+    """Token ids of a chunk of document pieces, with the document separator before each document's first piece."""
     tokenizer = tokenizer or _worker_tokenizer
-    eot = tokenizer.end_of_text
+    separator = document_separator(tokenizer)
     flat: list[int] = []
     for (_, starts), ids in zip(pieces, tokenizer.encode_batch([text for text, _ in pieces])):
         if starts:
-            flat.append(eot)
+            flat += separator
         flat += ids
     return np.array(flat, dtype=token_dtype(tokenizer.vocab_size))
 
@@ -252,7 +513,8 @@ def tokenize_corpus(paths: list, tokenizer: Tokenizer, out_dir: Path, text_field
     corpus order, so the result does not depend on the number of workers.
     """
     if tokenizer.end_of_text is None:
-        raise LLMError(f"the tokenizer {tokenizer.path} has no {END_OF_TEXT} token to separate documents")
+        raise LLMError(f"the tokenizer {tokenizer.path} has neither {END_OF_TEXT} nor an end token to separate "
+                       "documents")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     dtype = token_dtype(tokenizer.vocab_size)
@@ -304,7 +566,7 @@ def tokenize_corpus(paths: list, tokenizer: Tokenizer, out_dir: Path, text_field
     if n_tokens == 0:
         raise LLMError("the corpus is empty: no text to train on")
     index = {"format": TOKENS_FORMAT, "dtype": np.dtype(dtype).name, "vocab_size": tokenizer.vocab_size,
-             "tokens": n_tokens, "shards": shards}
+             "tokens": n_tokens, "shards": shards, "corpus": [str(p) for p in paths]}
     (out_dir / INDEX_FILE).write_text(json.dumps(index, indent=1), encoding="utf-8")
     return index
 
@@ -315,20 +577,27 @@ def _tokenize_in_pool(first, second, chunks, tokenizer, workers, write, progress
 
     # fork: workers start in milliseconds and use only sentencepiece and numpy, never torch
     context = multiprocessing.get_context("fork")
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
-                             initargs=(str(tokenizer.path),)) as pool:
-        pending: deque = deque()
+    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
+                               initargs=(tokenizer, os.getpid()))
+    pending: deque = deque()
 
-        def drain(limit: int):
-            while len(pending) > limit:
-                future, size = pending.popleft()
-                write(future.result())
-                progress and progress(size)
+    def drain(limit: int):
+        while len(pending) > limit:
+            future, size = pending.popleft()
+            write(future.result())
+            progress and progress(size)
 
+    try:
         for chunk, size in _chain(first, second, chunks):
             pending.append((pool.submit(_encode_chunk, chunk), size))
             drain(2 * workers)
         drain(0)
+    except BaseException:  # an error, Ctrl-C or SIGTERM: stop the workers now rather than finish their chunks
+        for process in list((getattr(pool, "_processes", None) or {}).values()):
+            process.kill()
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown()
 
 
 def _chain(first, second, rest):

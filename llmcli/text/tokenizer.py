@@ -1,13 +1,18 @@
 """SentencePiece tokenizers: train one on a corpus, load it, encode and decode losslessly.
 
-Hugging Face folders may bring GPT-2's byte-level BPE instead (tokenizer.json, or vocab.json + merges.txt): that is
-read by HF's `tokenizers` library, an optional extra (pip install 'llmcli[hf]'), behind the same interface.
+Hugging Face folders may bring a `tokenizers` tokenizer instead (tokenizer.json, or GPT-2's vocab.json + merges.txt),
+read by HF's `tokenizers` library, an optional extra (pip install 'llmcli[hf]'), behind the same interface; their
+special tokens come from the folder's generation_config.json, config.json and tokenizer_config.json.
 
 Trained tokenizers use byte fallback and no normalisation, so any UTF-8 text round-trips exactly; the end-of-text
-token `<|endoftext|>` separates documents and is matched wherever that string appears in text.
+token `<|endoftext|>` separates documents and is matched wherever that string appears in text. SentencePiece writes a
+space as U+2581 (▁) and turns every ▁ back into a space when decoding; so that a literal ▁ in the text survives, it
+is encoded as its three UTF-8 byte tokens, which decode to ▁ itself.
 """
 
 import os
+import re
+import shutil
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -18,12 +23,25 @@ from llmcli.errors import LLMError
 END_OF_TEXT = "<|endoftext|>"
 TOKENIZER_FILE = "tokenizer.model"
 MODEL_TYPES = ("bpe", "unigram")
+SPACE_MARK = "\u2581"  # SentencePiece's sign for a space in its pieces
+MAX_SENTENCE_BYTES = 4096  # training text is cut into pieces of at most this (SentencePiece skips longer sentences)
 
 
 class Tokenizer:
-    """A loaded SentencePiece model with the few operations the workbench needs."""
+    """A SentencePiece model (ours, or a Hugging Face folder's tokenizer.model) with the operations the workbench needs.
 
-    def __init__(self, path: str | Path):
+    The special tokens every tokenizer of the workbench names (HFTokenizer has the same attributes):
+    - start_of_text: the id a text starts with: `<|endoftext|>` where the vocabulary has it (ours, GPT-2's), else the
+      model's beginning-of-sequence token (`<s>`), else None.
+    - stop_tokens: the ids that end a sample (a model may have several: Llama 3's `<|eot_id|>` and
+      `<|end_of_text|>`); `<|endoftext|>` for ours.
+    - end_of_text: the id that separates documents in training data: `<|endoftext|>`, else the model's own end token.
+    - special_ids: control tokens, never printed as generated text.
+    """
+
+    def __init__(self, path: str | Path, specials_from: Path | None = None):
+        """path: a tokenizer.model or a directory holding one; specials_from: a folder whose files name the special
+        tokens (read_special_tokens), else the model's own <s> and </s>. Raises LLMError."""
         self.path = resolve_tokenizer_path(path)
         self.sp = spm.SentencePieceProcessor()
         try:
@@ -31,58 +49,94 @@ class Tokenizer:
         except (OSError, RuntimeError) as e:
             raise LLMError(f"{self.path} is not a SentencePiece model ({e})") from None
         self.vocab_size = self.sp.GetPieceSize()
-        eot = self.sp.PieceToId(END_OF_TEXT)
-        # PieceToId answers unk for pieces it lacks; a tokenizer from elsewhere may have no end-of-text token
-        self.end_of_text = eot if self.sp.IdToPiece(eot) == END_OF_TEXT else None
-        # what a text starts with and a sample ends at: ours, the end-of-text token; Llama's, <s> and </s>
-        bos, eos = self.sp.bos_id(), self.sp.eos_id()
-        self.start_of_text = self.end_of_text if self.end_of_text is not None else bos if bos >= 0 else None
-        self.stop_token = self.end_of_text if self.end_of_text is not None else eos if eos >= 0 else None
         self.files = [self.path]
+        eot = self._piece_id(END_OF_TEXT)  # a tokenizer from elsewhere may have no end-of-text token
+        bos, eos = self.sp.bos_id(), self.sp.eos_id()
+        specials = read_special_tokens(specials_from, self._piece_id) if specials_from else {}
+        self.chat_template = specials.get("chat_template")
+        _set_specials(self, eot, specials.get("bos", bos if bos >= 0 else None),
+                      specials.get("eos") or ([eos] if eos >= 0 else []),
+                      {i for i in range(self.vocab_size) if self.sp.IsControl(i)})
+        byte_ids = [self.sp.PieceToId(f"<0x{b:02X}>") for b in SPACE_MARK.encode("utf-8")]
+        # a tokenizer without byte pieces, or one that puts a space before every text (Llama's), cannot encode
+        # pieces of a text separately: a literal ▁ reads as a space there, as in SentencePiece itself
+        dummy_prefix = self.sp.EncodeAsPieces("a")[:1] != ["a"]
+        self.space_mark_ids = byte_ids if all(self.sp.IsByte(i) for i in byte_ids) and not dummy_prefix else None
+
+    def _piece_id(self, piece: str) -> int | None:
+        i = self.sp.PieceToId(piece)
+        return i if self.sp.IdToPiece(i) == piece else None
 
     def encode(self, text: str) -> list[int]:
-        return self.sp.EncodeAsIds(text)
+        return self.encode_batch([text])[0]
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return self.sp.Encode(texts, out_type=int)
+        if self.space_mark_ids is None or not any(SPACE_MARK in t for t in texts):
+            return self.sp.Encode(texts, out_type=int)
+        # the parts between literal ▁ encoded as usual, each ▁ as its byte tokens
+        out = []
+        for text in texts:
+            parts = text.split(SPACE_MARK)
+            ids = self.sp.Encode(parts[0], out_type=int)
+            for part in parts[1:]:
+                ids += self.space_mark_ids + self.sp.Encode(part, out_type=int)
+            out.append(ids)
+        return out
 
-    def decode(self, ids: list[int]) -> str:
-        bad = [i for i in ids if not 0 <= i < self.vocab_size]
-        if bad:
-            raise LLMError(f"token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})")
-        return self.sp.DecodeIds(ids)
+    def decode(self, ids: list[int], skip_special: bool = False) -> str:
+        """The text of ids; skip_special leaves out special tokens (for generated text). Raises LLMError for an id
+        outside the vocabulary."""
+        _check_ids(ids, self.vocab_size)
+        return self.sp.DecodeIds([i for i in ids if i not in self.special_ids] if skip_special else ids)
 
     def pieces(self, ids: list[int]) -> list[str]:
         return [self.sp.IdToPiece(i) for i in ids]
 
+    def token(self, i: int | None) -> str:
+        return "" if i is None else self.sp.IdToPiece(i)
 
-class ByteLevelBPETokenizer:
-    """GPT-2's byte-level BPE from a Hugging Face folder, read by the `tokenizers` library."""
+    def save(self, directory: Path):
+        """Write what load_tokenizer(directory) reads back as this tokenizer."""
+        from llmcli.files import atomic_write
 
-    def __init__(self, directory: Path):
-        try:
-            import tokenizers
-        except ImportError:
-            raise LLMError(f"{directory} has a byte-level BPE tokenizer, which needs the `tokenizers` library: "
-                           "pip install 'llmcli[hf]'") from None
+        atomic_write(directory / TOKENIZER_FILE, self.path.read_bytes())
+        _save_specials(self, directory)
+
+
+class HFTokenizer:
+    """Any Hugging Face `tokenizers` tokenizer (tokenizer.json: GPT-2, Llama 3, Qwen2 and SmolLM byte-level BPE,
+    SentencePiece-style BPE or Unigram), with the special tokens the model's own files name. Same interface as
+    Tokenizer; `tokenizers` is an optional extra (pip install 'llmcli[hf]')."""
+
+    def __init__(self, tok, files: list[Path], bos_id: int | None = None, eos_ids: list[int] = (),
+                 pad_id: int | None = None, chat_template: str | None = None):
+        self.tok, self.files, self.path = tok, [Path(f) for f in files], Path(files[0])
+        self.vocab_size = tok.get_vocab_size()
+        self.chat_template, self.pad_id = chat_template, pad_id
+        added = tok.get_added_tokens_decoder()  # id -> AddedToken
+        _set_specials(self, tok.token_to_id(END_OF_TEXT), bos_id, list(eos_ids),
+                      {i for i, a in added.items() if a.special})
+
+    @classmethod
+    def from_folder(cls, directory: Path) -> "HFTokenizer":
+        tokenizers = _import_tokenizers(directory)
         json_file, vocab, merges = directory / "tokenizer.json", directory / "vocab.json", directory / "merges.txt"
         try:
             if json_file.is_file():
-                self.files = [json_file]
-                self.tok = tokenizers.Tokenizer.from_file(str(json_file))
-            else:
-                self.files = [vocab, merges]
-                self.tok = tokenizers.Tokenizer(tokenizers.models.BPE.from_file(str(vocab), str(merges)))
-                self.tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
-                self.tok.decoder = tokenizers.decoders.ByteLevel()
-                if self.tok.token_to_id(END_OF_TEXT) is not None:
-                    self.tok.add_special_tokens([END_OF_TEXT])  # matched whole, never split into pieces
+                files = [json_file]
+                tok = tokenizers.Tokenizer.from_file(str(json_file))
+            else:  # GPT-2's original files
+                files = [vocab, merges]
+                tok = tokenizers.Tokenizer(tokenizers.models.BPE.from_file(str(vocab), str(merges)))
+                tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+                tok.decoder = tokenizers.decoders.ByteLevel()
+                if tok.token_to_id(END_OF_TEXT) is not None:
+                    tok.add_special_tokens([END_OF_TEXT])  # matched whole, never split into pieces
         except Exception as e:  # tokenizers raises plain Exceptions for unreadable files
             raise LLMError(f"the tokenizer in {directory} cannot be read: {e}") from None
-        self.path = self.files[0]
-        self.vocab_size = self.tok.get_vocab_size()
-        self.end_of_text = self.tok.token_to_id(END_OF_TEXT)
-        self.start_of_text = self.stop_token = self.end_of_text
+        specials = read_special_tokens(directory, tok.token_to_id)
+        return cls(tok, files, specials.get("bos"), specials.get("eos", []), specials.get("pad"),
+                   specials.get("chat_template"))
 
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False).ids
@@ -90,22 +144,127 @@ class ByteLevelBPETokenizer:
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=False)]
 
-    def decode(self, ids: list[int]) -> str:
-        bad = [i for i in ids if not 0 <= i < self.vocab_size]
-        if bad:
-            raise LLMError(f"token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})")
-        return self.tok.decode(ids, skip_special_tokens=False)
+    def decode(self, ids: list[int], skip_special: bool = False) -> str:
+        _check_ids(ids, self.vocab_size)
+        return self.tok.decode(ids, skip_special_tokens=skip_special)
 
     def pieces(self, ids: list[int]) -> list[str]:
         return [self.tok.id_to_token(i) for i in ids]
 
+    def token(self, i: int | None) -> str:
+        return "" if i is None else self.tok.id_to_token(i)
+
+    def save(self, directory: Path):
+        """Write tokenizer.json (and the special tokens) so that load_tokenizer(directory) reads this back."""
+        from llmcli.files import atomic_write
+
+        atomic_write(directory / "tokenizer.json", self.tok.to_str())
+        _save_specials(self, directory)
+
+
+def _import_tokenizers(where):
+    try:
+        import tokenizers
+    except ImportError:
+        raise LLMError(f"{where} has a Hugging Face tokenizer, which needs the `tokenizers` library: "
+                       "pip install 'llmcli[hf]'") from None
+    return tokenizers
+
+
+def _set_specials(tok, eot: int | None, bos: int | None, eos: list[int], control: set[int]):
+    """The attributes of the Tokenizer docstring, from the end-of-text, beginning and end ids a model names."""
+    tok.start_of_text = eot if eot is not None else bos
+    tok.stop_tokens = tuple(dict.fromkeys(([eot] if eot is not None else []) + [i for i in eos if i is not None]))
+    tok.end_of_text = eot if eot is not None else (tok.stop_tokens[0] if tok.stop_tokens else None)
+    tok.bos_id = bos
+    tok.eos_ids = tuple(i for i in eos if i is not None)
+    tok.special_ids = frozenset(control) | set(tok.stop_tokens) | ({bos} if bos is not None else set())
+
+
+def _check_ids(ids: list[int], vocab_size: int):
+    bad = [i for i in ids if not 0 <= i < vocab_size]
+    if bad:
+        raise LLMError(f"token id {bad[0]} is outside the vocabulary (0..{vocab_size - 1})")
+
+
+SPECIALS_FILE = "special_tokens.json"  # the special tokens a copied tokenizer came with (ours; not a HF file)
+
+
+def tokenizer_files(directory: Path) -> list[Path]:
+    """The files of the tokenizer Tokenizer.save or HFTokenizer.save wrote in directory (to copy them along)."""
+    return [directory / n for n in (TOKENIZER_FILE, "tokenizer.json", SPECIALS_FILE) if (directory / n).is_file()]
+
+
+def _save_specials(tok, directory: Path):
+    import json
+
+    from llmcli.files import atomic_write
+
+    record = {"bos_token_id": tok.bos_id, "eos_token_id": list(tok.eos_ids)}
+    if tok.chat_template:
+        record["chat_template"] = tok.chat_template
+    if tok.bos_id is None and not tok.eos_ids and not tok.chat_template:
+        return  # nothing the tokenizer's own file does not say (ours)
+    atomic_write(directory / SPECIALS_FILE, json.dumps(record, ensure_ascii=False, indent=1) + "\n")
+
+
+def read_special_tokens(directory: Path, token_to_id) -> dict:
+    """{"bos": id, "eos": [ids], "pad": id, "chat_template": str} as a Hugging Face folder names them:
+    generation_config.json first (the ids generate() stops at), then config.json, then the token strings of
+    tokenizer_config.json; our special_tokens.json before all. The chat template: chat_template.jinja, else
+    tokenizer_config.json's `chat_template` (a string, or a list of named ones: "default"). A malformed file is an
+    LLMError naming it."""
+    import json
+
+    found: dict = {}
+
+    def ids(value) -> list[int]:
+        if isinstance(value, dict):  # tokenizer_config.json's AddedToken form
+            value = value.get("content")
+        if isinstance(value, str):
+            value = token_to_id(value)
+        values = value if isinstance(value, list) else [value]
+        return [v for v in values if isinstance(v, int) and not isinstance(v, bool)]
+
+    for name, keys in ((SPECIALS_FILE, ("bos_token_id", "eos_token_id", "pad_token_id")),
+                       ("generation_config.json", ("bos_token_id", "eos_token_id", "pad_token_id")),
+                       ("config.json", ("bos_token_id", "eos_token_id", "pad_token_id")),
+                       ("tokenizer_config.json", ("bos_token", "eos_token", "pad_token"))):
+        path = directory / name
+        if not path.is_file():
+            continue
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise LLMError(f"{path} is not valid JSON: {e}") from None
+        if not isinstance(record, dict):
+            raise LLMError(f"{path} is not a JSON object")
+        for kind, key in zip(("bos", "eos", "pad"), keys):
+            if kind in found or key not in record or record[key] is None:
+                continue
+            values = ids(record[key])
+            if values:
+                found[kind] = values if kind == "eos" else values[0]
+        template = record.get("chat_template")
+        if isinstance(template, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
+            template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"),
+                            None)
+        if isinstance(template, str) and "chat_template" not in found:
+            found["chat_template"] = template
+    if (directory / "chat_template.jinja").is_file():
+        found["chat_template"] = (directory / "chat_template.jinja").read_text(encoding="utf-8")
+    return found
+
 
 def load_tokenizer(path: str | Path):
-    """The tokenizer of a directory (ours or a HF folder) or file: SentencePiece first, then byte-level BPE."""
+    """The tokenizer of a directory (ours, a HF folder) or a tokenizer.model file: SentencePiece first, then HF's
+    tokenizer.json (or GPT-2's vocab.json + merges.txt); special tokens from the folder's files. Raises LLMError."""
     path = Path(path)
-    if path.is_dir() and not (path / TOKENIZER_FILE).is_file():
+    if path.is_dir():
+        if (path / TOKENIZER_FILE).is_file():
+            return Tokenizer(path / TOKENIZER_FILE, specials_from=path)
         if (path / "tokenizer.json").is_file() or (path / "vocab.json").is_file():
-            return ByteLevelBPETokenizer(path)
+            return HFTokenizer.from_folder(path)
         raise LLMError(f"no tokenizer in {path}: expected {TOKENIZER_FILE}, tokenizer.json or vocab.json + merges.txt")
     return Tokenizer(path)
 
@@ -128,20 +287,33 @@ def train_tokenizer(
     special_tokens: tuple[str, ...] = (),
     max_sentences: int = 2_000_000,
 ) -> Tokenizer:
-    """Train a SentencePiece model on an iterable of lines and write out_dir/tokenizer.model."""
+    """Train a SentencePiece model on an iterable of texts (lines or whole documents) and write
+    out_dir/tokenizer.model (atomically; the model records no path, so the same text and settings give the same
+    bytes wherever they are written). A text longer than MAX_SENTENCE_BYTES is cut into pieces (SentencePiece
+    would skip it).
+
+    Raises LLMError when there is no text, when vocab_size is too small for the corpus's characters (naming the
+    size needed), or when SentencePiece fails; nothing is left behind in out_dir then.
+    """
+    import io
+
+    from llmcli.files import atomic_write, make_output_dir
+
     if model_type not in MODEL_TYPES:
         raise LLMError(f"unknown tokenizer type {model_type!r}; choose one of {', '.join(MODEL_TYPES)}")
     if vocab_size < 260 + len(special_tokens):
         # byte fallback alone takes 256 ids, plus unk and the special tokens
         raise LLMError(f"vocabulary size {vocab_size} is too small: byte fallback needs at least 260 ids")
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    seen = _CountingIterator(sentences)
+    made_dir = not out_dir.exists()
+    make_output_dir(out_dir)
+    model = io.BytesIO()
+    seen = _CountingIterator(piece for text in sentences for piece in training_pieces(text))
     symbols = [END_OF_TEXT] + [s for s in special_tokens if s != END_OF_TEXT]
     try:
         spm.SentencePieceTrainer.Train(
             sentence_iterator=seen,
-            model_prefix=str(out_dir / "tokenizer"),
+            model_writer=model,
             model_type=model_type,
             vocab_size=vocab_size,
             byte_fallback=True,
@@ -157,6 +329,7 @@ def train_tokenizer(
             eos_id=-1,
             pad_id=-1,
             input_sentence_size=max_sentences,
+            max_sentence_length=MAX_SENTENCE_BYTES + 1,
             shuffle_input_sentence=True,
             train_extremely_large_corpus=False,
             num_threads=os.cpu_count() or 1,
@@ -164,17 +337,44 @@ def train_tokenizer(
         )
         if seen.error is not None:
             raise seen.error
-    except RuntimeError as e:
+        if not seen.text:
+            raise LLMError("the corpus has no text to train a tokenizer on (it is empty or blank)")
+    except (RuntimeError, LLMError) as e:
+        if made_dir:
+            shutil.rmtree(out_dir, ignore_errors=True)
+        if isinstance(e, LLMError):
+            raise
         if seen.error is not None:
             raise seen.error from None
-        if seen.count == 0:
-            raise LLMError("the corpus is empty: no text to train a tokenizer on") from None
+        if not seen.text:
+            raise LLMError("the corpus has no text to train a tokenizer on (it is empty or blank)") from None
         message = str(e).strip().splitlines()[-1].rsplit("] ", 1)[-1]  # drop SentencePiece's source location
+        needed = re.search(r"Vocabulary size is smaller than required_chars\. \d+ vs (\d+)", message)
+        if needed:
+            raise LLMError(f"--vocab-size {vocab_size} is too small for this corpus: it needs at least "
+                           f"{needed.group(1)} (a token for each of its characters, besides the 256 bytes and the "
+                           "special tokens)") from None
         if "Vocabulary size" in message:
             message += " Use a smaller --vocab-size or a larger corpus."
         raise LLMError(f"tokenizer training failed: {message}") from None
-    (out_dir / "tokenizer.vocab").unlink(missing_ok=True)  # a human-readable copy we never read
+    atomic_write(out_dir / TOKENIZER_FILE, model.getvalue())
     return Tokenizer(out_dir / TOKENIZER_FILE)
+
+
+def training_pieces(text: str, max_bytes: int = MAX_SENTENCE_BYTES) -> Iterator[str]:
+    """The text cut into pieces of at most max_bytes UTF-8 bytes, each cut after the last newline or space before
+    the limit (or at a character boundary when there is none); an empty text gives nothing."""
+    data = text.encode("utf-8")
+    while len(data) > max_bytes:
+        cut = max(data.rfind(b"\n", 0, max_bytes), data.rfind(b" ", 0, max_bytes)) + 1
+        if cut <= max_bytes // 2:  # no break in the second half: cut between characters
+            cut = max_bytes
+            while data[cut] & 0xC0 == 0x80:  # a UTF-8 continuation byte
+                cut -= 1
+        yield data[:cut].decode("utf-8")
+        data = data[cut:]
+    if data:
+        yield data.decode("utf-8")
 
 
 class _CountingIterator:
@@ -183,6 +383,7 @@ class _CountingIterator:
     def __init__(self, items: Iterable[str]):
         self.items = iter(items)
         self.count = 0
+        self.text = False  # whether any item had more than whitespace
         self.error: LLMError | None = None
 
     def __iter__(self) -> Iterator[str]:
@@ -195,4 +396,5 @@ class _CountingIterator:
             self.error = e
             raise StopIteration from None
         self.count += 1
+        self.text = self.text or not item.isspace()
         return item

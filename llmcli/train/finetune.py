@@ -18,13 +18,12 @@ import torch
 
 from llmcli.config import TrainConfig
 from llmcli.errors import LLMError
+from llmcli.files import make_output_dir
 from llmcli.formats import ours as checkpoint
 from llmcli.formats.adapter import prepare_model
-from llmcli.formats.files import atomic_write
 from llmcli.infer.chat import render
 from llmcli.progress import log
 from llmcli.text import data
-from llmcli.text.tokenizer import TOKENIZER_FILE
 from llmcli.train.pretrain import IGNORE
 
 TASKS = ("sft", "classify")
@@ -290,11 +289,9 @@ def finetune(data_path: str | None, out_dir: str | Path, base: str | Path | None
         if base_config.get("task") == "classify" or "adapter" in base_config:
             raise LLMError(f"{base} is a classifier or an adapter; fine-tune a language model (merge an adapter "
                            "first with llm finetune merge)")
-        if getattr(tokenizer, "end_of_text", None) is None:
-            raise LLMError(f"{base}: its tokenizer has no <|endoftext|> token, which fine-tuning needs")
-        if not (Path(tokenizer.files[0]).name == TOKENIZER_FILE):
-            raise LLMError(f"{base}: fine-tuning needs a SentencePiece tokenizer.model (this one is "
-                           f"{Path(tokenizer.files[0]).name})")
+        if tokenizer.end_of_text is None:
+            raise LLMError(f"{base}: its tokenizer has neither <|endoftext|> nor an end token, which fine-tuning "
+                           "needs to mark where an example ends")
         run = new_run(base, data_path, val, task, train_on_prompt, overrides or {}, lora or LoRAConfig(),
                       base_config, base_model)
     try:
@@ -305,8 +302,8 @@ def finetune(data_path: str | None, out_dir: str | Path, base: str | Path | None
     torch.set_num_threads(cfg.threads or max(1, os.cpu_count() or 1))
     dataset = make_dataset(run, tokenizer)
     if resume is None:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write(out_dir / TOKENIZER_FILE, lambda tmp: tmp.write_bytes(tokenizer.files[0].read_bytes()))
+        make_output_dir(out_dir)
+        tokenizer.save(out_dir)
         checkpoint.write_config(out_dir, run)
     torch.manual_seed(cfg.seed)  # the LoRA matrices' initial values
     model = prepare_model(base_model, run).to(world.device).train()
@@ -335,8 +332,8 @@ def merge(adapter_dir: str | Path, out_dir: str | Path) -> Path:
     merged = merge_lora(model)
     config = {k: v for k, v in config.items() if k not in ("adapter", "format", "checkpoint")}
     config["merged_from"] = {"adapter": str(Path(adapter_dir).resolve()), "base": config["finetune"]["base"]}
-    out_dir.mkdir(parents=True)
+    make_output_dir(out_dir, exist_ok=False)
     save_model(out_dir, merged)
-    atomic_write(out_dir / TOKENIZER_FILE, lambda tmp: tmp.write_bytes(tokenizer.files[0].read_bytes()))
+    tokenizer.save(out_dir)
     checkpoint.write_config(out_dir, config)
     return out_dir

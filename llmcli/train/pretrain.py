@@ -16,6 +16,7 @@ import dataclasses
 import json
 import math
 import os
+import secrets
 import shutil
 import signal
 import time
@@ -29,12 +30,12 @@ import torch.nn.functional as F
 
 from llmcli.config import TrainConfig, resolve_run_config
 from llmcli.errors import LLMError
+from llmcli.files import atomic_write, file_mode, make_output_dir, os_error_reason
 from llmcli.formats import ours as checkpoint
-from llmcli.formats.files import atomic_write
 from llmcli.model.transformer import ModelConfig, Transformer
 from llmcli.progress import log, progress_bar
 from llmcli.text import data
-from llmcli.text.tokenizer import TOKENIZER_FILE, Tokenizer, train_tokenizer
+from llmcli.text.tokenizer import Tokenizer, load_tokenizer, tokenizer_files, train_tokenizer
 
 SAVE_DTYPES = ("float32", "bfloat16", "float16")
 SCHEDULES = ("cosine", "linear", "wsd")
@@ -210,15 +211,18 @@ def save_checkpoint(run_dir: Path, step: int, weights: dict, state: dict, run: d
     final = root / f"step-{step:07d}"
     tmp = root / f".tmp-{final.name}"
     try:
-        root.mkdir(parents=True, exist_ok=True)
+        root.mkdir(parents=True, exist_ok=True, mode=file_mode(directory=True))
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
+        tmp.mkdir(mode=file_mode(directory=True))  # exclusive: fails on anything left at that name
         save_file(weights, str(tmp / checkpoint.MODEL_FILE), metadata={"step": str(step)})
         save_file(state, str(tmp / TRAIN_STATE_FILE))
-        shutil.copyfile(run_dir / TOKENIZER_FILE, tmp / TOKENIZER_FILE)
+        for file in tokenizer_files(run_dir):
+            shutil.copyfile(file, tmp / file.name)
         config = {"format": checkpoint.FORMAT, **run, "checkpoint": meta}
         (tmp / checkpoint.CONFIG_FILE).write_text(yaml_dump(config), encoding="utf-8")
         (tmp / TRAIN_STATE_META).write_text(json.dumps(meta, indent=1), encoding="utf-8")
+        for path in tmp.iterdir():  # safetensors creates its files 0600: the one mode policy (file_mode)
+            os.chmod(path, file_mode())
         _fsync_tree(tmp)
         if final.exists():  # the same step saved again (an interrupt right after a save): swap it
             old = root / f".old-{final.name}"
@@ -228,8 +232,7 @@ def save_checkpoint(run_dir: Path, step: int, weights: dict, state: dict, run: d
         else:
             os.rename(tmp, final)
         # the run directory itself stays a checkpoint of the latest weights: a hard link costs no space
-        link = run_dir / f".{checkpoint.MODEL_FILE}.tmp"
-        link.unlink(missing_ok=True)
+        link = run_dir / f".{checkpoint.MODEL_FILE}.{secrets.token_hex(8)}.tmp"
         try:
             os.link(final / checkpoint.MODEL_FILE, link)
         except OSError:
@@ -254,7 +257,13 @@ def _prune_checkpoints(run_dir: Path, keep_last: int):
         keep.add(min(with_val, key=lambda p: metas[p]["val_loss"]))
     for path in dirs:
         if path not in keep:
-            shutil.rmtree(path, ignore_errors=True)
+            # renamed first, so that a kill while deleting leaves no half checkpoint, only a leftover removed at start
+            doomed = path.with_name(f".old-{path.name}")
+            try:
+                os.rename(path, doomed)
+            except OSError:
+                continue
+            shutil.rmtree(doomed, ignore_errors=True)
 
 
 def load_train_state(directory: Path, model: Transformer, optimizer) -> dict:
@@ -396,26 +405,39 @@ def estimate_val_loss(model, dataset, cfg: TrainConfig, world: World, micro_batc
 
 # --- the run ---------------------------------------------------------------------------------------------------------
 
-def prepare_tokenizer(corpus: list, out_dir: Path, run: dict, tokenizer_path: str | None) -> Tokenizer:
-    """Copy the given tokenizer into the run, or train one on the corpus."""
-    target = out_dir / TOKENIZER_FILE
-    if tokenizer_path is not None:
-        tokenizer = Tokenizer(tokenizer_path)
-        if tokenizer.path.resolve() != target.resolve():
-            shutil.copyfile(tokenizer.path, target)
+def prepare_tokenizer(corpus: list, out_dir: Path, run: dict, tokenizer) -> Tokenizer:
+    """Save the given tokenizer (a loaded one, or a path load_tokenizer reads) into the run, or train one on the
+    corpus."""
+    if tokenizer is not None:
+        if not hasattr(tokenizer, "save"):
+            tokenizer = load_tokenizer(tokenizer)
+        if Path(tokenizer.path).resolve().parent != out_dir.resolve():
+            tokenizer.save(out_dir)
         if "init" not in run:  # a model continued from a checkpoint keeps its own embedding size
             run["model"]["vocab_size"] = tokenizer.vocab_size
-        return Tokenizer(target)
+        return load_tokenizer(out_dir)
     vocab_size = run["model"]["vocab_size"]
     train = run["train"]
     log(f"training a {train['tokenizer_type']} tokenizer with {vocab_size} tokens")
-    docs = data.read_documents(corpus, train["text_field"], train["doc_separator"])
-    lines = (line for doc in docs for line in doc.split("\n"))
+    lines = data.training_lines(corpus, train["text_field"], train["doc_separator"])
     return train_tokenizer(lines, out_dir, vocab_size, train["tokenizer_type"])
 
 
 def check_settings(cfg: TrainConfig, world: World) -> int:
-    """Clear errors for settings that cannot work; returns the micro-batch size."""
+    """Clear errors for settings that cannot work, before anything is written; returns the micro-batch size."""
+    limits = [("max_steps", 1, None), ("lr", 0, None), ("warmup_steps", 0, None), ("eval_interval", 1, None),
+              ("eval_batches", 1, None), ("save_interval", 0, None), ("keep_last", 0, None), ("threads", 0, None),
+              ("micro_batch_size", 0, None), ("weight_decay", 0, None), ("grad_clip", 0, None),
+              ("min_lr_ratio", 0, 1), ("beta1", 0, 1), ("beta2", 0, 1), ("val_fraction", 0, 1),
+              ("decay_fraction", 0, 1)]
+    for name, low, high in limits:
+        value = getattr(cfg, name)
+        positive = name in ("lr", "grad_clip", "val_fraction")  # where 0 cannot work either
+        if not math.isfinite(value) or value < low or (positive and value <= low) or (high is not None and value > high):
+            bound = (f"between {low} and {high}" if high is not None else
+                     f"above {low}" if positive else f"at least {low}")
+            option = f"--{name.replace('_', '-')}"
+            raise LLMError(f"{name} ({option}) must be {bound}, not {value}")
     if cfg.save_dtype not in SAVE_DTYPES:
         raise LLMError(f"save_dtype must be one of {', '.join(SAVE_DTYPES)}, got {cfg.save_dtype!r}")
     if cfg.schedule not in SCHEDULES:
@@ -484,20 +506,17 @@ def pretrain(
 
 
 def _initial_model(init: str | Path, run: dict) -> tuple[dict, Path]:
-    """The weights and tokenizer file of the checkpoint (ours or a Hugging Face folder) a run starts from; its
-    shape replaces the run's model settings, but for dropout."""
+    """The weights and tokenizer of the model (any format load_model reads) a run starts from; its shape replaces
+    the run's model settings, but for dropout."""
     from llmcli.formats import load_model
 
     model, tokenizer, _ = load_model(init)
-    if not isinstance(tokenizer, Tokenizer):
-        raise LLMError(f"{init}: continued pretraining needs a SentencePiece tokenizer.model; this checkpoint has "
-                       "a byte-level BPE tokenizer")
     if tokenizer.vocab_size > model.config.vocab_size:
         raise LLMError(f"{init}: its tokenizer has {tokenizer.vocab_size} tokens but the model only "
                        f"{model.config.vocab_size} embeddings")
     run["model"] = {**dataclasses.asdict(model.config), "dropout": run["model"].get("dropout", 0.0)}
     run["init"] = str(init)
-    return model.state_dict(), tokenizer.path
+    return model.state_dict(), tokenizer
 
 
 def _pretrain(world, corpus, out_dir, preset, config_file, overrides, tokenizer_path, resume, init=None) -> dict:
@@ -571,9 +590,9 @@ def train_loop(world: World, run: dict, cfg: TrainConfig, out_dir: Path, model, 
                            "give a larger --max-steps to train longer")
     elif world.is_main:
         metrics_path.unlink(missing_ok=True)
-    if world.is_main and (out_dir / CHECKPOINTS_DIR).is_dir():  # left by a kill during a save
-        for leftover in (out_dir / CHECKPOINTS_DIR).glob(".*-step-*"):
-            shutil.rmtree(leftover, ignore_errors=True)
+    if world.is_main:  # left by a kill during a save or a prune
+        for leftover in [*(out_dir / CHECKPOINTS_DIR).glob(".*-step-*"), *out_dir.glob(f".{checkpoint.MODEL_FILE}.*")]:
+            shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink(missing_ok=True)
 
     train_model = torch.compile(model) if cfg.compile else model
     if world.size > 1 and cfg.strategy == "fsdp":
@@ -607,8 +626,14 @@ def train_loop(world: World, run: dict, cfg: TrainConfig, out_dir: Path, model, 
 
     def record(**row):
         if world.is_main:
-            with open(metrics_path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(row) + "\n")
+            try:
+                with open(metrics_path, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(row) + "\n")
+            except OSError as e:
+                last = checkpoint_dirs(out_dir)
+                kept = f"the last checkpoint ({last[-1]}) is kept" if last else "no checkpoint was saved"
+                raise LLMError(f"could not write {metrics_path}: {os_error_reason(e)}; stopping at step "
+                               f"{row['step']}: {kept}") from None
 
     def save(step: int, val_loss: float | None):
         nonlocal best
@@ -700,7 +725,7 @@ def _truncate_metrics(path: Path, step: int):
         return
     rows = [line for line in path.read_text(encoding="utf-8").splitlines()
             if line.strip() and _row_step(line) is not None and _row_step(line) <= step]
-    atomic_write(path, lambda tmp: tmp.write_text("".join(r + "\n" for r in rows), encoding="utf-8"))
+    atomic_write(path, "".join(r + "\n" for r in rows))
 
 
 def _row_step(line: str):
@@ -713,17 +738,17 @@ def _row_step(line: str):
 def _prepare_data(corpus, out_dir: Path, run: dict, tokenizer_path, cfg: TrainConfig):
     """Process 0: the tokenizer and the token shards of the corpus, and the run's config.yaml that names them."""
     corpus = data.expand_corpus(corpus or [])
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_output_dir(out_dir)
     if "-" in corpus:  # stdin can be read once; the tokenizer and the tokenization both need it
         stdin_copy = str(data.save_stdin(out_dir / "data" / "stdin.txt"))
         corpus = [stdin_copy if p == "-" else p for p in corpus]
     tokenizer = prepare_tokenizer(corpus, out_dir, run, tokenizer_path)
-    run["tokenizer"] = {"file": TOKENIZER_FILE, "vocab_size": tokenizer.vocab_size}
+    run["tokenizer"] = {"file": tokenizer.path.name, "vocab_size": tokenizer.vocab_size}
     _tokenize(corpus, out_dir, run, cfg)
 
 
 def _tokenize(corpus: list[str], out_dir: Path, run: dict, cfg: TrainConfig):
-    tokenizer = Tokenizer(out_dir / TOKENIZER_FILE)
+    tokenizer = load_tokenizer(out_dir)
     total_bytes = sum(os.path.getsize(p) for p in corpus)
     started = time.perf_counter()
     with progress_bar("tokenizing", total_bytes) as update:

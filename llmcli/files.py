@@ -1,0 +1,133 @@
+"""Writing files safely and reading safetensors headers: the ground floor under every format.
+
+What we write follows one mode policy: files 0666 and directories 0777 less the umask (0644 and 0755 with the usual
+umask 022), set on the descriptor as it is created, so that another user of a shared file system can read a run.
+"""
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from llmcli.errors import LLMError
+
+
+def file_mode(directory: bool = False) -> int:
+    """The mode of what we create: 0666 (files) or 0777 (directories) less the process's umask."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return (0o777 if directory else 0o666) & ~mask
+
+
+def atomic_write(path: Path, content: bytes | str):
+    """Write content to path through a temporary file in the same directory, renamed over path: readers see the old
+    file or the new one, never half. The temporary name is unpredictable and created exclusively (mkstemp), so a
+    symlink planted in the directory is never followed; rename replaces a link at path itself, not its target."""
+    path = Path(path)
+    data = content.encode("utf-8") if isinstance(content, str) else content
+    existed = path.exists()
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise LLMError(f"could not write {path}: {os_error_reason(e)}") from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), file_mode())
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise LLMError(f"could not write {path}: {os_error_reason(e)}"
+                       + ("; the previous version is intact" if existed else "")) from None
+
+
+def os_error_reason(e: OSError) -> str:
+    import errno
+
+    return "the disk is full" if e.errno in (errno.ENOSPC, errno.EDQUOT) else e.strerror or str(e)
+
+
+def make_output_dir(path: Path, exist_ok: bool = True) -> Path:
+    """Create the directory a command writes to (and its parents), or say in one line why it cannot be."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=exist_ok, mode=file_mode(directory=True) | 0o700)
+    except FileExistsError:
+        raise LLMError(f"{path} already exists; choose a new directory") from None
+    except OSError as e:
+        raise LLMError(f"cannot create the output directory {path}: {os_error_reason(e)}") from None
+    if not path.is_dir():
+        raise LLMError(f"{path} exists and is not a directory")
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise LLMError(f"cannot write to the output directory {path}: "
+                       + ("read-only file system" if _read_only(path) else "permission denied"))
+    return path
+
+
+def _read_only(path: Path) -> bool:
+    return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+
+
+MAX_HEADER_BYTES = 100_000_000  # as the safetensors library allows
+
+
+def safetensors_header(path: Path) -> dict[str, dict]:
+    """The header of a .safetensors file, checked: {tensor name: {"dtype", "shape", "data_offsets"}} (the
+    `__metadata__` entry left out). The format: a little-endian u64 header length, that many bytes of JSON, then the
+    tensors' bytes (https://github.com/huggingface/safetensors). Raises LLMError naming the file when it is not one."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            length = int.from_bytes(f.read(8), "little")
+            if size < 8 or length > min(MAX_HEADER_BYTES, size - 8):
+                raise ValueError(f"its header length ({length} bytes) does not fit the file ({size} bytes)")
+            header = json.loads(f.read(length))
+    except OSError as e:
+        raise LLMError(f"cannot read {path}: {os_error_reason(e)}") from None
+    except (ValueError, RecursionError) as e:  # bad JSON, bad UTF-8, nesting deeper than Python's stack
+        message = "its header is nested too deeply" if isinstance(e, RecursionError) else str(e).splitlines()[0]
+        raise LLMError(f"{path} is corrupt: {message}") from None
+    if not isinstance(header, dict):
+        raise LLMError(f"{path} is corrupt: its header is a JSON {type(header).__name__}, not an object")
+    tensors = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        ok = (isinstance(info, dict) and isinstance(info.get("dtype"), str) and isinstance(info.get("shape"), list)
+              and all(isinstance(n, int) and n >= 0 for n in info["shape"])
+              and isinstance(info.get("data_offsets"), list) and len(info["data_offsets"]) == 2
+              and all(isinstance(n, int) and 0 <= n <= size for n in info["data_offsets"])
+              and info["data_offsets"][0] <= info["data_offsets"][1])
+        if not ok:
+            raise LLMError(f"{path} is corrupt: the header's entry for {str(name)[:80]!r} is not a tensor's "
+                           "dtype, shape and data offsets")
+        tensors[name] = info
+    return tensors
+
+
+def read_safetensors(path: Path) -> dict:
+    """The tensors of a .safetensors file as float32 arrays; read by hand because NumPy has no bfloat16, which the
+    default checkpoint is stored in. Raises ValueError on anything else."""
+    import numpy as np
+
+    header = safetensors_header(path)
+    with open(path, "rb") as f:
+        f.seek(8 + int.from_bytes(f.read(8), "little"))
+        body = memoryview(f.read())
+    tensors = {}
+    for name, info in header.items():
+        start, end = info["data_offsets"]
+        raw, dtype = body[start:end], info["dtype"]
+        if dtype == "BF16":  # the upper half of a float32
+            array = (np.frombuffer(raw, np.uint16).astype(np.uint32) << 16).view(np.float32)
+        elif dtype in ("F16", "F32"):
+            array = np.frombuffer(raw, np.float16 if dtype == "F16" else np.float32).astype(np.float32)
+        else:
+            raise ValueError(f"{name}: dtype {dtype}")
+        tensors[name] = array.reshape(info["shape"])
+    return tensors
