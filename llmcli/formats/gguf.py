@@ -319,7 +319,8 @@ def build_tokenizer(metadata: dict, path: Path):
     """A tokenizers.Tokenizer from tokenizer.ggml.* metadata, built as transformers' GGUF converters build theirs:
     "gpt2" is byte-level BPE (tokens + merges; tokenizer.ggml.pre picks the split regex), "llama" is SentencePiece
     style BPE (tokens + scores, merges derived from the scores, byte fallback, "▁" for spaces). Tokens of type
-    CONTROL become special tokens and USER_DEFINED ones added tokens, both matched whole in text."""
+    CONTROL and those named beginning, end, unknown or padding become special tokens, USER_DEFINED ones added
+    tokens, all matched whole in text."""
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, pre_tokenizers
     from tokenizers.models import BPE
 
@@ -368,6 +369,10 @@ def build_tokenizer(metadata: dict, path: Path):
         raise
     except Exception as e:  # tokenizers raises plain Exceptions for inconsistent vocabularies and merges
         raise LLMError(f"{path}: the GGUF tokenizer cannot be built: {e}") from None
+    # the tokens the metadata names (beginning, end, unknown, padding) are special too, whatever their type
+    named = [metadata.get(f"tokenizer.ggml.{key}") for key in ("bos_token_id", "eos_token_id", "unknown_token_id",
+                                                               "padding_token_id")]
+    control += [tokens[i] for i in named if isinstance(i, int) and 0 <= i < len(tokens) and tokens[i] not in control]
     tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in control])
     user_defined = [t for t, kind_ in zip(tokens, types) if kind_ == USER_DEFINED and t in vocab]
     tok.add_tokens([AddedToken(t, normalized=False, special=False) for t in user_defined])
