@@ -100,14 +100,24 @@ def open_gguf(path: Path):
             return offs - orig_offs, parts, list(range(3, len(parts), 2)), [ARRAY, STRING]
 
     try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        raise LLMError(f"cannot read {path}: {e.strerror or e}") from None
+    if magic != b"GGUF":
+        raise LLMError(f"{path} is not a GGUF file: it does not start with the bytes GGUF")
+    try:
         return Reader(path)
     except ValueError as e:
         if "GGMLQuantizationType" in str(e):
-            raise LLMError(f"{path}: unknown tensor type {str(e).split()[0]} (not a ggml type this gguf library "
-                           "knows)") from None
-        raise LLMError(f"{path} is not a readable GGUF file: {e}") from None
+            import re
+
+            number = re.search(r"(\d+)\)? is not a valid", str(e))  # "np.uint32(99) is not a valid ..."
+            raise LLMError(f"{path}: unknown tensor type {number.group(1) if number else '?'} (not a ggml type this "
+                           "gguf library knows)") from None
+        raise LLMError(f"{path} is truncated or corrupt: {e}") from None
     except (IndexError, KeyError, OverflowError, UnicodeDecodeError, OSError) as e:
-        raise LLMError(f"{path} is not a readable GGUF file (truncated or corrupt: {type(e).__name__}: {e})") from None
+        raise LLMError(f"{path} is truncated or corrupt: {e}") from None
 
 
 def read_metadata(reader, path: Path) -> dict:
@@ -434,17 +444,9 @@ def tokenizer_metadata(tokenizer) -> dict:
     llama.cpp's convert_hf_to_gguf.py writes them. Raises LLMError for any other kind."""
     if hasattr(tokenizer, "sp"):
         sp = tokenizer.sp
-        tokens, scores, types = [], [], []
-        for i in range(sp.GetPieceSize()):
-            score = sp.GetScore(i)
-            kind = (UNKNOWN if sp.IsUnknown(i) else CONTROL if sp.IsControl(i) else UNUSED if sp.IsUnused(i)
-                    else BYTE if sp.IsByte(i) else NORMAL)
-            if kind == NORMAL and score == 0.0 and i == sp.PieceToId(sp.IdToPiece(i)) and len(sp.IdToPiece(i)) > 1 \
-                    and sp.EncodeAsIds(sp.IdToPiece(i)) == [i]:
-                kind = USER_DEFINED  # SentencePiece gives user-defined pieces (<|endoftext|>) score 0, merges < 0
-            tokens.append(sp.IdToPiece(i))
-            scores.append(score)
-            types.append(kind)
+        tokens = [sp.IdToPiece(i) for i in range(sp.GetPieceSize())]
+        scores = [sp.GetScore(i) for i in range(sp.GetPieceSize())]
+        types = sentencepiece_types(sp.serialized_model_proto())
         prefix_space = sp.EncodeAsPieces("x")[0].startswith("▁")  # SentencePiece's add_dummy_prefix
         meta = {"model": "llama", "tokens": tokens, "scores": scores, "token_type": types,
                 "add_space_prefix": prefix_space}
@@ -458,6 +460,38 @@ def tokenizer_metadata(tokenizer) -> dict:
              "eot_token_id": ends[1] if len(ends) > 1 else None, "padding_token_id": getattr(tokenizer, "pad_id", None),
              "chat_template": tokenizer.chat_template}
     return {k: v for k, v in meta.items() if v is not None}
+
+
+def sentencepiece_types(proto: bytes) -> list[int]:
+    """The type of every piece of a serialized SentencePiece ModelProto (sentencepiece_model.proto: field 1, the
+    pieces; in each, field 3 the type, numbered as GGUF's token types, NORMAL when absent). The Python API tells
+    control, unknown, unused and byte pieces apart but not user-defined ones (our <|endoftext|>), which GGUF
+    readers must match whole."""
+
+    def varint(data, i):
+        value = shift = 0
+        while True:
+            byte = data[i]
+            value, shift, i = value | (byte & 0x7F) << shift, shift + 7, i + 1
+            if byte < 0x80:
+                return value, i
+
+    def fields(data):  # (field number, value or bytes) of one message
+        i = 0
+        while i < len(data):
+            key, i = varint(data, i)
+            kind = key & 7
+            if kind == 0:
+                value, i = varint(data, i)
+            elif kind == 2:
+                size, i = varint(data, i)
+                value, i = data[i:i + size], i + size
+            else:  # 1: 64-bit, 5: 32-bit
+                size = 8 if kind == 1 else 4
+                value, i = data[i:i + size], i + size
+            yield key >> 3, value
+
+    return [next((v for f, v in fields(piece) if f == 3), NORMAL) for f, piece in fields(proto) if f == 1]
 
 
 def _tokenizers_metadata(tok) -> dict:
