@@ -293,3 +293,23 @@ def test_help_imports_neither_gguf_nor_tokenizers():
     imported = {line.split("|")[-1].strip().split(".")[0] for line in result.stderr.splitlines() if "|" in line}
     assert "llmcli" in imported
     assert not imported & {"gguf", "tokenizers", "transformers", "torch"}
+
+
+def test_llama3_rope_goes_out_and_back_as_rope_freqs(tmp_path):
+    """llama.cpp keeps Llama 3.1's rope scaling as a rope_freqs tensor of factors, not as settings; transformers'
+    GGUF loader ignores that tensor, so this is checked against our own checkpoint."""
+    settings = dict(norm="rmsnorm", positions="rope", mlp="swiglu", bias=False, n_embd=64, n_head=4, context=64,
+                    rope_type="llama3", rope_scaling=8.0, rope_high_freq_factor=16.0, rope_original_context=2048)
+    original = our_checkpoint(tmp_path / "ckpt", **settings)
+    from llmcli.formats import export_model
+
+    out = export_model(tmp_path / "ckpt", tmp_path / "llama3.gguf", "gguf", "f32")
+    assert "rope_freqs.weight" in {t.name for t in gguf.GGUFReader(out).tensors}
+    ours, tok, config = load_model(out)
+    assert {k: config["model"][k] for k in ("rope_type", "rope_scaling", "rope_low_freq_factor",
+                                            "rope_high_freq_factor", "rope_original_context")} == \
+        {"rope_type": "llama3", "rope_scaling": 8.0, "rope_low_freq_factor": 1.0, "rope_high_freq_factor": 16.0,
+         "rope_original_context": 2048}
+    ids = torch.tensor([tok.encode(TEXTS[0])[:40]])
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), original(ids), atol=ATOL, rtol=0)

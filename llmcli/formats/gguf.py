@@ -140,9 +140,10 @@ def architecture_of(metadata: dict, path: Path) -> str:
     return architecture
 
 
-def model_settings(metadata: dict, shapes: dict[str, tuple], path: Path) -> dict:
-    """ModelConfig fields from the metadata and the tensors' shapes; refuses what our Transformer would not compute
-    exactly (partial rotary, a rope scaling other than linear, ...)."""
+def model_settings(metadata: dict, shapes: dict[str, tuple], path: Path, rope_factors=None) -> dict:
+    """ModelConfig fields from the metadata, the tensors' shapes and the rope_freqs tensor's values if the file has
+    one; refuses what our Transformer would not compute exactly (partial rotary, a rope scaling other than linear or
+    Llama 3's, ...)."""
     arch = architecture_of(metadata, path)
 
     def need(key):
@@ -170,8 +171,11 @@ def model_settings(metadata: dict, shapes: dict[str, tuple], path: Path) -> dict
     scaling = metadata.get(f"{arch}.rope.scaling.type", "none")
     factor = float(metadata.get(f"{arch}.rope.scaling.factor", metadata.get(f"{arch}.rope.scale_linear", 1.0)))
     if "rope_freqs.weight" in shapes:
-        refuse("it scales rotary frequencies by a rope_freqs tensor (Llama 3.1's rope scaling), which is not "
-               "supported")
+        llama3 = llama3_rope(rope_factors, float(metadata.get(f"{arch}.rope.freq_base", 10000.0)), head_dim)
+        if llama3 is None:
+            refuse("its rope_freqs tensor is not Llama 3's rope scaling")
+        return model_settings({k: v for k, v in metadata.items() if "rope.scaling" not in k},
+                              {k: v for k, v in shapes.items() if k != "rope_freqs.weight"}, path) | llama3
     if scaling not in ("none", "linear"):
         refuse(f"rope scaling of type {scaling!r} (only linear is supported)")
     # biases: Qwen2 has them on q/k/v only; a Llama file may have them everywhere (attention_bias and mlp_bias)
@@ -183,6 +187,44 @@ def model_settings(metadata: dict, shapes: dict[str, tuple], path: Path) -> dict
         norm_eps=float(metadata.get(f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)),
         rope_theta=float(metadata.get(f"{arch}.rope.freq_base", 10000.0)),
         rope_scaling=factor if scaling == "linear" or f"{arch}.rope.scale_linear" in metadata else 1.0)
+
+
+def llama3_factors(config) -> list[float]:
+    """llama.cpp's rope_freqs for a Llama 3 rope: how much each rotary frequency is divided by."""
+    dim = config.head_dim
+    scaled, _ = config.rope_frequencies()
+    return [1.0 / config.rope_theta ** (i / dim) / f for i, f in zip(range(0, dim, 2), scaled)]
+
+
+def llama3_rope(factors, theta: float, head_dim: int) -> dict | None:
+    """ModelConfig's Llama 3 rope fields that give these rope_freqs (convert_hf_to_gguf.py writes the factors, not
+    the settings), or None if none do. The factors are 1 for short wavelengths w, `factor` for long ones, and
+    1 / ((1 - s) / factor + s) between, with s = (original_context / w - low) / (high - low): linear in 1 / w, so
+    two points between give the settings up to scale, fixed here by low = 1 (Meta's value), rounded to 4 decimals
+    (the factors are float32); checked by recomputing."""
+    import math
+
+    from llmcli.config import ModelConfig
+
+    if factors is None or len(factors) != head_dim // 2:
+        return None
+    factor = max(factors)
+    between = [(i, f) for i, f in enumerate(factors) if 1 + 1e-6 < f < factor * (1 - 1e-6)]
+    if factor <= 1 or len(between) < 2:
+        return None
+    points = [(theta ** (-2 * i / head_dim) / (2 * math.pi), (1 / f - 1 / factor) / (1 - 1 / factor))
+              for i, f in (between[0], between[-1])]
+    (x0, s0), (x1, s1) = points
+    slope = (s1 - s0) / (x1 - x0)
+    intercept = s0 - slope * x0  # = -low / (high - low)
+    if intercept >= 0:
+        return None
+    settings = dict(rope_type="llama3", rope_scaling=round(factor, 4), rope_low_freq_factor=1.0,
+                    rope_high_freq_factor=round(1.0 - 1.0 / intercept, 4), rope_original_context=round(-slope / intercept))
+    config = ModelConfig(n_embd=head_dim, n_head=1, positions="rope", rope_theta=theta, **settings)
+    if not all(math.isclose(a, b, rel_tol=1e-4) for a, b in zip(llama3_factors(config), factors)):
+        return None
+    return settings
 
 
 def gguf_parts(arch: str, name: str) -> list[str]:
@@ -244,7 +286,7 @@ def load_gguf(path: Path, device: str = "cpu"):
     tensors = {t.name: t for t in reader.tensors}
     shapes = {name: tensor_shape(t) for name, t in tensors.items()}
     arch = architecture_of(metadata, path)
-    settings = model_settings(metadata, shapes, path)
+    settings = model_settings(metadata, shapes, path, rope_factors(gguf, tensors))
     try:
         config = ModelConfig(**settings)
     except (TypeError, ValueError) as e:
@@ -281,6 +323,14 @@ def load_gguf(path: Path, device: str = "cpu"):
     return model.to(device).eval(), tokenizer, about
 
 
+def rope_factors(gguf, tensors: dict):
+    """The values of the rope_freqs tensor (Llama 3's rope scaling, as llama.cpp stores it), or None."""
+    t = tensors.get("rope_freqs.weight")
+    if t is None or t.tensor_type.name not in ("F32", "F16"):
+        return None
+    return gguf.quants.dequantize(t.data, t.tensor_type).ravel().tolist()
+
+
 def _check_tensors(path: Path, arch: str, config, expected: dict, shapes: dict):
     """Every tensor present with the shape the metadata implies, and none we would silently drop."""
     used = set()
@@ -293,7 +343,7 @@ def _check_tensors(path: Path, arch: str, config, expected: dict, shapes: dict):
                 raise LLMError(f"{path}: weight {gguf_name} has shape {list(shapes[gguf_name])}, the metadata implies "
                                f"{[r, *shape[1:]]}")
             used.add(gguf_name)
-    unexpected = sorted(set(shapes) - used)
+    unexpected = sorted(set(shapes) - used - {"rope_freqs.weight"})  # rope_freqs: read into the config
     if unexpected:
         raise LLMError(f"{path}: {len(unexpected)} weights that a {arch} model of this shape does not have "
                        f"(first: {unexpected[0]})")
@@ -422,7 +472,8 @@ def gguf_info(path: Path) -> dict:
     metadata = read_metadata(reader, path)
     shapes = {t.name: tensor_shape(t) for t in reader.tensors}
     try:
-        config = ModelConfig(**model_settings(metadata, shapes, path))
+        config = ModelConfig(**model_settings(metadata, shapes, path,
+                                              rope_factors(_gguf(), {t.name: t for t in reader.tensors})))
     except (TypeError, ValueError) as e:
         raise LLMError(f"{path}: bad model settings in the GGUF metadata: {e}") from None
     with meta_device():
@@ -585,7 +636,9 @@ def write_gguf(model, tokenizer, out: Path, type: str = "f16") -> Path:
             writer.add_layer_norm_rms_eps(c.norm_eps)
             writer.add_rope_freq_base(c.rope_theta)
             writer.add_rope_dimension_count(c.head_dim)
-            if c.rope_scaling != 1.0:
+            if c.rope_type == "llama3":  # as llama.cpp's converter: the factors as a tensor, no scaling keys
+                writer.add_tensor("rope_freqs.weight", np.array(llama3_factors(c), dtype=np.float32))
+            elif c.rope_scaling != 1.0:
                 writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
                 writer.add_rope_scaling_factor(c.rope_scaling)
         file_types = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0"}
