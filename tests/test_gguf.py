@@ -313,3 +313,27 @@ def test_llama3_rope_goes_out_and_back_as_rope_freqs(tmp_path):
     ids = torch.tensor([tok.encode(TEXTS[0])[:40]])
     with torch.no_grad():
         torch.testing.assert_close(ours(ids), original(ids), atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["bpe", "sp"])
+def test_a_gguf_model_exports_to_gguf_and_hf_unchanged(kind, tmp_path, bpe_tokenizer, sp_tokenizer):
+    """A model read from GGUF (its tokenizer built from the metadata) goes out again as GGUF (byte-level BPE as
+    gpt2 tokens + merges and the split it uses; SentencePiece-style as llama tokens + scores) and as a Hugging Face
+    folder, with the same tokens and logits; a GGUF file without the .gguf name (an ollama blob) reads too."""
+    tokenizer, pre = (bpe_tokenizer, "llama-bpe") if kind == "bpe" else (sp_tokenizer, None)
+    path = write_gguf_file(tmp_path / "tiny.gguf", "llama", tokenizer, pre=pre, tied=False)
+    blob = tmp_path / "sha256-0123"
+    blob.write_bytes(path.read_bytes())
+    original, tok, _ = load_model(blob)
+    result = run_cli("export", path, "--format", "gguf", "--type", "f32", "-o", tmp_path / "again.gguf")
+    assert result.returncode == 0, result.stderr
+    result = run_cli("export", path, "--format", "hf", "-o", tmp_path / "hf")
+    assert result.returncode == 0, result.stderr
+    assert gguf.GGUFReader(tmp_path / "again.gguf").fields["tokenizer.ggml.pre"].contents() == (pre or "default")
+    ids = torch.tensor([tok.encode(TEXTS[0])[:40]])
+    for copy in (tmp_path / "again.gguf", tmp_path / "hf"):
+        model, copy_tok, _ = load_model(copy)
+        for text in TEXTS:
+            assert copy_tok.encode(text) == tok.encode(text), (copy, text)
+        with torch.no_grad():
+            torch.testing.assert_close(model(ids), original(ids), atol=ATOL, rtol=0)

@@ -44,7 +44,17 @@ NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
 
 def is_gguf_file(path) -> bool:
-    return path is not None and Path(path).suffix == ".gguf" and Path(path).is_file()
+    """A file named .gguf, or any file that starts with GGUF's magic bytes (ollama keeps its models as blobs named
+    by their hash)."""
+    if path is None or not Path(path).is_file():
+        return False
+    if Path(path).suffix == ".gguf":
+        return True
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"GGUF"
+    except OSError:
+        return False
 
 
 def _gguf():
