@@ -520,6 +520,9 @@ def tokenizer_metadata(tokenizer) -> dict:
     meta |= {"bos_token_id": start, "add_bos_token": start is not None, "eos_token_id": ends[0] if ends else None,
              "eot_token_id": ends[1] if len(ends) > 1 else None, "padding_token_id": getattr(tokenizer, "pad_id", None),
              "chat_template": tokenizer.chat_template}
+    for key in ("bos_token_id", "eos_token_id", "eot_token_id", "padding_token_id"):
+        if meta.get(key) is not None:  # llama.cpp expects its special tokens to be CONTROL (ours: user-defined)
+            meta["token_type"][meta[key]] = CONTROL
     return {k: v for k, v in meta.items() if v is not None}
 
 
