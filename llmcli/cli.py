@@ -355,8 +355,7 @@ def generate(
     import time
 
     start = time.perf_counter()
-    from llmcli.formats import load_model
-    from llmcli.infer.chat import chat_template, render, turn_stop
+    from llmcli.formats import default_model_path, load_model
     from llmcli.infer.generate import apply_template, generate_text, sampling_settings
     from llmcli.progress import log
 
@@ -378,11 +377,15 @@ def generate(
     else:
         prompts = iter([prompt])
     if chat:
-        turns = chat_template(config)
+        from llmcli.text.chat_template import find_chat_template
+
+        turns = find_chat_template(model or default_model_path(), config, tok)
         if turns is None:
             log("this model has no chat template; the prompt is continued as plain text")
-        cfg.stop += turn_stop(turns)
-        wrap = lambda p: render(turns, [{"role": "user", "content": p}])  # noqa: E731
+            wrap = None
+        else:
+            cfg.stop += turns.stops()
+            wrap = lambda p: turns.prompt([{"role": "user", "content": p}])  # noqa: E731
     else:
         wrap = lambda p: apply_template(template, p)  # noqa: E731
     generate_text(net, tok, prompts, cfg, truncate=truncate, log=log, as_json=as_json, load_s=load_s, template=wrap,
@@ -411,10 +414,11 @@ def chat(
 ):
     """Talk with a model: a line a message, the reply streamed. /reset forgets the conversation, /exit or Ctrl-D
     leaves, Ctrl-C stops a reply."""
-    from llmcli.formats import load_model
-    from llmcli.infer.chat import Chat, chat_template
+    from llmcli.formats import default_model_path, load_model
+    from llmcli.infer.chat import Chat
     from llmcli.infer.generate import sampling_settings
     from llmcli.progress import log
+    from llmcli.text.chat_template import find_chat_template
 
     net, tok, config = load_model(model, numpy_if_small=True, quantize=quantize)
     if config.get("task") == "classify":
@@ -422,7 +426,7 @@ def chat(
     cfg, _ = sampling_settings(config, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                                top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed)
     cfg.check()
-    template = chat_template(config)
+    template = find_chat_template(model or default_model_path(), config, tok)
     conversation = Chat(net, tok, cfg, template, system, log)
     if template is None:
         log("this model has no chat template: your messages are continued as plain text")

@@ -5,8 +5,9 @@ import json
 import yaml
 from conftest import run_cli
 
+from llmcli.text.chat_template import ChatTemplate
 from llmcli.text.tokenizer import Tokenizer
-from llmcli.train.finetune import CHAT_TEMPLATE, SFTBatches, render, sft_example
+from llmcli.train.finetune import CHAT_TEMPLATE, SFTBatches, sft_example
 from llmcli.train.pretrain import IGNORE
 
 INSTRUCTIONS = [
@@ -25,12 +26,13 @@ def write_jsonl(path, records):
 
 def test_only_reply_tokens_carry_loss(nano_checkpoint):
     tok = Tokenizer(nano_checkpoint)
+    template = ChatTemplate.for_tokenizer(CHAT_TEMPLATE, tok)
     messages = [{"role": "user", "content": "Say hello."}, {"role": "assistant", "content": "Hello there."}]
-    ids, trained = sft_example(tok, CHAT_TEMPLATE, messages, train_on_prompt=False)
+    ids, trained = sft_example(tok, template, messages, train_on_prompt=False)
     assert ids[0] == tok.end_of_text and not trained[0]
     # the prompt is exactly what generation will be given, and the trained tokens are the reply and its end
     n_prompt = trained.index(True)
-    assert tok.decode(ids[1:n_prompt]) == render(CHAT_TEMPLATE, messages[:1]) == "<|user|>\nSay hello.\n<|assistant|>\n"
+    assert tok.decode(ids[1:n_prompt]) == template.prompt(messages[:1]) == "<|user|>\nSay hello.\n<|assistant|>\n"
     assert all(trained[n_prompt:]) and ids[-1] == tok.end_of_text
     assert tok.decode(ids[n_prompt:-1]) == "Hello there."
 
@@ -40,7 +42,7 @@ def test_only_reply_tokens_carry_loss(nano_checkpoint):
     assert targets[0, n_prompt - 1:].tolist() == ids[n_prompt:]  # every reply token (and the end) is a target
     assert (targets[1, n_prompt + 1:] == IGNORE).all()  # padding: no loss
 
-    _, all_trained = sft_example(tok, CHAT_TEMPLATE, messages, train_on_prompt=True)
+    _, all_trained = sft_example(tok, template, messages, train_on_prompt=True)
     assert all(all_trained[1:])  # the first token is never a target
 
 
@@ -54,7 +56,7 @@ def test_learns_a_tiny_instruction_set(tmp_path, nano_checkpoint):
     assert "loss on replies only" in result.stderr
     config = yaml.safe_load((out / "config.yaml").read_text())
     assert config["task"] == "sft" and config["generation"]["chat_template"] == CHAT_TEMPLATE
-    assert set(CHAT_TEMPLATE) == {"system", "user", "assistant", "assistant_prefix"}
+    assert config["generation"]["prompt_template"] == "<|user|>\n{prompt}\n<|assistant|>\n"
     prompts = [r["prompt"] for r in INSTRUCTIONS[:3]]
     gen = run_cli("generate", "-", "-m", out, "--temperature", "0", "--max-new-tokens", "20",
                   input="".join(p + "\n" for p in prompts))

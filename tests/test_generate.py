@@ -193,13 +193,15 @@ def test_chat_uses_the_checkpoint_chat_template(nano_checkpoint, tmp_path):
 
     import yaml
 
-    from llmcli.infer.chat import render
+    from llmcli.infer.chat import plain_text
+    from llmcli.text.chat_template import ChatTemplate
 
-    template = {"system": "[S] {content}\n", "user": "[U] {content}\n", "assistant": "[A] {content}\n",
-                "assistant_prefix": "[A] "}
+    template = ("{% for m in messages %}{{ '[' + m.role[0]|upper + '] ' + m.content + '\\n' }}{% endfor %}"
+                "{% if add_generation_prompt %}[A] {% endif %}")
     messages = [{"role": "system", "content": "be {brief}"}, {"role": "user", "content": "hi"}]
-    assert render(template, messages) == "[S] be {brief}\n[U] hi\n[A] "
-    assert render(None, messages) == "be {brief}\nhi"
+    assert ChatTemplate(template).prompt(messages) == "[S] be {brief}\n[U] hi\n[A] "
+    assert ChatTemplate(template).stops() == ("[U]",)  # no end token: a reply ends where the next user turn starts
+    assert plain_text(messages) == "be {brief}\nhi"
     ckpt = tmp_path / "templated"
     shutil.copytree(nano_checkpoint, ckpt)
     config = yaml.safe_load((ckpt / "config.yaml").read_text())
@@ -208,7 +210,7 @@ def test_chat_uses_the_checkpoint_chat_template(nano_checkpoint, tmp_path):
     args = ("-m", ckpt, "--max-new-tokens", "8", "--temperature", "0")
     chat = run_cli("chat", *args, input="ROMEO:\n")
     assert chat.returncode == 0 and "no chat template" not in chat.stderr, chat.stderr
-    # the same as `generate --chat`, which renders the same prompt "[U] ROMEO:\n[A] " and stops at "[U] "
+    # the same as `generate --chat`, which renders the same prompt "[U] ROMEO:\n[A] " and stops at "[U]"
     assert run_cli("generate", "ROMEO:", "--chat", *args).stdout == chat.stdout
 
 
