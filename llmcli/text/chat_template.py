@@ -17,6 +17,7 @@ tokenizer reads (llmcli/text/tokenizer.py) and carries as `tokenizer.chat_templa
 """
 
 import json
+from itertools import pairwise
 from pathlib import Path
 
 from llmcli.errors import LLMError
@@ -64,7 +65,7 @@ class ChatTemplate:
             raise LLMError(f"{self.origin} was refused: it tries to reach Python internals ({_one_line(e)})") from None
         except jinja2.TemplateError as e:  # raise_exception(...) and Jinja's own errors
             raise LLMError(f"{self.origin} failed: {_one_line(e)}") from None
-        except Exception as e:  # a template is code: a TypeError, ZeroDivisionError, ... is its error, not ours
+        except Exception as e:  # noqa: BLE001 (a template is code: its TypeError, ZeroDivisionError, ... is one line)
             raise LLMError(f"{self.origin} failed: {type(e).__name__}: {_one_line(e)}") from None
 
     def prompt(self, messages: list[dict]) -> str:
@@ -111,8 +112,8 @@ class ChatTemplate:
                                "start of the whole conversation, so the assistant's turns cannot be found in it (use "
                                "--train-on-prompt to train on every token)")
             cuts += [len(start), len(end)]
-        bounds = [0] + cuts + [len(full)]
-        pieces = [(full[a:b], k % 2 == 1) for k, (a, b) in enumerate(zip(bounds, bounds[1:]))]
+        bounds = [0, *cuts, len(full)]
+        pieces = [(full[a:b], k % 2 == 1) for k, (a, b) in enumerate(pairwise(bounds))]
         pieces[0] = (self._unstarted(pieces[0][0]), False)
         return [(text, trained) for text, trained in pieces if text]
 
@@ -159,7 +160,7 @@ def _compile(source: str, origin: str):
     class Generation(jinja2.ext.Extension):
         """`{% generation %}...{% endgeneration %}` marks assistant text for transformers' assistant masks; here it
         renders its body (we find assistant turns by rendering, see ChatTemplate.segments)."""
-        tags = {"generation"}
+        tags = frozenset({"generation"})
 
         def parse(self, parser):
             lineno = next(parser.stream).lineno
