@@ -27,8 +27,8 @@ tokenize_app = typer.Typer(help="Train a SentencePiece tokenizer; encode and dec
 app.add_typer(tokenize_app, name="tokenize")
 
 ModelOption = Annotated[Optional[Path], typer.Option(
-    "--model", "-m", help="Checkpoint directory, ours or a Hugging Face model folder [default: the shipped model, "
-    "or $LLM_MODEL]", show_default=False)]
+    "--model", "-m", help="Checkpoint directory, ours or a Hugging Face model folder, or a .gguf file [default: the "
+    "shipped model, or $LLM_MODEL]", show_default=False)]
 TokenizerOption = Annotated[Optional[Path], typer.Option(
     "--tokenizer", "-t", help="Tokenizer: a directory with tokenizer.model (a checkpoint works) or the file itself "
     "[default: the shipped model's]", show_default=False)]
@@ -592,20 +592,24 @@ def plot(
 
 @app.command()
 def export(
-    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint directory")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="New directory to write")],
-    format: Annotated[str, typer.Option("--format", help="hf: a Hugging Face transformers model folder")] = "hf",
+    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint directory, Hugging Face folder or .gguf file")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="New directory (hf) or .gguf file (gguf) to write")],
+    format: Annotated[str, typer.Option("--format", help="hf: a Hugging Face transformers model folder; gguf: one "
+                                                         "file for llama.cpp, ollama and transformers")] = "hf",
+    type: Annotated[Optional[str], typer.Option("--type", help="gguf: f32, f16, bf16 or q8_0 matrices "
+                                                               "[default: f16]", show_default=False)] = None,
 ):
-    """Write a checkpoint in another format; prints the directory written."""
+    """Write a model in another format; prints the directory or file written."""
     from llmcli.formats import export_model
 
-    print(export_model(checkpoint, out, format))
+    print(export_model(checkpoint, out, format, type))
 
 
 @app.command()
 def info(
     checkpoint: Annotated[Optional[Path], typer.Argument(
-        help="Checkpoint directory, ours or a Hugging Face folder [default: the shipped model]", show_default=False)
+        help="Checkpoint directory, ours or a Hugging Face folder, or a .gguf file [default: the shipped model]",
+        show_default=False)
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object")] = False,
 ):

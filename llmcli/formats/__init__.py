@@ -1,8 +1,9 @@
 """Model formats: what a path is, and the module that reads (and writes) it.
 
 `load_model` is the one entry point for every command that takes `-m`: our checkpoint directories
-(llmcli/formats/ours.py), LoRA adapters on any base (adapter.py) and Hugging Face folders (hf.py). Each format module
-reads its files into our Transformer (llmcli/model/) and a tokenizer (llmcli/text/); nothing here trains or decodes.
+(llmcli/formats/ours.py), LoRA adapters on any base (adapter.py), Hugging Face folders (hf.py) and .gguf files
+(gguf.py). Each format module reads its files into our Transformer (llmcli/model/) and a tokenizer (llmcli/text/);
+nothing here trains or decodes.
 """
 
 import os
@@ -44,8 +45,10 @@ def load_model(path: str | Path | None = None, device: str = "cpu", numpy_if_sma
         check_mode(quantize)
         model, tokenizer, config = load_model(path, device)
         return quantize_model(merge_lora(model), quantize), tokenizer, config
-    from llmcli.formats import hf, ours
+    from llmcli.formats import gguf, hf, ours
 
+    if gguf.is_gguf_file(path):
+        return gguf.load_gguf(Path(path), device)
     directory = _directory(path)
     if hf.is_hf_folder(directory):
         return hf.load_hf_folder(directory, device)
@@ -63,10 +66,14 @@ def model_info(path: str | Path | None = None) -> dict:
     its headers without loading the weights."""
     from llmcli.config import ModelConfig
     from llmcli.files import safetensors_header
-    from llmcli.formats import hf, ours
+    from llmcli.formats import gguf, hf, ours
     from llmcli.model.transformer import Transformer, meta_device
     from llmcli.text.tokenizer import Tokenizer, load_tokenizer
 
+    if gguf.is_gguf_file(path):
+        about = gguf.gguf_info(Path(path))
+        return _describe(Path(path), about["architecture"], "language model", about["config"], about["parameters"],
+                         about["tokenizer"], about["dtype"], Path(path).stat().st_size)
     directory = _directory(path)
     labels = []
     if hf.is_hf_folder(directory):
@@ -90,11 +97,18 @@ def model_info(path: str | Path | None = None) -> dict:
         parameters = Transformer(model_config).num_params() + (model_config.n_embd + 1) * len(labels)
     dtypes = {info["dtype"] for file in weight_paths for info in safetensors_header(file).values()}
     tokenizer = load_tokenizer(directory)
-    c = model_config
+    return _describe(directory, architecture, task, model_config, parameters,
+                     f"{'SentencePiece' if isinstance(tokenizer, Tokenizer) else 'byte-level BPE'} "
+                     f"({tokenizer.vocab_size} tokens)", ", ".join(sorted(dtypes)),
+                     sum(f.stat().st_size for f in directory.iterdir() if f.is_file()))
+
+
+def _describe(path: Path, architecture: str, task: str, c, parameters: int, tokenizer: str, dtype: str,
+              size: int) -> dict:
     attention = ("multi-head" if c.kv_heads == c.n_head else "multi-query" if c.kv_heads == 1
                  else f"grouped-query ({c.kv_heads} key/value heads)")
     return {
-        "path": str(directory),
+        "path": str(path),
         "architecture": architecture,
         "task": task,
         "parts": f"{c.norm}, {c.positions} positions, {c.mlp} MLP, {attention} attention, "
@@ -105,27 +119,35 @@ def model_info(path: str | Path | None = None) -> dict:
         "width": c.n_embd,
         "context": c.context,
         "vocab_size": c.vocab_size,
-        "tokenizer": f"{'SentencePiece' if isinstance(tokenizer, Tokenizer) else 'byte-level BPE'} "
-                     f"({tokenizer.vocab_size} tokens)",
-        "dtype": ", ".join(sorted(dtypes)),
-        "size_bytes": sum(f.stat().st_size for f in directory.iterdir() if f.is_file()),
+        "tokenizer": tokenizer,
+        "dtype": dtype,
+        "size_bytes": size,
     }
 
 
-def export_model(path: str | Path | None, out_dir: str | Path, format: str = "hf") -> Path:
-    """Write the model at path (any format; an adapter merged into its base) to out_dir in `format` ("hf").
+def export_model(path: str | Path | None, out: str | Path, format: str = "hf", type: str | None = None) -> Path:
+    """Write the model at path (any format; an adapter merged into its base) to `out`: a new directory for "hf", a
+    new .gguf file for "gguf" with its matrices in `type` (f32, f16 (default), bf16 or q8_0).
 
-    Raises LLMError for an unknown format, a classifier (no exported family has its head) or an out_dir that exists
-    and is not empty."""
-    from llmcli.formats import hf
+    Raises LLMError for an unknown format or type, a classifier (no exported family has its head) or an `out` that
+    exists (a directory may exist if empty)."""
+    from llmcli.formats import gguf, hf
     from llmcli.model.lora import merge_lora
 
-    if format != "hf":
-        raise LLMError(f"unknown export format {format!r}; the one format is hf")
-    out_dir = Path(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise LLMError(f"{out_dir} already exists and is not an empty directory; choose a new one")
+    if format not in ("hf", "gguf"):
+        raise LLMError(f"unknown export format {format!r}; choose hf or gguf")
+    if format == "hf" and type is not None:
+        raise LLMError("--type is for --format gguf; a Hugging Face folder keeps the model's float32 weights")
+    if format == "gguf" and (type or "f16") not in gguf.WRITE_TYPES:
+        raise LLMError(f"unknown GGUF tensor type {type!r}; choose one of {', '.join(gguf.WRITE_TYPES)}")
+    out = Path(out)
+    if format == "gguf" and out.exists():
+        raise LLMError(f"{out} already exists; choose a new file name")
+    if format == "hf" and out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise LLMError(f"{out} already exists and is not an empty directory; choose a new one")
     model, tokenizer, settings = load_model(path)
     if settings.get("task") == "classify":
         raise LLMError(f"{path or default_model_path()} is a classifier; export writes language models")
-    return hf.write_hf(merge_lora(model), tokenizer, out_dir)
+    if format == "gguf":
+        return gguf.write_gguf(merge_lora(model), tokenizer, out, type or "f16")
+    return hf.write_hf(merge_lora(model), tokenizer, out)

@@ -23,10 +23,13 @@ def make_norm(config: ModelConfig) -> nn.Module:
 
 
 def rope_tables(config: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin (context, head_dim) of the rotary angles, laid out as Llama's rotate_half expects."""
+    """cos and sin (context, head_dim) of the rotary angles, laid out as Llama's rotate_half expects.
+
+    Computed on the CPU even inside meta_device(): arange on the meta device imports torch._refs, 1-5 s of loading
+    any rotary model; the tables are small and Transformer.empty copies them to the model's device."""
     frequencies, divisor = config.rope_frequencies()
-    inv_freq = torch.tensor(frequencies, dtype=torch.float32)
-    positions = torch.arange(config.context, dtype=torch.float32) / divisor
+    inv_freq = torch.tensor(frequencies, dtype=torch.float32, device="cpu")
+    positions = torch.arange(config.context, dtype=torch.float32, device="cpu") / divisor
     angles = torch.outer(positions, inv_freq)
     angles = torch.cat([angles, angles], dim=-1)
     return angles.cos(), angles.sin()

@@ -1,0 +1,605 @@
+"""GGUF files, llama.cpp's and ollama's format: read llama, qwen2 and gpt2 models into our Transformer, write ours.
+
+A GGUF file is one file: key/value metadata (the model's shape under `{architecture}.*` keys, the tokenizer under
+`tokenizer.ggml.*`, the chat template under `tokenizer.chat_template`), then the tensors, each in its own type (float
+or one of ggml's block quantizations). Read and written with the `gguf` package, llama.cpp's own Python library
+(pip install 'llmcli[gguf]'); format: github.com/ggml-org/ggml/blob/master/docs/gguf.md.
+
+Three differences of layout from our Transformer, as in Hugging Face folders (llmcli/formats/hf.py): Llama's and
+Qwen2's q/k/v and gate/up are separate tensors, which we concatenate; llama.cpp's converter reorders the rows of
+Llama's query and key weights so that rotary pairs are adjacent (Qwen2's are left as they are), which we undo on
+reading and redo on writing; GPT-2's tensors are plain (out, in) matrices here, as ours.
+"""
+
+from pathlib import Path
+
+from llmcli.errors import LLMError
+
+ARCHITECTURES = ("llama", "qwen2", "gpt2")  # Mistral and SmolLM files say llama
+# Tensor types we read (dequantized by gguf.quants) and the --type choices we write
+READ_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+WRITE_TYPES = ("f32", "f16", "bf16", "q8_0")
+
+# Where each of our tensors lives in a GGUF file: a block's parts (concatenated along dim 0), then the rest
+BLOCK_PARTS = {
+    "gpt2": {"norm_1": ["attn_norm"], "attn.qkv": ["attn_qkv"], "attn.proj": ["attn_output"], "norm_2": ["ffn_norm"],
+             "mlp.fc": ["ffn_up"], "mlp.proj": ["ffn_down"]},
+    "llama": {"norm_1": ["attn_norm"], "attn.qkv": ["attn_q", "attn_k", "attn_v"], "attn.proj": ["attn_output"],
+              "norm_2": ["ffn_norm"], "mlp.fc": ["ffn_gate", "ffn_up"], "mlp.proj": ["ffn_down"]},
+}
+OUTSIDE_BLOCKS = {"token_embedding": "token_embd", "position_embedding": "position_embd", "norm_f": "output_norm",
+                  "lm_head": "output"}
+
+# tokenizer.ggml.pre names the regex that splits text before byte-level BPE (llama.cpp's llama-vocab.cpp; the same
+# table as transformers' GGUF loader). Any other name gets GPT-2's split, which ByteLevel does by itself.
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+PRE_TOKENIZER_SPLITS = {"llama3": LLAMA3_SPLIT, "llama-v3": LLAMA3_SPLIT, "llama-bpe": LLAMA3_SPLIT,
+                        "smaug-bpe": LLAMA3_SPLIT, "dbrx": LLAMA3_SPLIT, "falcon3": LLAMA3_SPLIT,
+                        "qwen2": QWEN2_SPLIT, "deepseek-r1-qwen": QWEN2_SPLIT, "megrez": QWEN2_SPLIT}
+# llama.cpp's token types (gguf.TokenType)
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+
+
+def is_gguf_file(path) -> bool:
+    return path is not None and Path(path).suffix == ".gguf" and Path(path).is_file()
+
+
+def _gguf():
+    try:
+        import gguf
+    except ImportError:
+        raise LLMError("GGUF files need the `gguf` library: pip install 'llmcli[gguf]'") from None
+    return gguf
+
+
+def open_gguf(path: Path):
+    """A gguf.GGUFReader on path (memory-mapped: tensors are read when touched). Raises LLMError for a file that is
+    not GGUF, is truncated, or holds a tensor type ggml does not know."""
+    import numpy as np
+
+    gguf = _gguf()
+
+    class Reader(gguf.GGUFReader):
+        """GGUFReader, faster on large vocabularies: it slices its memory map as np.memmap (3x the cost of a plain
+        array's slice) twice per string of the vocabulary and merges; here the map is read as a plain array, and
+        arrays of strings as memoryview slices (SmolLM2's 100,000 strings: 7.7 s -> 0.3 s on a busy machine).
+        field.contents() reads both alike."""
+
+        @property
+        def data(self):
+            return self._data
+
+        @data.setter
+        def data(self, value):
+            self._data = value.view(np.ndarray) if isinstance(value, np.memmap) else value
+            self._bytes = memoryview(self._data).cast("B")
+
+        def _get_field_parts(self, orig_offs, raw_type):
+            STRING, ARRAY = gguf.GGUFValueType.STRING, gguf.GGUFValueType.ARRAY
+            if raw_type != ARRAY or self.byte_order != "I":
+                return super()._get_field_parts(orig_offs, raw_type)
+            item_type, length = self._get(orig_offs, np.uint32), self._get(orig_offs + 4, np.uint64)
+            scalar = self.gguf_scalar_to_np.get(gguf.GGUFValueType(item_type[0]))
+            if scalar is not None:  # one part for all numbers (token types, scores), as contents() reads it
+                values = self._get(orig_offs + 12, scalar, length[0])
+                if len(values) != length[0]:
+                    raise IndexError("an array runs past the end of the file")
+                return 12 + values.nbytes, [item_type, length, values], [2], [ARRAY, gguf.GGUFValueType(item_type[0])]
+            if item_type[0] != STRING:
+                return super()._get_field_parts(orig_offs, raw_type)
+            parts, buffer, offs = [item_type, length], self._bytes, orig_offs + 12
+            for _ in range(int(length[0])):
+                size = int.from_bytes(buffer[offs:offs + 8], "little")
+                parts += [buffer[offs:offs + 8], buffer[offs + 8:offs + 8 + size]]
+                if offs + 8 + size > len(buffer):
+                    raise IndexError(f"a string at byte {offs} runs past the end of the file")
+                offs += 8 + size
+            return offs - orig_offs, parts, list(range(3, len(parts), 2)), [ARRAY, STRING]
+
+    try:
+        return Reader(path)
+    except ValueError as e:
+        if "GGMLQuantizationType" in str(e):
+            raise LLMError(f"{path}: unknown tensor type {str(e).split()[0]} (not a ggml type this gguf library "
+                           "knows)") from None
+        raise LLMError(f"{path} is not a readable GGUF file: {e}") from None
+    except (IndexError, KeyError, OverflowError, UnicodeDecodeError, OSError) as e:
+        raise LLMError(f"{path} is not a readable GGUF file (truncated or corrupt: {type(e).__name__}: {e})") from None
+
+
+def read_metadata(reader, path: Path) -> dict:
+    """The key/value metadata: numbers, strings and lists as Python values."""
+    try:
+        return {name: field.contents() for name, field in reader.fields.items()}
+    except (ValueError, IndexError, UnicodeDecodeError) as e:
+        raise LLMError(f"{path}: corrupt GGUF metadata: {e}") from None
+
+
+def tensor_shape(tensor) -> tuple[int, ...]:
+    """A tensor's shape in PyTorch's order: GGUF lists dimensions innermost first."""
+    return tuple(int(d) for d in reversed(tensor.shape.tolist()))
+
+
+def architecture_of(metadata: dict, path: Path) -> str:
+    architecture = metadata.get("general.architecture")
+    if architecture not in ARCHITECTURES:
+        raise LLMError(f"{path}: unsupported GGUF architecture {architecture!r}; supported: {', '.join(ARCHITECTURES)}")
+    return architecture
+
+
+def model_settings(metadata: dict, shapes: dict[str, tuple], path: Path) -> dict:
+    """ModelConfig fields from the metadata and the tensors' shapes; refuses what our Transformer would not compute
+    exactly (partial rotary, a rope scaling other than linear, ...)."""
+    arch = architecture_of(metadata, path)
+
+    def need(key):
+        if f"{arch}.{key}" not in metadata:
+            raise LLMError(f"{path}: the GGUF metadata has no {arch}.{key}, which a {arch} model needs")
+        return metadata[f"{arch}.{key}"]
+
+    def refuse(reason):
+        raise LLMError(f"{path}: {reason}; this {arch} model cannot be run exactly, so it is refused")
+
+    if "token_embd.weight" not in shapes:
+        raise LLMError(f"{path}: weight token_embd.weight is missing")
+    vocab_size = shapes["token_embd.weight"][0]
+    n_embd, n_head = need("embedding_length"), need("attention.head_count")
+    settings = dict(vocab_size=vocab_size, context=need("context_length"), n_layer=need("block_count"),
+                    n_head=n_head, n_embd=n_embd, intermediate_size=need("feed_forward_length"),
+                    tie_embeddings="output.weight" not in shapes)
+    if arch == "gpt2":
+        return settings | dict(norm_eps=float(metadata.get("gpt2.attention.layer_norm_epsilon", 1e-5)))
+
+    head_dim = n_embd // n_head
+    for key in ("rope.dimension_count", "attention.key_length", "attention.value_length"):
+        if metadata.get(f"{arch}.{key}", head_dim) != head_dim:
+            refuse(f"{arch}.{key} is {metadata[f'{arch}.{key}']}, not the head size {head_dim}")
+    scaling = metadata.get(f"{arch}.rope.scaling.type", "none")
+    factor = float(metadata.get(f"{arch}.rope.scaling.factor", metadata.get(f"{arch}.rope.scale_linear", 1.0)))
+    if "rope_freqs.weight" in shapes:
+        refuse("it scales rotary frequencies by a rope_freqs tensor (Llama 3.1's rope scaling), which is not "
+               "supported")
+    if scaling not in ("none", "linear"):
+        refuse(f"rope scaling of type {scaling!r} (only linear is supported)")
+    # biases: Qwen2 has them on q/k/v only; a Llama file may have them everywhere (attention_bias and mlp_bias)
+    bias = "blk.0.attn_output.bias" in shapes
+    qkv_bias = "blk.0.attn_q.bias" in shapes and not bias
+    return settings | dict(
+        n_kv_head=metadata.get(f"{arch}.attention.head_count_kv", n_head), norm="rmsnorm", positions="rope",
+        mlp="swiglu", bias=bias, qkv_bias=qkv_bias,
+        norm_eps=float(metadata.get(f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)),
+        rope_theta=float(metadata.get(f"{arch}.rope.freq_base", 10000.0)),
+        rope_scaling=factor if scaling == "linear" or f"{arch}.rope.scale_linear" in metadata else 1.0)
+
+
+def gguf_parts(arch: str, name: str) -> list[str]:
+    """The GGUF tensor names that make up our tensor `name`, in the order they are concatenated."""
+    module, param = name.rsplit(".", 1)
+    if module.startswith("blocks."):
+        _, i, part = module.split(".", 2)
+        return [f"blk.{i}.{p}.{param}" for p in BLOCK_PARTS["gpt2" if arch == "gpt2" else "llama"][part]]
+    return [f"{OUTSIDE_BLOCKS[module]}.{param}"]
+
+
+def part_rows(arch: str, config, name: str) -> list[int]:
+    """Rows of each GGUF part of our tensor `name` (a fused q/k/v or gate/up tensor); [] for a single part."""
+    if arch == "gpt2":
+        return []
+    if ".attn.qkv." in name:
+        return [config.n_head * config.head_dim] + [config.kv_heads * config.head_dim] * 2
+    if ".mlp.fc." in name:
+        return [config.hidden_size] * 2
+    return []
+
+
+def rotary_heads(arch: str, config, gguf_name: str) -> int:
+    """How many heads llama.cpp's converter reordered the rows of in this tensor: Llama's queries and keys only."""
+    if arch != "llama":
+        return 0
+    if ".attn_q." in gguf_name:
+        return config.n_head
+    if ".attn_k." in gguf_name:
+        return config.kv_heads
+    return 0
+
+
+def permute(w, n_head: int):
+    """convert_hf_to_gguf.py's permute of query/key rows (weights or biases): within each head, the rotary pairs
+    (i, i + head_dim/2) of Hugging Face's and our layout become adjacent rows (2i, 2i + 1), as llama.cpp rotates."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def unpermute(w, n_head: int):
+    """The inverse of permute (transformers' GGUF loader does the same)."""
+    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def load_gguf(path: Path, device: str = "cpu"):
+    """(model in eval mode, tokenizer, config dict) from a .gguf file. Raises LLMError for a truncated or corrupt
+    file, an architecture or tensor type outside ARCHITECTURES and READ_TYPES, missing or misshapen tensors, or a
+    tokenizer that does not match the embedding."""
+    import numpy as np
+    import torch
+
+    from llmcli.config import ModelConfig
+    from llmcli.model.transformer import Transformer, meta_device
+
+    gguf = _gguf()
+    path = Path(path)
+    reader = open_gguf(path)
+    metadata = read_metadata(reader, path)
+    tensors = {t.name: t for t in reader.tensors}
+    shapes = {name: tensor_shape(t) for name, t in tensors.items()}
+    arch = architecture_of(metadata, path)
+    settings = model_settings(metadata, shapes, path)
+    try:
+        config = ModelConfig(**settings)
+    except (TypeError, ValueError) as e:
+        raise LLMError(f"{path}: bad model settings in the GGUF metadata: {e}") from None
+    for name, t in tensors.items():
+        if t.tensor_type.name not in READ_TYPES:
+            raise LLMError(f"{path}: tensor {name} has type {t.tensor_type.name}, which is not supported; supported: "
+                           f"{', '.join(READ_TYPES)}")
+    tokenizer = gguf_tokenizer(metadata, path, config.vocab_size)
+
+    with meta_device():
+        model = Transformer(config)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    _check_tensors(path, arch, config, expected, shapes)
+    state = {}
+    for name in expected:
+        parts = []
+        for gguf_name in gguf_parts(arch, name):
+            t = tensors[gguf_name]
+            try:  # numpy, vectorised over whole blocks of rows: SmolLM2-135M's Q4_1 tensors take about a second
+                w = gguf.quants.dequantize(t.data, t.tensor_type).reshape(shapes[gguf_name])
+            except ValueError as e:  # a tensor cut short by a truncated file
+                raise LLMError(f"{path}: tensor {gguf_name} is corrupt or truncated: {e}") from None
+            if heads := rotary_heads(arch, config, gguf_name):
+                w = unpermute(w, heads)
+            parts.append(w)
+        w = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        state[name] = torch.from_numpy(np.require(w, np.float32, requirements=["C", "W"]))
+    # the model takes the dequantized arrays as its parameters: no second copy of the weights
+    model.load_state_dict(state, assign=True)
+    for name, table in model.fixed_tables().items():
+        model.register_buffer(name, table, persistent=False)
+    about = {"format": "gguf", "family": arch, "architecture": arch, "model": settings}
+    return model.to(device).eval(), tokenizer, about
+
+
+def _check_tensors(path: Path, arch: str, config, expected: dict, shapes: dict):
+    """Every tensor present with the shape the metadata implies, and none we would silently drop."""
+    used = set()
+    for name, shape in expected.items():
+        rows = part_rows(arch, config, name) or [shape[0]]
+        for gguf_name, r in zip(gguf_parts(arch, name), rows):
+            if gguf_name not in shapes:
+                raise LLMError(f"{path}: weight {gguf_name} is missing")
+            if shapes[gguf_name] != (r, *shape[1:]):
+                raise LLMError(f"{path}: weight {gguf_name} has shape {list(shapes[gguf_name])}, the metadata implies "
+                               f"{[r, *shape[1:]]}")
+            used.add(gguf_name)
+    unexpected = sorted(set(shapes) - used)
+    if unexpected:
+        raise LLMError(f"{path}: {len(unexpected)} weights that a {arch} model of this shape does not have "
+                       f"(first: {unexpected[0]})")
+
+
+# ---- tokenizer ----
+
+def byte_spelling() -> dict[int, str]:
+    """GPT-2's printable spelling of the 256 bytes, in which byte-level BPE vocabularies are written."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    spelling, extra = {b: chr(b) for b in printable}, 0
+    for b in range(256):
+        if b not in spelling:
+            spelling[b] = chr(256 + extra)
+            extra += 1
+    return spelling
+
+
+def merges_from_scores(tokens: list[str], scores: list[float]) -> list[tuple[str, str]]:
+    """BPE merges implied by a SentencePiece vocabulary: every split of a token into two tokens, best score first
+    (transformers' generate_merges, so that our merges, and so our tokens, equal its)."""
+    vocab = {token: i for i, token in enumerate(tokens)}
+    merges = []
+    for token, score in dict(zip(tokens, scores)).items():
+        local = [(token[:k], token[k:], score) for k in range(1, len(token))
+                 if token[:k] in vocab and token[k:] in vocab]
+        merges += sorted(local, key=lambda m: (vocab[m[0]], vocab[m[1]]))
+    merges.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)
+    return [(left, right) for left, right, _ in merges]
+
+
+def build_tokenizer(metadata: dict, path: Path):
+    """A tokenizers.Tokenizer from tokenizer.ggml.* metadata, built as transformers' GGUF converters build theirs:
+    "gpt2" is byte-level BPE (tokens + merges; tokenizer.ggml.pre picks the split regex), "llama" is SentencePiece
+    style BPE (tokens + scores, merges derived from the scores, byte fallback, "▁" for spaces). Tokens of type
+    CONTROL and those named beginning, end, unknown or padding become special tokens, USER_DEFINED ones added
+    tokens, all matched whole in text."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, pre_tokenizers
+    from tokenizers.models import BPE
+
+    kind = metadata.get("tokenizer.ggml.model")
+    tokens = metadata.get("tokenizer.ggml.tokens")
+    if not isinstance(tokens, list) or not tokens:
+        raise LLMError(f"{path}: the GGUF metadata has no tokenizer (tokenizer.ggml.tokens)")
+    types = metadata.get("tokenizer.ggml.token_type") or [NORMAL] * len(tokens)
+    merges = [tuple(m.split(" ", 1)) for m in metadata.get("tokenizer.ggml.merges") or []]
+    try:
+        if kind == "gpt2":
+            spelling = byte_spelling()
+            alphabet = set(spelling.values())
+            vocab = {token if set(token) <= alphabet else "".join(spelling[b] for b in token.encode("utf-8")): i
+                     for i, token in enumerate(tokens)}
+            tok = Tokenizer(BPE(vocab=vocab, merges=merges, dropout=None, continuing_subword_prefix="",
+                                end_of_word_suffix="", fuse_unk=False))
+            split = PRE_TOKENIZER_SPLITS.get(metadata.get("tokenizer.ggml.pre"))
+            if metadata.get("tokenizer.ggml.pre") == "smollm":  # its tokenizer.json: digits one by one, then GPT-2's
+                tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                             pre_tokenizers.ByteLevel(add_prefix_space=False)])
+            elif split is not None:
+                tok.pre_tokenizer = pre_tokenizers.Sequence([
+                    pre_tokenizers.Split(Regex(split), behavior="isolated"),
+                    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+            else:
+                tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+            tok.decoder = decoders.ByteLevel()
+            control = [t for t, kind_ in zip(tokens, types) if kind_ == CONTROL and set(t) <= alphabet]
+        elif kind == "llama":
+            vocab = {token: i for i, token in enumerate(tokens)}
+            scores = metadata.get("tokenizer.ggml.scores") or [0.0] * len(tokens)
+            tok = Tokenizer(BPE(vocab=vocab, merges=merges or merges_from_scores(tokens, scores), fuse_unk=True,
+                                byte_fallback=True, dropout=None))
+            # llama.cpp (and SentencePiece) put "▁" before the text unless the file says not to
+            prefix_space = metadata.get("tokenizer.ggml.add_space_prefix", True)
+            tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", split=False,
+                                                         prepend_scheme="first" if prefix_space else "never")
+            steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+            tok.decoder = decoders.Sequence(steps + ([decoders.Strip(content=" ", left=1)] if prefix_space else []))
+            control = [t for t, kind_ in zip(tokens, types) if kind_ == CONTROL]
+        else:
+            raise LLMError(f"{path}: unsupported GGUF tokenizer {kind!r}; supported: gpt2 (byte-level BPE) and llama "
+                           "(SentencePiece)")
+    except LLMError:
+        raise
+    except Exception as e:  # tokenizers raises plain Exceptions for inconsistent vocabularies and merges
+        raise LLMError(f"{path}: the GGUF tokenizer cannot be built: {e}") from None
+    # the tokens the metadata names (beginning, end, unknown, padding) are special too, whatever their type
+    named = [metadata.get(f"tokenizer.ggml.{key}") for key in ("bos_token_id", "eos_token_id", "unknown_token_id",
+                                                               "padding_token_id")]
+    control += [tokens[i] for i in named if isinstance(i, int) and 0 <= i < len(tokens) and tokens[i] not in control]
+    tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in control])
+    user_defined = [t for t, kind_ in zip(tokens, types) if kind_ == USER_DEFINED and t in vocab]
+    tok.add_tokens([AddedToken(t, normalized=False, special=False) for t in user_defined])
+    return tok
+
+
+def gguf_tokenizer(metadata: dict, path: Path, vocab_size: int):
+    """Our tokenizer (llmcli/text/tokenizer.py's HFTokenizer) for the file, with its special ids and chat template."""
+    from llmcli.text.tokenizer import HFTokenizer
+
+    tokens = metadata.get("tokenizer.ggml.tokens") or []
+    if len(tokens) != vocab_size:
+        raise LLMError(f"{path}: the tokenizer has {len(tokens)} tokens but the model's embedding {vocab_size}; "
+                       "they do not belong together")
+
+    def token_id(key):
+        value = metadata.get(f"tokenizer.ggml.{key}")
+        if value is not None and not 0 <= value < len(tokens):
+            raise LLMError(f"{path}: tokenizer.ggml.{key} {value} is outside the vocabulary (0..{len(tokens) - 1})")
+        return value
+
+    ends = [token_id(key) for key in ("eos_token_id", "eot_token_id", "eom_token_id")]
+    template = metadata.get("tokenizer.chat_template")
+    return HFTokenizer(build_tokenizer(metadata, path), files=[path], bos_id=token_id("bos_token_id"),
+                       eos_ids=list(dict.fromkeys(i for i in ends if i is not None)),
+                       pad_id=token_id("padding_token_id"), chat_template=template if isinstance(template, str) else None)
+
+
+def gguf_info(path: Path) -> dict:
+    """What `llm info` shows of a .gguf file, from its metadata and tensor headers; nothing is dequantized."""
+    from collections import Counter
+
+    from llmcli.config import ModelConfig
+    from llmcli.model.transformer import Transformer, meta_device
+
+    reader = open_gguf(path)
+    metadata = read_metadata(reader, path)
+    shapes = {t.name: tensor_shape(t) for t in reader.tensors}
+    try:
+        config = ModelConfig(**model_settings(metadata, shapes, path))
+    except (TypeError, ValueError) as e:
+        raise LLMError(f"{path}: bad model settings in the GGUF metadata: {e}") from None
+    with meta_device():
+        parameters = Transformer(config).num_params()
+    kinds = {"gpt2": "byte-level BPE", "llama": "SentencePiece"}
+    types = Counter(t.tensor_type.name for t in reader.tensors)
+    return {"config": config, "architecture": f"{metadata.get('general.architecture')} (GGUF)",
+            "parameters": parameters,
+            "tokenizer": f"{kinds.get(metadata.get('tokenizer.ggml.model'), metadata.get('tokenizer.ggml.model'))} "
+                         f"({len(metadata.get('tokenizer.ggml.tokens') or [])} tokens)",
+            "dtype": ", ".join(f"{name} ({n} tensors)" for name, n in types.most_common())}
+
+
+# ---- writing ----
+
+def tokenizer_metadata(tokenizer) -> dict:
+    """tokenizer.ggml.* metadata for our tokenizers: a SentencePiece model becomes GGUF's "llama" tokenizer (tokens,
+    scores, token types), a `tokenizers` byte-level BPE its "gpt2" one (tokens, merges, the split it uses), as
+    llama.cpp's convert_hf_to_gguf.py writes them. Raises LLMError for any other kind."""
+    if hasattr(tokenizer, "sp"):
+        sp = tokenizer.sp
+        tokens, scores, types = [], [], []
+        for i in range(sp.GetPieceSize()):
+            score = sp.GetScore(i)
+            kind = (UNKNOWN if sp.IsUnknown(i) else CONTROL if sp.IsControl(i) else UNUSED if sp.IsUnused(i)
+                    else BYTE if sp.IsByte(i) else NORMAL)
+            if kind == NORMAL and score == 0.0 and i == sp.PieceToId(sp.IdToPiece(i)) and len(sp.IdToPiece(i)) > 1 \
+                    and sp.EncodeAsIds(sp.IdToPiece(i)) == [i]:
+                kind = USER_DEFINED  # SentencePiece gives user-defined pieces (<|endoftext|>) score 0, merges < 0
+            tokens.append(sp.IdToPiece(i))
+            scores.append(score)
+            types.append(kind)
+        prefix_space = sp.EncodeAsPieces("x")[0].startswith("▁")  # SentencePiece's add_dummy_prefix
+        meta = {"model": "llama", "tokens": tokens, "scores": scores, "token_type": types,
+                "add_space_prefix": prefix_space}
+    elif hasattr(tokenizer, "tok"):
+        meta = _tokenizers_metadata(tokenizer.tok)
+    else:
+        raise LLMError(f"a {type(tokenizer).__name__} cannot be written to GGUF")
+    # what our commands do: texts start with start_of_text, samples end at any of stop_tokens
+    start, ends = tokenizer.start_of_text, list(dict.fromkeys([*tokenizer.eos_ids, *tokenizer.stop_tokens]))
+    meta |= {"bos_token_id": start, "add_bos_token": start is not None, "eos_token_id": ends[0] if ends else None,
+             "eot_token_id": ends[1] if len(ends) > 1 else None, "padding_token_id": getattr(tokenizer, "pad_id", None),
+             "chat_template": tokenizer.chat_template}
+    return {k: v for k, v in meta.items() if v is not None}
+
+
+def _tokenizers_metadata(tok) -> dict:
+    import json
+
+    spec = json.loads(tok.to_str())
+    model = spec["model"]
+    vocab = tok.get_vocab(with_added_tokens=True)
+    tokens = [None] * len(vocab)
+    for token, i in vocab.items():
+        if i >= len(tokens):
+            raise LLMError(f"the tokenizer's ids are not 0..{len(vocab) - 1}; it cannot be written to GGUF")
+        tokens[i] = token
+    added = tok.get_added_tokens_decoder()
+    types = [CONTROL if i in added and added[i].special else USER_DEFINED if i in added else NORMAL
+             for i in range(len(tokens))]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
+    text = json.dumps(spec.get("pre_tokenizer")) + json.dumps(spec.get("decoder"))
+    if model.get("type") == "BPE" and '"ByteLevel"' in text:
+        pre = next((name for name, split in (("llama-bpe", LLAMA3_SPLIT), ("qwen2", QWEN2_SPLIT))
+                    if json.dumps(split) in text), "smollm" if '"individual_digits": true' in text else "gpt-2")
+        return {"model": "gpt2", "pre": pre, "tokens": tokens, "token_type": types, "merges": merges}
+    if model.get("type") == "BPE" and model.get("byte_fallback") and '"Metaspace"' in text:
+        # SentencePiece-style BPE: llama.cpp merges by score, so a token made by merge r scores -r
+        rank = {m.replace(" ", ""): -r for r, m in reversed(list(enumerate(merges)))}
+        byte = [len(t) == 6 and t.startswith("<0x") and t.endswith(">") for t in tokens]
+        types = [BYTE if b else UNKNOWN if t == model.get("unk_token") else k for t, b, k in zip(tokens, byte, types)]
+        return {"model": "llama", "tokens": tokens, "scores": [float(rank.get(t, 0)) for t in tokens],
+                "token_type": types, "merges": merges,
+                "add_space_prefix": '"prepend_scheme": "never"' not in text}
+    raise LLMError("only SentencePiece and byte-level BPE tokenizers can be written to GGUF, not this "
+                   f"{model.get('type')} tokenizer")
+
+
+def _encode(gguf, w, type: str):
+    """(array, ggml type) of a float32 tensor to store: vectors stay F32 (llama.cpp's converter does the same),
+    matrices take the chosen type; Q8_0 needs rows of whole 32-value blocks, else F16."""
+    import numpy as np
+
+    Q = gguf.GGMLQuantizationType
+    if w.ndim == 1 or type == "f32":
+        return w, Q.F32
+    if type == "q8_0" and w.shape[-1] % gguf.GGML_QUANT_SIZES[Q.Q8_0][0] == 0:
+        return gguf.quants.quantize(w, Q.Q8_0), Q.Q8_0
+    if type == "bf16":
+        return gguf.quants.quantize(w, Q.BF16), Q.BF16
+    return w.astype(np.float16), Q.F16
+
+
+def write_gguf(model, tokenizer, out: Path, type: str = "f16") -> Path:
+    """Write a language model as one .gguf file that llama.cpp and transformers open: our default parts as GGUF's
+    gpt2, Llama's parts as llama (qwen2 with q/k/v biases only), matrices in `type` (WRITE_TYPES), the tokenizer and
+    its chat template in the metadata. Raises LLMError for parts no GGUF architecture has or an unknown type."""
+    import os
+    import tempfile
+
+    import numpy as np
+    import torch
+
+    from llmcli.files import file_mode, make_output_dir, os_error_reason
+    from llmcli.formats.hf import export_family
+
+    gguf = _gguf()
+    if type not in WRITE_TYPES:
+        raise LLMError(f"unknown GGUF tensor type {type!r}; choose one of {', '.join(WRITE_TYPES)}")
+    c = model.config
+    arch = export_family(c)
+    tokens = tokenizer_metadata(tokenizer)
+    if len(tokens["tokens"]) != c.vocab_size:  # GGUF readers take the vocabulary's size from the tokenizer
+        extra = c.vocab_size - len(tokens["tokens"])
+        if extra < 0:
+            raise LLMError(f"the tokenizer has {len(tokens['tokens'])} tokens but the model only {c.vocab_size}")
+        tokens["tokens"] += [f"[PAD{i}]" for i in range(len(tokens["tokens"]), c.vocab_size)]
+        tokens["token_type"] += [UNUSED] * extra
+        if "scores" in tokens:
+            tokens["scores"] += [-1e9] * extra
+
+    def write(tmp: Path):
+        writer = gguf.GGUFWriter(tmp, arch)
+        writer.add_name(out.stem)
+        writer.add_context_length(c.context)
+        writer.add_embedding_length(c.n_embd)
+        writer.add_block_count(c.n_layer)
+        writer.add_feed_forward_length(c.hidden_size)
+        writer.add_head_count(c.n_head)
+        writer.add_vocab_size(c.vocab_size)
+        if arch == "gpt2":
+            writer.add_layer_norm_eps(c.norm_eps)
+        else:
+            writer.add_head_count_kv(c.kv_heads)
+            writer.add_layer_norm_rms_eps(c.norm_eps)
+            writer.add_rope_freq_base(c.rope_theta)
+            writer.add_rope_dimension_count(c.head_dim)
+            if c.rope_scaling != 1.0:
+                writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+                writer.add_rope_scaling_factor(c.rope_scaling)
+        file_types = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0"}
+        writer.add_file_type(gguf.LlamaFileType[file_types[type]])
+        writer.add_tokenizer_model(tokens["model"])
+        writer.add_tokenizer_pre(tokens.get("pre", "default"))
+        writer.add_token_list(tokens["tokens"])
+        writer.add_token_types(tokens["token_type"])
+        if "scores" in tokens:
+            writer.add_token_scores(tokens["scores"])
+        if tokens.get("merges"):
+            writer.add_token_merges(tokens["merges"])
+        if "add_space_prefix" in tokens:
+            writer.add_add_space_prefix(tokens["add_space_prefix"])
+        writer.add_add_bos_token(tokens["add_bos_token"])
+        for key in ("bos_token_id", "eos_token_id", "eot_token_id", "padding_token_id"):
+            if key in tokens:
+                getattr(writer, {"padding_token_id": "add_pad_token_id"}.get(key, f"add_{key}"))(tokens[key])
+        if "chat_template" in tokens:
+            writer.add_chat_template(tokens["chat_template"])
+        with torch.no_grad():
+            for name, tensor in model.state_dict().items():
+                rows = part_rows(arch, c, name) or [tensor.size(0)]
+                for gguf_name, part in zip(gguf_parts(arch, name), tensor.float().split(rows)):
+                    w = np.ascontiguousarray(part.numpy())
+                    if heads := rotary_heads(arch, c, gguf_name):
+                        w = np.ascontiguousarray(permute(w, heads))
+                    data, ggml_type = _encode(gguf, w, type)
+                    writer.add_tensor(gguf_name, data, raw_dtype=ggml_type)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+
+    # written whole to a temporary file beside out, then renamed: out is never half a file
+    make_output_dir(out.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+        os.close(fd)
+    except OSError as e:
+        raise LLMError(f"could not write {out}: {os_error_reason(e)}") from None
+    try:
+        write(Path(tmp))
+        os.chmod(tmp, file_mode())
+        os.replace(tmp, out)
+    except OSError as e:
+        raise LLMError(f"could not write {out}: {os_error_reason(e)}") from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out

@@ -1,0 +1,296 @@
+"""GGUF files: parity with `transformers`' own GGUF loading on tiny random files written here through gguf.GGUFWriter
+(llama, qwen2 and gpt2; F32, F16, Q8_0 and Q4_0 tensors; both tokenizer kinds), our exports read back by
+transformers, and bad files through the CLI. Nothing is downloaded.
+
+Tolerance: the same dequantized weights in float32 on both sides, so logits agree to 1e-4 (they differ only in the
+order of floating-point sums).
+"""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+gguf = pytest.importorskip("gguf")
+transformers = pytest.importorskip("transformers")
+tokenizers = pytest.importorskip("tokenizers")
+
+from conftest import ROOT, run_cli  # noqa: E402
+
+from llmcli.config import ModelConfig  # noqa: E402
+from llmcli.formats import load_model  # noqa: E402
+from llmcli.formats.ours import save_model, write_config  # noqa: E402
+from llmcli.model.transformer import Transformer  # noqa: E402
+from llmcli.text.tokenizer import Tokenizer  # noqa: E402
+
+ATOL = 1e-4
+SENTENCEPIECE = ROOT / "checkpoints" / "tinystories" / "tokenizer.model"  # 2048 tokens, BPE
+TEXTS = ["Once upon a time, a little cat named Tom found 1234 shiny stones.",
+         "  two spaces, tabs\tand\nnew lines; ünïcödé 日本 🙂 <|endoftext|> the end."]
+Q = gguf.GGMLQuantizationType
+
+
+@pytest.fixture(scope="module")
+def bpe_tokenizer():
+    """A 300-token byte-level BPE trained here: (tokens in id order, merges, token types)."""
+    from tokenizers.implementations import ByteLevelBPETokenizer
+
+    tok = ByteLevelBPETokenizer()
+    text = (ROOT.parent / "shared" / "data" / "tinyshakespeare.txt").read_text(encoding="utf-8")[:50_000]
+    tok.train_from_iterator(text.splitlines(), vocab_size=300, special_tokens=["<|endoftext|>"], show_progress=False)
+    vocab = tok.get_vocab()
+    tokens = sorted(vocab, key=vocab.get)
+    import json
+    merges = [m if isinstance(m, str) else " ".join(m) for m in json.loads(tok._tokenizer.to_str())["model"]["merges"]]
+    types = [3 if t == "<|endoftext|>" else 1 for t in tokens]
+    return {"model": "gpt2", "tokens": tokens, "merges": merges, "types": types, "bos": 0, "eos": 0}
+
+
+@pytest.fixture(scope="module")
+def sp_tokenizer():
+    """Our shipped SentencePiece model as GGUF's "llama" tokenizer, as llama.cpp's converter writes one."""
+    sp = Tokenizer(SENTENCEPIECE).sp
+    n = sp.GetPieceSize()
+    types = [2 if sp.IsUnknown(i) else 3 if sp.IsControl(i) else 6 if sp.IsByte(i) else 1 for i in range(n)]
+    return {"model": "llama", "tokens": [sp.IdToPiece(i) for i in range(n)], "scores": [sp.GetScore(i) for i in range(n)],
+            "types": types, "bos": 1, "eos": 1}
+
+
+def random_tensors(arch: str, vocab: int, n_embd=32, n_layer=2, n_head=4, n_kv_head=2, ffn=64, context=64,
+                   tied=True, seed=0) -> dict[str, np.ndarray]:
+    """GGUF-named tensors (PyTorch's (out, in) order) of a random model of the architecture."""
+    rng = np.random.default_rng(seed)
+    head = n_embd // n_head
+
+    def r(*shape, scale=0.2):
+        return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+    t = {"token_embd.weight": r(vocab, n_embd), "output_norm.weight": 1 + r(n_embd)}
+    if not tied:
+        t["output.weight"] = r(vocab, n_embd)
+    if arch == "gpt2":
+        t |= {"position_embd.weight": r(context, n_embd), "output_norm.bias": r(n_embd)}
+    for i in range(n_layer):
+        b = f"blk.{i}."
+        t |= {b + "attn_norm.weight": 1 + r(n_embd), b + "ffn_norm.weight": 1 + r(n_embd),
+              b + "attn_output.weight": r(n_embd, n_embd), b + "ffn_down.weight": r(n_embd, ffn),
+              b + "ffn_up.weight": r(ffn, n_embd)}
+        if arch == "gpt2":
+            t |= {b + "attn_qkv.weight": r(3 * n_embd, n_embd), b + "attn_qkv.bias": r(3 * n_embd),
+                  b + "attn_norm.bias": r(n_embd), b + "ffn_norm.bias": r(n_embd), b + "attn_output.bias": r(n_embd),
+                  b + "ffn_up.bias": r(ffn), b + "ffn_down.bias": r(n_embd)}
+        else:
+            t |= {b + "attn_q.weight": r(n_embd, n_embd), b + "attn_k.weight": r(n_kv_head * head, n_embd),
+                  b + "attn_v.weight": r(n_kv_head * head, n_embd), b + "ffn_gate.weight": r(ffn, n_embd)}
+        if arch == "qwen2":
+            t |= {b + "attn_q.bias": r(n_embd), b + "attn_k.bias": r(n_kv_head * head),
+                  b + "attn_v.bias": r(n_kv_head * head)}
+    return t
+
+
+def write_gguf_file(path, arch: str, tokenizer: dict, qtype=Q.F32, n_embd=32, n_layer=2, n_head=4, n_kv_head=2,
+                    ffn=64, context=64, tied=True, pre=None, tensors=None, vocab=None, chat_template=None,
+                    eps=1e-5, rope_base=10000.0):
+    """A GGUF file as llama.cpp's converter lays one out: vectors in F32, matrices in qtype."""
+    vocab = vocab or len(tokenizer["tokens"])
+    tensors = tensors or random_tensors(arch, vocab, n_embd, n_layer, n_head, n_kv_head, ffn, context, tied)
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_name("tiny")
+    w.add_context_length(context)
+    w.add_embedding_length(n_embd)
+    w.add_block_count(n_layer)
+    w.add_feed_forward_length(ffn)
+    w.add_head_count(n_head)
+    if arch == "gpt2":
+        w.add_layer_norm_eps(eps)
+    else:
+        w.add_head_count_kv(n_kv_head)
+        w.add_layer_norm_rms_eps(eps)
+        w.add_rope_freq_base(rope_base)
+        w.add_rope_dimension_count(n_embd // n_head)
+    w.add_tokenizer_model(tokenizer["model"])
+    w.add_tokenizer_pre(pre or "default")
+    w.add_token_list(tokenizer["tokens"])
+    w.add_token_types(tokenizer["types"])
+    if "scores" in tokenizer:
+        w.add_token_scores(tokenizer["scores"])
+    if "merges" in tokenizer:
+        w.add_token_merges(tokenizer["merges"])
+    w.add_bos_token_id(tokenizer["bos"])
+    w.add_eos_token_id(tokenizer["eos"])
+    if chat_template:
+        w.add_chat_template(chat_template)
+    for name, array in tensors.items():
+        if array.ndim == 1 or qtype == Q.F32:
+            w.add_tensor(name, array)
+        elif qtype == Q.F16:
+            w.add_tensor(name, array.astype(np.float16))
+        else:
+            w.add_tensor(name, gguf.quants.quantize(array, qtype), raw_dtype=qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def transformers_gguf(path):
+    model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    return model, tok
+
+
+# (architecture, tensor type, tokenizer, tokenizer.ggml.pre, extra shape): each mapping shows in at least one case;
+# transformers reads a GGUF gpt2 with a 1024-position table and a 4 * width MLP only
+CASES = {
+    "llama-q4_0-sentencepiece-gqa-tied": ("llama", Q.Q4_0, "sp", None, {}),
+    "llama-f32-bpe-llama3-split-untied": ("llama", Q.F32, "bpe", "llama-bpe", {"tied": False, "n_kv_head": 1}),
+    "qwen2-q8_0-bpe-qwen2-split": ("qwen2", Q.Q8_0, "bpe", "qwen2", {"rope_base": 1e6}),
+    "gpt2-f16-bpe": ("gpt2", Q.F16, "bpe", "gpt-2", {"context": 1024, "ffn": 128, "n_kv_head": 4}),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_logits_and_tokens_equal_transformers(case, tmp_path, bpe_tokenizer, sp_tokenizer):
+    arch, qtype, kind, pre, shape = CASES[case]
+    tokenizer = sp_tokenizer if kind == "sp" else bpe_tokenizer
+    path = write_gguf_file(tmp_path / "tiny.gguf", arch, tokenizer, qtype, pre=pre, **shape)
+    ours, our_tok, config = load_model(path)
+    theirs, their_tok = transformers_gguf(path)
+    assert config["format"] == "gguf" and config["family"] == arch
+    for text in TEXTS:
+        assert our_tok.encode(text) == their_tok(text, add_special_tokens=False)["input_ids"], text
+        assert our_tok.decode(our_tok.encode(text)) == their_tok.decode(our_tok.encode(text))
+    ids = torch.tensor([our_tok.encode(TEXTS[0])[:40]])
+    with torch.no_grad():
+        expected = theirs(ids).logits
+        got = ours(ids)
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
+
+
+def test_generate_and_info_through_the_cli(tmp_path, bpe_tokenizer):
+    template = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    path = write_gguf_file(tmp_path / "tiny.gguf", "llama", bpe_tokenizer, Q.Q8_0, chat_template=template)
+    result = run_cli("info", path, "--json")
+    assert result.returncode == 0, result.stderr
+    import json
+    about = json.loads(result.stdout)
+    assert about["architecture"] == "llama (GGUF)" and about["vocab_size"] == 300 and about["context"] == 64
+    assert "Q8_0" in about["dtype"] and about["tokenizer"] == "byte-level BPE (300 tokens)"
+    result = run_cli("generate", "-m", path, "Once", "--max-new-tokens", "5", "--seed", "1")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip()
+    _, tok, _ = load_model(path)
+    assert tok.chat_template == template and tok.start_of_text == 0
+
+
+def our_checkpoint(directory, **settings) -> Transformer:
+    """One of our checkpoints with random weights, the shipped SentencePiece tokenizer, and the given parts."""
+    config = ModelConfig(vocab_size=2048, n_layer=2, n_head=4, n_embd=32, context=64, **settings)
+    torch.manual_seed(0)
+    model = Transformer(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    directory.mkdir()
+    save_model(directory, model)
+    write_config(directory, {"model": vars(config)})
+    (directory / "tokenizer.model").write_bytes(SENTENCEPIECE.read_bytes())
+    return model
+
+
+EXPORTS = {  # our parts -> GGUF architecture; transformers reads gpt2 with 1024 positions and a 4 * width MLP only
+    "llama-gqa-untied-f32": (dict(norm="rmsnorm", positions="rope", mlp="swiglu", bias=False, n_kv_head=2,
+                                  intermediate_size=48, tie_embeddings=False, rope_theta=500.0), "f32", "llama"),
+    "qwen2-qkv-bias-q8_0": (dict(norm="rmsnorm", positions="rope", mlp="swiglu", bias=False, qkv_bias=True,
+                                 n_kv_head=2, intermediate_size=64), "q8_0", "qwen2"),
+    "gpt2-default-parts-f16": (dict(context=1024), "f16", "gpt2"),
+    "gpt2-bf16": (dict(context=1024), "bf16", "gpt2"),
+}
+
+
+@pytest.mark.parametrize("case", EXPORTS)
+def test_export_reads_back_in_transformers(case, tmp_path):
+    settings, type, arch = EXPORTS[case]
+    original = our_checkpoint(tmp_path / "ckpt", **settings)
+    out = tmp_path / "out" / "model.gguf"
+    result = run_cli("export", tmp_path / "ckpt", "--format", "gguf", "--type", type, "-o", out)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == str(out)
+    reader = gguf.GGUFReader(out)
+    assert reader.fields["general.architecture"].contents() == arch
+    matrices = {t.tensor_type.name for t in reader.tensors if len(t.shape) == 2}
+    assert matrices == {type.upper()}
+    ours, tok, _ = load_model(out)
+    theirs, _ = transformers_gguf(out)
+    sp = Tokenizer(SENTENCEPIECE)
+    for text in TEXTS:  # our SentencePiece tokenizer (no dummy prefix) survives the trip
+        assert tok.encode(text) == sp.encode(text)
+    ids = torch.tensor([sp.encode(TEXTS[0])[:40]])
+    with torch.no_grad():
+        expected, got, before = theirs(ids).logits, ours(ids), original(ids)
+    torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
+    if type == "f32":  # lossless: the file holds exactly our weights
+        torch.testing.assert_close(got, before, atol=ATOL, rtol=0)
+    else:
+        assert (got - before).abs().max() < 0.2 * before.abs().max()
+
+
+def test_export_refuses_an_existing_file_and_an_unknown_type(tmp_path, nano_checkpoint):
+    out = tmp_path / "m.gguf"
+    out.write_bytes(b"keep me")
+    assert "already exists" in bad("export", nano_checkpoint, "--format", "gguf", "-o", out)
+    assert out.read_bytes() == b"keep me"
+    assert "q4_k" in bad("export", nano_checkpoint, "--format", "gguf", "--type", "q4_k", "-o", tmp_path / "n.gguf")
+
+
+def bad(*args) -> str:
+    result = run_cli(*args)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("llm: error: "), result.stderr
+    return lines[0]
+
+
+def test_bad_gguf_files_are_one_line(tmp_path, bpe_tokenizer):
+    good = write_gguf_file(tmp_path / "good.gguf", "llama", bpe_tokenizer, Q.Q4_0)
+    data = good.read_bytes()
+    for size in (len(data) // 2, 100):
+        (tmp_path / f"cut{size}.gguf").write_bytes(data[:size])
+        for command in ("info", "generate"):
+            args = [tmp_path / f"cut{size}.gguf"] if command == "info" else ["-m", tmp_path / f"cut{size}.gguf", "x"]
+            assert "cut" in bad(command, *args)
+    (tmp_path / "text.gguf").write_text("not a model")
+    assert "not a readable GGUF file" in bad("info", tmp_path / "text.gguf")
+
+    mamba = write_gguf_file(tmp_path / "mamba.gguf", "llama", bpe_tokenizer)
+    mamba.write_bytes(mamba.read_bytes().replace(b"llama", b"mamba"))  # the architecture and its keys' prefix
+    assert "unsupported GGUF architecture 'mamba'" in bad("generate", "-m", mamba, "x")
+
+    tensors = random_tensors("llama", 300)
+    tensors["blk.0.attn_q.weight"] = tensors["blk.0.attn_q.weight"].astype(np.int8)  # GGUF type I8
+    odd = write_gguf_file(tmp_path / "i8.gguf", "llama", bpe_tokenizer, tensors=tensors)
+    assert "blk.0.attn_q.weight has type I8" in bad("generate", "-m", odd, "x")
+    raw = bytearray(write_gguf_file(tmp_path / "t99.gguf", "llama", bpe_tokenizer).read_bytes())
+    name = b"blk.0.attn_q.weight"
+    at = raw.index(name) + len(name) + 4 + 2 * 8  # after the name: n_dims (u32), dims (2 x u64), then the type
+    raw[at:at + 4] = (99).to_bytes(4, "little")
+    (tmp_path / "t99.gguf").write_bytes(bytes(raw))
+    assert "unknown tensor type 99" in bad("info", tmp_path / "t99.gguf")
+
+    tensors = random_tensors("llama", 320)  # 320 embedding rows, 300 tokens
+    mismatch = write_gguf_file(tmp_path / "vocab.gguf", "llama", bpe_tokenizer, tensors=tensors, vocab=320)
+    assert "the tokenizer has 300 tokens but the model's embedding 320" in bad("generate", "-m", mismatch, "x")
+
+
+def test_help_imports_neither_gguf_nor_tokenizers():
+    result = subprocess.run([sys.executable, "-X", "importtime", "-m", "llmcli", "--help"], capture_output=True,
+                            text=True, cwd=ROOT)
+    assert result.returncode == 0
+    imported = {line.split("|")[-1].strip().split(".")[0] for line in result.stderr.splitlines() if "|" in line}
+    assert "llmcli" in imported
+    assert not imported & {"gguf", "tokenizers", "transformers", "torch"}
