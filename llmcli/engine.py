@@ -93,7 +93,7 @@ class Engine:
     """Runs a torch Transformer on all requests at once in a thread of its own (start(), stop()).
 
     max_batch: most rows decoding together (their keys and values are allocated up front). max_queue: most jobs
-    waiting for a row; submit() raises QueueFull past it.
+    waiting for a row when none is free; submit() raises QueueFull past it.
     """
 
     def __init__(self, model, tokenizer, max_batch: int = 16, max_queue: int = 64, log=None):
@@ -133,7 +133,8 @@ class Engine:
             raise ValueError(f"{job.rows} choices (prompts x n) are more than the server's --max-batch "
                              f"{self.max_batch}")
         with self.cond:
-            if len(self.waiting) >= self.max_queue:
+            taken = len(self.rows) + (sum(j.rows for j in self.prefill.jobs) if self.prefill else 0)
+            if len(self.waiting) - max(0, self.max_batch - taken) >= self.max_queue:
                 raise QueueFull(f"{len(self.waiting)} requests are waiting already")
             self.waiting.append(job)
             self.cond.notify()
