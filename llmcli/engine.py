@@ -34,6 +34,11 @@ from llmcli.generate import SamplingConfig, TextStream, decoding_layout, distinc
 PREFILL_TOKENS = 512  # prompt tokens (padding included) prefilled per turn of the loop, between two decode steps
 
 
+def sampling_key(cfg: SamplingConfig) -> tuple:
+    """The settings sample_next reads: rows that agree on them are sampled together."""
+    return cfg.temperature, cfg.top_k, cfg.top_p, cfg.min_p, cfg.repetition_penalty
+
+
 class QueueFull(Exception):
     """More requests are waiting than the engine's max_queue."""
 
@@ -265,7 +270,7 @@ class Engine:
                 rows = [self._new_row(job, choice) for choice in range(job.rows)]
                 logits = p.logits[[number[tuple(row.ids)] for row in rows]]
                 events, going_on = [], []
-                for row, token in zip(rows, self._sample(job, rows, logits)):
+                for row, token in zip(rows, self._sample(rows, logits)):
                     if row.limit == 0:
                         self._finish(row, "length", events)
                     elif self._accept(row, int(token), events):
@@ -294,10 +299,11 @@ class Engine:
                    min(job.cfg.max_new_tokens, self.context - len(ids)), seen)
 
     @staticmethod
-    def _sample(job: Job, rows: list[Row], logits: np.ndarray) -> np.ndarray:
-        """The next token of each of a job's rows (as llm generate's decode_rows draws it)."""
+    def _sample(rows: list[Row], logits: np.ndarray) -> np.ndarray:
+        """The next token of each row (as llm generate's decode_rows draws it); the rows' jobs have the same
+        sampling settings (sample_next's work is per row, but its calls cost too)."""
         seen = np.stack([row.seen for row in rows]) if rows[0].seen is not None else None
-        tokens = sample_next(logits, job.cfg, [row.rng for row in rows], seen)
+        tokens = sample_next(logits, rows[0].job.cfg, [row.rng for row in rows], seen)
         if seen is not None:
             for row, token in zip(rows, tokens):
                 row.seen[token] = True
@@ -336,20 +342,29 @@ class Engine:
         pad = torch.tensor(self.pad, device=self.device)
         logits = self.model(tokens, pos=self.P, pad=pad)[:, -1].float().cpu().numpy()
         self.P += 1
-        by_job: dict[int, list[int]] = {}
+        groups: dict[tuple, list[int]] = {}  # rows by sampling settings
         for b, row in enumerate(self.rows):
-            by_job.setdefault(id(row.job), []).append(b)
-        done = []
-        for indices in by_job.values():
+            groups.setdefault(sampling_key(row.job.cfg), []).append(b)
+        tokens = np.zeros(len(self.rows), dtype=np.int64)
+        for indices in groups.values():
             rows = [self.rows[b] for b in indices]
-            job, events = rows[0].job, []
             try:
-                for b, row, token in zip(indices, rows, self._sample(job, rows, logits[indices])):
-                    if not self._accept(row, int(token), events):
-                        done.append(b)
-                self._emit(job, events)
+                tokens[indices] = self._sample(rows, logits[indices])
+            except Exception:  # these requests fail; the others go on
+                self._fail(list({id(row.job): row.job for row in rows}.values()))
+        events: dict[int, tuple[Job, list]] = {}
+        done = []
+        for b, row in enumerate(self.rows):
+            if row.job.cancelled:
+                continue
+            try:
+                if not self._accept(row, int(tokens[b]), events.setdefault(id(row.job), (row.job, []))[1]):
+                    done.append(b)
             except Exception:  # this request fails; the others go on
-                self._fail([job])
+                self._fail([row.job])
+        for job, job_events in events.values():
+            if job_events and not job.cancelled:
+                self._emit(job, job_events)
         self._leave(done + [b for b, row in enumerate(self.rows) if row.job.cancelled])
 
     def _leave(self, indices: list[int]):

@@ -192,18 +192,24 @@ class Pending:
         return all(f is not None for f in self.finish)
 
     async def events(self):
-        """Yield (choice, text, finish_reason or None) as the engine produces them, until every choice finished."""
+        """Yield lists of (choice, text, finish_reason or None) as the engine produces them, until every choice
+        finished: all that arrived since the last (a slow client gets fewer, larger pieces)."""
         while not self.done:
-            for event in await self.queue.get():
+            batch = await self.queue.get()
+            while not self.queue.empty():
+                batch += self.queue.get_nowait()
+            out = []
+            for event in batch:
                 if event[0] == "error":
                     raise RuntimeError(event[1])
                 if event[0] == "text":
                     self.texts[event[1]] += event[2]
-                    yield event[1], event[2], None
+                    out.append((event[1], event[2], None))
                 else:
                     self.finish[event[1]] = event[2]
                     self.completion_tokens += event[3]
-                    yield event[1], "", event[2]
+                    out.append((event[1], "", event[2]))
+            yield out
 
     def cancel(self):
         if not self.done:
@@ -252,8 +258,8 @@ def _stream(server: Server, request: Request, pending: Pending, chunk, include_u
                 first = chunk(choice, None, None)
                 if first is not None:
                     yield _sse(first)
-            async for choice, text, finish in pending.events():
-                yield _sse(chunk(choice, text, finish))
+            async for batch in pending.events():
+                yield "".join(_sse(chunk(choice, text, finish)) for choice, text, finish in batch)
             if include_usage:
                 yield _sse({**chunk(0, "", None), "choices": [], "usage": pending.usage()})
             yield "data: [DONE]\n\n"

@@ -257,10 +257,10 @@ def local_server():
 
     real_sample = Engine._sample
 
-    def sample(job, rows, logits):
-        if job.cfg.temperature == FAILING_TEMPERATURE:
+    def sample(rows, logits):
+        if rows[0].job.cfg.temperature == FAILING_TEMPERATURE:
             raise RuntimeError("boom")
-        return real_sample(job, rows, logits)
+        return real_sample(rows, logits)
 
     model, tokenizer, config = load_checkpoint(None)
     logged = []
