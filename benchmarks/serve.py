@@ -27,26 +27,24 @@ THINGS = ["a cat", "a dog", "a red ball", "a girl who liked to sing", "a tall tr
 
 
 async def one_request(http: httpx.AsyncClient, url: str, body: dict) -> dict:
-    """Send one streamed completion; its time to first token, completion tokens and whether it completed."""
+    """Send one streamed completion; its time to first token (to the first event, which carries the first piece of
+    text), completion tokens (from the usage event) and whether it completed. The client reads the events only at
+    the end: it shares the cores with the server."""
     started = time.perf_counter()
-    first, tokens, done = None, 0, False
+    first, received = None, bytearray()
     try:
         async with http.stream("POST", url + "/completions", json=body) as response:
+            async for data in response.aiter_raw():
+                first = first or time.perf_counter() - started
+                received += data
             if response.status_code != 200:
-                await response.aread()
                 return {"ok": False, "status": response.status_code}
-            async for line in response.aiter_lines():
-                if line == "data: [DONE]":
-                    done = True
-                elif first is None and line.startswith("data: "):
-                    chunk = json.loads(line[6:])
-                    if chunk["choices"] and chunk["choices"][0]["text"]:
-                        first = time.perf_counter() - started
-                elif line.startswith('data: {') and '"usage": {' in line:  # (the client parses little: it
-                    tokens = json.loads(line[6:])["usage"]["completion_tokens"]  # shares the cores)
     except httpx.HTTPError as e:
         return {"ok": False, "status": type(e).__name__}
-    return {"ok": done, "ttft": first, "tokens": tokens}
+    events = received.decode().split("\n\n")
+    usage = [json.loads(e[6:])["usage"] for e in events if e.startswith('data: {') and '"usage": {' in e]
+    done = "data: [DONE]" in events and len(usage) == 1
+    return {"ok": done, "ttft": first, "tokens": usage[0]["completion_tokens"] if done else 0}
 
 
 async def run_clients(url: str, bodies: list[dict], clients: int) -> tuple[list[dict], float]:

@@ -138,7 +138,8 @@ class Engine:
             raise ValueError(f"{job.rows} choices (prompts x n) are more than the server's --max-batch "
                              f"{self.max_batch}")
         with self.cond:
-            taken = len(self.rows) + (sum(j.rows for j in self.prefill.jobs) if self.prefill else 0)
+            prefill = self.prefill  # (the engine's thread changes it without the lock)
+            taken = len(self.rows) + (sum(j.rows for j in prefill.jobs) if prefill else 0)
             if len(self.waiting) - max(0, self.max_batch - taken) >= self.max_queue:
                 raise QueueFull(f"{len(self.waiting)} requests are waiting already")
             self.waiting.append(job)
