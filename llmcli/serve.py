@@ -537,8 +537,8 @@ def serve(model_path=None, host: str = "127.0.0.1", port: int = 8000, api_key: s
     sock = _bind(host, port)
     bound = sock.getsockname()
     shown = f"[{bound[0]}]" if sock.family == socket.AF_INET6 else bound[0]
-    log(f"serving {name} ({model.num_params() / 1e6:.2f}M parameters, context {engine.context}) to at most "
-        f"{max_batch} requests at once; SIGTERM or Ctrl-C stops it")
+    log(f"serving {name} (context {engine.context} tokens), {max_batch} sequences decoding at once at most; "
+        "SIGTERM or Ctrl-C stops it")
     print(f"http://{shown}:{bound[1]}/v1", flush=True)
     # uvicorn finishes the requests in flight on SIGTERM/SIGINT, then raises the signal again for the handler that
     # was there before it: this one, so that a stop that went as planned exits 0

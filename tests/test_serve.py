@@ -28,12 +28,12 @@ PROMPTS = [f"Tell me a story about {thing}" for thing in (
     "a shy bunny", "a dragon", "a robot", "a picnic", "the sea", "a garden", "a bike", "a star")]
 
 
-def start_server(tmp_path, *args) -> tuple[subprocess.Popen, str, object]:
+def start_server(tmp_path, *args, env=None) -> tuple[subprocess.Popen, str, object]:
     """A `llm serve` process, its base URL, and its stderr file (read it with .read_text())."""
     log = tmp_path / "serve.log"
     process = subprocess.Popen([sys.executable, "-m", "llmcli", "serve", "--port", "0", *map(str, args)],
                                stdout=subprocess.PIPE, stderr=log.open("w"), text=True,
-                               env={**os.environ, "PYTHONPATH": str(ROOT)})
+                               env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
     url = process.stdout.readline().strip()  # printed once the port is bound
     assert url.startswith("http://127.0.0.1:") and url.endswith("/v1"), (url, log.read_text())
     return process, url, log
@@ -49,7 +49,7 @@ server_process = {}  # url: the process
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    process, url, log = start_server(tmp_path_factory.mktemp("serve"), "--api-key", KEY)
+    process, url, log = start_server(tmp_path_factory.mktemp("serve"), env={"LLM_API_KEY": KEY})
     server_process[url] = process
     yield url, log
     assert stop_server(process) == 0, log.read_text()
