@@ -580,6 +580,32 @@ def search(
 
 
 @app.command()
+def serve(
+    model: ModelOption = None,
+    host: Annotated[str, typer.Option(help="Address to listen on; 0.0.0.0 opens the server to the network")
+                    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on; 0 picks a free one")] = 8000,
+    api_key: Annotated[Optional[str], typer.Option(
+        envvar="LLM_API_KEY", help="Require 'Authorization: Bearer KEY' [env: LLM_API_KEY]", show_default=False,
+        show_envvar=False)] = None,
+    max_batch: Annotated[int, typer.Option(help="Most sequences decoded together (their KV cache is allocated "
+                                           "up front)")] = 16,
+    max_queue: Annotated[int, typer.Option(help="Most requests waiting for a place in the batch; more get 429")
+                         ] = 256,
+    quantize: QuantizeOption = None,
+):
+    """Serve the model over the OpenAI HTTP API (completions, chat, embeddings), concurrent requests batched
+    together. Prints the address; logs a line a request on stderr; SIGTERM or Ctrl-C finishes the requests in flight
+    and exits."""
+    try:
+        from llmcli.infer.serve import serve as run_server
+    except ImportError as e:
+        raise LLMError(f"llm serve needs the 'serve' extra: pip install -e '.[serve]' ({e})") from None
+
+    run_server(model, host, port, api_key, max_batch, max_queue, quantize)
+
+
+@app.command()
 def plot(
     runs: Annotated[list[Path], typer.Argument(help="Training run directories (with metrics.jsonl)")],
     out: Annotated[Path, typer.Option("--out", "-o", help="PNG file to write")] = Path("loss.png"),

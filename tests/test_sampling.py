@@ -20,6 +20,15 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
     assert np.isfinite(apply_top_p(logits, 1.0)).all()
 
 
+def test_top_p_breaks_ties_in_token_order():
+    """Equal logits at the edge of the set: the earlier token is kept, in rows with and without ties alike."""
+    logits = np.log([[0.4, 0.2, 0.2, 0.2], [0.1, 0.3, 0.3, 0.3], [0.45, 0.25, 0.2, 0.1]])
+    assert np.isfinite(apply_top_p(logits, 0.55)).tolist() == [[True, True, False, False], [False, True, True, False],
+                                                                [True, True, False, False]]
+    with_inf = np.array([[2.0, -np.inf, 1.0, -np.inf, 1.0]])
+    assert np.isfinite(apply_top_p(with_inf, 0.7)).tolist() == [[True, False, True, False, False]]
+
+
 def rngs(seed, rows=4):
     return [np.random.default_rng([seed, row]) for row in range(rows)]
 
