@@ -102,10 +102,9 @@ def tokenize_decode(source: InputArgument = "-", tokenizer: TokenizerOption = No
 
 
 def _load_tokenizer(path: Optional[Path]):
-    from llmcli.formats import default_model_path
-    from llmcli.text.tokenizer import load_tokenizer
+    from llmcli.formats import load_model_tokenizer
 
-    return load_tokenizer(path if path is not None else default_model_path())
+    return load_model_tokenizer(path)
 
 
 @app.command()
