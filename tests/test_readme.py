@@ -22,11 +22,25 @@ def run_bash(script: str, cwd) -> subprocess.CompletedProcess:
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
 
 
+def _stories(text: str, chars: int) -> str:
+    """The first whole stories of a TinyStories file, about `chars` characters of them."""
+    end = text.index("<|endoftext|>\n", chars) + len("<|endoftext|>\n")
+    return text[:end]
+
+
 def workdir(tmp_path):
-    """An empty directory to run a README section in, with the README's ../shared/data beside it."""
+    """An empty directory to run a README section in, with a ../shared/data beside it holding the start of each of
+    the README's files (the commands run as written; the claims they check do not need the whole corpora)."""
     work = tmp_path / "work"
     work.mkdir()
-    (tmp_path / "shared").symlink_to(ROOT.parent / "shared")
+    data = tmp_path / "shared" / "data"
+    (data / "tinystories").mkdir(parents=True)
+    real = ROOT.parent / "shared" / "data"
+    (data / "tinyshakespeare.txt").write_text((real / "tinyshakespeare.txt").read_text(encoding="utf-8")[:200_000],
+                                              encoding="utf-8")
+    for name, chars in (("train.txt", 100_000), ("valid.txt", 40_000)):
+        text = (real / "tinystories" / name).read_text(encoding="utf-8")
+        (data / "tinystories" / name).write_text(_stories(text, chars), encoding="utf-8")
     return work
 
 
