@@ -1,9 +1,12 @@
 """The README's commands are run here, so the README cannot rot."""
 
+import json
 import os
 import re
 import subprocess
 import sys
+
+import yaml
 
 from conftest import ROOT
 
@@ -65,10 +68,14 @@ def test_walkthrough_commands_run(tmp_path):
     result = run_bash("\n".join(bash_blocks("Walkthrough: from a text file to a model")), cwd=work)
     assert result.returncode == 0, result.stderr
     out = result.stdout
+    lines = out.splitlines()
     assert "To be, or not to be: that is the question.\n" in out  # encode | decode round trip
-    assert '"pieces"' in out
-    assert str("shakespeare-nano") in out  # pretrain prints the checkpoint
-    assert "bits/byte" in out and '"bits_per_byte"' in out
+    pieces = next(i for i, line in enumerate(lines) if '"pieces"' in line)
+    assert lines[pieces + 1] == "shakespeare-nano"  # pretrain prints the checkpoint, and nothing else
+    assert (work / "shakespeare-nano" / "model.safetensors").is_file()
+    scores = json.loads(lines[-1])
+    assert scores["file"] == "../shared/data/tinyshakespeare.txt" and scores["model"] == "shakespeare-nano"
+    assert "bits/byte" in out and f"{scores['bits_per_byte']:.4f}" in out  # the table says what --json says
 
 
 def test_long_run_commands_run(tmp_path):
@@ -76,6 +83,11 @@ def test_long_run_commands_run(tmp_path):
     result = run_bash("\n".join(bash_blocks("Long runs: checkpoints, resume, precision, many processes")), cwd=work)
     assert result.returncode == 0, result.stderr
     assert "resuming long-run from step 20" in result.stderr
+    # the stories run: micro-batches, bf16-mixed and wsd were taken, said and stored
+    assert "16 sequences, 2 micro-batches of 8, bf16-mixed" in result.stderr
+    stories = yaml.safe_load((work / "stories" / "config.yaml").read_text())["train"]
+    assert (stories["micro_batch_size"], stories["precision"], stories["schedule"]) == (8, "bf16-mixed", "wsd")
+    assert (work / "stories" / "tokenizer.model").read_bytes() == (work / "long-run" / "tokenizer.model").read_bytes()
     assert (work / "long-run" / "checkpoints" / "step-0000030").is_dir()
     assert "on 2 processes" in result.stderr
     assert (work / "two-processes" / "model.safetensors").is_file()
