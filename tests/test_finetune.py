@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import yaml
 from conftest import run_cli
 
@@ -86,3 +87,61 @@ def test_bad_input_says_which_line(tmp_path, nano_checkpoint):
         assert result.stderr.startswith("llm: error: ") and message in result.stderr, result.stderr
         assert "Traceback" not in result.stderr
     assert not (tmp_path / "out" / "checkpoints").exists()
+
+
+def _losses(run_dir) -> dict:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {(r["step"], kind): r[kind] for r in rows for kind in ("train_loss", "val_loss") if kind in r}
+
+
+def test_lora_options_micro_batches_exact_resume_and_refusals(tmp_path, nano_checkpoint):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    base = tmp_path / "base"
+    shutil.copytree(nano_checkpoint, base)
+    data = write_jsonl(tmp_path / "inst.jsonl", INSTRUCTIONS * 3)
+    common = ("-m", base, "--lora-rank", "4", "--lora-alpha", "8", "--lora-dropout", "0.1", "--train-on-prompt",
+              "--seed", "3", "--batch-size", "4", "--lr", "1e-2", "--max-steps", "6", "--save-interval", "2",
+              "--eval-interval", "3", "--precision", "fp32")
+    run = tmp_path / "run"
+    result = run_cli("finetune", data, *common, "--micro-batch-size", "2", "-o", run)
+    assert result.returncode == 0, result.stderr
+    assert "loss on every token" in result.stderr and "2 micro-batches of 2" in result.stderr
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert config["finetune"]["train_on_prompt"] is True
+    assert (config["adapter"]["alpha"], config["adapter"]["dropout"], config["adapter"]["rank"]) == (8.0, 0.1, 4)
+    assert (config["train"]["seed"], config["train"]["micro_batch_size"]) == (3, 2)
+
+    # micro-batches: the losses of one batch of 4 (prompt and padding targets masked: unequal token counts)
+    whole = tmp_path / "whole"
+    result = run_cli("finetune", data, *common, "-o", whole)
+    assert result.returncode == 0, result.stderr
+    assert _losses(whole).keys() == _losses(run).keys()
+    assert _losses(whole) == pytest.approx(_losses(run), rel=1e-5)
+
+    # resume from step 4 repeats steps 5 and 6 bit for bit (dropout included)
+    resumed = tmp_path / "resumed"
+    shutil.copytree(run, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step-0000006")
+    result = run_cli("finetune", "--resume", resumed)
+    assert result.returncode == 0, result.stderr
+    assert "from step 4" in result.stderr
+    assert _losses(resumed) == _losses(run)
+
+    # refusals: a changed setting, an existing run as -o, an adapter as the base, a changed base
+    assert "--resume keeps the run's settings; lr cannot change" in _refused("finetune", "--resume", run, "--lr", "1")
+    assert "already exists; continue it with --resume" in _refused("finetune", data, "-m", base, "-o", run)
+    assert "is a classifier or an adapter" in _refused("finetune", data, "-m", run, "-o", tmp_path / "x")
+    assert "already exists; choose a new directory" in _refused("finetune", "merge", run, "-o", whole)
+    weights = load_file(base / "model.safetensors")
+    weights["norm_f.weight"] = weights["norm_f.weight"] + 1
+    save_file(weights, base / "model.safetensors")
+    assert "has changed since" in _refused("finetune", "--resume", run, "--max-steps", "8")
+
+
+def _refused(*args) -> str:
+    result = run_cli(*args)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    return result.stderr

@@ -51,6 +51,17 @@ def test_sampling_follows_the_probabilities():
     assert np.allclose(counts / 3000, [0.6, 0.3, 0.1, 0.0], atol=0.03) and counts[3] == 0
 
 
+@pytest.mark.parametrize("temperature", [0.5, 2.0])
+def test_temperature_divides_the_logits(temperature):
+    """p_i proportional to p_i^(1/T): at T=0.5 the probabilities 0.6, 0.3, 0.1 become 0.783, 0.196, 0.022."""
+    probabilities = np.array([0.6, 0.3, 0.1])
+    logits = np.log(probabilities)[None]
+    counts = np.bincount([sample_next(logits, SamplingConfig(temperature=temperature), rngs(s, 1))[0]
+                          for s in range(3000)], minlength=3)
+    expected = probabilities ** (1 / temperature) / (probabilities ** (1 / temperature)).sum()
+    assert np.allclose(counts / 3000, expected, atol=0.03), (counts / 3000, expected)
+
+
 @pytest.mark.parametrize("field, value", [("temperature", -1.0), ("top_k", -2), ("top_p", 0.0), ("top_p", 1.5),
                                           ("num_samples", 0)])
 def test_bad_sampling_settings_are_rejected(field, value):
