@@ -1,4 +1,4 @@
-"""What continuous batching buys `llm serve`: the same requests sent one at a time, then by 4, 16 and 64 clients at once.
+"""What continuous batching buys `llm serve`: the same requests sent one at a time, then by 4, 16 and 64 clients.
 
     python benchmarks/serve.py [--requests 64] [--max-tokens 128] [--max-batch 64] [-m MODEL]
 

@@ -122,6 +122,19 @@ def test_chat_and_streaming(client):
                                                  temperature=0).choices[0].text
 
 
+def test_chat_prompt_renders_the_models_template():
+    from llmcli.infer.serve import _chat_prompt
+    from llmcli.text.chat_template import ChatTemplate
+
+    source = ("{% for m in messages %}<|{{ m.role }}|>\n{{ m.content }}<|end|>\n{% endfor %}"
+              "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    prompt, stops = _chat_prompt(ChatTemplate(source), messages)
+    assert prompt == "<|system|>\nBe brief.<|end|>\n<|user|>\nHi<|end|>\n<|assistant|>\n"
+    assert "<|end|>" in stops
+    assert _chat_prompt(None, messages) == ("Be brief.\nHi", ())  # no template: plain text
+
+
 # --- continuous batching -------------------------------------------------------------------------------------------
 
 async def stream_text(http: httpx.AsyncClient, url: str, prompt: str, max_tokens: int) -> tuple[str, str]:
@@ -237,6 +250,15 @@ def test_malformed_json_big_body_unknown_path_and_keys(server):
         assert response.status_code == 401 and response.json()["error"]["type"] == "authentication_error"
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=url, api_key="wrong", max_retries=0).models.list()
+
+
+def test_bad_options_and_a_port_in_use(server):
+    port = server[0].rsplit(":", 1)[1].split("/")[0]
+    for args, message in [(("--max-batch", 0), "--max-batch must be at least 1"),
+                          (("--port", port), f"cannot listen on 127.0.0.1:{port}")]:
+        result = run_cli("serve", *args)
+        assert result.returncode == 1 and result.stderr.startswith(f"llm: error: {message}"), result.stderr
+        assert len(result.stderr.splitlines()) == 1 and result.stdout == ""
 
 
 # --- failures, a full queue, SIGTERM ---------------------------------------------------------------------------------

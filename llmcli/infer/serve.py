@@ -524,6 +524,7 @@ def serve(model_path=None, host: str = "127.0.0.1", port: int = 8000, api_key: s
         raise LLMError("--max-queue must be at least 0")
     if not 0 <= port < 65536:
         raise LLMError(f"--port must be in 0..65535, got {port}")
+    sock = _bind(host, port)  # before loading: a port in use is said at once
     # the engine's thread computes, the event loop's serves HTTP: leave the loop a core
     torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))
     model, tokenizer, config = load_model(model_path, quantize=quantize)
@@ -538,7 +539,6 @@ def serve(model_path=None, host: str = "127.0.0.1", port: int = 8000, api_key: s
     engine = Engine(model, tokenizer, max_batch, max_queue, log=log_line)
     template = find_chat_template(model_path or default_model_path(), config, tokenizer)
     server = Server(name, config, tokenizer, engine, api_key or None, log_line, template)
-    sock = _bind(host, port)
     bound = sock.getsockname()
     shown = f"[{bound[0]}]" if sock.family == socket.AF_INET6 else bound[0]
     log(f"serving {name} (context {engine.context} tokens), {max_batch} sequences decoding at once at most; "
