@@ -102,10 +102,9 @@ def tokenize_decode(source: InputArgument = "-", tokenizer: TokenizerOption = No
 
 
 def _load_tokenizer(path: Optional[Path]):
-    from llmcli.formats import default_model_path
-    from llmcli.text.tokenizer import load_tokenizer
+    from llmcli.formats import load_model_tokenizer
 
-    return load_tokenizer(path if path is not None else default_model_path())
+    return load_model_tokenizer(path)
 
 
 @app.command()
@@ -355,8 +354,7 @@ def generate(
     import time
 
     start = time.perf_counter()
-    from llmcli.formats import load_model
-    from llmcli.infer.chat import chat_template, render, turn_stop
+    from llmcli.formats import default_model_path, load_model
     from llmcli.infer.generate import apply_template, generate_text, sampling_settings
     from llmcli.progress import log
 
@@ -378,11 +376,15 @@ def generate(
     else:
         prompts = iter([prompt])
     if chat:
-        turns = chat_template(config)
+        from llmcli.text.chat_template import find_chat_template
+
+        turns = find_chat_template(model or default_model_path(), config, tok)
         if turns is None:
             log("this model has no chat template; the prompt is continued as plain text")
-        cfg.stop += turn_stop(turns)
-        wrap = lambda p: render(turns, [{"role": "user", "content": p}])  # noqa: E731
+            wrap = None
+        else:
+            cfg.stop += turns.stops()
+            wrap = lambda p: turns.prompt([{"role": "user", "content": p}])  # noqa: E731
     else:
         wrap = lambda p: apply_template(template, p)  # noqa: E731
     generate_text(net, tok, prompts, cfg, truncate=truncate, log=log, as_json=as_json, load_s=load_s, template=wrap,
@@ -411,10 +413,11 @@ def chat(
 ):
     """Talk with a model: a line a message, the reply streamed. /reset forgets the conversation, /exit or Ctrl-D
     leaves, Ctrl-C stops a reply."""
-    from llmcli.formats import load_model
-    from llmcli.infer.chat import Chat, chat_template
+    from llmcli.formats import default_model_path, load_model
+    from llmcli.infer.chat import Chat
     from llmcli.infer.generate import sampling_settings
     from llmcli.progress import log
+    from llmcli.text.chat_template import find_chat_template
 
     net, tok, config = load_model(model, numpy_if_small=True, quantize=quantize)
     if config.get("task") == "classify":
@@ -422,7 +425,7 @@ def chat(
     cfg, _ = sampling_settings(config, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                                top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed)
     cfg.check()
-    template = chat_template(config)
+    template = find_chat_template(model or default_model_path(), config, tok)
     conversation = Chat(net, tok, cfg, template, system, log)
     if template is None:
         log("this model has no chat template: your messages are continued as plain text")
@@ -573,6 +576,32 @@ def search(
         else:
             start = " ".join(texts[i].split())
             print(f"{rank}\t{score:.4f}\t{i + 1}\t{start[:100] + '...' if len(start) > 100 else start}")
+
+
+@app.command()
+def serve(
+    model: ModelOption = None,
+    host: Annotated[str, typer.Option(help="Address to listen on; 0.0.0.0 opens the server to the network")
+                    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on; 0 picks a free one")] = 8000,
+    api_key: Annotated[Optional[str], typer.Option(
+        envvar="LLM_API_KEY", help="Require 'Authorization: Bearer KEY' [env: LLM_API_KEY]", show_default=False,
+        show_envvar=False)] = None,
+    max_batch: Annotated[int, typer.Option(help="Most sequences decoded together (their KV cache is allocated "
+                                           "up front)")] = 16,
+    max_queue: Annotated[int, typer.Option(help="Most requests waiting for a place in the batch; more get 429")
+                         ] = 256,
+    quantize: QuantizeOption = None,
+):
+    """Serve the model over the OpenAI HTTP API (completions, chat, embeddings), concurrent requests batched
+    together. Prints the address; logs a line a request on stderr; SIGTERM or Ctrl-C finishes the requests in flight
+    and exits."""
+    try:
+        from llmcli.infer.serve import serve as run_server
+    except ImportError as e:
+        raise LLMError(f"llm serve needs the 'serve' extra: pip install -e '.[serve]' ({e})") from None
+
+    run_server(model, host, port, api_key, max_batch, max_queue, quantize)
 
 
 @app.command()

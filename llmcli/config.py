@@ -152,10 +152,10 @@ DEFAULT_PRESET = "tiny"
 # model.vocab_size is the size of the tokenizer trained for the run; a given tokenizer brings its own.
 MODEL_FIELDS = {f.name for f in dataclasses.fields(ModelConfig)}
 # prompt_template wraps a user's prompt before encoding, "{prompt}" standing for it (e.g. for a model trained on
-# instruction lines followed by a story)
+# instruction lines followed by a story); chat_template is a Jinja chat template (llmcli/text/chat_template.py)
 GENERATION_FIELD_TYPES = {"max_new_tokens": int, "temperature": float, "top_k": int, "top_p": float,
                           "min_p": float, "repetition_penalty": float, "stop": list, "prompt_template": str,
-                          "chat_template": dict}
+                          "chat_template": str}
 
 
 def resolve_run_config(preset: str | None, config_file: str | Path | None, overrides: dict) -> dict:

@@ -44,13 +44,30 @@ def test_pretrain_generate_eval_end_to_end(tmp_path):
     assert samples.returncode == 0, samples.stderr
     assert samples.stdout.count("<|endoftext|>\n") == 4  # 2 prompts x 2 samples, each closed by the separator
 
-    ev = run_cli("eval", "-m", out, corpus, "--json")
+    # a text that fits one window (the context is 64 tokens): its loss, perplexity and bits per byte written out
+    import math
+
+    import torch
+    import torch.nn.functional as F
+
+    from llmcli.formats import load_model
+
+    model, tok, _ = load_model(out)
+    short = tmp_path / "short.txt"
+    short.write_text("ROMEO:\nBut soft, what light through yonder window breaks?\n")
+    ids = [tok.end_of_text] + tok.encode(short.read_text())
+    assert len(ids) <= 64
+    with torch.no_grad():
+        nll = F.cross_entropy(model(torch.tensor([ids[:-1]]))[0], torch.tensor(ids[1:]), reduction="sum").item()
+    ev = run_cli("eval", "-m", out, short, "--json")
     assert ev.returncode == 0, ev.stderr
     scores = json.loads(ev.stdout)
-    assert scores["bits_per_byte"] > 0 and scores["context"] == 64
-    assert scores["loss"] < val[0] and scores["perplexity"] == pytest.approx(2.718281828 ** scores["loss"])
-    table = run_cli("eval", "-m", out, corpus)
-    assert "bits/byte" in table.stdout
+    assert scores["context"] == 64 and scores["tokens"] == len(ids) - 1
+    assert scores["loss"] == pytest.approx(nll / (len(ids) - 1), rel=1e-5)
+    assert scores["perplexity"] == pytest.approx(math.exp(nll / (len(ids) - 1)), rel=1e-5)
+    assert scores["bits_per_byte"] == pytest.approx(nll / math.log(2) / len(short.read_bytes()), rel=1e-5)
+    table = run_cli("eval", "-m", out, short)
+    assert "bits/byte" in table.stdout and f"{scores['bits_per_byte']:.4f}" in table.stdout
 
 
 def test_pretrain_reads_stdin_and_accepts_a_tokenizer(nano_checkpoint, shakespeare_slice, tmp_path):
@@ -131,10 +148,25 @@ def test_bad_checkpoints(nano_checkpoint, tmp_path):
 
 
 def test_prompt_longer_than_the_context(nano_checkpoint):
-    long_prompt = "word " * 200  # the nano model's context is 64 tokens
+    long_prompt = "KING: " + "word " * 200 + "ROMEO:"  # the nano model's context is 64 tokens
     assert "--truncate" in _bad("generate", long_prompt, "-m", nano_checkpoint)
-    result = run_cli("generate", long_prompt, "-m", nano_checkpoint, "--truncate", "--max-new-tokens", "5")
+    result = run_cli("generate", long_prompt, "-m", nano_checkpoint, "--truncate", "--max-new-tokens", "5", "--json",
+                     "--temperature", "0")
     assert result.returncode == 0, result.stderr
+    record = json.loads(result.stdout)
+    # the prompt's last 63 tokens are kept, which leaves room in the context for one new token
+    assert record["prompt_tokens"] == 63 and record["new_tokens"] == 1 and record["finish_reason"] == "length"
+    assert "keeping its last 63 (the context is 64)" in result.stderr
+    # the token is the greedy choice after the prompt's last 63 tokens, computed here
+    import torch
+
+    from llmcli.formats import load_model
+
+    model, tok, _ = load_model(nano_checkpoint)
+    kept = tok.encode(long_prompt)[-63:]
+    with torch.no_grad():
+        token = int(model(torch.tensor([kept]))[0, -1].argmax())
+    assert record["text"] == tok.decode(kept + [token])[len(tok.decode(kept)):]
 
 
 def test_bad_sampling_options(nano_checkpoint):

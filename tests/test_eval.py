@@ -53,13 +53,15 @@ def test_stride_one_gives_every_token_its_full_context(nano_checkpoint, text_fil
     assert consecutive["windows"] < result["windows"] and consecutive["loss"] != result["loss"]
 
 
-def test_eval_several_models_one_table(nano_checkpoint, second_checkpoint, text_file, shakespeare_slice):
-    ev = run_cli("eval", "-m", nano_checkpoint, "-m", second_checkpoint, text_file, shakespeare_slice, "--json",
+def test_eval_several_models_one_table(nano_checkpoint, second_checkpoint, text_file, shakespeare_slice, tmp_path):
+    other = tmp_path / "other.txt"  # a second file: a few thousand characters make the point
+    other.write_text(shakespeare_slice.read_text()[:6_000])
+    ev = run_cli("eval", "-m", nano_checkpoint, "-m", second_checkpoint, text_file, other, "--json",
                  "--stride", "32")
     assert ev.returncode == 0, ev.stderr
     rows = [json.loads(line) for line in ev.stdout.splitlines()]
     assert [(r["model"], r["file"]) for r in rows] == [(str(m), str(f)) for m in (nano_checkpoint, second_checkpoint)
-                                                       for f in (text_file, shakespeare_slice)]
+                                                       for f in (text_file, other)]
     assert all(r["stride"] == 32 and r["tokens_per_s"] > 0 for r in rows)
     # different tokenizers: different token counts of the same file, both scored per byte of it
     assert rows[0]["tokens"] != rows[2]["tokens"] and rows[0]["bytes"] == rows[2]["bytes"]
@@ -70,26 +72,54 @@ def test_eval_several_models_one_table(nano_checkpoint, second_checkpoint, text_
     assert f"{rows[0]['bits_per_byte']:.4f}" in table.stdout and f"{rows[2]['bits_per_byte']:.4f}" in table.stdout
 
 
+def choice_logprob(model, tok, context: str, choice: str) -> float:
+    """log P(choice | end-of-text + context), written out: the whole text encoded, the last context + 1 tokens kept."""
+    ctx, whole = tok.encode(context), tok.encode(context + choice)
+    assert whole[:len(ctx)] == ctx  # (the examples below are chosen so that the choice starts a new token)
+    tokens = ([tok.end_of_text] + whole)[-(model.config.context + 1):]
+    n = len(whole) - len(ctx)
+    with torch.no_grad():
+        logp = F.log_softmax(model(torch.tensor([tokens[:-1]]))[0], dim=-1)
+    return sum(logp[i, tokens[i + 1]].item() for i in range(len(tokens) - 1 - n, len(tokens) - 1))
+
+
 def test_multiple_choice_task(nano_checkpoint, shakespeare_slice, tmp_path):
-    lines = [line for line in shakespeare_slice.read_text().splitlines() if len(line) > 30][:40]
-    gibberish = "zqxj vbkw qqpf xzzk jjqv"
+    """Accuracies and their standard errors equal those of log-likelihoods computed here; contexts longer than the
+    model's are cut from the left."""
+    import statistics
+
+    from llmcli.formats import load_model
+
+    model, tok, _ = load_model(nano_checkpoint)
+    lines = [line for line in shakespeare_slice.read_text().splitlines() if len(line) > 30][:80]
+    examples = []
+    for i in range(0, 80, 4):
+        # a line of the play against another line and a short word: no choice always wins; every other context is
+        # far longer than the model's context (64 tokens), so only its end fits
+        context = (" ".join(lines[max(0, i - 12):i]) if i % 8 == 4 else lines[i]) + "\n"
+        choices = [lines[i + 1], lines[i + 3], "O"]
+        examples.append({"context": context, "choices": choices, "answer": (i // 4) % 3})
+    assert sum(len(tok.encode(e["context"])) > 64 for e in examples) >= 9
     task = tmp_path / "task.jsonl"
-    examples = [{"context": lines[i] + "\n", "choices": [gibberish, lines[i + 1]], "answer": 1} for i in range(0, 40, 2)]
     task.write_text("".join(json.dumps(e) + "\n" for e in examples))
     ev = run_cli("eval", "-m", nano_checkpoint, task, "--json")
     assert ev.returncode == 0, ev.stderr
     result = json.loads(ev.stdout)
-    assert result["examples"] == 20 and result["chance"] == 0.5
-    assert result["accuracy"] >= 0.9 and result["accuracy_norm"] >= 0.9  # real text beats gibberish
-    p = result["accuracy"]
-    assert result["accuracy_stderr"] == pytest.approx(math.sqrt(p * (1 - p) / 19))
-    for e in examples:
-        e["answer"] = 0
-    task.write_text("".join(json.dumps(e) + "\n" for e in examples))
-    wrong = json.loads(run_cli("eval", "-m", nano_checkpoint, task, "--json").stdout)
-    assert wrong["accuracy"] == pytest.approx(1 - p)
+
+    scores = [[choice_logprob(model, tok, e["context"], c) for c in e["choices"]] for e in examples]
+    correct = [int(np.argmax(s) == e["answer"]) for s, e in zip(scores, examples)]
+    per_byte = [[lp / len(c.encode()) for lp, c in zip(s, e["choices"])] for s, e in zip(scores, examples)]
+    correct_norm = [int(np.argmax(s) == e["answer"]) for s, e in zip(per_byte, examples)]
+    assert 0 < sum(correct) < 20 and correct != correct_norm  # the two accuracies measure different things
+    assert result["examples"] == 20 and result["chance"] == pytest.approx(1 / 3)
+    assert result["accuracy"] == pytest.approx(sum(correct) / 20)
+    assert result["accuracy_norm"] == pytest.approx(sum(correct_norm) / 20)
+    # the standard error of the mean: the sample standard deviation over the square root of n
+    assert result["accuracy_stderr"] == pytest.approx(statistics.stdev(correct) / math.sqrt(20))
+    assert result["accuracy_norm_stderr"] == pytest.approx(statistics.stdev(correct_norm) / math.sqrt(20))
     table = run_cli("eval", "-m", nano_checkpoint, task)
-    assert "accuracy" in table.stdout and "chance" in table.stdout
+    assert table.returncode == 0, table.stderr
+    assert "accuracy" in table.stdout and "chance" in table.stdout and f"{result['accuracy']:.3f}" in table.stdout
 
 
 def _bad(*args, input=None):
@@ -138,7 +168,12 @@ def test_embed(nano_checkpoint, tmp_path):
     model, tok, _ = load_model(nano_checkpoint)
     alone = embed_texts(model, tok, ["ROMEO:"])[0]
     assert np.allclose(alone, vectors[1], atol=1e-5)  # padding in a batch does not change an embedding
+    # last pooling: the final hidden state at each text's own last token, computed here for each text alone
     last = embed_texts(model, tok, texts.splitlines(), pooling="last")
+    for text, vector in zip(texts.splitlines(), last):
+        with torch.no_grad():
+            state = model.features(torch.tensor([[tok.end_of_text] + tok.encode(text)]))[0, -1]
+        assert np.allclose(vector, F.normalize(state, dim=-1).numpy(), atol=1e-5), text
     assert not np.allclose(last, vectors, atol=1e-3)
 
     records = tmp_path / "records.jsonl"
@@ -177,6 +212,47 @@ def test_search_finds_the_document_and_caches(nano_checkpoint, shakespeare_slice
     assert "cached the document embeddings" in changed.stderr
     assert len(list(tmp_path.glob(".docs.txt.*.embeddings.safetensors"))) == 2
     assert "the query is empty" in _bad("search", " ", "--docs", docs, "-m", nano_checkpoint)
+
+
+def test_search_pooling_and_a_changed_model_get_their_own_embeddings(nano_checkpoint, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from llmcli.eval.embed import embed_texts
+    from llmcli.formats import load_model
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(nano_checkpoint, model_dir)
+    docs = tmp_path / "docs.txt"
+    texts = ["the king is dead", "ROMEO: what light", "a horse, a horse", "my kingdom for a horse", "O Romeo"]
+    docs.write_text("\n".join(texts) + "\n")
+
+    def search(pooling):
+        result = run_cli("search", "a horse", "--docs", docs, "-m", model_dir, "--pooling", pooling, "--json")
+        assert result.returncode == 0, result.stderr
+        return result, [json.loads(line) for line in result.stdout.splitlines()]
+
+    def expected(pooling):  # cosines computed here, with the model on disk now
+        model, tok, _ = load_model(model_dir)
+        vectors = embed_texts(model, tok, texts, pooling)
+        return vectors @ embed_texts(model, tok, ["a horse"], pooling)[0]
+
+    mean, mean_hits = search("mean")
+    last, last_hits = search("last")
+    assert "cached the document embeddings" in mean.stderr and "cached the document embeddings" in last.stderr
+    for hits, pooling in ((mean_hits, "mean"), (last_hits, "last")):
+        cosines = expected(pooling)
+        assert [h["doc"] for h in hits] == [int(i) + 1 for i in np.argsort(-cosines, kind="stable")]
+        assert [h["score"] for h in hits] == pytest.approx(sorted(cosines, reverse=True), abs=1e-5)
+    assert "from the cache" in search("last")[0].stderr
+    # the model's weights change: its cached embeddings are not used
+    weights = load_file(model_dir / "model.safetensors")
+    weights["norm_f.weight"] = weights["norm_f.weight"] * 2 + 1
+    save_file(weights, model_dir / "model.safetensors")
+    again, hits = search("last")
+    assert "cached the document embeddings" in again.stderr
+    assert [h["score"] for h in hits] == pytest.approx(sorted(expected("last"), reverse=True), abs=1e-5)
 
 
 def test_task_files_are_told_from_text_files(tmp_path):

@@ -2,11 +2,13 @@
 
 import json
 
+import pytest
 import yaml
 from conftest import run_cli
 
+from llmcli.text.chat_template import ChatTemplate
 from llmcli.text.tokenizer import Tokenizer
-from llmcli.train.finetune import CHAT_TEMPLATE, SFTBatches, render, sft_example
+from llmcli.train.finetune import CHAT_TEMPLATE, SFTBatches, sft_example
 from llmcli.train.pretrain import IGNORE
 
 INSTRUCTIONS = [
@@ -25,12 +27,13 @@ def write_jsonl(path, records):
 
 def test_only_reply_tokens_carry_loss(nano_checkpoint):
     tok = Tokenizer(nano_checkpoint)
+    template = ChatTemplate.for_tokenizer(CHAT_TEMPLATE, tok)
     messages = [{"role": "user", "content": "Say hello."}, {"role": "assistant", "content": "Hello there."}]
-    ids, trained = sft_example(tok, CHAT_TEMPLATE, messages, train_on_prompt=False)
+    ids, trained = sft_example(tok, template, messages, train_on_prompt=False)
     assert ids[0] == tok.end_of_text and not trained[0]
     # the prompt is exactly what generation will be given, and the trained tokens are the reply and its end
     n_prompt = trained.index(True)
-    assert tok.decode(ids[1:n_prompt]) == render(CHAT_TEMPLATE, messages[:1]) == "<|user|>\nSay hello.\n<|assistant|>\n"
+    assert tok.decode(ids[1:n_prompt]) == template.prompt(messages[:1]) == "<|user|>\nSay hello.\n<|assistant|>\n"
     assert all(trained[n_prompt:]) and ids[-1] == tok.end_of_text
     assert tok.decode(ids[n_prompt:-1]) == "Hello there."
 
@@ -40,7 +43,7 @@ def test_only_reply_tokens_carry_loss(nano_checkpoint):
     assert targets[0, n_prompt - 1:].tolist() == ids[n_prompt:]  # every reply token (and the end) is a target
     assert (targets[1, n_prompt + 1:] == IGNORE).all()  # padding: no loss
 
-    _, all_trained = sft_example(tok, CHAT_TEMPLATE, messages, train_on_prompt=True)
+    _, all_trained = sft_example(tok, template, messages, train_on_prompt=True)
     assert all(all_trained[1:])  # the first token is never a target
 
 
@@ -54,7 +57,7 @@ def test_learns_a_tiny_instruction_set(tmp_path, nano_checkpoint):
     assert "loss on replies only" in result.stderr
     config = yaml.safe_load((out / "config.yaml").read_text())
     assert config["task"] == "sft" and config["generation"]["chat_template"] == CHAT_TEMPLATE
-    assert set(CHAT_TEMPLATE) == {"system", "user", "assistant", "assistant_prefix"}
+    assert config["generation"]["prompt_template"] == "<|user|>\n{prompt}\n<|assistant|>\n"
     prompts = [r["prompt"] for r in INSTRUCTIONS[:3]]
     gen = run_cli("generate", "-", "-m", out, "--temperature", "0", "--max-new-tokens", "20",
                   input="".join(p + "\n" for p in prompts))
@@ -84,3 +87,61 @@ def test_bad_input_says_which_line(tmp_path, nano_checkpoint):
         assert result.stderr.startswith("llm: error: ") and message in result.stderr, result.stderr
         assert "Traceback" not in result.stderr
     assert not (tmp_path / "out" / "checkpoints").exists()
+
+
+def _losses(run_dir) -> dict:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {(r["step"], kind): r[kind] for r in rows for kind in ("train_loss", "val_loss") if kind in r}
+
+
+def test_lora_options_micro_batches_exact_resume_and_refusals(tmp_path, nano_checkpoint):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    base = tmp_path / "base"
+    shutil.copytree(nano_checkpoint, base)
+    data = write_jsonl(tmp_path / "inst.jsonl", INSTRUCTIONS * 3)
+    common = ("-m", base, "--lora-rank", "4", "--lora-alpha", "8", "--lora-dropout", "0.1", "--train-on-prompt",
+              "--seed", "3", "--batch-size", "4", "--lr", "1e-2", "--max-steps", "6", "--save-interval", "2",
+              "--eval-interval", "3", "--precision", "fp32")
+    run = tmp_path / "run"
+    result = run_cli("finetune", data, *common, "--micro-batch-size", "2", "-o", run)
+    assert result.returncode == 0, result.stderr
+    assert "loss on every token" in result.stderr and "2 micro-batches of 2" in result.stderr
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert config["finetune"]["train_on_prompt"] is True
+    assert (config["adapter"]["alpha"], config["adapter"]["dropout"], config["adapter"]["rank"]) == (8.0, 0.1, 4)
+    assert (config["train"]["seed"], config["train"]["micro_batch_size"]) == (3, 2)
+
+    # micro-batches: the losses of one batch of 4 (prompt and padding targets masked: unequal token counts)
+    whole = tmp_path / "whole"
+    result = run_cli("finetune", data, *common, "-o", whole)
+    assert result.returncode == 0, result.stderr
+    assert _losses(whole).keys() == _losses(run).keys()
+    assert _losses(whole) == pytest.approx(_losses(run), rel=1e-5)
+
+    # resume from step 4 repeats steps 5 and 6 bit for bit (dropout included)
+    resumed = tmp_path / "resumed"
+    shutil.copytree(run, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step-0000006")
+    result = run_cli("finetune", "--resume", resumed)
+    assert result.returncode == 0, result.stderr
+    assert "from step 4" in result.stderr
+    assert _losses(resumed) == _losses(run)
+
+    # refusals: a changed setting, an existing run as -o, an adapter as the base, a changed base
+    assert "--resume keeps the run's settings; lr cannot change" in _refused("finetune", "--resume", run, "--lr", "1")
+    assert "already exists; continue it with --resume" in _refused("finetune", data, "-m", base, "-o", run)
+    assert "is a classifier or an adapter" in _refused("finetune", data, "-m", run, "-o", tmp_path / "x")
+    assert "already exists; choose a new directory" in _refused("finetune", "merge", run, "-o", whole)
+    weights = load_file(base / "model.safetensors")
+    weights["norm_f.weight"] = weights["norm_f.weight"] + 1
+    save_file(weights, base / "model.safetensors")
+    assert "has changed since" in _refused("finetune", "--resume", run, "--max-steps", "8")
+
+
+def _refused(*args) -> str:
+    result = run_cli(*args)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    return result.stderr

@@ -150,9 +150,7 @@ def test_cli_plain_output_of_several_samples_and_length_at_the_context(nano_chec
     long_prompt = "the " * 50
     r = _json_lines(run_cli("generate", long_prompt, "-m", nano_checkpoint, "--max-new-tokens", "1000",
                             "--temperature", "0", "--json", "--repetition-penalty", "1.3", "--min-p", "0.05"))[0]
-    assert r["prompt_tokens"] + r["new_tokens"] == 64 or r["finish_reason"] == "eos"
-    if r["finish_reason"] != "eos":
-        assert r["finish_reason"] == "length"
+    assert r["finish_reason"] == "length" and r["prompt_tokens"] + r["new_tokens"] == 64
 
 
 @pytest.mark.parametrize("args, message", [(("--min-p", "1.5"), "--min-p"), (("--stop", ""), "--stop")])
@@ -182,6 +180,7 @@ def test_chat_repl_through_stdin(nano_checkpoint, tmp_path):
     assert "dropped the" in result.stderr and "oldest messages" in result.stderr
     # greedy, and after /reset the history is empty: the last reply is what `generate` gives for the prompt alone
     alone = run_cli("generate", "JULIET:", *args)
+    assert alone.returncode == 0 and alone.stdout.strip(), alone.stderr
     assert result.stdout.endswith(alone.stdout) and len(result.stdout) > len(alone.stdout)
     # Ctrl-D (end of input) with no /exit leaves quietly
     eof = run_cli("chat", *args, input="ROMEO:")
@@ -193,13 +192,15 @@ def test_chat_uses_the_checkpoint_chat_template(nano_checkpoint, tmp_path):
 
     import yaml
 
-    from llmcli.infer.chat import render
+    from llmcli.infer.chat import plain_text
+    from llmcli.text.chat_template import ChatTemplate
 
-    template = {"system": "[S] {content}\n", "user": "[U] {content}\n", "assistant": "[A] {content}\n",
-                "assistant_prefix": "[A] "}
+    template = ("{% for m in messages %}{{ '[' + m.role[0]|upper + '] ' + m.content + '\\n' }}{% endfor %}"
+                "{% if add_generation_prompt %}[A] {% endif %}")
     messages = [{"role": "system", "content": "be {brief}"}, {"role": "user", "content": "hi"}]
-    assert render(template, messages) == "[S] be {brief}\n[U] hi\n[A] "
-    assert render(None, messages) == "be {brief}\nhi"
+    assert ChatTemplate(template).prompt(messages) == "[S] be {brief}\n[U] hi\n[A] "
+    assert ChatTemplate(template).stops() == ("[U]",)  # no end token: a reply ends where the next user turn starts
+    assert plain_text(messages) == "be {brief}\nhi"
     ckpt = tmp_path / "templated"
     shutil.copytree(nano_checkpoint, ckpt)
     config = yaml.safe_load((ckpt / "config.yaml").read_text())
@@ -208,7 +209,7 @@ def test_chat_uses_the_checkpoint_chat_template(nano_checkpoint, tmp_path):
     args = ("-m", ckpt, "--max-new-tokens", "8", "--temperature", "0")
     chat = run_cli("chat", *args, input="ROMEO:\n")
     assert chat.returncode == 0 and "no chat template" not in chat.stderr, chat.stderr
-    # the same as `generate --chat`, which renders the same prompt "[U] ROMEO:\n[A] " and stops at "[U] "
+    # the same as `generate --chat`, which renders the same prompt "[U] ROMEO:\n[A] " and stops at "[U]"
     assert run_cli("generate", "ROMEO:", "--chat", *args).stdout == chat.stdout
 
 

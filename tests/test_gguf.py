@@ -184,6 +184,9 @@ def test_generate_and_info_through_the_cli(tmp_path, bpe_tokenizer):
     assert result.stdout.strip()
     _, tok, _ = load_model(path)
     assert tok.chat_template == template and tok.start_of_text == 0
+    result = run_cli("tokenize", "encode", "-t", path, input="Once upon a time\n")  # its tokenizer alone
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == [str(i) for i in tok.encode("Once upon a time")]  # the line, not its end
 
 
 def our_checkpoint(directory, **settings) -> Transformer:

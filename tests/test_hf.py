@@ -239,15 +239,33 @@ def test_bad_input_through_the_cli(tmp_path, byte_level_bpe):
 
 
 def test_generate_eval_and_info_open_a_gpt2_folder_from_the_cli(tmp_path, byte_level_bpe, shakespeare_slice):
-    directory = save_hf(make_hf_model("gpt2"), tmp_path / "gpt2", byte_level_bpe)
-    result = run_cli("generate", "ROMEO:", "-m", directory, "--max-new-tokens", "10", "--temperature", "0")
+    from llmcli.eval.evaluate import evaluate_file
+
+    hf_model = make_hf_model("gpt2")
+    directory = save_hf(hf_model, tmp_path / "gpt2", byte_level_bpe)
+    result = run_cli("generate", "ROMEO:", "-m", directory, "--max-new-tokens", "10", "--temperature", "0", "--json")
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip()
+    record = json.loads(result.stdout)
+    # greedy: what transformers' own generate gives after <|endoftext|> ROMEO:
+    model, tok, _ = load_model(directory)
+    prompt = [tok.end_of_text] + tok.encode("ROMEO:")
+    assert record["prompt_tokens"] == len(prompt)
+    with torch.no_grad():
+        hf_ids = hf_model.generate(torch.tensor([prompt]), max_new_tokens=record["new_tokens"], do_sample=False,
+                                   pad_token_id=tok.end_of_text)[0, len(prompt):].tolist()
+    assert record["text"] == tok.decode([i for i in hf_ids if i != tok.end_of_text])
     small = tmp_path / "small.txt"
     small.write_text(shakespeare_slice.read_text()[:3000])
     result = run_cli("eval", small, "-m", directory, "--json")
     assert result.returncode == 0, result.stderr
-    assert json.loads(result.stdout)["context"] == 64
+    scores = json.loads(result.stdout)
+    assert scores["context"] == 64
+    assert scores["loss"] == pytest.approx(evaluate_file(model, tok, str(small))["loss"], rel=1e-5)
+    info = run_cli("info", directory, "--json")
+    assert info.returncode == 0, info.stderr
+    about = json.loads(info.stdout)
+    assert about["architecture"] == "GPT2LMHeadModel" and about["parameters"] == hf_model.num_parameters()
+    assert about["context"] == 64 and about["vocab_size"] == 300
 
 
 def test_mistral_context_stops_at_its_sliding_window(tmp_path, byte_level_bpe):

@@ -52,9 +52,10 @@ def test_adapter_trains_alone_is_small_and_merges(tmp_path, nano_checkpoint):
         torch.testing.assert_close(load_model(exported)[0](ids), tuned(ids), atol=1e-5, rtol=1e-5)
 
     # generate needs nothing new: -m ADAPTER loads base + adapter
-    gen = [run_cli("generate", "Say hello.", "-m", m, "--temperature", "0", "--max-new-tokens", "8").stdout
+    gen = [run_cli("generate", "Say hello.", "-m", m, "--temperature", "0", "--max-new-tokens", "8")
            for m in (adapter, merged)]
-    assert gen[0] == gen[1]
+    assert all(g.returncode == 0 for g in gen), [g.stderr for g in gen]
+    assert gen[0].stdout == gen[1].stdout and gen[0].stdout.strip()
 
     # the base changed: refused; the base gone: refused
     weights = load_file(base / "model.safetensors")

@@ -1,10 +1,12 @@
 """The README's commands are run here, so the README cannot rot."""
 
+import json
 import os
 import re
 import subprocess
 import sys
 
+import yaml
 from conftest import ROOT
 
 README = (ROOT / "README.md").read_text(encoding="utf-8")
@@ -22,11 +24,25 @@ def run_bash(script: str, cwd) -> subprocess.CompletedProcess:
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
 
 
+def _stories(text: str, chars: int) -> str:
+    """The first whole stories of a TinyStories file, about `chars` characters of them."""
+    end = text.index("<|endoftext|>\n", chars) + len("<|endoftext|>\n")
+    return text[:end]
+
+
 def workdir(tmp_path):
-    """An empty directory to run a README section in, with the README's ../shared/data beside it."""
+    """An empty directory to run a README section in, with a ../shared/data beside it holding the start of each of
+    the README's files (the commands run as written; the claims they check do not need the whole corpora)."""
     work = tmp_path / "work"
     work.mkdir()
-    (tmp_path / "shared").symlink_to(ROOT.parent / "shared")
+    data = tmp_path / "shared" / "data"
+    (data / "tinystories").mkdir(parents=True)
+    real = ROOT.parent / "shared" / "data"
+    (data / "tinyshakespeare.txt").write_text((real / "tinyshakespeare.txt").read_text(encoding="utf-8")[:200_000],
+                                              encoding="utf-8")
+    for name, chars in (("train.txt", 100_000), ("valid.txt", 40_000)):
+        text = (real / "tinystories" / name).read_text(encoding="utf-8")
+        (data / "tinystories" / name).write_text(_stories(text, chars), encoding="utf-8")
     return work
 
 
@@ -51,10 +67,14 @@ def test_walkthrough_commands_run(tmp_path):
     result = run_bash("\n".join(bash_blocks("Walkthrough: from a text file to a model")), cwd=work)
     assert result.returncode == 0, result.stderr
     out = result.stdout
+    lines = out.splitlines()
     assert "To be, or not to be: that is the question.\n" in out  # encode | decode round trip
-    assert '"pieces"' in out
-    assert str("shakespeare-nano") in out  # pretrain prints the checkpoint
-    assert "bits/byte" in out and '"bits_per_byte"' in out
+    pieces = next(i for i, line in enumerate(lines) if '"pieces"' in line)
+    assert lines[pieces + 1] == "shakespeare-nano"  # pretrain prints the checkpoint, and nothing else
+    assert (work / "shakespeare-nano" / "model.safetensors").is_file()
+    scores = json.loads(lines[-1])
+    assert scores["file"] == "../shared/data/tinyshakespeare.txt" and scores["model"] == "shakespeare-nano"
+    assert "bits/byte" in out and f"{scores['bits_per_byte']:.4f}" in out  # the table says what --json says
 
 
 def test_long_run_commands_run(tmp_path):
@@ -62,6 +82,11 @@ def test_long_run_commands_run(tmp_path):
     result = run_bash("\n".join(bash_blocks("Long runs: checkpoints, resume, precision, many processes")), cwd=work)
     assert result.returncode == 0, result.stderr
     assert "resuming long-run from step 20" in result.stderr
+    # the stories run: micro-batches, bf16-mixed and wsd were taken, said and stored
+    assert "16 sequences, 2 micro-batches of 8, bf16-mixed" in result.stderr
+    stories = yaml.safe_load((work / "stories" / "config.yaml").read_text())["train"]
+    assert (stories["micro_batch_size"], stories["precision"], stories["schedule"]) == (8, "bf16-mixed", "wsd")
+    assert (work / "stories" / "tokenizer.model").read_bytes() == (work / "long-run" / "tokenizer.model").read_bytes()
     assert (work / "long-run" / "checkpoints" / "step-0000030").is_dir()
     assert "on 2 processes" in result.stderr
     assert (work / "two-processes" / "model.safetensors").is_file()

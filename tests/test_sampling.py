@@ -20,6 +20,15 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
     assert np.isfinite(apply_top_p(logits, 1.0)).all()
 
 
+def test_top_p_breaks_ties_in_token_order():
+    """Equal logits at the edge of the set: the earlier token is kept, in rows with and without ties alike."""
+    logits = np.log([[0.4, 0.2, 0.2, 0.2], [0.1, 0.3, 0.3, 0.3], [0.45, 0.25, 0.2, 0.1]])
+    assert np.isfinite(apply_top_p(logits, 0.55)).tolist() == [[True, True, False, False], [False, True, True, False],
+                                                                [True, True, False, False]]
+    with_inf = np.array([[2.0, -np.inf, 1.0, -np.inf, 1.0]])
+    assert np.isfinite(apply_top_p(with_inf, 0.7)).tolist() == [[True, False, True, False, False]]
+
+
 def rngs(seed, rows=4):
     return [np.random.default_rng([seed, row]) for row in range(rows)]
 
@@ -40,6 +49,17 @@ def test_sampling_follows_the_probabilities():
     counts = np.bincount([sample_next(logits, SamplingConfig(temperature=1.0), rngs(s, 1))[0] for s in range(3000)],
                          minlength=4)
     assert np.allclose(counts / 3000, [0.6, 0.3, 0.1, 0.0], atol=0.03) and counts[3] == 0
+
+
+@pytest.mark.parametrize("temperature", [0.5, 2.0])
+def test_temperature_divides_the_logits(temperature):
+    """p_i proportional to p_i^(1/T): at T=0.5 the probabilities 0.6, 0.3, 0.1 become 0.783, 0.196, 0.022."""
+    probabilities = np.array([0.6, 0.3, 0.1])
+    logits = np.log(probabilities)[None]
+    counts = np.bincount([sample_next(logits, SamplingConfig(temperature=temperature), rngs(s, 1))[0]
+                          for s in range(3000)], minlength=3)
+    expected = probabilities ** (1 / temperature) / (probabilities ** (1 / temperature)).sum()
+    assert np.allclose(counts / 3000, expected, atol=0.03), (counts / 3000, expected)
 
 
 @pytest.mark.parametrize("field, value", [("temperature", -1.0), ("top_k", -2), ("top_p", 0.0), ("top_p", 1.5),

@@ -1,8 +1,9 @@
 """Exact-match accuracy of a fine-tuned model's greedy replies on held-out {prompt, response} records.
 
-    python examples/finetune/score.py -m MODEL data/qa_val.jsonl [--max-new-tokens 32] [--show 3]
+    python examples/finetune/score.py -m MODEL data/qa_val.jsonl [--max-new-tokens 32] [--show 3] [--chat]
 
-Each prompt goes through the model's prompt template, as with `llm generate`; the reply (up to <|endoftext|>) is
+Each prompt goes through the model's prompt template, as with `llm generate` (with --chat: the model's chat
+template, as `llm generate --chat`, for an instruct model before it is fine-tuned here); the reply (up to <|endoftext|>) is
 compared with the response, whitespace stripped. Prints the accuracy and a few replies.
 """
 
@@ -16,6 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from llmcli.formats import load_model  # noqa: E402
 from llmcli.infer.generate import apply_template, generate_text, sampling_settings  # noqa: E402
+from llmcli.text.chat_template import find_chat_template  # noqa: E402
 
 
 def main():
@@ -24,9 +26,13 @@ def main():
     parser.add_argument("-m", "--model", required=True)
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--show", type=int, default=3)
+    parser.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template")
     args = parser.parse_args()
     model, tok, config = load_model(args.model)
     cfg, template = sampling_settings(config, temperature=0.0, max_new_tokens=args.max_new_tokens)
+    if args.chat:
+        turns = find_chat_template(args.model, config, tok)
+        template = turns.prompt([{"role": "user", "content": "{prompt}"}])
     records = [json.loads(line) for line in open(args.data, encoding="utf-8") if line.strip()]
     started, right = time.perf_counter(), 0
     for i, record in enumerate(records):

@@ -61,6 +61,18 @@ def load_model(path: str | Path | None = None, device: str = "cpu", numpy_if_sma
     return ours.load_ours(directory, config, device, numpy_if_small)
 
 
+def load_model_tokenizer(path: str | Path | None = None):
+    """The tokenizer of any model path (or of a tokenizer directory or tokenizer.model file) without its weights."""
+    from llmcli.formats import gguf
+    from llmcli.text.tokenizer import load_tokenizer
+
+    path = Path(path) if path is not None else default_model_path()
+    if gguf.is_gguf_file(path):
+        metadata = gguf.read_metadata(gguf.open_gguf(path), path)
+        return gguf.gguf_tokenizer(metadata, path, len(metadata.get("tokenizer.ggml.tokens") or []))
+    return load_tokenizer(path)
+
+
 def model_info(path: str | Path | None = None) -> dict:
     """What a model path holds (architecture, task, parameters, shape, tokenizer, dtype, size on disk), read from
     its headers without loading the weights."""

@@ -1,52 +1,27 @@
-"""Conversations: a chat template renders messages as the model's prompt; a Chat keeps the history within the context.
+"""Conversations: the model's chat template renders the messages as its prompt; a Chat keeps the history within the
+context.
 
-A checkpoint's config.yaml may hold `generation.chat_template`, a mapping of format strings with `{content}`:
-`system`, `user`, `assistant` (each a whole turn) and `assistant_prefix` (what starts the model's reply). The reply
-ends at the end-of-text token. Without a template, a conversation is plain text: the turns one after another, a
-line each, and the model continues the last.
+The template is the model's own Jinja template (llmcli/text/chat_template.py). A reply ends at the model's end token,
+where the template ends an assistant turn, or where the model starts the next user turn by itself. Without a
+template, a conversation is plain text: the turns one after another, a line each, and the model continues the last.
 """
 
 from dataclasses import replace
 from typing import Callable
 
-from llmcli.errors import LLMError
 
-ROLES = ("system", "user", "assistant")
-
-
-def render(template: dict | None, messages: list[dict], add_prefix: bool = True) -> str:
-    """The prompt for messages [{"role": ..., "content": ...}]; add_prefix starts the assistant's reply."""
-    if not template:
-        return "\n".join(m["content"] for m in messages)
-    parts = []
-    for m in messages:
-        if m["role"] not in ROLES or m["role"] not in template:
-            raise LLMError(f"the chat template has no {m['role']!r} turn")
-        parts.append(template[m["role"]].replace("{content}", m["content"]))  # replace: braces in text are text
-    if add_prefix:
-        parts.append(template.get("assistant_prefix", ""))
-    return "".join(parts)
-
-
-def chat_template(config: dict) -> dict | None:
-    template = (config.get("generation") or {}).get("chat_template")
-    if template is not None and not isinstance(template, dict):
-        raise LLMError("generation.chat_template in config.yaml must be a mapping of format strings")
-    return template
-
-
-def turn_stop(template: dict | None) -> tuple[str, ...]:
-    """A reply ends if the model starts the user's next turn by itself."""
-    start = (template or {}).get("user", "").split("{content}")[0]
-    return (start,) if start.strip() else ()
+def plain_text(messages: list[dict]) -> str:
+    """A conversation for a model without a chat template: the messages' contents, a line each."""
+    return "\n".join(m["content"] for m in messages)
 
 
 class Chat:
     """A conversation with a model: each reply is generated from the history, the oldest turns dropped to fit."""
 
-    def __init__(self, model, tokenizer, cfg, template: dict | None = None, system: str | None = None, log=None):
+    def __init__(self, model, tokenizer, cfg, template=None, system: str | None = None, log=None):
+        """template: a ChatTemplate (llmcli/text/chat_template.py), or None for plain text."""
         self.model, self.tokenizer, self.template, self.log = model, tokenizer, template, log or (lambda m: None)
-        self.cfg = replace(cfg, num_samples=1, stop=tuple(cfg.stop) + turn_stop(template))
+        self.cfg = replace(cfg, num_samples=1, stop=tuple(cfg.stop) + (template.stops() if template else ()))
         self.system = [{"role": "system", "content": system}] if system else []
         self.messages: list[dict] = []
 
@@ -59,7 +34,8 @@ class Chat:
         room = min(self.cfg.max_new_tokens, context // 2)  # tokens kept free for the reply
         dropped = 0
         while True:
-            text = render(self.template, self.system + self.messages)
+            messages = self.system + self.messages
+            text = self.template.prompt(messages) if self.template else plain_text(messages)
             if 1 + len(self.tokenizer.encode(text)) <= context - room:  # 1: the end-of-text token before it
                 break
             if len(self.messages) <= 1:  # the new message alone is too long: its end is kept (said by generate)

@@ -106,8 +106,15 @@ def apply_top_p(logits: np.ndarray, p: float) -> np.ndarray:
     """Keep the smallest set of most likely tokens whose probabilities sum to at least p."""
     if p >= 1.0:
         return logits
-    order = np.argsort(-logits, axis=-1, kind="stable")
-    probs = softmax(np.take_along_axis(logits, order, axis=-1))
+    # most likely first, ties in token order (a stable sort); quicksort is 4x faster and gives the same order in the
+    # rows without ties, which are most rows: they keep it
+    order = np.argsort(-logits, axis=-1)
+    ordered = np.take_along_axis(logits, order, axis=-1)
+    tied = (ordered[..., 1:] == ordered[..., :-1]).any(axis=-1)
+    if tied.any():
+        order[tied] = np.argsort(-logits[tied], axis=-1, kind="stable")
+        ordered = np.take_along_axis(logits, order, axis=-1)
+    probs = softmax(ordered)
     drop_sorted = np.cumsum(probs, axis=-1) - probs >= p  # tokens past the first that reaches p
     drop = np.empty_like(drop_sorted)
     np.put_along_axis(drop, order, drop_sorted, axis=-1)

@@ -62,11 +62,12 @@ class KVCache(nn.Module):
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
     def update(self, pos: int, k: torch.Tensor, v: torch.Tensor):
-        """Write k, v (B, H, T, D) at positions pos..pos+T and return all keys and values up to there."""
-        end = pos + k.size(2)
-        self.k[:, :, pos:end] = k
-        self.v[:, :, pos:end] = v
-        return self.k[:, :, :end], self.v[:, :, :end]
+        """Write k, v (B, H, T, D) at positions pos..pos+T of the first B rows and return all keys and values of
+        those rows up to there. (A server's batch uses the first B rows of a cache allocated for the most rows.)"""
+        B, end = k.size(0), pos + k.size(2)
+        self.k[:B, :, pos:end] = k
+        self.v[:B, :, pos:end] = v
+        return self.k[:B, :, :end], self.v[:B, :, :end]
 
 
 class CausalSelfAttention(nn.Module):
@@ -252,13 +253,23 @@ class Transformer(nn.Module):
             x = block(x, pos, rope, mask)
         return self.norm_f(x)
 
-    def setup_kv_cache(self, batch_size: int, max_len: int | None = None):
-        """Give every attention layer a cache for batch_size sequences of up to max_len tokens (default: context)."""
+    def setup_kv_cache(self, batch_size: int, max_len: int | None = None) -> list[KVCache]:
+        """Give every attention layer a cache for batch_size sequences of up to max_len tokens (default: context);
+        returns the caches, a layer each."""
         max_len = max_len or self.config.context
         weight = self.token_embedding.weight
         for block in self.blocks:
             block.attn.kv_cache = KVCache(batch_size, max_len, self.config.kv_heads, self.config.head_dim,
                                           weight.dtype, weight.device)
+        return self.kv_caches()
+
+    def kv_caches(self) -> list[KVCache | None]:
+        return [block.attn.kv_cache for block in self.blocks]
+
+    def use_kv_caches(self, caches: list[KVCache | None]):
+        """Attach these caches (a layer each, as kv_caches() gave them): a server switches between several."""
+        for block, cache in zip(self.blocks, caches):
+            block.attn.kv_cache = cache
 
     def select_kv_cache_rows(self, index: torch.Tensor):
         """Row b of every cache becomes row index[b] (the samples of a prompt take the prompt's keys and values)."""

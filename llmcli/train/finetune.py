@@ -1,9 +1,10 @@
 """Fine-tuning a pretrained model: instructions (SFT) or text classification, whole or with LoRA adapters.
 
 The data are JSONL records: {"prompt", "response"} or {"messages": [{"role", "content"}, ...]} for instructions,
-{"text", "label"} for classification. An instruction example is rendered with the chat template into segments
-(the prompt's, then each reply's) and tokenized segment by segment, so each token knows whether it is part of a reply:
-only reply tokens (and the end-of-text that closes each reply) carry loss, unless train_on_prompt. The examples
+{"text", "label"} for classification. An instruction example is rendered with the chat template (the base model's own,
+else ours, CHAT_TEMPLATE) and cut into segments, the text around the assistant's turns and each turn itself
+(llmcli/text/chat_template.py), then tokenized segment by segment, so each token knows whether it is part of a reply:
+only reply tokens (and what ends each reply: the end token) carry loss, unless train_on_prompt. The examples
 become a dataset for train.train_loop, which gives fine-tuning the same steps, validation, checkpoints, resume and
 Ctrl-C safety as pretraining.
 """
@@ -21,20 +22,19 @@ from llmcli.errors import LLMError
 from llmcli.files import make_output_dir
 from llmcli.formats import ours as checkpoint
 from llmcli.formats.adapter import prepare_model
-from llmcli.infer.chat import render
 from llmcli.progress import log
 from llmcli.text import data
+from llmcli.text.chat_template import CONFIG_KEY, ChatTemplate, find_chat_template
 from llmcli.train.pretrain import IGNORE
 
 TASKS = ("sft", "classify")
-# The agreed interface with `llm generate --chat` / `llm chat`: each role's turn, and what starts the model's reply.
-# A reply ends at <|endoftext|>, so the assistant's turn includes it.
-CHAT_TEMPLATE = {
-    "system": "<|system|>\n{content}\n",
-    "user": "<|user|>\n{content}\n",
-    "assistant": "<|assistant|>\n{content}<|endoftext|>",
-    "assistant_prefix": "<|assistant|>\n",
-}
+# Our chat template (Jinja, as any model's), for a base model that has none: "<|user|>\n" and the message on a line,
+# the same for "<|system|>"; the reply after "<|assistant|>\n" ends with the end token (ours: <|endoftext|>), which
+# the reply is trained to produce. One line: it stays one line in config.yaml.
+CHAT_TEMPLATE = ("{% for message in messages %}{% if message['role'] == 'assistant' %}"
+                 "{{ '<|assistant|>\\n' + message['content'] + eos_token }}"
+                 "{% else %}{{ '<|' + message['role'] + '|>\\n' + message['content'] + '\\n' }}{% endif %}{% endfor %}"
+                 "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}")
 ROLES = ("system", "user", "assistant")
 # fine-tuning starts from trained weights: fewer steps and a gentler start than pretraining
 DEFAULTS = dict(max_steps=200, batch_size=16, lr=5e-4, warmup_steps=10, eval_interval=50, eval_batches=4,
@@ -59,8 +59,8 @@ def _string_field(path, number, record, name, needs) -> str:
     return str(record[name])
 
 
-def read_conversations(path) -> list[list[dict]]:
-    """The messages of each instruction record; {prompt, response} is a user turn and an assistant turn."""
+def read_conversations(path) -> list[tuple[int, list[dict]]]:
+    """(line number, messages) of each instruction record; {prompt, response} is a user turn and an assistant turn."""
     needs = "'prompt' and 'response', or 'messages'"
     conversations = []
     for number, record in read_records(path):
@@ -77,7 +77,7 @@ def read_conversations(path) -> list[list[dict]]:
         else:
             messages = [{"role": "user", "content": _string_field(path, number, record, "prompt", needs)},
                         {"role": "assistant", "content": _string_field(path, number, record, "response", needs)}]
-        conversations.append(messages)
+        conversations.append((number, messages))
     return conversations
 
 
@@ -105,19 +105,21 @@ def discover_labels(path) -> list[str]:
     return labels
 
 
-def sft_example(tokenizer, template: dict, messages: list[dict], train_on_prompt: bool) -> tuple[list, list]:
-    """Token ids of a conversation (after an end-of-text token) and, for each, whether it carries loss."""
-    ids, trained = [tokenizer.end_of_text], [False]
-    for m in messages:
-        if m["role"] == "assistant":
-            before, after = template["assistant"].split("{content}", 1)
-            segments = [(before, train_on_prompt), (m["content"] + after, True)]
-        else:
-            segments = [(template[m["role"]].replace("{content}", m["content"]), train_on_prompt)]
-        for text, carries_loss in segments:
-            piece = tokenizer.encode(text)
-            ids += piece
-            trained += [carries_loss] * len(piece)
+def sft_example(tokenizer, template: ChatTemplate, messages: list[dict], train_on_prompt: bool
+                ) -> tuple[list, list]:
+    """Token ids of a conversation (after the start token, as generation puts it before a prompt) and, for each,
+    whether it carries loss: the assistant's turns only, unless train_on_prompt. Each segment is tokenized alone, so
+    the text before a reply gives the tokens generation will see for that prompt."""
+    if train_on_prompt:
+        segments = [(template.conversation(messages), True)]
+    else:
+        segments = template.segments(messages)
+    ids = [tokenizer.start_of_text] if tokenizer.start_of_text is not None else []
+    trained = [False] * len(ids)
+    for text, carries_loss in segments:
+        piece = tokenizer.encode(text)
+        ids += piece
+        trained += [carries_loss] * len(piece)
     return ids, trained
 
 
@@ -188,12 +190,16 @@ def make_dataset(run: dict, tokenizer) -> ExampleBatches:
                     for text, label in read_classification(path, run["labels"])]
         batches = ClassifyBatches
     else:
-        template = run["generation"]["chat_template"]
+        template = ChatTemplate.for_tokenizer(run["generation"]["chat_template"], tokenizer,
+                                              f"the run's chat template ({CONFIG_KEY})")
 
         def load(path):
             examples, cut = [], 0
-            for messages in read_conversations(path):
-                ids, trained = sft_example(tokenizer, template, messages, spec["train_on_prompt"])
+            for number, messages in read_conversations(path):
+                try:
+                    ids, trained = sft_example(tokenizer, template, messages, spec["train_on_prompt"])
+                except LLMError as e:
+                    raise LLMError(f"{path}: line {number}: {e}") from None
                 if len(ids) > context + 1:  # keep the start: the reply is cut, the prompt kept
                     ids, trained, cut = ids[:context + 1], trained[:context + 1], cut + 1
                 if any(trained[1:]):
@@ -222,7 +228,7 @@ class LoRAConfig:
 
 
 def new_run(base: Path, data_path: str, val: str | None, task: str, train_on_prompt: bool, overrides: dict,
-            lora: LoRAConfig, base_config: dict, base_model) -> dict:
+            lora: LoRAConfig, base_config: dict, base_model, tokenizer) -> dict:
     if task not in TASKS:
         raise LLMError(f"unknown task {task!r}; choose {' or '.join(TASKS)}")
     for path in (data_path, val):
@@ -236,9 +242,12 @@ def new_run(base: Path, data_path: str, val: str | None, task: str, train_on_pro
     if task == "classify":
         run["labels"] = discover_labels(data_path)
     else:
-        # the chat template for `llm chat`, and a prompt template so that plain `llm generate "instruction"` works
-        generation["chat_template"] = dict(CHAT_TEMPLATE)
-        generation["prompt_template"] = render(CHAT_TEMPLATE, [{"role": "user", "content": "{prompt}"}])
+        # the base model's chat template (ours if it has none) is the one trained, and kept for `llm chat`; a prompt
+        # template built from it makes plain `llm generate "instruction"` work
+        template = (find_chat_template(base, base_config, tokenizer)
+                    or ChatTemplate.for_tokenizer(CHAT_TEMPLATE, tokenizer, "llm finetune's chat template"))
+        generation["chat_template"] = template.source
+        generation["prompt_template"] = template.prompt([{"role": "user", "content": "{prompt}"}])
     run["generation"] = generation
     if lora.rank:
         from llmcli.model.lora import fingerprint, parse_targets
@@ -293,7 +302,7 @@ def finetune(data_path: str | None, out_dir: str | Path, base: str | Path | None
             raise LLMError(f"{base}: its tokenizer has neither <|endoftext|> nor an end token, which fine-tuning "
                            "needs to mark where an example ends")
         run = new_run(base, data_path, val, task, train_on_prompt, overrides or {}, lora or LoRAConfig(),
-                      base_config, base_model)
+                      base_config, base_model, tokenizer)
     try:
         cfg = TrainConfig(**run["train"])
     except (TypeError, ValueError) as e:

@@ -1,0 +1,554 @@
+"""`llm serve`: the OpenAI HTTP API (completions, chat completions, embeddings, models) over one model.
+
+Starlette routes the requests and uvicorn speaks HTTP; every request's generation runs in the continuous-batching
+engine (llmcli/infer/engine.py), whose thread owns the model. Requests and responses follow the OpenAI API reference
+(https://platform.openai.com/docs/api-reference): streamed responses are server-sent events, one chunk a piece of
+text, then `data: [DONE]`; errors are {"error": {"message", "type", "param", "code"}} with the HTTP status.
+"""
+
+import asyncio
+import base64
+import hmac
+import json
+import os
+import secrets
+import socket
+import sys
+import time
+from dataclasses import dataclass
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, StreamingResponse
+from starlette.routing import Route
+
+from llmcli.errors import LLMError
+from llmcli.infer.engine import Engine, Job, QueueFull
+from llmcli.infer.generate import SamplingConfig, apply_template, encode_prompt, sampling_settings
+
+MAX_BODY_BYTES = 1 << 20  # a larger request body gets 413
+RETRY_AFTER_S = 1  # told to a client turned away because the queue is full
+# fields of the OpenAI API that a local model cannot honour: a request that sets them gets a 400, not silence
+UNSUPPORTED = ("logprobs", "top_logprobs", "echo", "suffix", "logit_bias", "tools", "tool_choice", "functions",
+               "function_call", "response_format", "best_of")
+
+
+class ApiError(Exception):
+    """An error answered to the client as OpenAI does: status and {"error": {message, type, param, code}}."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 type: str = "invalid_request_error", headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
+        self.headers = headers
+
+    def response(self) -> JSONResponse:
+        body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        return JSONResponse(body, status_code=self.status, headers=self.headers)
+
+
+def _chat_prompt(template, messages: list[dict]) -> tuple[str, tuple[str, ...]]:
+    """The prompt for a conversation, rendered with the model's chat template (llmcli/text/chat_template.py), and the
+    stop strings that end the reply; without a template, the messages as plain text, a line each."""
+    from llmcli.infer.chat import plain_text
+
+    if template is None:
+        return plain_text(messages), ()
+    return template.prompt(messages), template.stops()
+
+
+@dataclass
+class Server:
+    """What the routes share: the model's name and files' settings, the tokenizer, the engine."""
+    model_id: str
+    config: dict  # the checkpoint's config.yaml
+    tokenizer: object
+    engine: Engine
+    api_key: str | None = None
+    log: object = print
+    chat_template: object = None  # the model's ChatTemplate (llmcli/text/chat_template.py), or None
+
+    @property
+    def context(self) -> int:
+        return self.engine.context
+
+
+# --- reading requests ----------------------------------------------------------------------------------------------
+
+async def _body(request: Request) -> dict:
+    """The request's JSON object; 413 past MAX_BODY_BYTES, 400 if it is not a JSON object."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise ApiError(413, f"the request body is over {MAX_BODY_BYTES} bytes", code="request_too_large")
+    raw = bytearray()
+    async for chunk in request.stream():
+        raw += chunk
+        if len(raw) > MAX_BODY_BYTES:
+            raise ApiError(413, f"the request body is over {MAX_BODY_BYTES} bytes", code="request_too_large")
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ApiError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object", code="invalid_json")
+    return body
+
+
+def _field(body: dict, name: str, types, default=None, required: bool = False, low=None, high=None,
+           low_open: bool = False):
+    """body[name] checked: of the types (bool is not a number), within [low, high] (low excluded if low_open)."""
+    value = body.get(name)
+    if value is None:
+        if required:
+            raise ApiError(400, f"'{name}' is required", param=name, code="missing_required_parameter")
+        return default
+    types = types if isinstance(types, tuple) else (types,)
+    if isinstance(value, bool) and bool not in types or not isinstance(value, types):
+        what = {int: "an integer", float: "a number", str: "a string", bool: "a boolean", list: "an array",
+                dict: "an object"}
+        names = " or ".join(what[t] for t in types if t is not int or float not in types)
+        raise ApiError(400, f"'{name}' must be {names}, got {json.dumps(value)[:50]}", param=name,
+                       code="invalid_type")
+    if (low is not None and (value <= low if low_open else value < low)) or (high is not None and value > high):
+        bounds = f"{'(' if low_open else '['}{'' if low is None else low}, {'' if high is None else high}]"
+        raise ApiError(400, f"'{name}' must be in {bounds}, got {value}", param=name, code="invalid_value")
+    return value
+
+
+def _check_model(server: Server, body: dict):
+    name = _field(body, "model", str, required=True)
+    if name != server.model_id:
+        raise ApiError(400, f"the model '{name}' does not exist; this server has '{server.model_id}'",
+                       param="model", code="model_not_found")
+
+
+def _sampling(server: Server, body: dict, chat: bool) -> tuple[SamplingConfig, int, int | None]:
+    """The sampling config (unset fields: the checkpoint's defaults, as llm generate), n and seed of a request."""
+    for name in UNSUPPORTED:
+        if body.get(name) not in (None, False, 1 if name == "best_of" else None):
+            raise ApiError(400, f"'{name}' is not supported by this server", param=name, code="unsupported_parameter")
+    for name in ("presence_penalty", "frequency_penalty"):
+        if _field(body, name, (int, float), 0) != 0:
+            raise ApiError(400, f"'{name}' is not supported; use 'repetition_penalty' (above 1 penalises tokens "
+                           "already in the text)", param=name, code="unsupported_parameter")
+    max_tokens = _field(body, "max_tokens", int, low=0)
+    if chat:
+        max_tokens = _field(body, "max_completion_tokens", int, max_tokens, low=0)
+    stop = body.get("stop")
+    if isinstance(stop, str):
+        stop = [stop]
+    if stop is not None and not (isinstance(stop, list) and all(isinstance(s, str) and s for s in stop)):
+        raise ApiError(400, "'stop' must be a non-empty string or an array of them", param="stop", code="invalid_type")
+    if stop is not None and len(stop) > 16:
+        raise ApiError(400, "'stop' may hold at most 16 strings", param="stop", code="invalid_value")
+    options = dict(
+        max_new_tokens=max_tokens,
+        temperature=_field(body, "temperature", (int, float), low=0, high=2),
+        top_p=_field(body, "top_p", (int, float), low=0, high=1, low_open=True),
+        top_k=_field(body, "top_k", int, low=0),
+        min_p=_field(body, "min_p", (int, float), low=0, high=1),
+        repetition_penalty=_field(body, "repetition_penalty", (int, float), low=0, low_open=True),
+    )
+    cfg, _ = sampling_settings(server.config, **options)
+    cfg.stop = tuple(cfg.stop) + tuple(stop or ())
+    n = _field(body, "n", int, 1, low=1, high=server.engine.max_batch)
+    seed = _field(body, "seed", int)
+    if seed is not None and not 0 <= seed < 2**63:
+        raise ApiError(400, f"'seed' must be in [0, 2^63), got {seed}", param="seed", code="invalid_value")
+    _field(body, "stream", bool, False)
+    _field(body, "stream_options", dict)
+    return cfg, n, seed
+
+
+def _encode(server: Server, text: str, param: str) -> list[int]:
+    try:
+        return encode_prompt(server.tokenizer, text, server.context, truncate=False)
+    except LLMError as e:
+        raise ApiError(400, str(e).split("; shorten")[0], param=param, code="context_length_exceeded") from None
+
+
+# --- running requests ----------------------------------------------------------------------------------------------
+
+class Pending:
+    """A job submitted to the engine, its events arriving on this event loop."""
+
+    def __init__(self, server: Server, prompts: list[list[int]], cfg: SamplingConfig, n: int, seed: int | None):
+        loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.server = server
+        self.job = Job(prompts, cfg, lambda events: loop.call_soon_threadsafe(self.queue.put_nowait, events), n, seed)
+        self.texts = [""] * self.job.rows
+        self.finish: list[str | None] = [None] * self.job.rows
+        self.completion_tokens = 0
+        try:
+            server.engine.submit(self.job)
+        except QueueFull as e:
+            raise ApiError(429, f"the server is busy ({e}); retry in {RETRY_AFTER_S} s", type="rate_limit_error",
+                           code="queue_full", headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+        except ValueError as e:
+            raise ApiError(400, str(e), param="n", code="invalid_value") from None
+
+    @property
+    def done(self) -> bool:
+        return all(f is not None for f in self.finish)
+
+    async def events(self):
+        """Yield lists of (choice, text, finish_reason or None) as the engine produces them, until every choice
+        finished: all that arrived since the last (a slow client gets fewer, larger pieces)."""
+        while not self.done:
+            batch = await self.queue.get()
+            while not self.queue.empty():
+                batch += self.queue.get_nowait()
+            out = []
+            for event in batch:
+                if event[0] == "error":
+                    raise RuntimeError(event[1])
+                if event[0] == "text":
+                    self.texts[event[1]] += event[2]
+                    out.append((event[1], event[2], None))
+                else:
+                    self.finish[event[1]] = event[2]
+                    self.completion_tokens += event[3]
+                    out.append((event[1], "", event[2]))
+            yield out
+
+    def cancel(self):
+        if not self.done:
+            self.server.engine.cancel(self.job)
+
+    def usage(self) -> dict:
+        prompt_tokens = sum(map(len, self.job.prompts))
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": self.completion_tokens,
+                "total_tokens": prompt_tokens + self.completion_tokens}
+
+
+async def _until_disconnect(request: Request):
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _collect(request: Request, pending: Pending):
+    """Wait for every choice of a request; a client that disconnects cancels it."""
+    async def run():
+        async for _ in pending.events():
+            pass
+
+    work, watch = asyncio.ensure_future(run()), asyncio.ensure_future(_until_disconnect(request))
+    try:
+        await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+        if not work.done():
+            work.cancel()
+            pending.cancel()
+    if not work.done() or work.cancelled():
+        raise ApiError(499, "the client disconnected", code="client_disconnected")
+    work.result()  # raises the engine's error
+
+
+def _sse(data) -> str:
+    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+def _stream(server: Server, request: Request, pending: Pending, chunk, include_usage: bool, started: float):
+    """A streaming response: a chunk(choice, text, finish_reason) event a piece of text, usage, then [DONE]."""
+    async def events():
+        status = 200
+        try:
+            for choice in range(pending.job.rows):
+                first = chunk(choice, None, None)
+                if first is not None:
+                    yield _sse(first)
+            async for batch in pending.events():
+                yield "".join(_sse(chunk(choice, text, finish)) for choice, text, finish in batch)
+            if include_usage:
+                yield _sse({**chunk(0, "", None), "choices": [], "usage": pending.usage()})
+            yield "data: [DONE]\n\n"
+        except RuntimeError as e:  # the request failed in the engine (logged there)
+            status = 500
+            yield _sse({"error": {"message": str(e), "type": "server_error", "param": None, "code": None}})
+        except asyncio.CancelledError:  # the client disconnected
+            status = 499
+            raise
+        finally:
+            pending.cancel()
+            _log_request(server, request, status, started, pending)
+
+    return StreamingResponse(events(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def _log_request(server: Server, request: Request, status: int, started: float, pending: Pending | None = None):
+    tokens = ""
+    if pending is not None:
+        usage = pending.usage()
+        tokens = f" {usage['prompt_tokens']} prompt + {usage['completion_tokens']} completion tokens"
+    client = f"{request.client.host}:{request.client.port}" if request.client else "-"
+    server.log(f"{client} {request.method} {request.url.path} {status}{tokens} {time.perf_counter() - started:.3f}s")
+
+
+# --- the routes ----------------------------------------------------------------------------------------------------
+
+async def completions(request: Request):
+    server: Server = request.app.state.server
+    body = await _body(request)
+    _check_model(server, body)
+    prompt = _field(body, "prompt", (str, list), required=True)
+    prompts = [prompt] if isinstance(prompt, str) else prompt
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise ApiError(400, "'prompt' must be a string or a non-empty array of strings", param="prompt",
+                       code="invalid_type")
+    cfg, n, seed = _sampling(server, body, chat=False)
+    template = (server.config.get("generation") or {}).get("prompt_template", "{prompt}")
+    ids = [_encode(server, apply_template(template, p), "prompt") for p in prompts]
+    return await _respond(request, body, Pending(server, ids, cfg, n, seed), chat=False)
+
+
+async def chat_completions(request: Request):
+    server: Server = request.app.state.server
+    body = await _body(request)
+    _check_model(server, body)
+    messages = _field(body, "messages", list, required=True)
+    if not messages:
+        raise ApiError(400, "'messages' must not be empty", param="messages", code="invalid_value")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
+            raise ApiError(400, f"messages[{i}] must be an object with a 'role' of system, user or assistant",
+                           param=f"messages[{i}].role", code="invalid_value")
+        content = m.get("content")
+        if isinstance(content, list):  # content parts: the text ones, joined
+            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                       for p in content):
+                raise ApiError(400, f"messages[{i}].content: only text parts are supported",
+                               param=f"messages[{i}].content", code="invalid_value")
+            content = "".join(p["text"] for p in content)
+        if not isinstance(content, str):
+            raise ApiError(400, f"messages[{i}].content must be a string", param=f"messages[{i}].content",
+                           code="invalid_type")
+        messages[i] = {"role": m["role"], "content": content}
+    cfg, n, seed = _sampling(server, body, chat=True)
+    try:
+        prompt, stop = _chat_prompt(server.chat_template, messages)
+    except LLMError as e:
+        raise ApiError(400, str(e), param="messages", code="invalid_value") from None
+    cfg.stop += stop
+    return await _respond(request, body, Pending(server, [_encode(server, prompt, "messages")], cfg, n, seed),
+                          chat=True)
+
+
+async def _respond(request: Request, body: dict, pending: Pending, chat: bool):
+    server: Server = request.app.state.server
+    started = request.state.started
+    ident = f"{'chatcmpl' if chat else 'cmpl'}-{secrets.token_hex(12)}"
+    created = int(time.time())
+    head = {"id": ident, "object": "chat.completion.chunk" if chat else "text_completion", "created": created,
+            "model": server.model_id}
+    if body.get("stream"):
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+
+        def chunk(choice, text, finish):
+            if chat:
+                if text is None:  # the first chunk of a choice: its role
+                    delta = {"role": "assistant", "content": ""}
+                else:
+                    delta = {"content": text} if text else {}
+                return {**head, "choices": [{"index": choice, "delta": delta, "logprobs": None,
+                                             "finish_reason": finish}]}
+            if text is None:
+                return None
+            return {**head, "choices": [{"index": choice, "text": text, "logprobs": None, "finish_reason": finish}]}
+
+        return _stream(server, request, pending, chunk, include_usage, started)
+    try:
+        await _collect(request, pending)
+    except RuntimeError as e:
+        raise ApiError(500, str(e), type="server_error") from None
+    if chat:
+        choices = [{"index": i, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                    "finish_reason": finish} for i, (text, finish) in enumerate(zip(pending.texts, pending.finish))]
+    else:
+        choices = [{"index": i, "text": text, "logprobs": None, "finish_reason": finish}
+                   for i, (text, finish) in enumerate(zip(pending.texts, pending.finish))]
+    request.state.pending = pending
+    return JSONResponse({**head, "object": "chat.completion" if chat else "text_completion", "choices": choices,
+                         "usage": pending.usage()})
+
+
+async def embeddings(request: Request):
+    server: Server = request.app.state.server
+    body = await _body(request)
+    _check_model(server, body)
+    texts = _field(body, "input", (str, list), required=True)
+    texts = [texts] if isinstance(texts, str) else texts
+    if not texts or not all(isinstance(t, str) for t in texts):
+        raise ApiError(400, "'input' must be a string or a non-empty array of strings", param="input",
+                       code="invalid_type")
+    if len(texts) > 2048:
+        raise ApiError(400, "'input' may hold at most 2048 texts", param="input", code="invalid_value")
+    encoding = _field(body, "encoding_format", str, "float")
+    if encoding not in ("float", "base64"):
+        raise ApiError(400, "'encoding_format' must be float or base64", param="encoding_format",
+                       code="invalid_value")
+    if body.get("dimensions") is not None:
+        raise ApiError(400, "'dimensions' is not supported", param="dimensions", code="unsupported_parameter")
+    from llmcli.eval.embed import embed_texts
+
+    tokenizer = server.tokenizer
+    start = 1 if tokenizer.start_of_text is not None else 0
+    counts = [min(start + len(ids), server.context) for ids in tokenizer.encode_batch(texts)]
+    vectors = await asyncio.wrap_future(server.engine.call(
+        lambda: embed_texts(server.engine.model, tokenizer, texts, "mean")))
+    data = []
+    for i, v in enumerate(vectors):
+        value = base64.b64encode(v.astype("<f4").tobytes()).decode() if encoding == "base64" else v.tolist()
+        data.append({"object": "embedding", "index": i, "embedding": value})
+    return JSONResponse({"object": "list", "data": data, "model": server.model_id,
+                         "usage": {"prompt_tokens": sum(counts), "total_tokens": sum(counts)}})
+
+
+async def models(request: Request):
+    server: Server = request.app.state.server
+    return JSONResponse({"object": "list", "data": [
+        {"id": server.model_id, "object": "model", "created": int(request.app.state.started), "owned_by": "llmcli"}]})
+
+
+async def health(request: Request):
+    return JSONResponse({"status": "ok", **request.app.state.server.engine.busy()})
+
+
+# --- the application -----------------------------------------------------------------------------------------------
+
+def create_app(server: Server) -> Starlette:
+    """The ASGI application; its lifespan starts and stops server.engine."""
+    from contextlib import asynccontextmanager
+
+    @asynccontextmanager
+    async def lifespan(app):
+        server.engine.start()
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(server.engine.stop)  # after uvicorn finished the requests in flight
+
+    async def not_found(request, exc: HTTPException):
+        return ApiError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}",
+                        code="not_found" if exc.status_code == 404 else None).response()
+
+    routes = [Route("/v1/models", models), Route("/v1/completions", completions, methods=["POST"]),
+              Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+              Route("/v1/embeddings", embeddings, methods=["POST"]), Route("/health", health)]
+    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: not_found})
+    app.state.server, app.state.started = server, time.time()
+    app.add_middleware(_Guard, server=server)
+    return app
+
+
+class _Guard:
+    """ASGI middleware: the API key, the OpenAI-style answer to errors, and a log line a request."""
+
+    def __init__(self, app, server: Server):
+        self.app, self.server = app, server
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        request = Request(scope, receive)
+        started = time.perf_counter()
+        scope.setdefault("state", {})["started"] = started
+        status = 500
+        streaming = False
+
+        async def send_and_see(message):
+            nonlocal status, streaming
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                streaming = any(k == b"content-type" and v.startswith(b"text/event-stream")
+                                for k, v in message.get("headers", []))
+            await send(message)
+
+        try:
+            if self.server.api_key is not None and scope["path"] != "/health":
+                given = request.headers.get("authorization", "")
+                if not hmac.compare_digest(given.encode(), f"Bearer {self.server.api_key}".encode()):
+                    raise ApiError(401, "a valid API key is required: 'Authorization: Bearer KEY'",
+                                   type="authentication_error", code="invalid_api_key")
+            await self.app(scope, receive, send_and_see)
+        except ApiError as e:
+            if e.status == 499:  # nobody to answer
+                status = 499
+            else:
+                status = e.status
+                await e.response()(scope, receive, send)
+        except Exception:
+            import traceback
+
+            self.server.log(traceback.format_exc().rstrip())
+            status = 500
+            await ApiError(500, "the server failed on this request (logged)", type="server_error").response()(
+                scope, receive, send)
+        if not streaming:  # a stream logs itself when it ends
+            _log_request(self.server, request, status, started, scope["state"].get("pending"))
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError as e:
+        raise LLMError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    sock.listen(2048)
+    sock.setblocking(False)
+    return sock
+
+
+def serve(model_path=None, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+          max_batch: int = 16, max_queue: int = 64, quantize: str | None = None):
+    """Load the model, listen, print the address on stdout, serve until SIGTERM or Ctrl-C, then finish the
+    requests in flight and return."""
+    import signal
+    from pathlib import Path
+
+    import torch
+    import uvicorn
+
+    from llmcli.formats import default_model_path, load_model
+    from llmcli.progress import log
+    from llmcli.text.chat_template import find_chat_template
+
+    if max_batch < 1:
+        raise LLMError("--max-batch must be at least 1")
+    if max_queue < 0:
+        raise LLMError("--max-queue must be at least 0")
+    if not 0 <= port < 65536:
+        raise LLMError(f"--port must be in 0..65535, got {port}")
+    sock = _bind(host, port)  # before loading: a port in use is said at once
+    # the engine's thread computes, the event loop's serves HTTP: leave the loop a core
+    torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))
+    model, tokenizer, config = load_model(model_path, quantize=quantize)
+    if config.get("task") == "classify":
+        raise LLMError("this checkpoint is a classifier: it labels text (llm classify), it does not generate")
+    name = Path(model_path or default_model_path()).resolve().name
+
+    def log_line(message: str):
+        sys.stderr.write(message + "\n")
+        sys.stderr.flush()
+
+    engine = Engine(model, tokenizer, max_batch, max_queue, log=log_line)
+    template = find_chat_template(model_path or default_model_path(), config, tokenizer)
+    server = Server(name, config, tokenizer, engine, api_key or None, log_line, template)
+    bound = sock.getsockname()
+    shown = f"[{bound[0]}]" if sock.family == socket.AF_INET6 else bound[0]
+    log(f"serving {name} (context {engine.context} tokens), {max_batch} sequences decoding at once at most; "
+        "SIGTERM or Ctrl-C stops it")
+    print(f"http://{shown}:{bound[1]}/v1", flush=True)
+    # uvicorn finishes the requests in flight on SIGTERM/SIGINT, then raises the signal again for the handler that
+    # was there before it: this one, so that a stop that went as planned exits 0
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
+    config = uvicorn.Config(create_app(server), log_level="warning", access_log=False, lifespan="on",
+                            timeout_graceful_shutdown=None)
+    uvicorn.Server(config).run(sockets=[sock])
+    log("stopped")
