@@ -10,7 +10,6 @@ Ctrl-C safety as pretraining.
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +20,7 @@ from llmcli.chat import render
 from llmcli.config import TrainConfig
 from llmcli.errors import LLMError
 from llmcli.progress import log
+from llmcli.threads import default_threads
 from llmcli.tokenizer import TOKENIZER_FILE
 from llmcli.train import IGNORE
 
@@ -36,7 +36,7 @@ CHAT_TEMPLATE = {
 ROLES = ("system", "user", "assistant")
 # fine-tuning starts from trained weights: fewer steps and a gentler start than pretraining
 DEFAULTS = dict(max_steps=200, batch_size=16, lr=5e-4, warmup_steps=10, eval_interval=50, eval_batches=4,
-                weight_decay=0.0, val_fraction=0.1)
+                weight_decay=0.0, val_fraction=0.1, precision="fp32")
 
 
 # --- reading the data -----------------------------------------------------------------------------------------------
@@ -316,7 +316,7 @@ def finetune(data_path: str | None, out_dir: str | Path, base: str | Path | None
     except (TypeError, ValueError) as e:
         raise LLMError(f"bad settings: {e}") from None
     micro = check_settings(cfg, world)
-    torch.set_num_threads(cfg.threads or max(1, os.cpu_count() or 1))
+    torch.set_num_threads(cfg.threads or default_threads())
     dataset = make_dataset(run, tokenizer)
     if resume is None:
         out_dir.mkdir(parents=True, exist_ok=True)
