@@ -1,9 +1,10 @@
 """Pretraining: corpus -> tokenizer -> token shards -> a Transformer trained on next-token prediction.
 
 AdamW with weight decay on matrices only, warmup then cosine, linear or warmup-stable-decay, gradient clipping,
-gradient accumulation over micro-batches, optional bfloat16 autocast and torch.compile, and data parallelism across
-processes started by torchrun: DistributedDataParallel, or FSDP (fully_shard) to shard parameters, gradients and
-optimizer state; gloo on CPU, NCCL on GPU. Checkpoints hold whole tensors, so any number of processes resumes any.
+gradient accumulation over micro-batches, bfloat16 autocast where it pays (precision auto), optional torch.compile,
+and data parallelism across processes started by torchrun: DistributedDataParallel, or FSDP (fully_shard) to shard
+parameters, gradients and optimizer state; gloo on CPU, NCCL on GPU. Checkpoints hold whole tensors, so any number
+of processes resumes any.
 
 Nothing is lost: every save_interval steps a checkpoint directory is written under a temporary name and renamed into
 place (checkpoints/step-NNNNNNN, holding the weights, the optimizer state in safetensors and the step in JSON), and
