@@ -162,8 +162,9 @@ def measure(shapes, repeats, tmp, nanogpt, label, steps=None) -> list[tuple]:
                     runs[program, steps] = timed(command, env, cwd)
                     print(f"  {label} {shape} {program} {steps} steps: {runs[program, steps][0]:.1f}s",
                           file=sys.stderr, flush=True)
-            for program in {p for p, _ in runs}:
+            for program in dict.fromkeys(p for p, _ in runs):  # in the order they ran
                 extra = runs[program, long][0] - runs[program, short][0]
+                # nan: the longer run took no longer; start-up time varied more than the extra steps took
                 tokens_per_s = (long - short) * batch * context / extra if extra > 0 else float("nan")
                 results.setdefault(program, []).append((tokens_per_s, runs[program, long][1]))
         for program, values in results.items():
