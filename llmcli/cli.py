@@ -136,7 +136,8 @@ def pretrain(
         help="After warmup: cosine, linear or wsd (warmup-stable-decay) [default: cosine]", show_default=False)] = None,
     warmup_steps: Annotated[Optional[int], typer.Option(help="Steps of linear warmup")] = None,
     precision: Annotated[Optional[str], typer.Option(
-        help="fp32 or bf16-mixed (bfloat16 autocast) [default: fp32]", show_default=False)] = None,
+        help="fp32, bf16-mixed (bfloat16 autocast) or auto: bf16-mixed where the CPU (or GPU) multiplies bfloat16 "
+        "natively and the model is at least 256 wide, else fp32 [default: auto]", show_default=False)] = None,
     compile: Annotated[Optional[bool], typer.Option(
         "--compile/--no-compile", help="torch.compile the model", show_default=False)] = None,
     context: Annotated[Optional[int], typer.Option(help="Tokens per sequence")] = None,
@@ -197,7 +198,9 @@ def _relaunch_with_torchrun(nproc: int):
             args.append(arg)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
                "-m", "llmcli", *args]
-    threads = str(max(1, (os.cpu_count() or 1) // nproc))
+    from llmcli.threads import default_threads
+
+    threads = str(default_threads(nproc))
     launcher = subprocess.Popen(command, env={"OMP_NUM_THREADS": threads, **os.environ}, stderr=subprocess.PIPE,
                                 text=True, bufsize=1)
     # the processes' own messages pass through; torchrun's report of a failed process (a traceback of its own)
@@ -688,6 +691,10 @@ def _terminate(signum, frame):
 
 
 def main():
+    # before any command imports torch: OpenMP threads that sleep when they wait, so a busy neighbour does not stall us
+    from llmcli.threads import configure
+
+    configure()
     # NumPy decoding (llmcli/numpy_model.py) multiplies small matrices: BLAS threads only add waiting, 150 ms of it
     # before the first token when the cores are busy (8-15 ms on one thread). Read when NumPy is first imported.
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")

@@ -121,7 +121,9 @@ class TrainConfig:
     micro_batch_size: int = 0  # sequences per forward pass; batch_size / (micro * processes) are accumulated; 0 = all
     schedule: str = "cosine"  # after warmup: cosine or linear decay to min_lr_ratio, or wsd (warmup-stable-decay)
     decay_fraction: float = 0.2  # wsd: the last share of the steps that decays the learning rate
-    precision: str = "fp32"  # fp32, or bf16-mixed (bfloat16 autocast, fp32 weights and optimizer)
+    # fp32, bf16-mixed (bfloat16 autocast, fp32 weights and optimizer), or auto: bf16-mixed where it is faster (the
+    # device multiplies bfloat16 natively and the model is wide enough for matmuls to dominate), else fp32
+    precision: str = "auto"
     compile: bool = False  # torch.compile the model
     strategy: str = "ddp"  # with several processes: ddp (replicas) or fsdp (parameters, gradients, optimizer sharded)
     save_interval: int = 0  # steps between checkpoints; 0 = at every validation

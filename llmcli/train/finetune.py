@@ -11,7 +11,6 @@ Ctrl-C safety as pretraining.
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +24,7 @@ from llmcli.formats.adapter import prepare_model
 from llmcli.progress import log
 from llmcli.text import data
 from llmcli.text.chat_template import CONFIG_KEY, ChatTemplate, find_chat_template
+from llmcli.threads import default_threads
 from llmcli.train.pretrain import IGNORE
 
 TASKS = ("sft", "classify")
@@ -38,7 +38,7 @@ CHAT_TEMPLATE = ("{% for message in messages %}{% if message['role'] == 'assista
 ROLES = ("system", "user", "assistant")
 # fine-tuning starts from trained weights: fewer steps and a gentler start than pretraining
 DEFAULTS = dict(max_steps=200, batch_size=16, lr=5e-4, warmup_steps=10, eval_interval=50, eval_batches=4,
-                weight_decay=0.0, val_fraction=0.1)
+                weight_decay=0.0, val_fraction=0.1, precision="fp32")
 
 
 # --- reading the data -----------------------------------------------------------------------------------------------
@@ -308,7 +308,7 @@ def finetune(data_path: str | None, out_dir: str | Path, base: str | Path | None
     except (TypeError, ValueError) as e:
         raise LLMError(f"bad settings: {e}") from None
     micro = check_settings(cfg, world)
-    torch.set_num_threads(cfg.threads or max(1, os.cpu_count() or 1))
+    torch.set_num_threads(cfg.threads or default_threads())
     dataset = make_dataset(run, tokenizer)
     if resume is None:
         make_output_dir(out_dir)
