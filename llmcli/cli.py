@@ -79,22 +79,36 @@ def tokenize_encode(
 ):
     """Print the token ids of each input line, space-separated, one output line per input line."""
     tok = _load_tokenizer(tokenizer)
+    empty = True
     for line in _input_lines(source):
         ids = tok.encode(line)
         print(json.dumps({"ids": ids, "pieces": tok.pieces(ids)}, ensure_ascii=False) if as_json
               else " ".join(map(str, ids)))
+        empty = False
+    if empty:
+        _say_empty(source)
 
 
 @tokenize_app.command("decode")
 def tokenize_decode(source: InputArgument = "-", tokenizer: TokenizerOption = None):
     """Turn lines of token ids (space-separated, or JSON objects with "ids") back into text."""
     tok = _load_tokenizer(tokenizer)
+    number = 0
     for number, line in enumerate(_input_lines(source), start=1):
         try:
             ids = json.loads(line)["ids"] if line.lstrip().startswith("{") else [int(t) for t in line.split()]
         except (ValueError, KeyError, TypeError):
             raise LLMError(f"line {number}: expected token ids separated by spaces, got {line[:40]!r}") from None
         print(tok.decode(ids))
+    if number == 0:
+        _say_empty(source)
+
+
+def _say_empty(source: str):
+    """The rule for empty input (README): a command that answers each line prints nothing, says so, exits 0."""
+    from llmcli.progress import log
+
+    log(f"{'<stdin>' if source == '-' else source} is empty: no output")
 
 
 def _load_tokenizer(path: Optional[Path]):
@@ -200,12 +214,17 @@ def _relaunch_with_torchrun(nproc: int):
     # the processes' own messages pass through; torchrun's report of a failed process (a traceback of its own)
     # does not, and an error that every process gives is said once
     said, failed = set(), False
-    for line in launcher.stderr:
-        failed = failed or bool(re.match(r"[EW]\d{4} .*(failed|Sending process)", line))
-        if not failed and line not in said:
-            sys.stderr.write(line)
-            if line.startswith("llm: error:"):
-                said.add(line)
+    try:
+        for line in launcher.stderr:
+            failed = failed or bool(re.match(r"[EW]\d{4} .*(failed|Sending process)", line))
+            if not failed and line not in said:
+                sys.stderr.write(line)
+                if line.startswith("llm: error:"):
+                    said.add(line)
+    except KeyboardInterrupt:  # Ctrl-C reaches torchrun too; SIGTERM reaches only us: pass it on
+        launcher.terminate()
+        launcher.wait()
+        raise
     sys.exit(launcher.wait())
 
 
@@ -312,6 +331,8 @@ def classify(
                        "classify")
     labels = config["labels"]
     lines = list(_input_lines(source))
+    if not lines:
+        _say_empty(source)
     for probs in predict(net, tok, lines).tolist():
         best = labels[max(range(len(labels)), key=probs.__getitem__)]
         print(json.dumps({"label": best, "probabilities": dict(zip(labels, probs))}) if as_json else best)
@@ -632,7 +653,12 @@ def _size(n: int) -> str:
         n /= 1024
 
 
+_terminated = False
+
+
 def _terminate(signum, frame):
+    global _terminated
+    _terminated = True
     raise KeyboardInterrupt  # SIGTERM stops a command as Ctrl-C does: cleanup runs, exit 130
 
 
@@ -655,6 +681,8 @@ def main():
         code = _fail(_describe_os_error(e))
     except MemoryError:
         code = _fail("out of memory")
+    if code == 130 and _terminated:
+        sys.stderr.write("llm: stopped by SIGTERM\n")
     _flush_stdout()
     sys.exit(code)
 

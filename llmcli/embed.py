@@ -31,6 +31,8 @@ def embed_texts(model: Transformer, tokenizer, texts: list[str], pooling: str = 
                 batch_size: int = 32) -> np.ndarray:
     """(len(texts), n_embd) float32 unit vectors."""
     check_pooling(pooling)
+    if not texts:
+        return np.zeros((0, model.config.n_embd), dtype=np.float32)
     context = model.config.context
     start = [tokenizer.start_of_text] if tokenizer.start_of_text is not None else []
     raw = [start + ids for ids in tokenizer.encode_batch(list(texts))]
@@ -62,14 +64,15 @@ def embed_texts(model: Transformer, tokenizer, texts: list[str], pooling: str = 
 
 
 def read_texts(source: str, field: str | None = None) -> list[str]:
-    """The lines of a file ('-': stdin), or with field (or a .jsonl file) that field of each JSONL record."""
+    """The lines of a file ('-': stdin), or with field (or a .jsonl file) that field of each JSONL record; an empty
+    input gives no texts (and no embeddings), as every command that answers each line does (README)."""
     name = "<stdin>" if source == "-" else source
     if field is not None or str(source).endswith(".jsonl"):
         texts = list(data.jsonl_texts(source, field or "text", option="--field"))
     else:
         texts = list(data.read_lines(source))
     if not texts:
-        raise LLMError(f"{name} is empty: nothing to embed")
+        log(f"{name} is empty: no texts, no embeddings")
     return texts
 
 

@@ -448,6 +448,8 @@ def generate_text(model, tokenizer: Tokenizer, prompts: Iterable[str], cfg: Samp
     followed by a line `<|endoftext|>`, in input order. as_json: one JSON object a sample.
     """
     prompts = list(prompts)
+    if not prompts and log:  # the rule for empty input (README): no output, said on stderr, exit 0
+        log("the input is empty: no prompts, no samples")
     stream = len(prompts) == 1 and cfg.num_samples == 1 and not as_json
 
     def write(sample, text):

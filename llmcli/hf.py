@@ -8,7 +8,6 @@ are Conv1D layers, which store a linear layer's weight transposed.
 """
 
 import json
-import shutil
 from contextlib import ExitStack
 from pathlib import Path
 
