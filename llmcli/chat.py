@@ -9,7 +9,7 @@ line each, and the model continues the last.
 from dataclasses import replace
 from typing import Callable
 
-from llmcli.errors import LLMError
+from llmcli.errors import LLMError, Terminated
 
 ROLES = ("system", "user", "assistant")
 
@@ -86,6 +86,8 @@ class Chat:
             (sample,) = generate_samples(self.model, self.tokenizer, [self.prompt()], self.cfg, truncate=True,
                                          log=self.log, on_text=show)
             text = sample.text
+        except Terminated:
+            raise
         except KeyboardInterrupt:  # Ctrl-C stops the reply; what was shown stays in the history
             text = "".join(shown)
             self.log("(reply stopped)")

@@ -13,7 +13,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from llmcli.errors import LLMError
+from llmcli.errors import LLMError, Terminated
 
 app = typer.Typer(
     name="llm",
@@ -439,6 +439,8 @@ def chat(
             sys.stderr.flush()
         try:
             line = sys.stdin.readline()
+        except Terminated:
+            raise
         except KeyboardInterrupt:  # Ctrl-C at the prompt: a fresh line, not an exit
             sys.stderr.write("\n")
             continue
@@ -659,7 +661,7 @@ _terminated = False
 def _terminate(signum, frame):
     global _terminated
     _terminated = True
-    raise KeyboardInterrupt  # SIGTERM stops a command as Ctrl-C does: cleanup runs, exit 130
+    raise Terminated  # SIGTERM stops a command as Ctrl-C does: cleanup runs, exit 130
 
 
 def main():
