@@ -13,7 +13,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from llmcli.errors import LLMError
+from llmcli.errors import LLMError, Terminated
 
 app = typer.Typer(
     name="llm",
@@ -81,10 +81,14 @@ def tokenize_encode(
     line was (LF, CR LF, or nothing for a last line without one), so that decode gives back every byte."""
     tok = _load_tokenizer(tokenizer)
     lines = _input_lines(source)
+    empty = True
     for line in lines:
         ids = tok.encode(line)
         sys.stdout.write((json.dumps({"ids": ids, "pieces": tok.pieces(ids)}, ensure_ascii=False) if as_json
                           else " ".join(map(str, ids))) + lines.ending)
+        empty = False
+    if empty:
+        _say_empty(source)
 
 
 @tokenize_app.command("decode")
@@ -93,12 +97,22 @@ def tokenize_decode(source: InputArgument = "-", tokenizer: TokenizerOption = No
     each ended as its line of ids was."""
     tok = _load_tokenizer(tokenizer)
     lines = _input_lines(source)
+    number = 0
     for number, line in enumerate(lines, start=1):
         try:
             ids = json.loads(line)["ids"] if line.lstrip().startswith("{") else [int(t) for t in line.split()]
         except (ValueError, KeyError, TypeError):
             raise LLMError(f"line {number}: expected token ids separated by spaces, got {line[:40]!r}") from None
         sys.stdout.write(tok.decode(ids) + lines.ending)
+    if number == 0:
+        _say_empty(source)
+
+
+def _say_empty(source: str):
+    """The rule for empty input (README): a command that answers each line prints nothing, says so, exits 0."""
+    from llmcli.progress import log
+
+    log(f"{'<stdin>' if source == '-' else source} is empty: no output")
 
 
 def _load_tokenizer(path: Optional[Path]):
@@ -206,12 +220,17 @@ def _relaunch_with_torchrun(nproc: int):
     # the processes' own messages pass through; torchrun's report of a failed process (a traceback of its own)
     # does not, and an error that every process gives is said once
     said, failed = set(), False
-    for line in launcher.stderr:
-        failed = failed or bool(re.match(r"[EW]\d{4} .*(failed|Sending process)", line))
-        if not failed and line not in said:
-            sys.stderr.write(line)
-            if line.startswith("llm: error:"):
-                said.add(line)
+    try:
+        for line in launcher.stderr:
+            failed = failed or bool(re.match(r"[EW]\d{4} .*(failed|Sending process)", line))
+            if not failed and line not in said:
+                sys.stderr.write(line)
+                if line.startswith("llm: error:"):
+                    said.add(line)
+    except KeyboardInterrupt:  # Ctrl-C reaches torchrun too; SIGTERM reaches only us: pass it on
+        launcher.terminate()
+        launcher.wait()
+        raise
     sys.exit(launcher.wait())
 
 
@@ -321,12 +340,16 @@ def classify(
     from llmcli.text.data import batches
 
     lines = _input_lines(source)
+    empty = True
     for batch in batches(lines, 32, lines.ready):  # each batch written as soon as it is done
+        empty = False
         for probs in predict(net, tok, batch).tolist():
             best = labels[max(range(len(labels)), key=probs.__getitem__)]
             sys.stdout.write((json.dumps({"label": best, "probabilities": dict(zip(labels, probs))}) if as_json
                               else best) + "\n")
         sys.stdout.flush()
+    if empty:
+        _say_empty(source)
 
 
 @app.command()
@@ -439,6 +462,8 @@ def chat(
             sys.stderr.flush()
         try:
             line = sys.stdin.readline()
+        except Terminated:
+            raise
         except KeyboardInterrupt:  # Ctrl-C at the prompt: a fresh line, not an exit
             sys.stderr.write("\n")
             continue
@@ -535,8 +560,8 @@ def embed(
 
     if out is not None:  # all of them, in one file
         texts = list(texts)
-        if not texts:
-            raise LLMError(f"{lines.name} is empty: nothing to embed")
+        if not texts:  # the rule for empty input (README): said on stderr; the file holds a (0, n_embd) array
+            log(f"{lines.name} is empty: no texts, no embeddings")
         vectors = embed_texts(net, tok, texts, pooling, batch_size)
         log(f"{len(vectors)} embeddings of {vectors.shape[1]} dimensions, {pooling} pooling")
         write_embeddings(vectors, out, {"model": str(model or default_model_path()), "pooling": pooling})
@@ -686,8 +711,13 @@ def _size(n: int) -> str:
         n /= 1024
 
 
+_terminated = False
+
+
 def _terminate(signum, frame):
-    raise KeyboardInterrupt  # SIGTERM stops a command as Ctrl-C does: cleanup runs, exit 130
+    global _terminated
+    _terminated = True
+    raise Terminated  # SIGTERM stops a command as Ctrl-C does: cleanup runs, exit 130
 
 
 def main():
@@ -713,6 +743,8 @@ def main():
         code = _fail(_describe_os_error(e))
     except MemoryError:
         code = _fail("out of memory")
+    if code == 130 and _terminated:
+        sys.stderr.write("llm: stopped by SIGTERM\n")
     _flush_stdout()
     sys.exit(code)
 

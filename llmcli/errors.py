@@ -3,3 +3,7 @@
 
 class LLMError(Exception):
     """A problem with the user's input (a path, a file, a setting), explained in the message."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM: stops a command as Ctrl-C does (cleanup runs, exit 130), even where Ctrl-C only stops a reply."""

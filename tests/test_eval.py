@@ -187,7 +187,9 @@ def test_embed(nano_checkpoint, tmp_path):
     assert np.allclose(load_file(st.stdout.strip())["embeddings"], vectors, atol=1e-5)
     assert "line 2 has no text field 'text'" in _bad("embed", "-m", nano_checkpoint, "--field", "text",
                                                      input='{"text": "a"}\n{"body": "b"}\n')
-    assert "nothing to embed" in _bad("embed", "-m", nano_checkpoint, input="")
+    # the rule for empty input (README): a command that answers each line answers none with nothing
+    empty = run_cli("embed", "-m", nano_checkpoint, input="")
+    assert empty.returncode == 0 and empty.stdout == "" and "is empty" in empty.stderr
     assert "must end in .npy or .safetensors" in _bad("embed", "-m", nano_checkpoint, "-o", tmp_path / "e.txt",
                                                       input="a\n")
 

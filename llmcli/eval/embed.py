@@ -32,6 +32,8 @@ def embed_texts(model: Transformer, tokenizer, texts: list[str], pooling: str = 
                 batch_size: int = 32, progress: bool = True) -> np.ndarray:
     """(len(texts), n_embd) float32 unit vectors. progress: a progress bar on a terminal's stderr."""
     check_pooling(pooling)
+    if not texts:
+        return np.zeros((0, model.config.n_embd), dtype=np.float32)
     context = model.config.context
     start = [tokenizer.start_of_text] if tokenizer.start_of_text is not None else []
     raw = [start + ids for ids in tokenizer.encode_batch(list(texts))]
@@ -74,13 +76,13 @@ def read_texts(source: str, field: str | None = None) -> tuple[Iterator[str], "d
 def embed_stream(model: Transformer, tokenizer, texts: Iterator[str], lines: "data.Lines", pooling: str,
                  batch_size: int) -> Iterator[np.ndarray]:
     """The embeddings (n, n_embd) of texts (from read_texts), a batch at a time, each as soon as it is computed:
-    an endless pipe streams. An input with no text at all is an error."""
+    an endless pipe streams. An empty input gives none (said on stderr)."""
     count = 0
     for batch in data.batches(texts, batch_size, lines.ready):
         count += len(batch)
         yield embed_texts(model, tokenizer, batch, pooling, batch_size, progress=False)
-    if not count:
-        raise LLMError(f"{lines.name} is empty: nothing to embed")
+    if not count:  # the rule for empty input (README): no output, said on stderr, exit 0
+        log(f"{lines.name} is empty: no texts, no embeddings")
 
 
 def write_embeddings(vectors: np.ndarray, out: Path, metadata: dict):

@@ -3,7 +3,8 @@
 Documents are the records of a .jsonl file (field `text`), the texts between `<|endoftext|>` lines of a file that
 has such lines, or else the non-empty lines of the file. Their embeddings are cached next to the file, in
 `.NAME.KEY.embeddings.safetensors`, KEY a hash of the file's bytes, the model's files and the pooling: a second
-search of the same file with the same model embeds only the query.
+search of the same file with the same model embeds only the query. A cache file that does not hold one finite unit
+vector per document is rebuilt; a folder that cannot be written gets no cache.
 """
 
 import hashlib
@@ -57,11 +58,15 @@ def doc_embeddings(model, tokenizer, model_dir: Path, docs_path: Path, docs: lis
     if cache.is_file():
         try:
             vectors = load_file(str(cache))["embeddings"]
-            if len(vectors) == len(docs):
+            # anyone who can write the folder can change the file: only unit vectors of the right shape are used
+            if (vectors.shape == (len(docs), model.config.n_embd) and vectors.dtype == np.float32
+                    and np.isfinite(vectors).all()
+                    and np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-3)):
                 log(f"document embeddings from the cache {cache}")
                 return vectors
         except (SafetensorError, OSError, KeyError):
-            pass  # a damaged cache is rebuilt
+            pass
+        log(f"the cache {cache} does not fit these documents: embedding them again")
     vectors = embed_texts(model, tokenizer, docs, pooling)
     try:
         write_embeddings(vectors, cache, {"docs": docs_path.name, "model": str(model_dir), "pooling": pooling})

@@ -168,7 +168,7 @@ def part_shapes(family: str, config, name: str, shape: tuple) -> list[tuple]:
 
 def weight_files(directory: Path) -> dict[str, Path]:
     """Tensor name -> the safetensors file holding it, from the single file or the sharded index."""
-    from safetensors import SafetensorError, safe_open
+    from llmcli.formats.ours import safetensors_header
 
     index_path = directory / HF_INDEX
     if index_path.is_file():
@@ -184,11 +184,7 @@ def weight_files(directory: Path) -> dict[str, Path]:
     if not path.is_file():
         raise LLMError(f"{directory} has no weights: expected {HF_WEIGHTS} or {HF_INDEX} with its shards "
                        "(only safetensors are read, never pickle .bin files)")
-    try:
-        with safe_open(path, framework="pt") as f:
-            return {name: path for name in f.keys()}
-    except (SafetensorError, OSError) as e:
-        raise LLMError(f"{path} is corrupt: {e}") from None
+    return {name: path for name in safetensors_header(path)}
 
 
 def load_hf_folder(directory: Path, device: str = "cpu"):

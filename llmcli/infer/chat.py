@@ -9,6 +9,8 @@ template, a conversation is plain text: the turns one after another, a line each
 from dataclasses import replace
 from typing import Callable
 
+from llmcli.errors import Terminated
+
 
 def plain_text(messages: list[dict]) -> str:
     """A conversation for a model without a chat template: the messages' contents, a line each."""
@@ -62,6 +64,8 @@ class Chat:
             (sample,) = generate_samples(self.model, self.tokenizer, [self.prompt()], self.cfg, truncate=True,
                                          log=self.log, on_text=show)
             text = sample.text
+        except Terminated:
+            raise
         except KeyboardInterrupt:  # Ctrl-C stops the reply; what was shown stays in the history
             text = "".join(shown)
             self.log("(reply stopped)")

@@ -470,8 +470,10 @@ def generate_text(model, tokenizer: Tokenizer, prompts: Iterable[str], cfg: Samp
         out.write(text)
         out.flush()
 
+    empty = True
     for sample in generate_samples(model, tokenizer, prompts, cfg, truncate, log, write if stream else None,
                                    template, ready):
+        empty = False
         if as_json:
             out.write(json.dumps(sample.record(load_s), ensure_ascii=False) + "\n")
         elif stream:
@@ -479,3 +481,5 @@ def generate_text(model, tokenizer: Tokenizer, prompts: Iterable[str], cfg: Samp
         else:
             out.write(sample.text + "\n" + SEPARATOR + "\n")
         out.flush()
+    if empty and log:  # the rule for empty input (README): no output, said on stderr, exit 0
+        log("the input is empty: no prompts, no samples")

@@ -459,7 +459,8 @@ def check_settings(cfg: TrainConfig, world: World) -> int:
     for name, low, high in limits:
         value = getattr(cfg, name)
         positive = name in ("lr", "grad_clip", "val_fraction")  # where 0 cannot work either
-        if not math.isfinite(value) or value < low or (positive and value <= low) or (high is not None and value > high):
+        too_high = high is not None and value > high
+        if not math.isfinite(value) or value < low or (positive and value <= low) or too_high:
             bound = (f"between {low} and {high}" if high is not None else
                      f"above {low}" if positive else f"at least {low}")
             option = f"--{name.replace('_', '-')}"
