@@ -303,3 +303,26 @@ def test_finetune_puts_loss_on_assistant_turns_only(nano_checkpoint, tmp_path):
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith(f"llm: error: {data}: line 1: ")
     assert "assistant's turns cannot be found" in result.stderr and not (tmp_path / "out2" / "checkpoints").exists()
+
+
+def test_a_reply_ends_at_the_templates_end_of_turn_token(tmp_path):
+    """A model whose files name <|endoftext|> as its only end, with a ChatML template: its replies end at
+    <|im_end|>, a special token (never printed, so no stop string could see it)."""
+    pytest.importorskip("transformers")
+    from test_real_models import SPECIALS, llama_folder
+    from tokenizers.implementations import ByteLevelBPETokenizer
+
+    tok = ByteLevelBPETokenizer()
+    tok.train_from_iterator(["Say hello to the cat.", "The cat says hello."], vocab_size=280, special_tokens=SPECIALS,
+                            show_progress=False)
+    tok.save(str(tmp_path / "tokenizer.json"))
+    folder = llama_folder(tmp_path / "m", tmp_path, predicts=2)  # every position predicts <|im_end|>
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": 0}))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>", "chat_template": CHATML}))
+    args = ("-m", folder, "--temperature", "0", "--max-new-tokens", "5", "--json")
+    plain = json.loads(run_cli("generate", "Say hello", *args).stdout)
+    assert (plain["finish_reason"], plain["new_tokens"], plain["text"]) == ("length", 5, "")
+    chat = json.loads(run_cli("generate", "--chat", "Say hello", *args).stdout)
+    assert (chat["finish_reason"], chat["new_tokens"], chat["text"]) == ("eos", 0, "")
+    replies = run_cli("chat", *args[:-1], input="Say hello\nAgain\n")
+    assert replies.returncode == 0 and replies.stdout == "\n\n", replies.stderr
