@@ -326,3 +326,15 @@ def test_a_reply_ends_at_the_templates_end_of_turn_token(tmp_path):
     assert (chat["finish_reason"], chat["new_tokens"], chat["text"]) == ("eos", 0, "")
     replies = run_cli("chat", *args[:-1], input="Say hello\nAgain\n")
     assert replies.returncode == 0 and replies.stdout == "\n\n", replies.stderr
+
+    import httpx
+    from test_serve import start_server, stop_server
+
+    process, url, log = start_server(tmp_path, "-m", folder)
+    try:
+        reply = httpx.post(url + "/chat/completions", timeout=60, json={
+            "model": "m", "messages": [{"role": "user", "content": "Say hello"}], "max_tokens": 5, "temperature": 0})
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["choices"][0]["finish_reason"] == "stop" and reply.json()["usage"]["completion_tokens"] == 0
+    finally:
+        assert stop_server(process) == 0, log.read_text()
