@@ -409,7 +409,7 @@ def generate(
             log("this model has no chat template; the prompt is continued as plain text")
             wrap = None
         else:
-            cfg.stop += turns.stops()
+            cfg.stop, cfg.stop_tokens = cfg.stop + turns.stops(), cfg.stop_tokens + turns.stop_tokens(tok)
             wrap = lambda p: turns.prompt([{"role": "user", "content": p}])  # noqa: E731
     else:
         wrap = lambda p: apply_template(template, p)  # noqa: E731

@@ -174,32 +174,27 @@ def test_a_template_cannot_reach_python_internals():
     assert messages == [{"role": "user", "content": "hi"}]  # and it changed nothing
 
 
-def test_where_a_model_keeps_its_template(tmp_path):
-    from types import SimpleNamespace
+class FakeTokenizer:
+    """The special-token attributes of llmcli/text/tokenizer.py's tokenizers, none of them set."""
+    start_of_text = bos_id = chat_template = None
+    eos_ids = stop_tokens = ()
 
-    tokenizer = SimpleNamespace(start_of_text=None, stop_token=None)
+    def token(self, i):
+        return ""
+
+
+def test_where_a_model_keeps_its_template(tmp_path):
     messages = [{"role": "user", "content": "x"}]
-    folder = tmp_path / "hf"
-    folder.mkdir()
-    assert find_chat_template(folder, {}, tokenizer) is None
-    named = [{"name": "tool_use", "template": "T"}, {"name": "default", "template": "D{{ messages[0].content }}"}]
-    (folder / "tokenizer_config.json").write_text(json.dumps({"chat_template": named}))
-    assert find_chat_template(folder, {}, tokenizer).render(messages) == "Dx"  # the list form: "default"
-    (folder / "tokenizer_config.json").write_text(json.dumps({"chat_template": "C{{ messages[0].content }}"}))
-    assert find_chat_template(folder, {}, tokenizer).render(messages) == "Cx"
-    (folder / "chat_template.jinja").write_text("J{{ messages[0].content }}")  # a file of its own comes first
-    assert find_chat_template(folder, {}, tokenizer).render(messages) == "Jx"
-    # our checkpoints: config.yaml; a GGUF file: its tokenizer carries the metadata's template
+    tokenizer = FakeTokenizer()
+    assert find_chat_template(tmp_path, {}, tokenizer) is None
+    # a Hugging Face folder's or a GGUF file's: what the tokenizer read from the model's files
+    tokenizer.chat_template = "T{{ messages[0].content }}"
+    assert find_chat_template(tmp_path / "model.gguf", {}, tokenizer).render(messages) == "Tx"
+    # our checkpoints (and what llm finetune wrote): config.yaml's, before anything else
     ours = {"generation": {"chat_template": "Y{{ messages[0].content }}"}}
-    assert find_chat_template(folder, ours, tokenizer).render(messages) == "Yx"
-    gguf = SimpleNamespace(start_of_text=None, stop_token=None, chat_template="G{{ messages[0].content }}")
-    assert find_chat_template(tmp_path / "model.gguf", {}, gguf).render(messages) == "Gx"
+    assert find_chat_template(tmp_path, ours, tokenizer).render(messages) == "Yx"
     with pytest.raises(LLMError, match="older form"):
-        find_chat_template(folder, {"generation": {"chat_template": {"user": "{content}"}}}, tokenizer)
-    (folder / "tokenizer_config.json").write_text(json.dumps({"chat_template": named[:1]}))
-    (folder / "chat_template.jinja").unlink()
-    with pytest.raises(LLMError, match="none named 'default'"):
-        find_chat_template(folder, {}, tokenizer)
+        find_chat_template(tmp_path, {"generation": {"chat_template": {"user": "{content}"}}}, tokenizer)
 
 
 def test_replies_end_where_the_template_ends_a_turn():
@@ -241,10 +236,12 @@ def test_a_hugging_face_folder_chats_with_its_own_template(nano_checkpoint, tmp_
     from llmcli.formats import export_model
 
     folder = export_model(nano_checkpoint, tmp_path / "hf")
-    (folder / "tokenizer_config.json").write_text(json.dumps({"chat_template": CHATML}))
+    named = [{"name": "tool_use", "template": "T"}, {"name": "default", "template": CHATML}]
+    (folder / "tokenizer_config.json").write_text(json.dumps({"chat_template": named}))
     result = run_cli("generate", "--chat", "hi", "-m", folder, "--max-new-tokens", "3", "--json")
     assert result.returncode == 0 and "no chat template" not in result.stderr, result.stderr
-    assert json.loads(result.stdout)["prompt"] == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    record = json.loads(result.stdout)
+    assert record["templated_prompt"] == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
 
 
 def test_a_template_that_fails_says_so_in_one_line(nano_checkpoint, tmp_path):
@@ -306,3 +303,38 @@ def test_finetune_puts_loss_on_assistant_turns_only(nano_checkpoint, tmp_path):
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith(f"llm: error: {data}: line 1: ")
     assert "assistant's turns cannot be found" in result.stderr and not (tmp_path / "out2" / "checkpoints").exists()
+
+
+def test_a_reply_ends_at_the_templates_end_of_turn_token(tmp_path):
+    """A model whose files name <|endoftext|> as its only end, with a ChatML template: its replies end at
+    <|im_end|>, a special token (never printed, so no stop string could see it)."""
+    pytest.importorskip("transformers")
+    from test_real_models import SPECIALS, llama_folder
+    from tokenizers.implementations import ByteLevelBPETokenizer
+
+    tok = ByteLevelBPETokenizer()
+    tok.train_from_iterator(["Say hello to the cat.", "The cat says hello."], vocab_size=280, special_tokens=SPECIALS,
+                            show_progress=False)
+    tok.save(str(tmp_path / "tokenizer.json"))
+    folder = llama_folder(tmp_path / "m", tmp_path, predicts=2)  # every position predicts <|im_end|>
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": 0}))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>", "chat_template": CHATML}))
+    args = ("-m", folder, "--temperature", "0", "--max-new-tokens", "5", "--json")
+    plain = json.loads(run_cli("generate", "Say hello", *args).stdout)
+    assert (plain["finish_reason"], plain["new_tokens"], plain["text"]) == ("length", 5, "")
+    chat = json.loads(run_cli("generate", "--chat", "Say hello", *args).stdout)
+    assert (chat["finish_reason"], chat["new_tokens"], chat["text"]) == ("eos", 0, "")
+    replies = run_cli("chat", *args[:-1], input="Say hello\nAgain\n")
+    assert replies.returncode == 0 and replies.stdout == "\n\n", replies.stderr
+
+    import httpx
+    from test_serve import start_server, stop_server
+
+    process, url, log = start_server(tmp_path, "-m", folder)
+    try:
+        reply = httpx.post(url + "/chat/completions", timeout=60, json={
+            "model": "m", "messages": [{"role": "user", "content": "Say hello"}], "max_tokens": 5, "temperature": 0})
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["choices"][0]["finish_reason"] == "stop" and reply.json()["usage"]["completion_tokens"] == 0
+    finally:
+        assert stop_server(process) == 0, log.read_text()

@@ -23,7 +23,8 @@ class Chat:
     def __init__(self, model, tokenizer, cfg, template=None, system: str | None = None, log=None):
         """template: a ChatTemplate (llmcli/text/chat_template.py), or None for plain text."""
         self.model, self.tokenizer, self.template, self.log = model, tokenizer, template, log or (lambda m: None)
-        self.cfg = replace(cfg, num_samples=1, stop=tuple(cfg.stop) + (template.stops() if template else ()))
+        self.cfg = replace(cfg, num_samples=1, stop=tuple(cfg.stop) + (template.stops() if template else ()),
+                           stop_tokens=tuple(cfg.stop_tokens) + (template.stop_tokens(tokenizer) if template else ()))
         self.system = [{"role": "system", "content": system}] if system else []
         self.messages: list[dict] = []
 

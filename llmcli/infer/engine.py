@@ -320,7 +320,7 @@ class Engine:
 
     def _accept(self, row: Row, token: int, events: list) -> bool:
         """Add a sampled token to a row's text (events get its printable text); False once the row is finished."""
-        if token in self.tokenizer.stop_tokens:
+        if token in self.tokenizer.stop_tokens or token in row.job.cfg.stop_tokens:
             self._finish(row, "stop", events)
             return False
         row.new_tokens += 1

@@ -37,6 +37,7 @@ class SamplingConfig:
     min_p: float = 0.0  # 0 = off; keep tokens at least min_p times as likely as the most likely one
     repetition_penalty: float = 1.0  # 1 = off; > 1 makes tokens already in the text less likely (CTRL, as HF)
     stop: tuple[str, ...] = ()  # generation ends before the first of these strings
+    stop_tokens: tuple[int, ...] = ()  # and at these ids, besides the tokenizer's end tokens (a chat turn's end)
     num_samples: int = 1
     seed: int | None = None
     batch_size: int = 8  # rows (prompts x samples) decoded together
@@ -409,7 +410,7 @@ def generate_samples(model, tokenizer: Tokenizer, prompts: Iterable[str], cfg: S
 
 
 def _generate_batch(model, tokenizer, batch: list[Sample], cfg: SamplingConfig, seed: int, on_text):
-    stops = tokenizer.stop_tokens
+    stops = tuple(dict.fromkeys(tokenizer.stop_tokens + tuple(cfg.stop_tokens)))
     for s in batch:
         s.stream = TextStream(tokenizer, cfg.stop, after=s.ids[-1])
     rngs = [row_rng(seed, s.ids, s.sample) for s in batch]

@@ -333,6 +333,8 @@ async def chat_completions(request: Request):
     except LLMError as e:
         raise ApiError(400, str(e), param="messages", code="invalid_value") from None
     cfg.stop += stop
+    if server.chat_template is not None:
+        cfg.stop_tokens += server.chat_template.stop_tokens(server.tokenizer)
     return await _respond(request, body, Pending(server, [_encode(server, prompt, "messages")], cfg, n, seed),
                           chat=True)
 

@@ -93,6 +93,13 @@ class ChatTemplate:
             stops.append(two[len(one):two.index(_NEXT, len(one))].strip())
         return tuple(dict.fromkeys(s for s in stops if s))
 
+    def stop_tokens(self, tokenizer) -> tuple[int, ...]:
+        """The stops that are one special token each (`<|im_end|>`, `<|eot_id|>`): generation ends at these ids too.
+        A special token is never printed, so no stop string can see it; a model's files may not name its end of turn
+        among its end tokens."""
+        ids = (tokenizer.encode(s) for s in self.stops())
+        return tuple(i[0] for i in ids if len(i) == 1 and i[0] in tokenizer.special_ids)
+
     def segments(self, messages: list[dict]) -> list[tuple[str, bool]]:
         """The rendered conversation cut into pieces, in order, each with whether it is an assistant's turn.
 
