@@ -350,7 +350,8 @@ def generate(
     truncate: Annotated[bool, typer.Option(help="Keep the end of a prompt longer than the context")] = False,
     quantize: QuantizeOption = None,
 ):
-    """Continue a prompt. One sample streams as it is produced; several are each followed by a line <|endoftext|>."""
+    """Continue a prompt. One sample of a prompt argument streams as it is produced; prompts read from stdin or a file,
+    and several samples, are each followed by a line <|endoftext|>, a batch's as soon as it is done."""
     import time
 
     start = time.perf_counter()
@@ -381,9 +382,10 @@ def generate(
         if turns is None:
             log("this model has no chat template; the prompt is continued as plain text")
         cfg.stop += turn_stop(turns)
-        wrap = lambda p: render(turns, [{"role": "user", "content": p}])  # noqa: E731
-    else:
-        wrap = lambda p: apply_template(template, p)  # noqa: E731
+
+    def wrap(p: str) -> str:  # the text the model continues
+        return render(turns, [{"role": "user", "content": p}]) if chat else apply_template(template, p)
+
     generate_text(net, tok, prompts, cfg, truncate=truncate, log=log, as_json=as_json, load_s=load_s, template=wrap,
                   ready=lines.ready if lines is not None else None, several=lines is not None)
 
