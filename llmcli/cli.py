@@ -376,7 +376,8 @@ def generate(
     truncate: Annotated[bool, typer.Option(help="Keep the end of a prompt longer than the context")] = False,
     quantize: QuantizeOption = None,
 ):
-    """Continue a prompt. One sample streams as it is produced; several are each followed by a line <|endoftext|>."""
+    """Continue a prompt. One sample of a prompt argument streams as it is produced; prompts read from stdin or a file,
+    and several samples, are each followed by a line <|endoftext|>, a batch's as soon as it is done."""
     import time
 
     start = time.perf_counter()

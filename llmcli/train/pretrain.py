@@ -568,17 +568,27 @@ def _pretrain(world, corpus, out_dir, preset, config_file, overrides, tokenizer_
             raise LLMError(f"{out_dir} already holds a training run; continue it with --resume {out_dir}, "
                            "or choose another directory")
         if world.is_main:
-            _prepare_data(corpus, out_dir, run, tokenizer_path, cfg)
+            made = not out_dir.exists()
+            try:
+                _prepare_data(corpus, out_dir, run, tokenizer_path, cfg)
+            except BaseException:
+                if made:  # a run that could not start leaves nothing half-made behind
+                    shutil.rmtree(out_dir, ignore_errors=True)
+                raise
         world.barrier()
         run = checkpoint.read_config(out_dir)  # every process trains on what process 0 prepared
         run.pop("format", None)
     token_data = data.TokenData(Path(run["data"]["token_dir"]), cfg.val_fraction) \
         if Path(run["data"]["token_dir"], data.INDEX_FILE).is_file() else None
-    if token_data is None:  # the cache was cleared since: tokenize again
+    if token_data is None:  # the cache was cleared since: tokenize again, the same corpus
+        check_corpus_unchanged(run, out_dir, cfg)
         if world.is_main:
             _tokenize(run["data"]["corpus"], out_dir, run, cfg)
         world.barrier()
         token_data = data.TokenData(Path(run["data"]["token_dir"]), cfg.val_fraction)
+    if token_data.n_tokens != run["data"]["tokens"]:
+        raise LLMError(f"cannot {'resume' if resume is not None else 'train'}: the run recorded "
+                       f"{run['data']['tokens']:,} tokens of corpus but its token shards hold {token_data.n_tokens:,}")
     try:
         model_config = ModelConfig(**run["model"])
     except (TypeError, ValueError) as e:
@@ -775,6 +785,22 @@ def _prepare_data(corpus, out_dir: Path, run: dict, tokenizer_path, cfg: TrainCo
     _tokenize(corpus, out_dir, run, cfg)
 
 
+def check_corpus_unchanged(run: dict, out_dir: Path, cfg: TrainConfig):
+    """A run's corpus must be the bytes it was started on: its hash (with the tokenizer's and the settings of
+    how documents split) must be the one recorded, which names the token shards in the cache."""
+    corpus = run["data"]["corpus"]
+    missing = [p for p in corpus if not Path(p).is_file()]
+    if missing:
+        raise LLMError(f"cannot resume {out_dir}: its corpus file {missing[0]} is gone (the token cache was "
+                       "cleared too, so the run's data cannot be had again)")
+    recorded = run["data"].get("hash") or Path(run["data"]["token_dir"]).name
+    now = data.corpus_hash(corpus, Tokenizer(out_dir / TOKENIZER_FILE), cfg.text_field, cfg.doc_separator)
+    if now != recorded:
+        raise LLMError(f"cannot resume {out_dir}: its corpus ({', '.join(corpus)}) has changed since the run "
+                       f"started (hash {now[:12]}, recorded {recorded[:12]}, {run['data']['tokens']:,} tokens); "
+                       "put the original back, or start a new run on the new text")
+
+
 def _tokenize(corpus: list[str], out_dir: Path, run: dict, cfg: TrainConfig):
     tokenizer = load_tokenizer(out_dir)
     total_bytes = sum(os.path.getsize(p) for p in corpus)
@@ -785,6 +811,7 @@ def _tokenize(corpus: list[str], out_dir: Path, run: dict, cfg: TrainConfig):
     token_data = data.TokenData(token_dir, cfg.val_fraction)
     seconds = time.perf_counter() - started
     log(f"{total_bytes / 1e6:.1f} MB of text, {token_data.n_tokens:,} tokens in {token_dir} ({seconds:.1f}s)")
-    run["data"] = {"corpus": corpus, "token_dir": str(token_dir), "tokens": token_data.n_tokens,
+    run["data"] = {"corpus": corpus, "token_dir": str(token_dir), "hash": token_dir.name,
+                   "tokens": token_data.n_tokens,
                    "train_tokens": token_data.split_len("train"), "val_tokens": token_data.split_len("val")}
     checkpoint.write_config(out_dir, run)
