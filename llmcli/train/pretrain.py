@@ -794,7 +794,7 @@ def check_corpus_unchanged(run: dict, out_dir: Path, cfg: TrainConfig):
         raise LLMError(f"cannot resume {out_dir}: its corpus file {missing[0]} is gone (the token cache was "
                        "cleared too, so the run's data cannot be had again)")
     recorded = run["data"].get("hash") or Path(run["data"]["token_dir"]).name
-    now = data.corpus_hash(corpus, Tokenizer(out_dir / TOKENIZER_FILE), cfg.text_field, cfg.doc_separator)
+    now = data.corpus_hash(corpus, load_tokenizer(out_dir), cfg.text_field, cfg.doc_separator)
     if now != recorded:
         raise LLMError(f"cannot resume {out_dir}: its corpus ({', '.join(corpus)}) has changed since the run "
                        f"started (hash {now[:12]}, recorded {recorded[:12]}, {run['data']['tokens']:,} tokens); "
