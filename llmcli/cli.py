@@ -340,6 +340,8 @@ def generate(
                                           "finish reason, timings")] = False,
     truncate: Annotated[bool, typer.Option(help="Keep the end of a prompt longer than the context")] = False,
     quantize: QuantizeOption = None,
+    ignore_eos: Annotated[bool, typer.Option(
+        "--ignore-eos", help="Go on past the end-of-text token, to --max-new-tokens (for timing)")] = False,
 ):
     """Continue a prompt. One sample streams as it is produced; several are each followed by a line <|endoftext|>."""
     import time
@@ -358,7 +360,7 @@ def generate(
     cfg, template = sampling_settings(config, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                                       top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty,
                                       stop=tuple(stop) if stop else None, num_samples=num_samples, seed=seed,
-                                      batch_size=batch_size)
+                                      batch_size=batch_size, ignore_eos=ignore_eos or None)
     if input_format == "jsonl":
         prompts = _jsonl_prompts(prompt)
     else:

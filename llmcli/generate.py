@@ -38,6 +38,7 @@ class SamplingConfig:
     num_samples: int = 1
     seed: int | None = None
     batch_size: int = 8  # rows (prompts x samples) decoded together
+    ignore_eos: bool = False  # decode past the end-of-text token (fixed-length runs, for measuring speed)
 
     def check(self):
         if self.temperature < 0:
@@ -399,7 +400,7 @@ def generate_samples(model, tokenizer: Tokenizer, prompts: Iterable[str], cfg: S
 
 
 def _generate_batch(model, tokenizer, batch: list[Sample], cfg: SamplingConfig, seed: int, on_text):
-    eos = tokenizer.stop_token
+    eos = None if cfg.ignore_eos else tokenizer.stop_token
     for s in batch:
         s.stream = TextStream(tokenizer, cfg.stop, after=s.ids[-1])
     rngs = [row_rng(seed, s.ids, s.sample) for s in batch]
