@@ -52,6 +52,107 @@ def save_model(directory: Path, model, metadata: dict | None = None, dtype=None)
     atomic_write(directory / MODEL_FILE, lambda tmp: save_file(state, str(tmp), metadata=metadata))
 
 
+# safetensors' dtype names -> torch's (https://github.com/huggingface/safetensors, "Format")
+SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+                      "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+
+
+class SafetensorsReader:
+    """The tensors of a .safetensors file, each read with one read() into memory that becomes its final storage.
+
+    The file is 8 bytes (little-endian length of the header), a JSON header {name: {"dtype", "shape",
+    "data_offsets": [begin, end]}} and the data. safetensors' own safe_open maps the file and copies each tensor out
+    of the mapping, so while a model loads its pages count twice in the process's memory; reading instead keeps
+    only the copy that is used. Raises LLMError for a file that does not follow the format.
+    """
+
+    def __init__(self, path: Path):
+        import json
+        import struct
+
+        self.path = Path(path)
+        try:
+            self.file = open(self.path, "rb", buffering=0)
+            size = self.path.stat().st_size
+            (length,) = struct.unpack("<Q", self.file.read(8))
+            if not 2 <= length <= size - 8:
+                raise ValueError("bad header length")
+            header = json.loads(self.file.read(length))
+            self.data_start = 8 + length
+            header.pop("__metadata__", None)
+            self.entries = {name: (SAFETENSORS_DTYPES[e["dtype"]], tuple(e["shape"]), *e["data_offsets"])
+                            for name, e in header.items()}
+            if any(self.data_start + end > size for _, _, _, end in self.entries.values()):
+                raise ValueError("a tensor runs past the end of the file")
+        except (OSError, ValueError, KeyError, TypeError, struct.error) as e:
+            raise LLMError(f"{self.path} is corrupt: {e}") from None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.file.close()
+
+    def keys(self) -> list[str]:
+        return list(self.entries)
+
+    def shape(self, name: str) -> tuple:
+        return self.entries[name][1]
+
+    def read(self, name: str, out=None):
+        """Tensor `name` as float32 (the file's values converted), written into `out` when given (a contiguous
+        float32 tensor of its shape, e.g. rows of a larger tensor), else into a new tensor."""
+        import torch
+
+        dtype, shape, begin, end = self.entries[name]
+        dtype = getattr(torch, dtype)
+        target = out if out is not None else torch.empty(shape, dtype=torch.float32)
+        if tuple(target.shape) != shape or not target.is_contiguous():
+            raise ValueError(f"{name}: cannot read {list(shape)} into {list(target.shape)}")
+        direct = dtype == torch.float32
+        raw = target if direct else torch.empty(shape, dtype=dtype)
+        view = memoryview(raw.view(torch.uint8).numpy()).cast("B") if raw.numel() else memoryview(b"")
+        if len(view) != end - begin:
+            raise LLMError(f"{self.path} is corrupt: {name} has {end - begin} bytes for shape {list(shape)}")
+        self.file.seek(self.data_start + begin)
+        done = 0
+        while done < len(view):  # a raw read may return less than asked
+            n = self.file.readinto(view[done:])
+            if not n:
+                raise LLMError(f"{self.path} is corrupt: it ends inside {name}")
+            done += n
+        if not direct:
+            target.copy_(raw)
+        return target
+
+
+def model_from_weights(model, read, quantize: str | None = None):
+    """The model, built on the meta device (llmcli.model.meta_device), in eval mode with every weight from
+    read(name): a float32 tensor of our layout that becomes the parameter's storage, so nothing is copied twice.
+
+    quantize ("int8", "int4"): the token embedding and each linear layer the kernel takes are quantized as they are
+    read, so the float32 model never exists whole (llmcli/quantize.py).
+    """
+    import torch.nn as nn
+
+    if quantize is not None:
+        from llmcli.quantize import quantizable, quantize_embedding, quantized_linear
+
+        quantize_embedding(model, quantize, read("token_embedding.weight"))  # first: the largest temporary
+        for prefix, module in list(model.named_modules()):
+            for name, child in list(module.named_children()):
+                if quantizable(child, quantize) and child.weight.is_meta:
+                    path = f"{prefix}.{name}" if prefix else name
+                    bias = read(f"{path}.bias") if child.bias is not None else None
+                    setattr(module, name, quantized_linear(read(f"{path}.weight"), bias, quantize))
+    for name, p in list(model.named_parameters()):
+        if p.is_meta:
+            module_name, _, attr = name.rpartition(".")
+            model.get_submodule(module_name)._parameters[attr] = nn.Parameter(read(name))
+    assert not any(b.is_meta for b in model.buffers())  # (the fixed tables are computed on the CPU)
+    return model.eval()
+
+
 def read_config(directory: Path) -> dict:
     path = directory / CONFIG_FILE
     if not path.is_file():
@@ -74,11 +175,11 @@ def load_checkpoint(path: str | Path | None = None, device: str = "cpu", numpy_i
     int8 for faster decoding (llmcli/quantize.py).
     """
     if quantize is not None:
-        from llmcli.quantize import check_mode, quantize as quantize_model
+        from llmcli.quantize import check_mode
 
         check_mode(quantize)
-        model, tokenizer, config = load_checkpoint(path, device)
-        return quantize_model(model, quantize), tokenizer, config
+        if device != "cpu":
+            raise LLMError(f"--quantize {quantize} runs on the CPU only")
     from llmcli.config import ModelConfig
 
     directory = Path(path) if path is not None else default_model_path()
@@ -89,12 +190,17 @@ def load_checkpoint(path: str | Path | None = None, device: str = "cpu", numpy_i
     from llmcli.hf import is_hf_folder, load_hf_folder
 
     if is_hf_folder(directory):
-        return load_hf_folder(directory, device)
+        return load_hf_folder(directory, device, quantize)
     config = read_config(directory)
     if "adapter" in config:  # LoRA weights alone: they name their base
         from llmcli.lora import load_adapter
 
-        return load_adapter(directory, config, device)
+        model, tokenizer, config = load_adapter(directory, config, device)
+        if quantize is not None:  # merged into its base first
+            from llmcli.quantize import quantize as quantize_model
+
+            model = quantize_model(model, quantize)
+        return model, tokenizer, config
     for name in (MODEL_FILE, TOKENIZER_FILE):
         if not (directory / name).is_file():
             raise LLMError(f"checkpoint {directory} is incomplete: {name} is missing")
@@ -106,14 +212,12 @@ def load_checkpoint(path: str | Path | None = None, device: str = "cpu", numpy_i
     if tokenizer.vocab_size != model_config.vocab_size:
         raise LLMError(f"checkpoint {directory}: tokenizer has {tokenizer.vocab_size} tokens but the model expects "
                        f"{model_config.vocab_size}; the files come from different runs")
-    if numpy_if_small and device == "cpu":
+    if numpy_if_small and device == "cpu" and quantize is None:
         from llmcli.numpy_model import load_small_checkpoint
 
         model = load_small_checkpoint(directory, config)
         if model is not None:
             return model, tokenizer, config
-
-    from safetensors import SafetensorError, safe_open
 
     from llmcli.model import Transformer, meta_device
 
@@ -123,20 +227,15 @@ def load_checkpoint(path: str | Path | None = None, device: str = "cpu", numpy_i
 
         model_class, extra = Classifier, {"n_labels": len(config["labels"])}
     with meta_device():
-        expected = {k: tuple(v.shape) for k, v in model_class(model_config, **extra).state_dict().items()}
-    try:
-        with safe_open(directory / MODEL_FILE, framework="pt") as f:
-            found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-            if found == expected:
-                state = {k: f.get_tensor(k).float() for k in f.keys()}
-    except (SafetensorError, OSError) as e:
-        raise LLMError(f"{directory / MODEL_FILE} is corrupt: {e}") from None
-    if found != expected:
-        raise LLMError(f"checkpoint {directory}: {_describe_mismatch(expected, found)}; "
-                       f"{MODEL_FILE} does not match {CONFIG_FILE}")
-    model = model_class.empty(model_config, **extra)
-    model.load_state_dict(state)
-    return model.to(device).eval(), tokenizer, config
+        model = model_class(model_config, **extra)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    with SafetensorsReader(directory / MODEL_FILE) as f:
+        found = {k: f.shape(k) for k in f.keys()}
+        if found != expected:
+            raise LLMError(f"checkpoint {directory}: {_describe_mismatch(expected, found)}; "
+                           f"{MODEL_FILE} does not match {CONFIG_FILE}")
+        model = model_from_weights(model, f.read, quantize)
+    return model.to(device), tokenizer, config
 
 
 def _describe_mismatch(expected: dict, found: dict) -> str:

@@ -33,7 +33,8 @@ TokenizerOption = Annotated[Optional[Path], typer.Option(
     "--tokenizer", "-t", help="Tokenizer: a directory with tokenizer.model (a checkpoint works) or the file itself "
     "[default: the shipped model's]", show_default=False)]
 QuantizeOption = Annotated[Optional[str], typer.Option(
-    help="int8: the weights as int8 for decoding on a CPU, about 2x faster, at a small cost in quality (README)",
+    help="int8 or int4: the weights as int8 or 4-bit groups for decoding on a CPU, 2-4x faster, at a small cost "
+    "in quality (README)",
     show_default=False)]
 InputArgument = Annotated[str, typer.Argument(help="Text file to read, '-' for stdin")]
 # the sampling options of `generate` and `chat`; unset ones take the checkpoint's stored defaults

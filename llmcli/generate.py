@@ -188,7 +188,7 @@ class TorchDecoder:
         import torch
 
         self.torch, self.model, self.use_cache, self.max_len = torch, decoding_layout(model), use_cache, max_len
-        self.device = model.token_embedding.weight.device
+        self.device = model.norm_f.weight.device
         tokens, pad = left_pad(rows)
         self.rows, self.pos = rows, tokens.shape[1]
         self.tokens = torch.from_numpy(tokens).to(self.device)

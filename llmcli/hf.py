@@ -180,11 +180,14 @@ def weight_files(directory: Path) -> dict[str, Path]:
         raise LLMError(f"{path} is corrupt: {e}") from None
 
 
-def load_hf_folder(directory: Path, device: str = "cpu"):
-    """(model in eval mode, tokenizer, config dict) from a Hugging Face model folder."""
-    import torch
-    from safetensors import SafetensorError, safe_open
+def load_hf_folder(directory: Path, device: str = "cpu", quantize: str | None = None):
+    """(model in eval mode, tokenizer, config dict) from a Hugging Face model folder; quantize as load_checkpoint's.
 
+    Each tensor is read from the file straight into the model's storage (the parts of a fused q/k/v or gate/up
+    matrix into its rows), once."""
+    import torch
+
+    from llmcli.checkpoint import SafetensorsReader, model_from_weights
     from llmcli.model import ModelConfig, Transformer, meta_device
     from llmcli.tokenizer import load_tokenizer
 
@@ -201,36 +204,43 @@ def load_hf_folder(directory: Path, device: str = "cpu"):
     files = weight_files(directory)
     if family == "gpt2":  # the original GPT-2 files name their tensors without the "transformer." prefix
         files = {(n if n.startswith(("transformer.", "lm_head.")) else f"transformer.{n}"): p for n, p in files.items()}
-
+    stored_name = {}  # (the unprefixed name the file itself uses)
     with meta_device():
-        expected = {k: tuple(v.shape) for k, v in Transformer(model_config).state_dict().items()}
+        model = Transformer(model_config)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     with ExitStack() as stack:
-        try:
-            opened = {p: stack.enter_context(safe_open(p, framework="pt")) for p in sorted(set(files.values()))}
-        except (SafetensorError, OSError) as e:
-            raise LLMError(f"a weights file in {directory} is corrupt: {e}") from None
-        _check_weights(directory, family, model_config, expected, files, opened)
-        model = Transformer.empty(model_config)
-        targets = model.state_dict()
-        with torch.no_grad():
-            for name in expected:
-                parts = [opened[files[hf_name]].get_tensor(hf_name) for hf_name in hf_parts(family, name)]
-                if is_conv1d(family, name, len(expected[name])):
-                    parts = [p.t() for p in parts]
-                targets[name].copy_(parts[0] if len(parts) == 1 else torch.cat(parts))
+        opened = {p: stack.enter_context(SafetensorsReader(p)) for p in sorted(set(files.values()))}
+        for name, path in files.items():
+            stored_name[name] = name if name in opened[path].entries else name.removeprefix("transformer.")
+        _check_weights(directory, family, model_config, expected, files, opened, stored_name)
+
+        def read(name: str) -> torch.Tensor:
+            hf_names = hf_parts(family, name)
+            if is_conv1d(family, name, len(expected[name])):
+                return opened[files[hf_names[0]]].read(stored_name[hf_names[0]]).t().contiguous()
+            tensor = torch.empty(expected[name])
+            row = 0
+            for hf_name in hf_names:
+                reader = opened[files[hf_name]]
+                rows = reader.shape(stored_name[hf_name])[0]
+                reader.read(stored_name[hf_name], out=tensor[row:row + rows])
+                row += rows
+            return tensor
+
+        model = model_from_weights(model, read, quantize)
     config = {"format": "huggingface", "family": family, "architecture": (hf.get("architectures") or [family])[0],
               "model": settings}
-    return model.to(device).eval(), tokenizer, config
+    return model.to(device), tokenizer, config
 
 
-def _check_weights(directory, family, config, expected: dict, files: dict, opened: dict):
+def _check_weights(directory, family, config, expected: dict, files: dict, opened: dict, stored_name: dict):
     """Every tensor present with the shape config.json implies, and no weights we would silently drop."""
     used = set()
     for name, shape in expected.items():
         for hf_name, part_shape in zip(hf_parts(family, name), part_shapes(family, config, name, shape)):
             if hf_name not in files:
                 raise LLMError(f"{directory}: weight {hf_name} is missing")
-            found = tuple(opened[files[hf_name]].get_slice(hf_name).get_shape())
+            found = opened[files[hf_name]].shape(stored_name[hf_name])
             if found != part_shape:
                 raise LLMError(f"{directory}: weight {hf_name} has shape {list(found)}, {HF_CONFIG} implies "
                                f"{list(part_shape)}")

@@ -24,9 +24,11 @@ def make_norm(config: ModelConfig) -> nn.Module:
 
 def rope_tables(config: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin (context, head_dim) of the rotary angles, laid out as Llama's rotate_half expects."""
+    # on the CPU even while a model is built on the meta device: torch computes meta arange through its Python
+    # reference implementations, whose import takes seconds
     dim = config.head_dim
-    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
-    positions = torch.arange(config.context, dtype=torch.float32) / config.rope_scaling
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32, device="cpu") / dim))
+    positions = torch.arange(config.context, dtype=torch.float32, device="cpu") / config.rope_scaling
     angles = torch.outer(positions, inv_freq)
     angles = torch.cat([angles, angles], dim=-1)
     return angles.cos(), angles.sin()
@@ -41,9 +43,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 def sinusoidal_table(config: ModelConfig) -> torch.Tensor:
     """The fixed position encoding of "Attention Is All You Need": sin on even dimensions, cos on odd ones."""
-    positions = torch.arange(config.context, dtype=torch.float32)[:, None]
-    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, config.n_embd, 2, dtype=torch.float32) / config.n_embd))
-    table = torch.zeros(config.context, config.n_embd)
+    positions = torch.arange(config.context, dtype=torch.float32, device="cpu")[:, None]  # (as rope_tables)
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, config.n_embd, 2, dtype=torch.float32, device="cpu") / config.n_embd))
+    table = torch.zeros(config.context, config.n_embd, device="cpu")
     table[:, 0::2] = torch.sin(positions * inv_freq)
     table[:, 1::2] = torch.cos(positions * inv_freq)[:, : config.n_embd // 2]
     return table
@@ -252,7 +254,7 @@ class Transformer(nn.Module):
     def setup_kv_cache(self, batch_size: int, max_len: int | None = None):
         """Give every attention layer a cache for batch_size sequences of up to max_len tokens (default: context)."""
         max_len = max_len or self.config.context
-        weight = self.token_embedding.weight
+        weight = self.norm_f.weight  # (the embedding may be int8 rows: see llmcli/quantize.py)
         for block in self.blocks:
             block.attn.kv_cache = KVCache(batch_size, max_len, self.config.kv_heads, self.config.head_dim,
                                           weight.dtype, weight.device)
