@@ -111,7 +111,7 @@ class SafetensorsReader:
             raise ValueError(f"{name}: cannot read {list(shape)} into {list(target.shape)}")
         direct = dtype == torch.float32
         raw = target if direct else torch.empty(shape, dtype=dtype)
-        view = memoryview(raw.view(torch.uint8).numpy()).cast("B") if raw.numel() else memoryview(b"")
+        view = memoryview(raw.reshape(-1).view(torch.uint8).numpy()).cast("B") if raw.numel() else memoryview(b"")
         if len(view) != end - begin:
             raise LLMError(f"{self.path} is corrupt: {name} has {end - begin} bytes for shape {list(shape)}")
         self.file.seek(self.data_start + begin)

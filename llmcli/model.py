@@ -83,12 +83,12 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, pos: int = 0, rope: tuple | None = None,
                 mask: torch.Tensor | None = None) -> torch.Tensor:
         B, T, C = x.shape
-        q, k, v = self.qkv(x).split([self.n_head * self.head_dim] + [self.n_kv_head * self.head_dim] * 2, dim=2)
-        # (B, T, heads * head_dim) -> (B, heads, T, head_dim)
-        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
-        k, v = (t.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2) for t in (k, v))
-        if rope is not None:  # rotate queries and keys by their positions before keys enter the cache
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        # (B, T, (n_head + 2 n_kv_head) * head_dim) -> (B, heads, T, head_dim): the query heads, then keys', values'
+        qkv = self.qkv(x).view(B, T, -1, self.head_dim).transpose(1, 2)
+        qk, v = qkv.split([self.n_head + self.n_kv_head, self.n_kv_head], dim=1)
+        if rope is not None:  # rotate queries and keys (together: half the operations) before keys enter the cache
+            qk = apply_rope(qk, *rope)
+        q, k = qk.split([self.n_head, self.n_kv_head], dim=1)
         if self.kv_cache is not None:
             k, v = self.kv_cache.update(pos, k, v)
         if mask is not None:  # given by the caller: left-padded rows of a batch
