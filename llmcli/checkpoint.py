@@ -138,6 +138,8 @@ def model_from_weights(model, read, quantize: str | None = None):
     if quantize is not None:
         from llmcli.quantize import quantizable, quantize_embedding, quantized_linear
 
+        return_freed_memory()
+
         quantize_embedding(model, quantize, read("token_embedding.weight"))  # first: the largest temporary
         for prefix, module in list(model.named_modules()):
             for name, child in list(module.named_children()):
@@ -151,6 +153,24 @@ def model_from_weights(model, read, quantize: str | None = None):
             model.get_submodule(module_name)._parameters[attr] = nn.Parameter(read(name))
     assert not any(b.is_meta for b in model.buffers())  # (the fixed tables are computed on the CPU)
     return model.eval()
+
+
+def return_freed_memory():
+    """Make glibc's malloc give every block of 1 MB or more back to the system when it is freed (mmap), for good.
+
+    By default it raises that threshold after each such free (up to 32 MB), after which the float32 matrices that
+    quantizing reads and drops one by one come from its heap and their memory stays with the process: the peak RSS
+    of loading SmolLM2-135M as int8 was 750 MB against 420 MB with this. (Inference only: a training step that
+    allocates large temporaries would pay a page fault for each page of each one, every step.)
+    """
+    import ctypes
+    import sys
+
+    if sys.platform == "linux":
+        try:
+            ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+        except (OSError, AttributeError):  # not glibc
+            pass
 
 
 def read_config(directory: Path) -> dict:
