@@ -1,7 +1,17 @@
 """Decoding speed: `llm`'s generation against transformers' `generate` on the same weights, side by side.
 
+    python benchmarks/generate.py --model DIR [--gguf FILE] [--llamacpp-python PYTHON] [--new-tokens 128]
+                                  [--repeats 3] [--threads N] [--profile]
     python benchmarks/generate.py [--shapes small,gpt2] [--batches 1,8] [--prompts 16,512] [--new-tokens 32]
                                   [--repeats 3] [--profile]
+
+With --model (a Hugging Face folder or one of our checkpoints), every engine runs as a whole process, the engines
+alternating, --repeats rounds: `llm generate` itself (float32, --quantize int8, --quantize int4; --ignore-eos
+--json), transformers' `generate` on the same folder, and llama.cpp (the `xllamacpp` wheel) on --gguf when given,
+under --llamacpp-python (a virtual environment of its own) or this Python if it imports xllamacpp. Each decodes
+--new-tokens greedily at batch 1 after a short prompt, with --threads threads (default: torch's). The table: decode
+tokens/s (after the first token), its ratio to transformers', the spread (lowest-highest) over the rounds, load time,
+time to first token, and peak RSS (of the whole process) with the bytes of the weights each engine decodes with.
 
 For each shape (random weights), batch size and prompt length it builds our Transformer, copies its weights into
 transformers' GPT2LMHeadModel (the renaming of llmcli.hf's export), and times greedy decoding of each engine,
@@ -21,6 +31,7 @@ float32 and int8.
 
 import argparse
 import copy
+import json
 import os
 import statistics
 import sys
@@ -113,13 +124,23 @@ def profile_step(model, new_tokens: int):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", help="a model folder: compare whole processes of every engine on it")
+    parser.add_argument("--gguf", help="with --model: the same model as a GGUF file, for llama.cpp")
+    parser.add_argument("--llamacpp-python", help="a Python that imports xllamacpp (default: this one)")
+    parser.add_argument("--threads", type=int, help="threads of every engine (default: torch's default)")
+    parser.add_argument("--worker", choices=["transformers"], help=argparse.SUPPRESS)
     parser.add_argument("--shapes", default="small,gpt2")
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--prompts", default="16,512")
-    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()
+    if args.worker:
+        return WORKERS[args.worker](args)
+    if args.model:
+        return compare_processes(args)
+    args.new_tokens = args.new_tokens or 32
     torch.manual_seed(0)
     bandwidth = read_bandwidth()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, read bandwidth {bandwidth / 1e9:.1f} GB/s")
@@ -159,6 +180,158 @@ def main():
     if args.profile:
         profile_step(engines["torch fp32"], 8)
         profile_step(engines["torch int8"], 8)
+
+
+# --- whole processes on one model folder (--model) ------------------------------------------------------------------
+
+PROMPT = "Once upon a time, in a small village by the sea, there lived"
+
+
+# Runs a command and reports its peak RSS on stderr. A child's peak RSS (ru_maxrss) counts the memory of the process
+# it was forked from, so the command is started from this small Python, not from the benchmark with torch loaded.
+RSS_LAUNCHER = """
+import os, sys
+pid = os.fork()
+if pid == 0:
+    os.execv(sys.argv[1], sys.argv[1:])
+_, status, usage = os.wait4(pid, 0)
+sys.stderr.write(f"\\npeak_rss_kb {usage.ru_maxrss}\\n")
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
+def run_process(command: list[str], env: dict) -> dict:
+    """The JSON line the command prints last, with the peak RSS of its process (bytes) and its wall time."""
+    import subprocess
+
+    started = time.perf_counter()
+    result = subprocess.run([sys.executable, "-S", "-c", RSS_LAUNCHER, *command], capture_output=True, text=True,
+                            env=env)
+    if result.returncode:
+        raise SystemExit(f"{' '.join(command)} failed:\n{result.stderr[-2000:]}")
+    record = json.loads(result.stdout.strip().splitlines()[-1])
+    record["wall_s"] = time.perf_counter() - started
+    record["peak_rss"] = int(result.stderr.strip().splitlines()[-1].split()[-1]) * 1024
+    return record
+
+
+def engines(args) -> dict[str, list[str]]:
+    """Engine name -> command line printing one JSON object with load_s, time_to_first_token_s, tokens_per_s."""
+    here = str(Path(__file__).resolve())
+    ours = [sys.executable, "-m", "llmcli", "generate", PROMPT, "-m", args.model, "--max-new-tokens",
+            str(args.new_tokens), "--temperature", "0", "--ignore-eos", "--json"]
+    worker = ["--model", args.model, "--new-tokens", str(args.new_tokens)]
+    commands = {"transformers fp32": [sys.executable, here, "--worker", "transformers", *worker]}
+    if args.gguf:
+        python = args.llamacpp_python or sys.executable
+        commands[f"llama.cpp {Path(args.gguf).stem.rsplit('.', 1)[-1]}"] = [
+            python, "-c", LLAMACPP_WORKER, args.gguf, PROMPT, str(args.new_tokens),
+            str(args.threads or torch.get_num_threads())]
+    commands |= {"llm fp32": ours, "llm int8": [*ours, "--quantize", "int8"], "llm int4": [*ours, "--quantize", "int4"]}
+    return commands
+
+
+def decoded_bytes(args) -> dict[str, int]:
+    """Bytes of the weights each engine decodes with (tied tables once)."""
+    from llmcli.formats import load_model
+
+    sizes = {}
+    for mode in ("fp32", "int8", "int4"):
+        model = load_model(args.model, quantize=None if mode == "fp32" else mode)[0]
+        tensors = {t.data_ptr(): t for t in [*model.parameters(), *model.buffers()]}  # shared storage once
+        sizes[f"llm {mode}"] = sum(t.numel() * t.element_size() for t in tensors.values())
+        del model
+    sizes["transformers fp32"] = sizes["llm fp32"]
+    if args.gguf:
+        sizes[[k for k in engines(args) if k.startswith("llama.cpp")][0]] = Path(args.gguf).stat().st_size
+    return sizes
+
+
+def compare_processes(args):
+    args.new_tokens = args.new_tokens or 128
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    if args.threads:
+        env["OMP_NUM_THREADS"] = str(args.threads)
+    commands = engines(args)
+    sizes = decoded_bytes(args)
+    print(f"{args.model}: batch 1, {args.new_tokens} new tokens (--ignore-eos), greedy, "
+          f"{args.threads or torch.get_num_threads()} threads, {args.repeats} rounds, engines alternating; "
+          f"torch {torch.__version__}", flush=True)
+    runs = {name: [] for name in commands}
+    for _ in range(args.repeats):
+        for name, command in commands.items():
+            runs[name].append(run_process(command, env))
+    header = (f"{'engine':<18} {'tok/s':>7} {'spread':>13} {'vs HF':>6} {'load s':>6} {'TTFT s':>6} "
+              f"{'peak RSS':>9} {'weights':>8} {'RSS/w':>5}")
+    print(header)
+    print("-" * len(header))
+    reference = statistics.median(r["tokens_per_s"] for r in runs["transformers fp32"])
+    for name, results in runs.items():
+        rates = [r["tokens_per_s"] for r in results]
+        rate = statistics.median(rates)
+        rss = max(r["peak_rss"] for r in results)
+        print(f"{name:<18} {rate:7.1f} {min(rates):6.1f}-{max(rates):<6.1f} {rate / reference:5.2f}x "
+              f"{statistics.median(r['load_s'] for r in results):6.2f} "
+              f"{statistics.median(r['time_to_first_token_s'] for r in results):6.2f} "
+              f"{rss / 1e9:7.2f}GB {sizes[name] / 1e9:6.3f}GB {rss / sizes[name]:5.1f}", flush=True)
+    if args.profile:
+        from llmcli.formats import load_model
+
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        for mode in ("fp32", "int8", "int4"):
+            print(f"one decode step, llm {mode}:")
+            profile_step(load_model(args.model, quantize=None if mode == "fp32" else mode)[0], 8)
+
+
+def transformers_worker(args):
+    """transformers' generate on the folder, timed by a logits processor that notes each token."""
+    started = time.perf_counter()
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessor, LogitsProcessorList
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    load_s = time.perf_counter() - started
+    calls = []
+
+    class Clock(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            calls.append(time.perf_counter())
+            return scores
+
+    prompt = tokenizer(PROMPT, return_tensors="pt")
+    started = time.perf_counter()
+    with torch.no_grad():
+        model.generate(**prompt, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False,
+                       logits_processor=LogitsProcessorList([Clock()]), pad_token_id=tokenizer.eos_token_id)
+    end = time.perf_counter()
+    print(json.dumps({"load_s": load_s, "time_to_first_token_s": calls[0] - started,
+                      "tokens_per_s": (len(calls) - 1) / (end - calls[0])}))
+
+
+# llama.cpp (the xllamacpp wheel) on a GGUF file, with its own timings of the prompt and of decoding; a script of its
+# own, for a Python (a virtual environment) that has xllamacpp and not torch. argv: gguf, prompt, new tokens, threads
+LLAMACPP_WORKER = '''
+import json, sys, time
+started = time.perf_counter()
+import xllamacpp
+gguf, prompt, new_tokens, threads = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+params = xllamacpp.CommonParams()
+params.model.path = gguf
+params.n_ctx = 1024
+params.cpuparams.n_threads = params.cpuparams_batch.n_threads = threads
+server = xllamacpp.Server(params)
+load_s = time.perf_counter() - started
+result = server.handle_completions({"prompt": prompt, "n_predict": new_tokens, "ignore_eos": True, "temperature": 0})
+timings = (json.loads(result) if isinstance(result, str) else result)["timings"]
+first = (timings["prompt_ms"] + timings["predicted_per_token_ms"]) / 1e3
+print(json.dumps({"load_s": load_s, "time_to_first_token_s": first, "tokens_per_s": timings["predicted_per_second"]}))
+'''
+
+
+WORKERS = {"transformers": transformers_worker}
 
 
 def weight_bytes(model: Transformer) -> int:

@@ -33,7 +33,8 @@ TokenizerOption = Annotated[Optional[Path], typer.Option(
     "--tokenizer", "-t", help="Tokenizer: a directory with tokenizer.model (a checkpoint works) or the file itself "
     "[default: the shipped model's]", show_default=False)]
 QuantizeOption = Annotated[Optional[str], typer.Option(
-    help="int8: the weights as int8 for decoding on a CPU, about 2x faster, at a small cost in quality (README)",
+    help="int8 or int4: the weights as int8 or 4-bit groups for decoding on a CPU, 2-4x faster, at a small cost "
+    "in quality (README)",
     show_default=False)]
 InputArgument = Annotated[str, typer.Argument(help="Text file to read, '-' for stdin")]
 # the sampling options of `generate` and `chat`; unset ones take the checkpoint's stored defaults
@@ -375,6 +376,8 @@ def generate(
                                           "finish reason, timings")] = False,
     truncate: Annotated[bool, typer.Option(help="Keep the end of a prompt longer than the context")] = False,
     quantize: QuantizeOption = None,
+    ignore_eos: Annotated[bool, typer.Option(
+        "--ignore-eos", help="Go on past the end-of-text token, to --max-new-tokens (for timing)")] = False,
 ):
     """Continue a prompt. One sample of a prompt argument streams as it is produced; prompts read from stdin or a file,
     and several samples, are each followed by a line <|endoftext|>, a batch's as soon as it is done."""
@@ -393,7 +396,7 @@ def generate(
     cfg, template = sampling_settings(config, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                                       top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty,
                                       stop=tuple(stop) if stop else None, num_samples=num_samples, seed=seed,
-                                      batch_size=batch_size)
+                                      batch_size=batch_size, ignore_eos=ignore_eos or None)
     lines = None
     if input_format == "jsonl":
         lines = _input_lines(prompt)

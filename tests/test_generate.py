@@ -249,3 +249,29 @@ def test_ctrl_c_stops_a_reply_and_not_the_chat(nano_checkpoint):
     out, err = proc.communicate("ROMEO:\n/reset\n", timeout=120)
     assert proc.returncode == 0, err
     assert "conversation cleared" in err and out.endswith("\n")  # it read on after the Ctrl-C
+
+
+def test_cli_ignore_eos_decodes_to_max_new_tokens(nano_checkpoint, tmp_path):
+    """A model that always predicts end-of-text stops at once; --ignore-eos makes it go on to --max-new-tokens."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from llmcli.text.tokenizer import Tokenizer
+
+    eager = tmp_path / "eager-to-stop"
+    shutil.copytree(nano_checkpoint, eager)
+    eos = Tokenizer(eager / "tokenizer.model").stop_token
+    state = load_file(eager / "model.safetensors")
+    width = state["norm_f.weight"].numel()
+    direction = torch.zeros(width)
+    direction[0] = 1.0
+    state["norm_f.weight"] = torch.zeros(width)  # the final hidden state is the bias whatever the input...
+    state["norm_f.bias"] = direction
+    state["token_embedding.weight"][eos] = 100 * direction  # ...whose largest logit (tied head) is end-of-text
+    save_file(state, eager / "model.safetensors")
+    args = ("generate", "ROMEO:", "-m", eager, "--temperature", "0", "--max-new-tokens", "7", "--json")
+    stopped = _json_lines(run_cli(*args))[0]
+    assert stopped["finish_reason"] == "eos" and stopped["new_tokens"] == 0
+    ran_on = _json_lines(run_cli(*args, "--ignore-eos"))[0]
+    assert ran_on["finish_reason"] == "length" and ran_on["new_tokens"] == 7

@@ -41,6 +41,7 @@ class SamplingConfig:
     num_samples: int = 1
     seed: int | None = None
     batch_size: int = 8  # rows (prompts x samples) decoded together
+    ignore_eos: bool = False  # decode past the end-of-text token (fixed-length runs, for measuring speed)
 
     def check(self):
         if not 0 <= self.temperature < float("inf"):
@@ -185,7 +186,7 @@ class TorchDecoder:
         import torch
 
         self.torch, self.model, self.use_cache, self.max_len = torch, decoding_layout(model), use_cache, max_len
-        self.device = model.token_embedding.weight.device
+        self.device = model.norm_f.weight.device
         tokens, pad = left_pad(rows)
         self.rows, self.pos = rows, tokens.shape[1]
         self.tokens = torch.from_numpy(tokens).to(self.device)
@@ -410,7 +411,8 @@ def generate_samples(model, tokenizer: Tokenizer, prompts: Iterable[str], cfg: S
 
 
 def _generate_batch(model, tokenizer, batch: list[Sample], cfg: SamplingConfig, seed: int, on_text):
-    stops = tuple(dict.fromkeys(tokenizer.stop_tokens + tuple(cfg.stop_tokens)))
+    # --ignore-eos: no token ends a sample (fixed-length runs); the stop strings still do
+    stops = () if cfg.ignore_eos else tuple(dict.fromkeys(tokenizer.stop_tokens + tuple(cfg.stop_tokens)))
     for s in batch:
         s.stream = TextStream(tokenizer, cfg.stop, after=s.ids[-1])
     rngs = [row_rng(seed, s.ids, s.sample) for s in batch]

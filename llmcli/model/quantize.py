@@ -1,31 +1,49 @@
-"""Weight-only int8 quantization for decoding on a CPU, as gpt-fast's int8 mode.
+"""Weight-only int8 and int4 quantization for decoding on a CPU, as gpt-fast's int8 and int4 modes.
 
-A decode step at batch 1 reads every weight once, so its time is the weights' bytes over memory bandwidth: storing
-them as int8 (one scale per output feature) reads a quarter of the bytes of float32. torch's weight-only int8 kernel
-multiplies bfloat16 activations by the int8 rows and scales the result; everything else (embeddings, norms,
-attention, the residual stream) stays float32. On this project's 2-core machine it decodes 1.9-2.4x faster than
-float32 (benchmarks/generate.py); the shipped model's bits per byte go from 0.9293 to 0.9294.
+A decode step at batch 1 reads every weight once, so its time is the weights' bytes over memory bandwidth: int8 (one
+scale per output feature) reads a quarter of the bytes of float32, int4 (groups of 32 inputs with a scale and an
+offset each, the layout of llama.cpp's Q4_1) about a sixth. torch's weight-only kernels multiply bfloat16 activations
+by the packed weights (their float32 paths are 10-40x slower here); norms, attention and the residual stream stay
+float32. The token embedding becomes int8 rows too (a lookup reads one row), shared with a tied int8 output head, so
+no float32 copy of any quantized matrix is kept. Bits per byte and speed: README, benchmarks/generate.py.
 """
 
 import dataclasses
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from llmcli.errors import LLMError
 from llmcli.model.lora import merge_lora
 
-MODES = ("int8",)
+MODES = ("int8", "int4")
+GROUP_SIZE = 32  # int4: inputs that share a scale and an offset (llama.cpp's Q4_0/Q4_1 blocks are 32 too)
+
+
+def int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 (out, in), float32 scales (out,)): each row over its largest |w| / 127, rounded."""
+    q = torch.empty(weight.shape, dtype=torch.int8)
+    scales = torch.empty(weight.size(0))
+    for rows in chunks(weight.size(0)):
+        w = weight[rows].detach().float()
+        scales[rows] = w.abs().amax(dim=1).clamp(min=1e-12) / 127
+        q[rows] = torch.round(w / scales[rows, None])
+    return q, scales
+
+
+def chunks(n: int, size: int = 4096) -> list[slice]:
+    """Rows are quantized a few thousand at a time, so that the temporaries of a 50,000-row output head stay small."""
+    return [slice(start, min(start + size, n)) for start in range(0, n, size)]
 
 
 class Int8Linear(nn.Module):
     """y = x W^T + b with W stored as int8 rows times a scale per row (the row's largest |w| / 127)."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, rows: tuple | None = None):
         super().__init__()
-        weight = weight.detach().float()
-        scales = weight.abs().amax(dim=1).clamp(min=1e-12) / 127
-        self.register_buffer("weight", torch.round(weight / scales[:, None]).to(torch.int8).contiguous())
+        q, scales = rows if rows is not None else int8_rows(weight)
+        self.register_buffer("weight", q)
         self.register_buffer("scales", scales.to(torch.bfloat16))  # the kernel wants the activations' dtype
         self.register_buffer("bias", None if bias is None else bias.detach().float())
 
@@ -36,31 +54,95 @@ class Int8Linear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
+class Int4Linear(nn.Module):
+    """y = x W^T + b with each group of GROUP_SIZE weights of a row stored as 4-bit q in 0..15 and
+    w = (q - 8) * scale + zero (scale = (max - min) / 15 of the group, zero = min + 8 * scale), packed for
+    torch's CPU kernel (_weight_int4pack_mm_for_cpu, as gpt-fast's int4 mode)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        packed, pairs = [], []
+        for rows in chunks(weight.size(0)):  # (the kernel packs each row alone)
+            groups = weight[rows].detach().float().unflatten(1, (-1, GROUP_SIZE))  # (rows, in / GROUP_SIZE, GROUP_SIZE)
+            low, high = groups.amin(dim=2, keepdim=True), groups.amax(dim=2, keepdim=True)
+            scales = ((high - low) / 15).clamp(min=1e-12)
+            q = torch.round((groups - low) / scales).clamp(0, 15).to(torch.int32).flatten(1)
+            packed.append(torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))
+            pairs.append(torch.cat([scales, low + 8 * scales], dim=2).to(torch.bfloat16))
+        self.register_buffer("weight", torch.cat(packed))
+        # (in / GROUP_SIZE, out, 2): the kernel's layout of (scale, zero) pairs
+        self.register_buffer("scales_and_zeros", torch.cat(pairs).transpose(0, 1).contiguous())
+        self.register_buffer("bias", None if bias is None else bias.detach().float())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.size(-1)).to(torch.bfloat16)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.weight, GROUP_SIZE, self.scales_and_zeros)
+        y = y.to(x.dtype).view(*x.shape[:-1], -1)
+        return y if self.bias is None else y + self.bias
+
+
+class Int8Embedding(nn.Module):
+    """A token embedding stored as int8 rows with a scale each; a lookup dequantizes the rows it reads (float32)."""
+
+    def __init__(self, weight: torch.Tensor, rows: tuple | None = None):
+        super().__init__()
+        q, scales = rows if rows is not None else int8_rows(weight)
+        self.register_buffer("weight", q)
+        self.register_buffer("row_scales", scales.float())
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return F.embedding(idx, self.weight).float() * F.embedding(idx, self.row_scales[:, None])
+
+
 def check_mode(mode: str):
     if mode not in MODES:
         raise LLMError(f"--quantize must be one of {', '.join(MODES)}, not {mode!r}")
 
 
-def quantizable(linear: nn.Module) -> bool:
-    # the CPU kernel reads the input 16 values at a time: other widths crash it, so those layers stay float32
-    return isinstance(linear, nn.Linear) and linear.in_features % 16 == 0
+def quantizable(linear: nn.Module, mode: str) -> bool:
+    """Whether the kernel of `mode` takes this layer (others stay float32): int8 reads the input 16 values at a time
+    (other widths crash it); int4 wants whole groups and the kernel's 16-row tiles."""
+    if not isinstance(linear, nn.Linear):
+        return False
+    if mode == "int4":
+        return linear.in_features % GROUP_SIZE == 0 and linear.out_features % 16 == 0
+    return linear.in_features % 16 == 0
+
+
+def quantized_linear(weight: torch.Tensor, bias: torch.Tensor | None, mode: str) -> nn.Module:
+    return Int4Linear(weight, bias) if mode == "int4" else Int8Linear(weight, bias)
 
 
 def quantize(model: nn.Module, mode: str) -> nn.Module:
-    """The model with its linear layers, and the output head, as Int8Linear (in place; for inference only).
+    """The model with its linear layers, and the output head, in `mode` (in place; for inference only).
 
-    LoRA layers are merged into their base first. A tied output head gets its own int8 copy of the embedding
-    matrix: the float32 embedding stays for looking up input tokens, which reads one row a token.
+    LoRA layers are merged into their base first. The token embedding becomes an Int8Embedding; a tied output head
+    becomes a quantized layer of its own (for int8 sharing the embedding's int8 rows). Each float32 matrix is freed
+    as soon as it is replaced. (Loading with load_model(..., quantize=mode) quantizes each matrix as it is read
+    instead, so that the float32 model never exists whole.)
     """
     check_mode(mode)
-    if model.token_embedding.weight.device.type != "cpu":
-        raise LLMError("--quantize int8 runs on the CPU only")
+    if model.norm_f.weight.device.type != "cpu":
+        raise LLMError(f"--quantize {mode} runs on the CPU only")
     merge_lora(model)  # (a no-op without adapters)
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
-            if quantizable(child):
-                setattr(module, name, Int8Linear(child.weight, child.bias))
-    if model.config.tie_embeddings and model.config.n_embd % 16 == 0 and not hasattr(model, "classifier"):
-        model.lm_head = Int8Linear(model.token_embedding.weight, None)
-        model.config = dataclasses.replace(model.config, tie_embeddings=False)  # the head is now its own
+            if quantizable(child, mode):
+                setattr(module, name, quantized_linear(child.weight, child.bias, mode))
+    if not isinstance(model.token_embedding, Int8Embedding):
+        quantize_embedding(model, mode, model.token_embedding.weight)
     return model.eval()
+
+
+def quantize_embedding(model: nn.Module, mode: str, weight: torch.Tensor):
+    """The token embedding (its float32 weight given) to int8 rows, and a tied output head, of a language model (not
+    a classifier), to a quantized layer of its own; if the kernel cannot take that head, both stay float32."""
+    tied_head = model.config.tie_embeddings and not hasattr(model, "classifier")
+    if tied_head and not quantizable(nn.Linear(model.config.n_embd, model.config.vocab_size, device="meta"), mode):
+        model.token_embedding.weight = nn.Parameter(weight)
+        return
+    rows = int8_rows(weight)
+    if tied_head:
+        model.lm_head = Int8Linear(None, None, rows) if mode == "int8" else Int4Linear(weight, None)
+        model.config = dataclasses.replace(model.config, tie_embeddings=False)  # the head is now its own
+    model.token_embedding = Int8Embedding(None, rows)

@@ -44,9 +44,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 def sinusoidal_table(config: ModelConfig) -> torch.Tensor:
     """The fixed position encoding of "Attention Is All You Need": sin on even dimensions, cos on odd ones."""
-    positions = torch.arange(config.context, dtype=torch.float32)[:, None]
-    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, config.n_embd, 2, dtype=torch.float32) / config.n_embd))
-    table = torch.zeros(config.context, config.n_embd)
+    positions = torch.arange(config.context, dtype=torch.float32, device="cpu")[:, None]  # (as rope_tables)
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, config.n_embd, 2, dtype=torch.float32, device="cpu") / config.n_embd))
+    table = torch.zeros(config.context, config.n_embd, device="cpu")
     table[:, 0::2] = torch.sin(positions * inv_freq)
     table[:, 1::2] = torch.cos(positions * inv_freq)[:, : config.n_embd // 2]
     return table
@@ -85,12 +85,12 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, pos: int = 0, rope: tuple | None = None,
                 mask: torch.Tensor | None = None) -> torch.Tensor:
         B, T, C = x.shape
-        q, k, v = self.qkv(x).split([self.n_head * self.head_dim] + [self.n_kv_head * self.head_dim] * 2, dim=2)
-        # (B, T, heads * head_dim) -> (B, heads, T, head_dim)
-        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
-        k, v = (t.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2) for t in (k, v))
-        if rope is not None:  # rotate queries and keys by their positions before keys enter the cache
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        # (B, T, (n_head + 2 n_kv_head) * head_dim) -> (B, heads, T, head_dim): the query heads, then keys', values'
+        qkv = self.qkv(x).view(B, T, -1, self.head_dim).transpose(1, 2)
+        qk, v = qkv.split([self.n_head + self.n_kv_head, self.n_kv_head], dim=1)
+        if rope is not None:  # rotate queries and keys (together: half the operations) before keys enter the cache
+            qk = apply_rope(qk, *rope)
+        q, k = qk.split([self.n_head, self.n_kv_head], dim=1)
         if self.kv_cache is not None:
             k, v = self.kv_cache.update(pos, k, v)
         if mask is not None:  # given by the caller: left-padded rows of a batch
@@ -257,7 +257,7 @@ class Transformer(nn.Module):
         """Give every attention layer a cache for batch_size sequences of up to max_len tokens (default: context);
         returns the caches, a layer each."""
         max_len = max_len or self.config.context
-        weight = self.token_embedding.weight
+        weight = self.norm_f.weight  # (the embedding may be int8 rows: see llmcli/quantize.py)
         for block in self.blocks:
             block.attn.kv_cache = KVCache(batch_size, max_len, self.config.kv_heads, self.config.head_dim,
                                           weight.dtype, weight.device)
