@@ -58,7 +58,7 @@ def test_adapter_trains_alone_is_small_and_merges(tmp_path, nano_checkpoint):
     gen = [run_cli("generate", "Say hello.", "-m", m, "--temperature", "0", "--max-new-tokens", "8")
            for m in (adapter, merged)]
     assert all(g.returncode == 0 for g in gen), [g.stderr for g in gen]
-    assert gen[0].stdout == gen[1].stdout and gen[0].stdout.strip()
+    assert gen[0].stdout == gen[1].stdout and len(gen[0].stdout) > 1
 
     # the base changed: refused; the base gone: refused
     weights = load_file(base / "model.safetensors")
