@@ -180,7 +180,7 @@ def test_chat_repl_through_stdin(nano_checkpoint, tmp_path):
     assert "dropped the" in result.stderr and "oldest messages" in result.stderr
     # greedy, and after /reset the history is empty: the last reply is what `generate` gives for the prompt alone
     alone = run_cli("generate", "JULIET:", *args)
-    assert alone.returncode == 0 and alone.stdout.strip(), alone.stderr
+    assert alone.returncode == 0 and len(alone.stdout) > 1, alone.stderr  # (a greedy reply may be whitespace)
     assert result.stdout.endswith(alone.stdout) and len(result.stdout) > len(alone.stdout)
     # Ctrl-D (end of input) with no /exit leaves quietly
     eof = run_cli("chat", *args, input="ROMEO:")

@@ -18,8 +18,11 @@ def test_adapter_trains_alone_is_small_and_merges(tmp_path, nano_checkpoint):
     data = write_jsonl(tmp_path / "inst.jsonl", INSTRUCTIONS)
     adapter = tmp_path / "adapter"
     result = run_cli("finetune", data, "-m", base, "--lora-rank", "4", "--lora-targets", "attn.qkv,mlp.fc",
-                     "--max-steps", "10", "--lr", "1e-2", "--batch-size", "4", "-o", adapter)
+                     "--lora-alpha", "8", "--lora-dropout", "0.1", "--max-steps", "10", "--lr", "1e-2",
+                     "--batch-size", "4", "-o", adapter)
     assert result.returncode == 0, result.stderr
+    stored = yaml.safe_load((adapter / "config.yaml").read_text())["adapter"]
+    assert (stored["alpha"], stored["dropout"]) == (8.0, 0.1)
     assert "trained)" in result.stderr
 
     saved = load_file(adapter / "model.safetensors")
@@ -55,7 +58,7 @@ def test_adapter_trains_alone_is_small_and_merges(tmp_path, nano_checkpoint):
     gen = [run_cli("generate", "Say hello.", "-m", m, "--temperature", "0", "--max-new-tokens", "8")
            for m in (adapter, merged)]
     assert all(g.returncode == 0 for g in gen), [g.stderr for g in gen]
-    assert gen[0].stdout == gen[1].stdout and gen[0].stdout.strip()
+    assert gen[0].stdout == gen[1].stdout and len(gen[0].stdout) > 1
 
     # the base changed: refused; the base gone: refused
     weights = load_file(base / "model.safetensors")
