@@ -741,6 +741,11 @@ def main():
         app()
     except SystemExit as e:
         code = e.code
+        # the reader of stdout went away (`llm ... | head`): click then wraps stdout to silence it and exits 1;
+        # that is how a pipeline ends, not a failure, so exit 0 with nothing more written
+        if type(sys.stdout).__name__ == "PacifyFlushWrapper":  # click's, or the copy typer carries
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.__stdout__.fileno())
+            code = 0
     except LLMError as e:
         code = _fail(str(e))
     except OSError as e:  # the system refused a read or write we did not expect to fail: say which and why
@@ -799,19 +804,14 @@ def _output_error(e: OSError) -> OSError:
 
 
 def _flush_stdout():
-    """Results written to a full disk, a closed pipe or /dev/full: one line and exit 1, not Python's own report
-    at exit. stdout is then pointed at /dev/null so that the interpreter's last flush has nothing to fail on."""
+    """Results written to a full disk or /dev/full: one line and exit 1, not Python's own report at exit; a reader
+    that went away (| head): exit 0. stdout is then pointed at /dev/null so that the interpreter's last flush has
+    nothing to fail on."""
     try:
         sys.stdout.flush()
     except (OSError, LLMError) as e:
-        if not isinstance(e, BrokenPipeError):  # a reader that went away (| head) is not an error
-            _fail(str(e))
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.__stdout__.fileno())
-        sys.exit(1)
-    except SystemExit:
-        # the reader of stdout went away (`llm ... | head`): click then wraps stdout to silence it and exits 1;
-        # that is how a pipeline ends, not a failure, so exit 0 with nothing more written
-        if type(sys.stdout).__name__ == "PacifyFlushWrapper":  # click's, or the copy typer carries
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        if isinstance(e, BrokenPipeError):
             sys.exit(0)
-        raise
+        _fail(str(e))
+        sys.exit(1)
