@@ -261,7 +261,7 @@ def test_cli_ignore_eos_decodes_to_max_new_tokens(nano_checkpoint, tmp_path):
 
     eager = tmp_path / "eager-to-stop"
     shutil.copytree(nano_checkpoint, eager)
-    eos = Tokenizer(eager / "tokenizer.model").stop_token
+    eos = Tokenizer(eager / "tokenizer.model").stop_tokens[0]
     state = load_file(eager / "model.safetensors")
     width = state["norm_f.weight"].numel()
     direction = torch.zeros(width)

@@ -24,7 +24,7 @@ def test_generation_section_runs(tmp_path):
         result = run_bash(command, cwd=work)
         assert result.returncode == 0, (command, result.stderr)
         results.append(result)
-    _, _, controls, stop, int8, jsonl, greedy, chat = (r.stdout for r in results)
+    _, _, controls, stop, int8, int4, jsonl, greedy, chat = (r.stdout for r in results)
     bard = work / "bard"
 
     assert "--top-k 50 --min-p 0.05 --repetition-penalty 1.2" in commands[2]
@@ -39,6 +39,7 @@ def test_generation_section_runs(tmp_path):
 
     assert "--quantize int8" in commands[4]
     assert int8 == library_text(bard, "ROMEO:", quantize="int8", max_new_tokens=20, seed=1, temperature=0.8) + "\n"
+    assert int4 == library_text(bard, "ROMEO:", quantize="int4", max_new_tokens=20, seed=1, temperature=0.8) + "\n"
 
     records = [json.loads(line) for line in jsonl.splitlines()]
     assert [(r["prompt"], r["sample"]) for r in records] == [("ROMEO:", 0), ("ROMEO:", 1), ("JULIET: O", 0),

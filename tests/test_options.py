@@ -110,11 +110,11 @@ def test_sampling_controls_through_the_cli(nano_checkpoint):
 
 def test_chat_system_sampling_and_quantize(nano_checkpoint, tmp_path):
     from llmcli.formats import load_model
-    from llmcli.infer.chat import turn_stop
     from llmcli.infer.generate import SamplingConfig, generate_samples
+    from llmcli.text.chat_template import find_chat_template
 
-    template = {"system": "[S] {content}\n", "user": "[U] {content}\n", "assistant": "[A] {content}\n",
-                "assistant_prefix": "[A] "}
+    template = ("{% for m in messages %}{% if m.role == 'system' %}[S] {% elif m.role == 'user' %}[U] {% else %}[A] "
+                "{% endif %}{{ m.content }}\n{% endfor %}{% if add_generation_prompt %}[A] {% endif %}")
     ckpt = tmp_path / "templated"
     shutil.copytree(nano_checkpoint, ckpt)
     config = yaml.safe_load((ckpt / "config.yaml").read_text())
@@ -124,6 +124,8 @@ def test_chat_system_sampling_and_quantize(nano_checkpoint, tmp_path):
                      "--top-k", "20", "--seed", "5", "--max-new-tokens", "12", input="ROMEO:\n")
     assert result.returncode == 0, result.stderr
     model, tok, _ = load_model(ckpt, quantize="int8")
-    cfg = SamplingConfig(max_new_tokens=12, temperature=0.7, top_k=20, seed=5, stop=turn_stop(template))
+    stops = find_chat_template(ckpt, config, tok).stops()  # the reply ends where the next turn would start
+    assert stops == ("[U]",)
+    cfg = SamplingConfig(max_new_tokens=12, temperature=0.7, top_k=20, seed=5, stop=stops)
     (sample,) = generate_samples(model, tok, ["[S] Be brief.\n[U] ROMEO:\n[A] "], cfg, truncate=True)
     assert result.stdout == sample.text + "\n"

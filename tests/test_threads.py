@@ -6,7 +6,7 @@ import os
 import torch
 
 from llmcli import threads
-from llmcli.train.pretrain import pretrain as train
+from llmcli.train import pretrain as train
 
 
 def test_configure_sets_passive_waiting_but_keeps_the_users_choice(monkeypatch):

@@ -127,9 +127,9 @@ def test_disk_full_during_a_save_keeps_the_previous_checkpoint(shakespeare_slice
 def _poison_step(monkeypatch, at_call: int, how: str):
     """Wrap train_step so that its call number at_call either runs on a model whose output is NaN (the loss becomes
     NaN: how='loss') or corrupts a weight after a good update (how='weights')."""
-    import llmcli.train
+    from llmcli.train import pretrain
 
-    real, calls = llmcli.train.train_step, []
+    real, calls = pretrain.train_step, []
 
     def step(model, *args, **kwargs):
         calls.append(1)
@@ -146,7 +146,7 @@ def _poison_step(monkeypatch, at_call: int, how: str):
             model.norm_f.weight[0] = float("inf")  # a weight that no loss has seen yet
         return result
 
-    monkeypatch.setattr(llmcli.train, "train_step", step)
+    monkeypatch.setattr(pretrain, "train_step", step)
 
 
 def test_non_finite_loss_stops_before_the_update_and_keeps_the_checkpoints(shakespeare_slice, nano_checkpoint,

@@ -1,0 +1,1 @@
+"""Evaluation: bits per byte, tasks, classification metrics, embeddings and search, loss curves."""

@@ -1,0 +1,1 @@
+"""Training: pretraining (the loop, runs, resume) and fine-tuning (instructions, classification, LoRA)."""
