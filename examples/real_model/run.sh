@@ -26,7 +26,7 @@ head -n 40 examples/finetune/data/qa_val.jsonl > "$work/qa_val.jsonl"
 step python examples/finetune/score.py -m "$gguf" "$work/qa_val.jsonl" --max-new-tokens 8 --chat
 rm -rf "$work/qa-lora"
 step llm finetune examples/finetune/data/qa_train.jsonl --val "$work/qa_val.jsonl" -m "$gguf" --lora-rank 8 \
-  --max-steps 60 --batch-size 8 --lr 2e-3 -o "$work/qa-lora"
+  --max-steps 40 --batch-size 8 --lr 2e-3 -o "$work/qa-lora"
 step python examples/finetune/score.py -m "$work/qa-lora" "$work/qa_val.jsonl" --max-new-tokens 8
 # and back to the tools people already use: a Hugging Face folder and a GGUF file llama.cpp runs
 rm -rf "$work/qa-hf" "$work/qa.q8_0.gguf"
