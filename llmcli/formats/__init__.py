@@ -33,8 +33,8 @@ def load_model(path: str | Path | None = None, device: str = "cpu", numpy_if_sma
     """(model in eval mode, tokenizer, config dict) from any model path; the shipped default when None.
 
     numpy_if_small: a small plain language model of ours comes as a NumpyTransformer (llmcli/model/numpy_model.py),
-    which decodes without importing torch; anything else as the torch model. quantize: "int8" stores the weights as
-    int8 for faster decoding (llmcli/model/quantize.py), after merging any LoRA adapter. Raises LLMError for a path
+    which decodes without importing torch; anything else as the torch model. quantize: "int8" or "int4" stores the
+    weights quantized for faster decoding (llmcli/model/quantize.py), after merging any LoRA adapter. Raises LLMError for a path
     that is not a model or whose files are missing, corrupt or disagree.
     """
     if quantize is not None:
