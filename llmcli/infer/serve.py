@@ -288,17 +288,23 @@ def _log_request(server: Server, request: Request, status: int, started: float, 
     server.log(f"{client} {request.method} {request.url.path} {status}{tokens} {time.perf_counter() - started:.3f}s")
 
 
+def _strings(body: dict, name: str) -> list[str]:
+    """A required field that is a string or a non-empty array of strings (OpenAI's `prompt` and `input`), as a list."""
+    value = _field(body, name, (str, list), required=True)
+    values = [value] if isinstance(value, str) else value
+    if not values or not all(isinstance(v, str) for v in values):
+        raise ApiError(400, f"'{name}' must be a string or a non-empty array of strings", param=name,
+                       code="invalid_type")
+    return values
+
+
 # --- the routes ----------------------------------------------------------------------------------------------------
 
 async def completions(request: Request):
     server: Server = request.app.state.server
     body = await _body(request)
     _check_model(server, body)
-    prompt = _field(body, "prompt", (str, list), required=True)
-    prompts = [prompt] if isinstance(prompt, str) else prompt
-    if not prompts or not all(isinstance(p, str) for p in prompts):
-        raise ApiError(400, "'prompt' must be a string or a non-empty array of strings", param="prompt",
-                       code="invalid_type")
+    prompts = _strings(body, "prompt")
     cfg, n, seed = _sampling(server, body, chat=False)
     template = (server.config.get("generation") or {}).get("prompt_template", "{prompt}")
     ids = [_encode(server, apply_template(template, p), "prompt") for p in prompts]
@@ -381,11 +387,7 @@ async def embeddings(request: Request):
     server: Server = request.app.state.server
     body = await _body(request)
     _check_model(server, body)
-    texts = _field(body, "input", (str, list), required=True)
-    texts = [texts] if isinstance(texts, str) else texts
-    if not texts or not all(isinstance(t, str) for t in texts):
-        raise ApiError(400, "'input' must be a string or a non-empty array of strings", param="input",
-                       code="invalid_type")
+    texts = _strings(body, "input")
     if len(texts) > 2048:
         raise ApiError(400, "'input' may hold at most 2048 texts", param="input", code="invalid_value")
     encoding = _field(body, "encoding_format", str, "float")
