@@ -6,6 +6,7 @@ umask 022), set on the descriptor as it is created, so that another user of a sh
 
 import contextlib
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -131,3 +132,100 @@ def read_safetensors(path: Path) -> dict:
             raise ValueError(f"{name}: dtype {dtype}")
         tensors[name] = array.reshape(info["shape"])
     return tensors
+
+
+# safetensors' dtype names -> torch's (https://github.com/huggingface/safetensors, "Format")
+SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+                      "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+
+
+class SafetensorsFile:
+    """The tensors of one .safetensors file as float32 torch tensors, each read when asked for and copied at most once.
+
+    `tensor(name)` of a float32 tensor is a copy-on-write view of the file's pages (mmap, as llama.cpp maps its
+    files): no copy, and writing to it (training) leaves the file as it is; `read(name, rows)` reads rows of a tensor
+    with one read() into the memory that keeps them (converted to float32 when stored otherwise), for the parts of
+    a fused matrix and for quantizing a block of rows at a time. safetensors' own safe_open copies every tensor out of
+    its mapping, so the weights passed through memory twice. Raises LLMError naming the file when it is corrupt.
+    (A file rewritten in place while a model maps it would crash the process; we write ours by renaming.)
+    """
+
+    def __init__(self, path: Path):
+        import mmap
+
+        self.path = Path(path)
+        self.header = safetensors_header(self.path)  # checked
+        try:
+            self.file = open(self.path, "rb", buffering=0)
+            size = os.fstat(self.file.fileno()).st_size
+            self.data_start = 8 + int.from_bytes(self.file.read(8), "little")
+            self.map = mmap.mmap(self.file.fileno(), 0, access=mmap.ACCESS_COPY) if size else None
+        except OSError as e:
+            raise LLMError(f"cannot read {self.path}: {os_error_reason(e)}") from None
+        for name, info in self.header.items():
+            if info["dtype"] not in SAFETENSORS_DTYPES:
+                raise LLMError(f"{self.path}: tensor {name} has dtype {info['dtype']}, which is not supported")
+            begin, end = info["data_offsets"]
+            if end - begin != self._row_bytes(name) * (info["shape"] or [1])[0] or self.data_start + end > size:
+                raise LLMError(f"{self.path} is corrupt: tensor {name} has {end - begin} bytes at offset {begin}, "
+                               f"which do not hold {info['dtype']} of shape {info['shape']} inside the file")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.file.close()  # (the mapping stays while tensors use it)
+
+    def keys(self) -> list[str]:
+        return list(self.header)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.header[name]["shape"])
+
+    def _dtype(self, name: str):
+        import torch
+
+        return getattr(torch, SAFETENSORS_DTYPES[self.header[name]["dtype"]])
+
+    def _row_bytes(self, name: str) -> int:
+        itemsize = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2}.get(
+            self.header[name]["dtype"], 1)
+        return math.prod(self.header[name]["shape"][1:]) * itemsize
+
+    def tensor(self, name: str):
+        """The whole tensor as float32: a view of the file's pages when it is stored as float32, else read."""
+        import torch
+
+        begin = self.data_start + self.header[name]["data_offsets"][0]
+        shape = self.shape(name)
+        if self._dtype(name) == torch.float32 and begin % 4 == 0 and self.map is not None and 0 not in shape:
+            return torch.frombuffer(self.map, dtype=torch.float32, count=math.prod(shape), offset=begin).view(shape)
+        return self.read(name)
+
+    def read(self, name: str, rows: slice | None = None, out=None):
+        """Rows `rows` (of the first dimension; all when None) of the tensor as float32, read into `out` when given (a
+        contiguous float32 tensor of that shape, e.g. rows of a larger tensor), else into a new tensor."""
+        import torch
+
+        shape = self.shape(name)
+        start, stop, _ = (rows or slice(None)).indices(shape[0] if shape else 1)
+        shape = (stop - start, *shape[1:]) if shape else ()
+        target = out if out is not None else torch.empty(shape, dtype=torch.float32)
+        if tuple(target.shape) != shape or target.dtype != torch.float32 or not target.is_contiguous():
+            raise ValueError(f"{name}: cannot read {list(shape)} into {list(target.shape)}")
+        dtype = self._dtype(name)
+        raw = target if dtype == torch.float32 else torch.empty(shape, dtype=dtype)
+        view = memoryview(raw.view(torch.uint8).numpy()).cast("B") if raw.numel() else memoryview(b"")
+        try:
+            self.file.seek(self.data_start + self.header[name]["data_offsets"][0] + start * self._row_bytes(name))
+            done = 0
+            while done < len(view):  # a raw read may return less than asked
+                n = self.file.readinto(view[done:])
+                if not n:
+                    raise LLMError(f"{self.path} is corrupt: it ends inside {name}")
+                done += n
+        except OSError as e:
+            raise LLMError(f"cannot read {self.path}: {os_error_reason(e)}") from None
+        if raw is not target:
+            target.copy_(raw)
+        return target

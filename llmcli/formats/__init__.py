@@ -34,31 +34,54 @@ def load_model(path: str | Path | None = None, device: str = "cpu", numpy_if_sma
 
     numpy_if_small: a small plain language model of ours comes as a NumpyTransformer (llmcli/model/numpy_model.py),
     which decodes without importing torch; anything else as the torch model. quantize: "int8" or "int4" stores the
-    weights quantized for faster decoding (llmcli/model/quantize.py), after merging any LoRA adapter. Raises LLMError for a path
-    that is not a model or whose files are missing, corrupt or disagree.
+    weights quantized for faster decoding (llmcli/model/quantize.py), each matrix as it is read, so that the float32
+    model never exists whole (a LoRA adapter is merged into its float32 base first). Raises LLMError for a path that is
+    not a model or whose files are missing, corrupt or disagree.
     """
-    if quantize is not None:
-        from llmcli.model.lora import merge_lora
-        from llmcli.model.quantize import check_mode
-        from llmcli.model.quantize import quantize as quantize_model
-
-        check_mode(quantize)
-        model, tokenizer, config = load_model(path, device)
-        return quantize_model(merge_lora(model), quantize), tokenizer, config
     from llmcli.formats import gguf, hf, ours
 
+    if quantize is not None:
+        from llmcli.model.quantize import check_mode
+
+        check_mode(quantize)
+        if device != "cpu":
+            raise LLMError(f"--quantize {quantize} runs on the CPU only")
+        _return_freed_memory()
     if gguf.is_gguf_file(path):
-        return gguf.load_gguf(Path(path), device)
+        return gguf.load_gguf(Path(path), device, quantize)
     directory = _directory(path)
     if hf.is_hf_folder(directory):
-        return hf.load_hf_folder(directory, device)
+        return hf.load_hf_folder(directory, device, quantize)
     config = ours.read_config(directory)
     if "adapter" in config:  # LoRA weights alone: they name their base
         from llmcli.formats.adapter import base_path, load_adapter
 
         base_model, tokenizer, _ = load_model(base_path(directory, config), device)
-        return load_adapter(directory, config, base_model, device), tokenizer, config
-    return ours.load_ours(directory, config, device, numpy_if_small)
+        model = load_adapter(directory, config, base_model, device)
+        if quantize is not None:
+            from llmcli.model.lora import merge_lora
+            from llmcli.model.quantize import quantize as quantize_model
+
+            model = quantize_model(merge_lora(model), quantize)
+        return model, tokenizer, config
+    return ours.load_ours(directory, config, device, numpy_if_small, quantize)
+
+
+def _return_freed_memory():
+    """Make glibc's malloc give every block of 1 MB or more back to the system as soon as it is freed (mmap).
+
+    By default glibc raises that threshold after each such free (up to 32 MB), after which the float32 blocks that
+    quantizing reads and drops one after another come from its heap, whose memory stays with the process: the peak
+    RSS of loading SmolLM2-135M as int8 grew by about 60 MB more (README). For quantized models only, which are for
+    inference: a training step that allocates large temporaries would fault in each of their pages every step."""
+    import ctypes
+    import sys
+
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+        except (OSError, AttributeError):  # not glibc
+            pass
 
 
 def load_model_tokenizer(path: str | Path | None = None):

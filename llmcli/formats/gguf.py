@@ -11,6 +11,7 @@ Llama's query and key weights so that rotary pairs are adjacent (Qwen2's are lef
 reading and redo on writing; GPT-2's tensors are plain (out, in) matrices here, as ours.
 """
 
+from functools import partial
 from pathlib import Path
 
 from llmcli.errors import LLMError
@@ -279,14 +280,14 @@ def unpermute(w, n_head: int):
     return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def load_gguf(path: Path, device: str = "cpu"):
-    """(model in eval mode, tokenizer, config dict) from a .gguf file. Raises LLMError for a truncated or corrupt
-    file, an architecture or tensor type outside ARCHITECTURES and READ_TYPES, missing or misshapen tensors, or a
-    tokenizer that does not match the embedding."""
-    import numpy as np
-    import torch
-
+def load_gguf(path: Path, device: str = "cpu", quantize: str | None = None):
+    """(model in eval mode, tokenizer, config dict) from a .gguf file; quantize as load_model's (each matrix quantized
+    a block of rows at a time as it is dequantized). Raises LLMError for a truncated or corrupt file, an architecture
+    or tensor type outside ARCHITECTURES and READ_TYPES, missing or misshapen tensors, or a tokenizer that does not
+    match the embedding."""
     from llmcli.config import ModelConfig
+    from llmcli.formats.hf import read_parts
+    from llmcli.model.quantize import materialize
     from llmcli.model.transformer import Transformer, meta_device
 
     gguf = _gguf()
@@ -311,26 +312,89 @@ def load_gguf(path: Path, device: str = "cpu"):
         model = Transformer(config)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     _check_tensors(path, arch, config, expected, shapes)
-    state = {}
-    for name in expected:
-        parts = []
-        for gguf_name in gguf_parts(arch, name):
-            t = tensors[gguf_name]
-            try:  # numpy, vectorised over whole blocks of rows: SmolLM2-135M's Q4_1 tensors take about a second
-                w = gguf.quants.dequantize(t.data, t.tensor_type).reshape(shapes[gguf_name])
-            except ValueError as e:  # a tensor cut short by a truncated file
-                raise LLMError(f"{path}: tensor {gguf_name} is corrupt or truncated: {e}") from None
-            if heads := rotary_heads(arch, config, gguf_name):
-                w = unpermute(w, heads)
-            parts.append(w)
-        w = parts[0] if len(parts) == 1 else np.concatenate(parts)
-        state[name] = torch.from_numpy(np.require(w, np.float32, requirements=["C", "W"]))
-    # the model takes the dequantized arrays as its parameters: no second copy of the weights
-    model.load_state_dict(state, assign=True)
-    for name, table in model.fixed_tables().items():
-        model.register_buffer(name, table, persistent=False)
+
+    file = open(path, "rb", buffering=0)  # (read, not mapped: the pages of a map would stay in our memory)
+
+    def read_part(gguf_name: str, rows: slice | None = None, out=None):
+        t = tensors[gguf_name]
+        heads = rotary_heads(arch, config, gguf_name)
+        # llama.cpp's reordered query and key rows are put back in order within each head: read whole heads
+        try:
+            data = read_rows(file, t, None if heads else rows)
+            w = dequantize(gguf, data, t.tensor_type)
+        except ValueError as e:  # a tensor cut short by a truncated file
+            raise LLMError(f"{path}: tensor {gguf_name} is corrupt or truncated: {e}") from None
+        if heads:
+            w = unpermute(w, heads)[rows or slice(None)]
+        if out is None:
+            return w.contiguous()
+        out.copy_(w)
+        return out
+
+    def read(name: str, rows: slice | None = None):
+        names = gguf_parts(arch, name)
+        if len(names) == 1:
+            return read_part(names[0], rows)
+        return read_parts([(shapes[n][0], partial(read_part, n)) for n in names], expected[name], rows)
+
+    with file:
+        model = materialize(model, read, quantize)
     about = {"format": "gguf", "family": arch, "architecture": arch, "model": settings}
-    return model.to(device).eval(), tokenizer, about
+    return model.to(device), tokenizer, about
+
+
+def read_rows(file, tensor, rows: slice | None = None):
+    """The bytes of rows `rows` (all when None) of a GGUF tensor (a gguf.ReaderTensor), read from the open file into
+    a new array shaped as the reader's tensor.data[rows]: (rows, bytes a row) for block types. Raises ValueError when
+    the file ends early."""
+    import numpy as np
+
+    shape = tensor.data.shape
+    n_rows = shape[0] if len(shape) > 1 else 1
+    start, stop, _ = (rows or slice(None)).indices(n_rows)
+    row_bytes = int(tensor.n_bytes) // n_rows
+    data = np.empty((stop - start) * row_bytes, dtype=np.uint8)
+    view, done = memoryview(data), 0
+    file.seek(int(tensor.data_offset) + start * row_bytes)
+    while done < len(view):  # a raw read may return less than asked
+        n = file.readinto(view[done:])
+        if not n:
+            raise ValueError(f"the file ends inside {tensor.name}")
+        done += n
+    return data.view(tensor.data.dtype).reshape((stop - start, *shape[1:]) if len(shape) > 1 else shape)
+
+
+def dequantize(gguf, data, tensor_type):
+    """A GGUF tensor's data (as read_rows gives it) as a float32 torch tensor of its shape: (rows, values a row), or a
+    vector. F32, F16, BF16, Q8_0, Q4_0 and Q4_1 are computed by torch a few MB at a time, several times faster than
+    gguf.quants' numpy (which gives the same values: tests/test_gguf.py); other types by gguf.quants."""
+    import numpy as np
+    import torch
+
+    name = tensor_type.name
+    shape = (data.shape[0], -1) if data.ndim > 1 else (-1,)
+    raw = torch.from_numpy(data.view(np.uint8).reshape(-1))
+    if name in ("F32", "F16", "BF16"):
+        w = raw.view({"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[name]).float()
+    elif name in ("Q8_0", "Q4_0", "Q4_1"):
+        block_size, type_size = gguf.GGML_QUANT_SIZES[tensor_type]
+        blocks = raw.view(-1, type_size)
+        w = torch.empty(blocks.size(0), block_size)
+        for part in range(0, blocks.size(0), 1 << 15):  # a few MB of temporaries at a time
+            b, out = blocks[part:part + (1 << 15)], w[part:part + (1 << 15)]
+            scale = b[:, :2].contiguous().view(torch.float16).float()  # (blocks, 1)
+            if name == "Q8_0":  # value = d * q
+                torch.mul(b[:, 2:].contiguous().view(torch.int8), scale, out=out)
+                continue
+            packed = b[:, 4:] if name == "Q4_1" else b[:, 2:]  # 16 bytes: low nibbles are values 0-15, high 16-31
+            out[:, :16], out[:, 16:] = packed & 0x0F, packed >> 4
+            if name == "Q4_1":  # value = d * q + m
+                out.mul_(scale).add_(b[:, 2:4].contiguous().view(torch.float16).float())
+            else:  # value = d * (q - 8)
+                out.sub_(8).mul_(scale)
+    else:
+        w = torch.from_numpy(np.require(gguf.quants.dequantize(data, tensor_type), np.float32, ["C", "W"]))
+    return w.reshape(shape)
 
 
 def rope_factors(gguf, tensors: dict):

@@ -9,6 +9,7 @@ are Conv1D layers, which store a linear layer's weight transposed.
 
 import json
 from contextlib import ExitStack
+from functools import partial
 from pathlib import Path
 
 from llmcli.errors import LLMError
@@ -187,11 +188,14 @@ def weight_files(directory: Path) -> dict[str, Path]:
     return {name: path for name in safetensors_header(path)}
 
 
-def load_hf_folder(directory: Path, device: str = "cpu"):
-    """(model in eval mode, tokenizer, config dict) from a Hugging Face model folder."""
-    import torch
-    from safetensors import SafetensorError, safe_open
+def load_hf_folder(directory: Path, device: str = "cpu", quantize: str | None = None):
+    """(model in eval mode, tokenizer, config dict) from a Hugging Face model folder; quantize as load_model's.
 
+    A float32 tensor our model keeps as it is becomes its parameter as a view of the file's pages; the parts of a
+    fused q/k/v or gate/up matrix are read straight into its rows; with quantize, a block of rows at a time
+    (llmcli/files.py's SafetensorsFile, llmcli/model/quantize.py's materialize)."""
+    from llmcli.files import SafetensorsFile
+    from llmcli.model.quantize import materialize
     from llmcli.model.transformer import ModelConfig, Transformer, meta_device
     from llmcli.text.tokenizer import load_tokenizer
 
@@ -210,40 +214,62 @@ def load_hf_folder(directory: Path, device: str = "cpu"):
         files = {(n if n.startswith(("transformer.", "lm_head.")) else f"transformer.{n}"): p for n, p in files.items()}
 
     with meta_device():
-        expected = {k: tuple(v.shape) for k, v in Transformer(model_config).state_dict().items()}
+        model = Transformer(model_config)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     with ExitStack() as stack:
-        try:
-            opened = {p: stack.enter_context(safe_open(p, framework="pt")) for p in sorted(set(files.values()))}
-        except (SafetensorError, OSError) as e:
-            raise LLMError(f"a weights file in {directory} is corrupt: {e}") from None
-        _check_weights(directory, family, model_config, expected, files, opened)
-        model = Transformer.empty(model_config)
-        targets = model.state_dict()
-        with torch.no_grad():
-            for name in expected:
-                parts = [opened[files[hf_name]].get_tensor(hf_name) for hf_name in hf_parts(family, name)]
-                if is_conv1d(family, name, len(expected[name])):
-                    parts = [p.t() for p in parts]
-                targets[name].copy_(parts[0] if len(parts) == 1 else torch.cat(parts))
+        opened = {p: stack.enter_context(SafetensorsFile(p)) for p in sorted(set(files.values()))}
+        # name -> (the file, the name it has there: an original GPT-2 file's has no "transformer.")
+        stored = {n: (opened[p], n if n in opened[p].header else n.removeprefix("transformer."))
+                  for n, p in files.items()}
+        _check_weights(directory, family, model_config, expected, stored)
+
+        def read(name: str, rows: slice | None = None):
+            parts = [stored[hf_name] for hf_name in hf_parts(family, name)]
+            if is_conv1d(family, name, len(expected[name])):  # (small matrices: read whole, transposed)
+                file, stored_name = parts[0]
+                return file.read(stored_name).t()[rows or slice(None)].contiguous()
+            if len(parts) == 1:
+                file, stored_name = parts[0]
+                return file.tensor(stored_name) if rows is None else file.read(stored_name, rows)
+            return read_parts([(file.shape(n)[0], partial(file.read, n)) for file, n in parts], expected[name], rows)
+
+        model = materialize(model, read, quantize)
     config = {"format": "huggingface", "family": family, "architecture": (hf.get("architectures") or [family])[0],
               "model": settings}
-    return model.to(device).eval(), tokenizer, config
+    return model.to(device), tokenizer, config
 
 
-def _check_weights(directory, family, config, expected: dict, files: dict, opened: dict):
+def read_parts(parts: list, shape: tuple, rows: slice | None = None):
+    """Rows `rows` (all when None) of a tensor of `shape` made of parts stacked along dim 0, as float32: parts are
+    (their rows, read(rows, out=...)), each read straight into its place."""
+    import torch
+
+    start, stop, _ = (rows or slice(None)).indices(shape[0])
+    out = torch.empty((stop - start, *shape[1:]))
+    first = 0  # the part's first row in the whole tensor
+    for n, read in parts:
+        begin, end = max(start, first), min(stop, first + n)
+        if begin < end:
+            read(slice(begin - first, end - first), out=out[begin - start:end - start])
+        first += n
+    return out
+
+
+def _check_weights(directory, family, config, expected: dict, stored: dict):
     """Every tensor present with the shape config.json implies, and no weights we would silently drop."""
     used = set()
     for name, shape in expected.items():
         for hf_name, part_shape in zip(hf_parts(family, name), part_shapes(family, config, name, shape)):
-            if hf_name not in files:
+            if hf_name not in stored:
                 raise LLMError(f"{directory}: weight {hf_name} is missing")
-            found = tuple(opened[files[hf_name]].get_slice(hf_name).get_shape())
+            file, stored_name = stored[hf_name]
+            found = file.shape(stored_name)
             if found != part_shape:
                 raise LLMError(f"{directory}: weight {hf_name} has shape {list(found)}, {HF_CONFIG} implies "
                                f"{list(part_shape)}")
             used.add(hf_name)
     tied_head = "lm_head.weight" if config.tie_embeddings else None
-    unexpected = sorted(n for n in files if n not in used and n != tied_head and not n.endswith(IGNORED_SUFFIXES))
+    unexpected = sorted(n for n in stored if n not in used and n != tied_head and not n.endswith(IGNORED_SUFFIXES))
     if unexpected:
         raise LLMError(f"{directory}: {len(unexpected)} weights that {HF_CONFIG} does not account for "
                        f"(first: {unexpected[0]})")

@@ -44,11 +44,13 @@ def read_config(directory: Path) -> dict:
     return config
 
 
-def load_ours(directory: Path, config: dict, device: str = "cpu", numpy_if_small: bool = False):
+def load_ours(directory: Path, config: dict, device: str = "cpu", numpy_if_small: bool = False,
+              quantize: str | None = None):
     """(model in eval mode, tokenizer, config) from one of our checkpoint directories, whose config.yaml is config.
 
     numpy_if_small: a small plain language model comes as a NumpyTransformer (llmcli/model/numpy_model.py), which
-    decodes without importing torch. Raises LLMError when the files are missing, corrupt or disagree.
+    decodes without importing torch. quantize: as load_model's, each matrix quantized as it is read. Raises LLMError
+    when the files are missing, corrupt or disagree.
     """
     from llmcli.config import ModelConfig
 
@@ -64,13 +66,13 @@ def load_ours(directory: Path, config: dict, device: str = "cpu", numpy_if_small
     if tokenizer.vocab_size > model_config.vocab_size:  # (fewer is fine: embeddings padded to a round size)
         raise LLMError(f"checkpoint {directory}: tokenizer has {tokenizer.vocab_size} tokens but the model only "
                        f"{model_config.vocab_size} embeddings; the files come from different runs")
-    if numpy_if_small and device == "cpu":
+    if numpy_if_small and device == "cpu" and quantize is None:
         model = _load_small(directory, config)
         if model is not None:
             return model, tokenizer, config
 
-    from safetensors import SafetensorError, safe_open
-
+    from llmcli.files import SafetensorsFile
+    from llmcli.model.quantize import materialize
     from llmcli.model.transformer import Transformer, meta_device
 
     model_class, extra = Transformer, {}
@@ -79,20 +81,16 @@ def load_ours(directory: Path, config: dict, device: str = "cpu", numpy_if_small
 
         model_class, extra = Classifier, {"n_labels": len(config["labels"])}
     with meta_device():
-        expected = {k: tuple(v.shape) for k, v in model_class(model_config, **extra).state_dict().items()}
-    found = {k: tuple(v["shape"]) for k, v in safetensors_header(directory / MODEL_FILE).items()}
-    if found == expected:
-        try:
-            with safe_open(directory / MODEL_FILE, framework="pt") as f:
-                state = {k: f.get_tensor(k).float() for k in f.keys()}
-        except (SafetensorError, OSError) as e:
-            raise LLMError(f"{directory / MODEL_FILE} is corrupt: {e}") from None
-    else:
-        raise LLMError(f"checkpoint {directory}: {_describe_mismatch(expected, found)}; "
-                       f"{MODEL_FILE} does not match {CONFIG_FILE}")
-    model = model_class.empty(model_config, **extra)
-    model.load_state_dict(state)
-    return model.to(device).eval(), tokenizer, config
+        model = model_class(model_config, **extra)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    with SafetensorsFile(directory / MODEL_FILE) as f:
+        found = {k: f.shape(k) for k in f.keys()}
+        if found != expected:
+            raise LLMError(f"checkpoint {directory}: {_describe_mismatch(expected, found)}; "
+                           f"{MODEL_FILE} does not match {CONFIG_FILE}")
+        model = materialize(model, lambda name, rows=None: f.tensor(name) if rows is None else f.read(name, rows),
+                            quantize)
+    return model.to(device), tokenizer, config
 
 
 def _describe_mismatch(expected: dict, found: dict) -> str:

@@ -6,6 +6,10 @@ offset each, the layout of llama.cpp's Q4_1) about a sixth. torch's weight-only 
 by the packed weights (their float32 paths are 10-40x slower here); norms, attention and the residual stream stay
 float32. The token embedding becomes int8 rows too (a lookup reads one row), shared with a tied int8 output head, so
 no float32 copy of any quantized matrix is kept. Bits per byte and speed: README, benchmarks/generate.py.
+
+Loading (`materialize`): the loaders of llmcli/formats/ build the model on the meta device and hand a function that
+reads one tensor, or a block of its rows, from the file; each matrix is quantized a block of rows at a time as it is
+read, so neither the float32 model nor even one whole float32 matrix is ever in memory.
 """
 
 import dataclasses
@@ -21,20 +25,37 @@ MODES = ("int8", "int4")
 GROUP_SIZE = 32  # int4: inputs that share a scale and an offset (llama.cpp's Q4_0/Q4_1 blocks are 32 too)
 
 
-def int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(int8 (out, in), float32 scales (out,)): each row over its largest |w| / 127, rounded."""
+class StoredMatrix:
+    """A float32 matrix still in its file, read a block of rows at a time: `read(rows)` returns rows[slice] as a float32
+    tensor. The quantizers below take it where they take a tensor (they only index it by rows)."""
+
+    def __init__(self, shape: tuple[int, int], read):
+        self.shape, self.read = torch.Size(shape), read
+
+    def size(self, dim: int) -> int:
+        return self.shape[dim]
+
+    def __getitem__(self, rows: slice) -> torch.Tensor:
+        return self.read(rows)
+
+
+def int8_rows(weight) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 (out, in), float32 scales (out,)) of a float32 weight (a tensor or a StoredMatrix): each row over its
+    largest |w| / 127, rounded."""
     q = torch.empty(weight.shape, dtype=torch.int8)
     scales = torch.empty(weight.size(0))
-    for rows in chunks(weight.size(0)):
+    for rows in chunks(*weight.shape):
         w = weight[rows].detach().float()
         scales[rows] = w.abs().amax(dim=1).clamp(min=1e-12) / 127
         q[rows] = torch.round(w / scales[rows, None])
     return q, scales
 
 
-def chunks(n: int, size: int = 4096) -> list[slice]:
-    """Rows are quantized a few thousand at a time, so that the temporaries of a 50,000-row output head stay small."""
-    return [slice(start, min(start + size, n)) for start in range(0, n, size)]
+def chunks(n: int, width: int, size: int = 1 << 20) -> list[slice]:
+    """Rows of a (n, width) matrix are quantized about `size` values (4 MB of float32) at a time, so that the
+    temporaries of a 50,000-row output head stay small; blocks of whole 16-row tiles (int4's kernel packs in those)."""
+    step = max(16, size // max(width, 1) // 16 * 16)
+    return [slice(start, min(start + step, n)) for start in range(0, n, step)]
 
 
 class Int8Linear(nn.Module):
@@ -62,7 +83,7 @@ class Int4Linear(nn.Module):
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
         packed, pairs = [], []
-        for rows in chunks(weight.size(0)):  # (the kernel packs each row alone)
+        for rows in chunks(*weight.shape):  # (the kernel packs each row alone)
             groups = weight[rows].detach().float().unflatten(1, (-1, GROUP_SIZE))  # (rows, in / GROUP_SIZE, GROUP_SIZE)
             low, high = groups.amin(dim=2, keepdim=True), groups.amax(dim=2, keepdim=True)
             scales = ((high - low) / 15).clamp(min=1e-12)
@@ -100,16 +121,19 @@ def check_mode(mode: str):
 
 
 def quantizable(linear: nn.Module, mode: str) -> bool:
-    """Whether the kernel of `mode` takes this layer (others stay float32): int8 reads the input 16 values at a time
-    (other widths crash it); int4 wants whole groups and the kernel's 16-row tiles."""
-    if not isinstance(linear, nn.Linear):
-        return False
+    """Whether the kernel of `mode` takes this layer (others stay float32)."""
+    return isinstance(linear, nn.Linear) and kernel_takes(linear.in_features, linear.out_features, mode)
+
+
+def kernel_takes(in_features: int, out_features: int, mode: str) -> bool:
+    """int8's kernel reads the input 16 values at a time (other widths crash it); int4's wants whole groups and its
+    16-row tiles."""
     if mode == "int4":
-        return linear.in_features % GROUP_SIZE == 0 and linear.out_features % 16 == 0
-    return linear.in_features % 16 == 0
+        return in_features % GROUP_SIZE == 0 and out_features % 16 == 0
+    return in_features % 16 == 0
 
 
-def quantized_linear(weight: torch.Tensor, bias: torch.Tensor | None, mode: str) -> nn.Module:
+def quantized_linear(weight, bias: torch.Tensor | None, mode: str) -> nn.Module:
     return Int4Linear(weight, bias) if mode == "int4" else Int8Linear(weight, bias)
 
 
@@ -118,8 +142,8 @@ def quantize(model: nn.Module, mode: str) -> nn.Module:
 
     LoRA layers are merged into their base first. The token embedding becomes an Int8Embedding; a tied output head
     becomes a quantized layer of its own (for int8 sharing the embedding's int8 rows). Each float32 matrix is freed
-    as soon as it is replaced. (Loading with load_model(..., quantize=mode) quantizes each matrix as it is read
-    instead, so that the float32 model never exists whole.)
+    as soon as it is replaced, but the float32 model was whole before: llmcli.formats.load_model(..., quantize=mode)
+    quantizes as it reads instead (materialize).
     """
     check_mode(mode)
     if model.norm_f.weight.device.type != "cpu":
@@ -134,15 +158,44 @@ def quantize(model: nn.Module, mode: str) -> nn.Module:
     return model.eval()
 
 
-def quantize_embedding(model: nn.Module, mode: str, weight: torch.Tensor):
-    """The token embedding (its float32 weight given) to int8 rows, and a tied output head, of a language model (not
-    a classifier), to a quantized layer of its own; if the kernel cannot take that head, both stay float32."""
+def quantize_embedding(model: nn.Module, mode: str, weight) -> bool:
+    """The token embedding (its float32 weight given, a tensor or a StoredMatrix) to int8 rows, and a tied output
+    head, of a language model (not a classifier), to a quantized layer of its own; if the kernel cannot take that
+    head, both stay float32 and nothing changes (False)."""
     tied_head = model.config.tie_embeddings and not hasattr(model, "classifier")
-    if tied_head and not quantizable(nn.Linear(model.config.n_embd, model.config.vocab_size, device="meta"), mode):
-        model.token_embedding.weight = nn.Parameter(weight)
-        return
+    if tied_head and not kernel_takes(model.config.n_embd, model.config.vocab_size, mode):
+        return False
     rows = int8_rows(weight)
     if tied_head:
         model.lm_head = Int8Linear(None, None, rows) if mode == "int8" else Int4Linear(weight, None)
         model.config = dataclasses.replace(model.config, tie_embeddings=False)  # the head is now its own
     model.token_embedding = Int8Embedding(None, rows)
+    return True
+
+
+def materialize(model: nn.Module, read, mode: str | None = None) -> nn.Module:
+    """A model built on the meta device (llmcli.model.transformer.meta_device) given its weights, in eval mode.
+
+    read(name, rows=None) returns our tensor `name` (a key of the model's state_dict) as float32, or only its rows
+    `rows` (a slice of the first dimension); a whole tensor becomes the parameter's storage as it is, uncopied.
+    mode ("int8", "int4"): the token embedding and every layer the kernel takes are quantized a block of rows at a
+    time as they are read (StoredMatrix), so that no float32 matrix of theirs exists whole; the result equals
+    quantize() of the float32 model exactly. The model's buffers (the rotary and position tables) must be real.
+    """
+    if mode is not None:
+        check_mode(mode)
+        weight = model.token_embedding.weight
+        quantize_embedding(model, mode, StoredMatrix(weight.shape, lambda rows: read("token_embedding.weight", rows)))
+        for prefix, module in list(model.named_modules()):
+            for name, child in list(module.named_children()):
+                if quantizable(child, mode) and child.weight.is_meta:
+                    path = f"{prefix}.{name}" if prefix else name
+                    weight = StoredMatrix(child.weight.shape, lambda rows, path=path: read(f"{path}.weight", rows))
+                    bias = read(f"{path}.bias") if child.bias is not None else None
+                    setattr(module, name, quantized_linear(weight, bias, mode))
+    for name, p in list(model.named_parameters()):
+        if p.is_meta:
+            module, _, attr = name.rpartition(".")
+            model.get_submodule(module)._parameters[attr] = nn.Parameter(read(name))
+    assert not any(b.is_meta for b in model.buffers()), "the model's tables must be computed, not meta"
+    return model.eval()
