@@ -142,24 +142,24 @@ SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF1
 class SafetensorsFile:
     """The tensors of one .safetensors file as float32 torch tensors, each read when asked for and copied at most once.
 
-    `tensor(name)` of a float32 tensor is a copy-on-write view of the file's pages (mmap, as llama.cpp maps its
-    files): no copy, and writing to it (training) leaves the file as it is; `read(name, rows)` reads rows of a tensor
-    with one read() into the memory that keeps them (converted to float32 when stored otherwise), for the parts of
-    a fused matrix and for quantizing a block of rows at a time. safetensors' own safe_open copies every tensor out of
-    its mapping, so the weights passed through memory twice. Raises LLMError naming the file when it is corrupt.
-    (A file rewritten in place while a model maps it would crash the process; we write ours by renaming.)
+    `tensor(name)` of a float32 tensor is a copy-on-write map of its pages of the file (as llama.cpp maps its files):
+    no copy, writing to it (training) leaves the file as it is, and the pages leave the process's memory when the
+    tensor is freed (each tensor maps its own pages, so that a model that replaces a matrix by another copy, as
+    decoding's transposed layout does, holds no stale pages). `read(name, rows)` reads rows of a tensor with one read()
+    into the memory that keeps them (converted to float32 when stored otherwise): the parts of a fused matrix, and a
+    block of rows at a time for quantizing. safetensors' own safe_open copies each tensor out of a map of the whole
+    file, so the weights passed through memory twice and the map's pages stayed. Raises LLMError naming the file when
+    it is corrupt. (A file rewritten in place while a model maps it would crash the process; ours are renamed into
+    place.)
     """
 
     def __init__(self, path: Path):
-        import mmap
-
         self.path = Path(path)
         self.header = safetensors_header(self.path)  # checked
         try:
             self.file = open(self.path, "rb", buffering=0)
             size = os.fstat(self.file.fileno()).st_size
             self.data_start = 8 + int.from_bytes(self.file.read(8), "little")
-            self.map = mmap.mmap(self.file.fileno(), 0, access=mmap.ACCESS_COPY) if size else None
         except OSError as e:
             raise LLMError(f"cannot read {self.path}: {os_error_reason(e)}") from None
         for name, info in self.header.items():
@@ -174,7 +174,7 @@ class SafetensorsFile:
         return self
 
     def __exit__(self, *exc):
-        self.file.close()  # (the mapping stays while tensors use it)
+        self.file.close()  # (the maps stay while tensors use them)
 
     def keys(self) -> list[str]:
         return list(self.header)
@@ -193,14 +193,22 @@ class SafetensorsFile:
         return math.prod(self.header[name]["shape"][1:]) * itemsize
 
     def tensor(self, name: str):
-        """The whole tensor as float32: a view of the file's pages when it is stored as float32, else read."""
+        """The whole tensor as float32: its pages of the file, mapped, when it is stored as float32, else read."""
+        import mmap
+
         import torch
 
-        begin = self.data_start + self.header[name]["data_offsets"][0]
-        shape = self.shape(name)
-        if self._dtype(name) == torch.float32 and begin % 4 == 0 and self.map is not None and 0 not in shape:
-            return torch.frombuffer(self.map, dtype=torch.float32, count=math.prod(shape), offset=begin).view(shape)
-        return self.read(name)
+        begin, end = (self.data_start + offset for offset in self.header[name]["data_offsets"])
+        if self._dtype(name) != torch.float32 or begin % 4 or begin == end:
+            return self.read(name)
+        start = begin - begin % mmap.ALLOCATIONGRANULARITY  # (a map starts at a page)
+        try:
+            pages = mmap.mmap(self.file.fileno(), end - start, offset=start, access=mmap.ACCESS_COPY)
+        except OSError as e:
+            raise LLMError(f"cannot read {self.path}: {os_error_reason(e)}") from None
+        # (the tensor keeps the map open; it is unmapped with the tensor's memory)
+        return torch.frombuffer(pages, dtype=torch.float32, count=(end - begin) // 4, offset=begin - start).view(
+            self.shape(name))
 
     def read(self, name: str, rows: slice | None = None, out=None):
         """Rows `rows` (of the first dimension; all when None) of the tensor as float32, read into `out` when given (a

@@ -69,6 +69,9 @@ def _gguf():
 def open_gguf(path: Path):
     """A gguf.GGUFReader on path (memory-mapped: tensors are read when touched). Raises LLMError for a file that is
     not GGUF, is truncated, or holds a tensor type ggml does not know."""
+    from struct import error as StructError
+    from struct import unpack_from
+
     import numpy as np
 
     gguf = _gguf()
@@ -101,14 +104,15 @@ def open_gguf(path: Path):
                 return 12 + values.nbytes, [item_type, length, values], [2], [ARRAY, gguf.GGUFValueType(item_type[0])]
             if item_type[0] != STRING:
                 return super()._get_field_parts(orig_offs, raw_type)
-            parts, buffer, offs = [item_type, length], self._bytes, orig_offs + 12
+            # one part a string, its bytes (not its length too): half the objects, which stay until the reader goes
+            parts, buffer, offs, end = [item_type, length], self._bytes, orig_offs + 12, len(self._bytes)
             for _ in range(int(length[0])):
-                size = int.from_bytes(buffer[offs:offs + 8], "little")
-                parts += [buffer[offs:offs + 8], buffer[offs + 8:offs + 8 + size]]
-                if offs + 8 + size > len(buffer):
+                (size,) = unpack_from("<Q", buffer, offs)
+                if offs + 8 + size > end:
                     raise IndexError(f"a string at byte {offs} runs past the end of the file")
+                parts.append(buffer[offs + 8:offs + 8 + size])
                 offs += 8 + size
-            return offs - orig_offs, parts, list(range(3, len(parts), 2)), [ARRAY, STRING]
+            return offs - orig_offs, parts, list(range(2, len(parts))), [ARRAY, STRING]
 
     try:
         with open(path, "rb") as f:
@@ -127,7 +131,7 @@ def open_gguf(path: Path):
             raise LLMError(f"{path}: unknown tensor type {number.group(1) if number else '?'} (not a ggml type this "
                            "gguf library knows)") from None
         raise LLMError(f"{path} is truncated or corrupt: {e}") from None
-    except (IndexError, KeyError, OverflowError, UnicodeDecodeError, OSError) as e:
+    except (IndexError, KeyError, OverflowError, UnicodeDecodeError, OSError, StructError) as e:
         raise LLMError(f"{path} is truncated or corrupt: {e}") from None
 
 
@@ -295,6 +299,7 @@ def load_gguf(path: Path, device: str = "cpu", quantize: str | None = None):
     reader = open_gguf(path)
     metadata = read_metadata(reader, path)
     tensors = {t.name: t for t in reader.tensors}
+    del reader  # (its fields, as Python objects, weigh tens of MB for a large vocabulary: gone before the weights)
     shapes = {name: tensor_shape(t) for name, t in tensors.items()}
     arch = architecture_of(metadata, path)
     settings = model_settings(metadata, shapes, path, rope_factors(gguf, tensors))
@@ -307,6 +312,7 @@ def load_gguf(path: Path, device: str = "cpu", quantize: str | None = None):
             raise LLMError(f"{path}: tensor {name} has type {t.tensor_type.name}, which is not supported; supported: "
                            f"{', '.join(READ_TYPES)}")
     tokenizer = gguf_tokenizer(metadata, path, config.vocab_size)
+    del metadata
 
     with meta_device():
         model = Transformer(config)
@@ -331,11 +337,11 @@ def load_gguf(path: Path, device: str = "cpu", quantize: str | None = None):
         out.copy_(w)
         return out
 
-    def read(name: str, rows: slice | None = None):
+    def read(name: str, rows: slice | None = None, out=None):
         names = gguf_parts(arch, name)
         if len(names) == 1:
-            return read_part(names[0], rows)
-        return read_parts([(shapes[n][0], partial(read_part, n)) for n in names], expected[name], rows)
+            return read_part(names[0], rows, out)
+        return read_parts([(shapes[n][0], partial(read_part, n)) for n in names], expected[name], rows, out)
 
     with file:
         model = materialize(model, read, quantize)

@@ -223,15 +223,17 @@ def load_hf_folder(directory: Path, device: str = "cpu", quantize: str | None = 
                   for n, p in files.items()}
         _check_weights(directory, family, model_config, expected, stored)
 
-        def read(name: str, rows: slice | None = None):
+        def read(name: str, rows: slice | None = None, out=None):
             parts = [stored[hf_name] for hf_name in hf_parts(family, name)]
             if is_conv1d(family, name, len(expected[name])):  # (small matrices: read whole, transposed)
                 file, stored_name = parts[0]
-                return file.read(stored_name).t()[rows or slice(None)].contiguous()
+                w = file.read(stored_name).t()[rows or slice(None)]
+                return w.contiguous() if out is None else out.copy_(w)
             if len(parts) == 1:
                 file, stored_name = parts[0]
-                return file.tensor(stored_name) if rows is None else file.read(stored_name, rows)
-            return read_parts([(file.shape(n)[0], partial(file.read, n)) for file, n in parts], expected[name], rows)
+                return file.tensor(stored_name) if rows is None and out is None else file.read(stored_name, rows, out)
+            return read_parts([(file.shape(n)[0], partial(file.read, n)) for file, n in parts], expected[name], rows,
+                              out)
 
         model = materialize(model, read, quantize)
     config = {"format": "huggingface", "family": family, "architecture": (hf.get("architectures") or [family])[0],
@@ -239,13 +241,13 @@ def load_hf_folder(directory: Path, device: str = "cpu", quantize: str | None = 
     return model.to(device), tokenizer, config
 
 
-def read_parts(parts: list, shape: tuple, rows: slice | None = None):
-    """Rows `rows` (all when None) of a tensor of `shape` made of parts stacked along dim 0, as float32: parts are
-    (their rows, read(rows, out=...)), each read straight into its place."""
+def read_parts(parts: list, shape: tuple, rows: slice | None = None, out=None):
+    """Rows `rows` (all when None) of a tensor of `shape` made of parts stacked along dim 0, as float32, into `out`
+    when given: parts are (their rows, read(rows, out=...)), each read straight into its place."""
     import torch
 
     start, stop, _ = (rows or slice(None)).indices(shape[0])
-    out = torch.empty((stop - start, *shape[1:]))
+    out = torch.empty((stop - start, *shape[1:])) if out is None else out
     first = 0  # the part's first row in the whole tensor
     for n, read in parts:
         begin, end = max(start, first), min(stop, first + n)

@@ -88,8 +88,8 @@ def load_ours(directory: Path, config: dict, device: str = "cpu", numpy_if_small
         if found != expected:
             raise LLMError(f"checkpoint {directory}: {_describe_mismatch(expected, found)}; "
                            f"{MODEL_FILE} does not match {CONFIG_FILE}")
-        model = materialize(model, lambda name, rows=None: f.tensor(name) if rows is None else f.read(name, rows),
-                            quantize)
+        model = materialize(model, lambda name, rows=None, out=None: f.tensor(name) if rows is None and out is None
+                            else f.read(name, rows, out), quantize)
     return model.to(device), tokenizer, config
 
 

@@ -13,6 +13,7 @@ read, so neither the float32 model nor even one whole float32 matrix is ever in 
 """
 
 import dataclasses
+from functools import partial
 
 import torch
 import torch.nn as nn
@@ -26,17 +27,23 @@ GROUP_SIZE = 32  # int4: inputs that share a scale and an offset (llama.cpp's Q4
 
 
 class StoredMatrix:
-    """A float32 matrix still in its file, read a block of rows at a time: `read(rows)` returns rows[slice] as a float32
-    tensor. The quantizers below take it where they take a tensor (they only index it by rows)."""
+    """A float32 matrix still in its file, read a block of rows at a time: `read(rows, out)` reads rows[slice] into
+    `out`. The quantizers below take it where they take a tensor (they only index it by rows, and use a block before
+    asking for the next): each block is read into the same memory, `scratch` (a 1-element list, shared by the
+    matrices of a model), which is not allocated and faulted in anew for every block."""
 
-    def __init__(self, shape: tuple[int, int], read):
-        self.shape, self.read = torch.Size(shape), read
+    def __init__(self, shape: tuple[int, int], read, scratch: list):
+        self.shape, self.read, self.scratch = torch.Size(shape), read, scratch
 
     def size(self, dim: int) -> int:
         return self.shape[dim]
 
     def __getitem__(self, rows: slice) -> torch.Tensor:
-        return self.read(rows)
+        start, stop, _ = rows.indices(self.shape[0])
+        size = (stop - start) * self.shape[1]
+        if self.scratch[0].numel() < size:
+            self.scratch[0] = torch.empty(size)
+        return self.read(rows, out=self.scratch[0][:size].view(stop - start, self.shape[1]))
 
 
 def int8_rows(weight) -> tuple[torch.Tensor, torch.Tensor]:
@@ -46,8 +53,9 @@ def int8_rows(weight) -> tuple[torch.Tensor, torch.Tensor]:
     scales = torch.empty(weight.size(0))
     for rows in chunks(*weight.shape):
         w = weight[rows].detach().float()
-        scales[rows] = w.abs().amax(dim=1).clamp(min=1e-12) / 127
-        q[rows] = torch.round(w / scales[rows, None])
+        low, high = w.aminmax(dim=1)
+        scales[rows] = torch.maximum(high, -low).clamp(min=1e-12) / 127
+        q[rows] = (w / scales[rows, None]).round_()
     return q, scales
 
 
@@ -176,21 +184,23 @@ def quantize_embedding(model: nn.Module, mode: str, weight) -> bool:
 def materialize(model: nn.Module, read, mode: str | None = None) -> nn.Module:
     """A model built on the meta device (llmcli.model.transformer.meta_device) given its weights, in eval mode.
 
-    read(name, rows=None) returns our tensor `name` (a key of the model's state_dict) as float32, or only its rows
-    `rows` (a slice of the first dimension); a whole tensor becomes the parameter's storage as it is, uncopied.
+    read(name, rows=None, out=None) returns our tensor `name` (a key of the model's state_dict) as float32, or only its
+    rows `rows` (a slice of the first dimension), read into `out` when given (a float32 tensor of that shape); a whole
+    tensor becomes the parameter's storage as it is, uncopied.
     mode ("int8", "int4"): the token embedding and every layer the kernel takes are quantized a block of rows at a
     time as they are read (StoredMatrix), so that no float32 matrix of theirs exists whole; the result equals
     quantize() of the float32 model exactly. The model's buffers (the rotary and position tables) must be real.
     """
     if mode is not None:
         check_mode(mode)
-        weight = model.token_embedding.weight
-        quantize_embedding(model, mode, StoredMatrix(weight.shape, lambda rows: read("token_embedding.weight", rows)))
+        scratch = [torch.empty(0)]
+        weight = StoredMatrix(model.token_embedding.weight.shape, partial(read, "token_embedding.weight"), scratch)
+        quantize_embedding(model, mode, weight)
         for prefix, module in list(model.named_modules()):
             for name, child in list(module.named_children()):
                 if quantizable(child, mode) and child.weight.is_meta:
                     path = f"{prefix}.{name}" if prefix else name
-                    weight = StoredMatrix(child.weight.shape, lambda rows, path=path: read(f"{path}.weight", rows))
+                    weight = StoredMatrix(child.weight.shape, partial(read, f"{path}.weight"), scratch)
                     bias = read(f"{path}.bias") if child.bias is not None else None
                     setattr(module, name, quantized_linear(weight, bias, mode))
     for name, p in list(model.named_parameters()):
