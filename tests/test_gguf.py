@@ -338,3 +338,19 @@ def test_a_gguf_model_exports_to_gguf_and_hf_unchanged(kind, tmp_path, bpe_token
             assert copy_tok.encode(text) == tok.encode(text), (copy, text)
         with torch.no_grad():
             torch.testing.assert_close(model(ids), original(ids), atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["F16", "BF16", "Q8_0", "Q4_0", "Q4_1"])
+def test_torch_dequantizes_exactly_as_gguf_quants(kind):
+    """Our torch dequantizer (fast enough to load SmolLM2-135M in about a second) gives gguf.quants' values, bit for
+    bit, whole and a block of rows at a time."""
+    from llmcli.formats.gguf import dequantize
+
+    rng = np.random.default_rng(0)  # rows 1000x apart in size, and a negative offset: every term of the formula shows
+    w = (rng.standard_normal((48, 96)) * 10.0 ** rng.integers(-3, 1, (48, 1)) - 0.01).astype(np.float32)
+    data = gguf.quants.quantize(w, Q[kind])
+    expected = gguf.quants.dequantize(data, Q[kind])
+    assert np.array_equal(dequantize(gguf, data, Q[kind]).numpy(), expected)
+    rows = torch.empty(16, 96)
+    assert dequantize(gguf, data[8:24], Q[kind], out=rows) is rows and np.array_equal(rows.numpy(), expected[8:24])
+    assert not np.array_equal(expected, w)  # (a lossy type: the comparison is not trivially of w with itself)

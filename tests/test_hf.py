@@ -310,3 +310,27 @@ def test_a_llama_sentencepiece_tokenizer_starts_at_bos_and_stops_at_eos(tmp_path
     record = json.loads(result.stdout)
     assert record["prompt_tokens"] == 1 + len(tokenizer.encode("ROMEO:"))
     assert record["finish_reason"] == "eos" and record["new_tokens"] == 0 and record["text"] == ""
+
+
+def test_float32_tensors_are_mapped_copy_on_write_and_rows_read_in_place(tmp_path):
+    """llmcli.files.SafetensorsFile: a float32 tensor is the file's pages (no copy), which writing to it (training)
+    leaves unchanged on disk; rows of any tensor are read into a given tensor, other dtypes converted to float32."""
+    from safetensors.torch import load_file, save_file
+
+    from llmcli.files import SafetensorsFile
+
+    tensors = {"a": torch.randn(40, 24), "b": torch.randn(7).to(torch.bfloat16), "c": torch.randn(3, 5, 2)}
+    save_file(tensors, tmp_path / "t.safetensors")
+    with SafetensorsFile(tmp_path / "t.safetensors") as f:
+        a, b = f.tensor("a"), f.tensor("b")
+        rows = torch.full((10, 24), float("nan"))
+        assert f.read("a", slice(30, 40), out=rows) is rows
+        assert torch.equal(f.read("c", slice(1, 3)), tensors["c"][1:3])
+    assert torch.equal(a, tensors["a"]) and torch.equal(rows, tensors["a"][30:]) and b.dtype == torch.float32
+    assert torch.equal(b, tensors["b"].float())
+    assert a.untyped_storage().nbytes() < 40 * 24 * 4 + 4096 and not a.untyped_storage().resizable()  # the map
+    a.mul_(2)
+    assert torch.equal(load_file(tmp_path / "t.safetensors")["a"], tensors["a"])  # the file is as it was
+    (tmp_path / "cut.safetensors").write_bytes((tmp_path / "t.safetensors").read_bytes()[:-8])
+    with pytest.raises(LLMError, match=r"cut.safetensors is corrupt: tensor \w has \d+ bytes"):
+        SafetensorsFile(tmp_path / "cut.safetensors")

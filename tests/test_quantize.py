@@ -4,6 +4,7 @@ CLI."""
 
 import copy
 import json
+import sys
 
 import pytest
 import torch
@@ -94,18 +95,93 @@ def test_a_quantized_model_gives_nearly_the_same_logits(name, mode, tolerance):
                                                                       nn.Embedding if tied else Int8Embedding)
 
 
+def llama_checkpoint(nano_checkpoint, out, **settings):
+    """Our checkpoint of a random Llama-shaped model (rotary, SwiGLU, grouped-query, untied head) with the nano
+    checkpoint's tokenizer: fused q/k/v and gate/up matrices that HF and GGUF files store in parts."""
+    import shutil
+
+    from llmcli.config import ModelConfig
+    from llmcli.formats import ours
+    from llmcli.model.transformer import Transformer
+
+    config = ours.read_config(nano_checkpoint)
+    config["model"] = dict(config["model"], norm="rmsnorm", positions="rope", mlp="swiglu", n_head=4, n_kv_head=2,
+                           bias=False, tie_embeddings=False, intermediate_size=96, **settings)
+    out.mkdir()
+    torch.manual_seed(0)
+    model = uneven(Transformer(ModelConfig(**config["model"])))
+    ours.save_model(out, model)
+    ours.write_config(out, {k: v for k, v in config.items() if k != "format"})
+    shutil.copy(nano_checkpoint / "tokenizer.model", out)
+    return out
+
+
 @pytest.mark.parametrize("mode", ["int8", "int4"])
-def test_loading_quantized_equals_quantizing_the_loaded_model(nano_checkpoint, mode):
-    """load_model(quantize=...) quantizes each matrix as it is read: the same model as quantizing afterwards,
-    with no float32 matrix left."""
-    loaded, _, _ = load_model(nano_checkpoint, quantize=mode)
-    expected = quantize(load_model(nano_checkpoint)[0], mode)
+@pytest.mark.parametrize("form", ["ours", "llama", "hf gpt2", "hf llama", "gguf llama q8_0"])
+def test_loading_quantized_equals_quantizing_the_loaded_model(nano_checkpoint, tmp_path, monkeypatch, form, mode):
+    """load_model(quantize=...) quantizes each matrix a block of rows at a time as it is read (blocks of 48 rows
+    here, across the q/k/v and gate/up parts of HF and GGUF files): the same model, exactly, as quantizing the
+    float32 model, with no float32 matrix left."""
+    from llmcli.formats import export_model
+    from llmcli.model import quantize as quantize_module
+
+    path = nano_checkpoint if "llama" not in form else llama_checkpoint(nano_checkpoint, tmp_path / "llama")
+    if form.startswith("hf"):
+        path = export_model(path, tmp_path / "hf", "hf")
+    elif form.startswith("gguf"):
+        path = export_model(path, tmp_path / "model.gguf", "gguf", "q8_0")
+    monkeypatch.setattr(quantize_module, "BLOCK_VALUES", 48 * 64)  # (the matrices' width: 64)
+    loaded, _, _ = load_model(path, quantize=mode)
+    expected = quantize(load_model(path)[0], mode)
     assert isinstance(loaded.lm_head, Int8Linear if mode == "int8" else Int4Linear)  # 512 rows: the kernels take it
     tokens = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert torch.equal(loaded(tokens), expected(tokens))
     assert not any(t.dtype == torch.float32 and t.ndim == 2 for t in [*loaded.parameters(), *loaded.buffers()]
                    if t.size(0) > 64)  # (the position table of a few rows is looked up, not multiplied)
+
+
+PEAK_RSS = """
+import sys
+import torch
+from llmcli.formats import load_model
+from llmcli.model.quantize import quantize
+
+def peak_rss():  # VmHWM: the process's own peak (ru_maxrss would count the RSS of the parent it was forked from)
+    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+
+load_model(sys.argv[3], quantize="int8")  # a small model first: imports and first calls are not measured
+with open("/proc/self/clear_refs", "w") as f:  # Linux: the peak RSS starts again from the RSS of now
+    f.write("5")
+before = peak_rss()
+if sys.argv[2] == "while reading":
+    model = load_model(sys.argv[1], quantize="int8")[0]
+else:
+    model = quantize(load_model(sys.argv[1])[0], "int8")
+print(peak_rss() - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="resets the peak RSS through /proc")
+def test_a_quantized_load_never_holds_the_float32_model(nano_checkpoint, tmp_path):
+    """The peak memory of loading int8 grows by about the int8 weights, not by the float32 model's 67 MB: measured
+    in a fresh process, against quantizing after a float32 load, which the measurement must tell apart."""
+    import os
+    import subprocess
+
+    from conftest import ROOT
+
+    path = llama_checkpoint(nano_checkpoint, tmp_path / "big", vocab_size=131072, n_layer=1)  # 2 x 8.4M weights
+    float32_bytes = sum(t.numel() * 4 for t in load_model(path)[0].state_dict().values())
+    assert float32_bytes > 67e6
+    growth = {}
+    for how in ("while reading", "after loading"):
+        result = subprocess.run([sys.executable, "-c", PEAK_RSS, str(path), how, str(nano_checkpoint)],
+                                capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        assert result.returncode == 0, result.stderr
+        growth[how] = int(result.stdout)
+    assert growth["after loading"] > 0.9 * float32_bytes, growth  # the float32 model was whole: the test can see it
+    assert growth["while reading"] < 0.6 * float32_bytes, growth  # int8 (a quarter) and a block of rows: 0.42
 
 
 def test_adapters_are_merged_before_quantizing():

@@ -326,16 +326,13 @@ def load_gguf(path: Path, device: str = "cpu", quantize: str | None = None):
         heads = rotary_heads(arch, config, gguf_name)
         # llama.cpp's reordered query and key rows are put back in order within each head: read whole heads
         try:
-            data = read_rows(file, t, None if heads else rows)
-            w = dequantize(gguf, data, t.tensor_type)
+            w = dequantize(gguf, read_rows(file, t, None if heads else rows), t.tensor_type, None if heads else out)
         except ValueError as e:  # a tensor cut short by a truncated file
             raise LLMError(f"{path}: tensor {gguf_name} is corrupt or truncated: {e}") from None
         if heads:
             w = unpermute(w, heads)[rows or slice(None)]
-        if out is None:
-            return w.contiguous()
-        out.copy_(w)
-        return out
+            return w.contiguous() if out is None else out.copy_(w)
+        return w
 
     def read(name: str, rows: slice | None = None, out=None):
         names = gguf_parts(arch, name)
@@ -370,37 +367,46 @@ def read_rows(file, tensor, rows: slice | None = None):
     return data.view(tensor.data.dtype).reshape((stop - start, *shape[1:]) if len(shape) > 1 else shape)
 
 
-def dequantize(gguf, data, tensor_type):
-    """A GGUF tensor's data (as read_rows gives it) as a float32 torch tensor of its shape: (rows, values a row), or a
-    vector. F32, F16, BF16, Q8_0, Q4_0 and Q4_1 are computed by torch a few MB at a time, several times faster than
-    gguf.quants' numpy (which gives the same values: tests/test_gguf.py); other types by gguf.quants."""
+def dequantize(gguf, data, tensor_type, out=None):
+    """A GGUF tensor's data (as read_rows gives it) as a float32 torch tensor of its shape, (rows, values a row) or a
+    vector, written into `out` when given. F32, F16, BF16, Q8_0, Q4_0 and Q4_1 are computed by torch a few MB at a
+    time, several times faster than gguf.quants' numpy (which gives the same values: tests/test_gguf.py); other types
+    by gguf.quants."""
     import numpy as np
     import torch
 
     name = tensor_type.name
     shape = (data.shape[0], -1) if data.ndim > 1 else (-1,)
     raw = torch.from_numpy(data.view(np.uint8).reshape(-1))
-    if name in ("F32", "F16", "BF16"):
-        w = raw.view({"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[name]).float()
-    elif name in ("Q8_0", "Q4_0", "Q4_1"):
+    if name in ("Q8_0", "Q4_0", "Q4_1"):
         block_size, type_size = gguf.GGML_QUANT_SIZES[tensor_type]
         blocks = raw.view(-1, type_size)
-        w = torch.empty(blocks.size(0), block_size)
+        w = torch.empty(blocks.size(0), block_size) if out is None else out.view(-1, block_size)
         for part in range(0, blocks.size(0), 1 << 15):  # a few MB of temporaries at a time
-            b, out = blocks[part:part + (1 << 15)], w[part:part + (1 << 15)]
-            scale = b[:, :2].contiguous().view(torch.float16).float()  # (blocks, 1)
-            if name == "Q8_0":  # value = d * q
-                torch.mul(b[:, 2:].contiguous().view(torch.int8), scale, out=out)
+            b, values = blocks[part:part + (1 << 15)], w[part:part + (1 << 15)]
+            if name == "Q8_0":  # value = d * q: d a float16, then 32 int8
+                torch.mul(b[:, 2:].contiguous().view(torch.int8), b[:, :2].contiguous().view(torch.float16).float(),
+                          out=values)
                 continue
-            packed = b[:, 4:] if name == "Q4_1" else b[:, 2:]  # 16 bytes: low nibbles are values 0-15, high 16-31
-            out[:, :16], out[:, 16:] = packed & 0x0F, packed >> 4
+            # Q4_1: d, m (float16), 16 bytes of 4-bit q; Q4_0: d, 16 bytes. Low nibbles are values 0-15, high 16-31
+            header = 4 if name == "Q4_1" else 2
+            scales = b[:, :header].contiguous().view(torch.float16).float()  # (blocks, 2 or 1)
+            packed = b[:, header:]
+            values[:, :16], values[:, 16:] = packed & 0x0F, packed >> 4
             if name == "Q4_1":  # value = d * q + m
-                out.mul_(scale).add_(b[:, 2:4].contiguous().view(torch.float16).float())
+                values.mul_(scales[:, :1]).add_(scales[:, 1:])
             else:  # value = d * (q - 8)
-                out.sub_(8).mul_(scale)
+                values.sub_(8).mul_(scales)
     else:
-        w = torch.from_numpy(np.require(gguf.quants.dequantize(data, tensor_type), np.float32, ["C", "W"]))
-    return w.reshape(shape)
+        if name in ("F32", "F16", "BF16"):
+            w = raw.view({"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[name])
+        else:
+            w = torch.from_numpy(gguf.quants.dequantize(data, tensor_type))
+        if out is None:
+            w = w.float()  # (F32: the array read, kept)
+        else:
+            w = out.view_as(w).copy_(w)
+    return w.view(shape) if out is None else out
 
 
 def rope_factors(gguf, tensors: dict):

@@ -24,6 +24,7 @@ from llmcli.model.lora import merge_lora
 
 MODES = ("int8", "int4")
 GROUP_SIZE = 32  # int4: inputs that share a scale and an offset (llama.cpp's Q4_0/Q4_1 blocks are 32 too)
+BLOCK_VALUES = 1 << 20  # weights quantized at a time (4 MB of float32)
 
 
 class StoredMatrix:
@@ -59,10 +60,10 @@ def int8_rows(weight) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scales
 
 
-def chunks(n: int, width: int, size: int = 1 << 20) -> list[slice]:
-    """Rows of a (n, width) matrix are quantized about `size` values (4 MB of float32) at a time, so that the
-    temporaries of a 50,000-row output head stay small; blocks of whole 16-row tiles (int4's kernel packs in those)."""
-    step = max(16, size // max(width, 1) // 16 * 16)
+def chunks(n: int, width: int) -> list[slice]:
+    """Rows of a (n, width) matrix are quantized about BLOCK_VALUES at a time, so that the temporaries of a 50,000-row
+    output head stay small; blocks of whole 16-row tiles (int4's kernel packs in those)."""
+    step = max(16, BLOCK_VALUES // max(width, 1) // 16 * 16)
     return [slice(start, min(start + step, n)) for start in range(0, n, step)]
 
 
