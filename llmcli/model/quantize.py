@@ -94,9 +94,9 @@ class Int4Linear(nn.Module):
         packed, pairs = [], []
         for rows in chunks(*weight.shape):  # (the kernel packs each row alone)
             groups = weight[rows].detach().float().unflatten(1, (-1, GROUP_SIZE))  # (rows, in / GROUP_SIZE, GROUP_SIZE)
-            low, high = groups.amin(dim=2, keepdim=True), groups.amax(dim=2, keepdim=True)
+            low, high = groups.aminmax(dim=2, keepdim=True)
             scales = ((high - low) / 15).clamp(min=1e-12)
-            q = torch.round((groups - low) / scales).clamp(0, 15).to(torch.int32).flatten(1)
+            q = (groups - low).div_(scales).round_().clamp_(0, 15).to(torch.int32).flatten(1)
             packed.append(torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))
             pairs.append(torch.cat([scales, low + 8 * scales], dim=2).to(torch.bfloat16))
         self.register_buffer("weight", torch.cat(packed))
