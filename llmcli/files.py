@@ -142,9 +142,9 @@ SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF1
 class SafetensorsFile:
     """The tensors of one .safetensors file as float32 torch tensors, each read when asked for and copied at most once.
 
-    `tensor(name)` of a float32 tensor is a copy-on-write map of its pages of the file (as llama.cpp maps its files):
+    `tensor(name)` of a float32 matrix is a copy-on-write map of its pages of the file (as llama.cpp maps its files):
     no copy, writing to it (training) leaves the file as it is, and the pages leave the process's memory when the
-    tensor is freed (each tensor maps its own pages, so that a model that replaces a matrix by another copy, as
+    tensor is freed (each matrix maps its own pages, so that a model that replaces a matrix by another copy, as
     decoding's transposed layout does, holds no stale pages). `read(name, rows)` reads rows of a tensor with one read()
     into the memory that keeps them (converted to float32 when stored otherwise): the parts of a fused matrix, and a
     block of rows at a time for quantizing. safetensors' own safe_open copies each tensor out of a map of the whole
@@ -193,20 +193,23 @@ class SafetensorsFile:
         return math.prod(self.header[name]["shape"][1:]) * itemsize
 
     def tensor(self, name: str):
-        """The whole tensor as float32: its pages of the file, mapped, when it is stored as float32, else read."""
+        """The whole tensor as float32: a matrix stored as float32 is its pages of the file, mapped; anything else is
+        read (a vector's copy is small)."""
         import mmap
 
         import torch
 
         begin, end = (self.data_start + offset for offset in self.header[name]["data_offsets"])
-        if self._dtype(name) != torch.float32 or begin % 4 or begin == end:
+        if self._dtype(name) != torch.float32 or begin % 4 or len(self.shape(name)) < 2 or begin == end:
             return self.read(name)
+        # a map of the tensor's own pages: one map of the whole file would count the pages of its neighbours too
+        # (the kernel maps the whole large folio around a page that is touched) and keep them all while any is used
         start = begin - begin % mmap.ALLOCATIONGRANULARITY  # (a map starts at a page)
         try:
             pages = mmap.mmap(self.file.fileno(), end - start, offset=start, access=mmap.ACCESS_COPY)
-        except OSError as e:
-            raise LLMError(f"cannot read {self.path}: {os_error_reason(e)}") from None
-        # (the tensor keeps the map open; it is unmapped with the tensor's memory)
+        except OSError:  # (each map holds a file descriptor: out of them, the tensor is read instead)
+            return self.read(name)
+        # the tensor keeps the map open; it is unmapped when the tensor is freed
         return torch.frombuffer(pages, dtype=torch.float32, count=(end - begin) // 4, offset=begin - start).view(
             self.shape(name))
 
