@@ -42,23 +42,30 @@ def test_an_int8_layer_rounds_each_row_by_its_own_scale():
     assert layer(x).shape == (3, 5, 48) and layer(x).dtype == torch.float32
 
 
-def test_an_int4_layer_computes_its_dequantized_weights_times_the_input():
+@pytest.mark.parametrize("block_rows", [16, 48, None])  # None: the whole matrix in one block
+def test_an_int4_layer_computes_its_dequantized_weights_times_the_input(monkeypatch, block_rows):
+    """Also when the matrix is quantized in several blocks of rows (as a large one is), which the kernel's packed
+    layout only allows at its own block boundaries."""
+    from llmcli.model import quantize as quantize_module
+
+    if block_rows is not None:
+        monkeypatch.setattr(quantize_module, "BLOCK_VALUES", block_rows * 64)
     torch.manual_seed(0)
-    linear = nn.Linear(64, 48)
+    linear = nn.Linear(64, 144)
     with torch.no_grad():  # rows 1000x apart, and the two groups of a row 10x apart: scales per group are needed
-        linear.weight.mul_(10.0 ** (torch.arange(48) % 4 - 2)[:, None])
+        linear.weight.mul_(10.0 ** (torch.arange(144) % 4 - 2)[:, None])
         linear.weight[:, 32:] *= 10
     layer = Int4Linear(linear.weight, linear.bias)
-    assert layer.weight.dtype == torch.uint8 and layer.weight.numel() == 48 * 64 // 2  # two weights a byte
+    assert layer.weight.dtype == torch.uint8 and layer.weight.numel() == 144 * 64 // 2  # two weights a byte
     x = torch.randn(3, 5, 64)
     assert relative_error(layer(x), linear(x)) < 0.1  # 16 levels a group of 32
     # the layer is its dequantized weights times the input: read them back through the kernel with x = identity
     dequantized = (layer(torch.eye(64)) - linear.bias).T
     for group, reference in zip(dequantized.reshape(-1, 32), linear.weight.reshape(-1, 32)):
         assert relative_error(group, reference) < 0.1
-    groups = dequantized.reshape(48, 2, 32)
+    groups = dequantized.reshape(144, 2, 32)
     assert all(len(group.unique()) <= 16 for group in groups.reshape(-1, 32))  # 4 bits a weight
-    assert layer(x).shape == (3, 5, 48) and layer(x).dtype == torch.float32
+    assert layer(x).shape == (3, 5, 144) and layer(x).dtype == torch.float32
 
 
 def uneven(model):
@@ -81,18 +88,17 @@ def test_a_quantized_model_gives_nearly_the_same_logits(name, mode, tolerance):
         assert relative_error(quantized(tokens), model(tokens)) < tolerance
     kind = Int8Linear if mode == "int8" else Int4Linear
     for (path, before), after in zip(model.named_modules(), quantized.modules()):
-        if isinstance(before, nn.Linear):  # layers the kernel cannot take stay float32
+        if isinstance(before, nn.Linear) and path != "lm_head":  # layers the kernel cannot take stay float32
             takes = before.in_features % (16 if mode == "int8" else 32) == 0 and (
                 mode == "int8" or before.out_features % 16 == 0)
             assert isinstance(after, kind if takes else nn.Linear), path
     assert model.config == random_model(**CONFIGS[name]).config  # (the copy's config changed, not the model's)
-    if mode == "int8":  # the tied head's int8 copy and the embedding share their int8 rows
-        assert isinstance(quantized.lm_head, Int8Linear) and isinstance(quantized.token_embedding, Int8Embedding)
-        assert not quantized.config.tie_embeddings
-    else:  # vocabulary 97: int4's kernel cannot take the output head (rows a multiple of 16): it stays float32
-        tied = model.config.tie_embeddings
-        assert quantized.config.tie_embeddings == tied and isinstance(quantized.token_embedding,
-                                                                      nn.Embedding if tied else Int8Embedding)
+    # the output head is int8 in both modes (97 rows: int4's kernel could not take it anyway), a tied one sharing
+    # the embedding's int8 rows
+    assert isinstance(quantized.lm_head, Int8Linear) and isinstance(quantized.token_embedding, Int8Embedding)
+    assert not quantized.config.tie_embeddings
+    if model.config.tie_embeddings:
+        assert quantized.lm_head.weight is quantized.token_embedding.weight
 
 
 def llama_checkpoint(nano_checkpoint, out, **settings):
@@ -119,7 +125,7 @@ def llama_checkpoint(nano_checkpoint, out, **settings):
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 @pytest.mark.parametrize("form", ["ours", "llama", "hf gpt2", "hf llama", "gguf llama q8_0"])
 def test_loading_quantized_equals_quantizing_the_loaded_model(nano_checkpoint, tmp_path, monkeypatch, form, mode):
-    """load_model(quantize=...) quantizes each matrix a block of rows at a time as it is read (blocks of 48 rows
+    """load_model(quantize=...) quantizes each matrix a block of rows at a time as it is read (blocks of 128 rows
     here, across the q/k/v and gate/up parts of HF and GGUF files): the same model, exactly, as quantizing the
     float32 model, with no float32 matrix left."""
     from llmcli.formats import export_model
@@ -130,10 +136,10 @@ def test_loading_quantized_equals_quantizing_the_loaded_model(nano_checkpoint, t
         path = export_model(path, tmp_path / "hf", "hf")
     elif form.startswith("gguf"):
         path = export_model(path, tmp_path / "model.gguf", "gguf", "q8_0")
-    monkeypatch.setattr(quantize_module, "BLOCK_VALUES", 48 * 64)  # (the matrices' width: 64)
+    monkeypatch.setattr(quantize_module, "BLOCK_VALUES", 128 * 64)  # (the matrices' width: 64)
     loaded, _, _ = load_model(path, quantize=mode)
     expected = quantize(load_model(path)[0], mode)
-    assert isinstance(loaded.lm_head, Int8Linear if mode == "int8" else Int4Linear)  # 512 rows: the kernels take it
+    assert isinstance(loaded.lm_head, Int8Linear)  # int8 in both modes
     tokens = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert torch.equal(loaded(tokens), expected(tokens))

@@ -2,9 +2,9 @@
 
 A decode step at batch 1 reads every weight once, so its time is the weights' bytes over memory bandwidth: int8 (one
 scale per output feature) reads a quarter of the bytes of float32, int4 (groups of 32 inputs with a scale and an
-offset each, the layout of llama.cpp's Q4_1) about a sixth. torch's weight-only kernels multiply bfloat16 activations
-by the packed weights (their float32 paths are 10-40x slower here); norms, attention and the residual stream stay
-float32. The token embedding becomes int8 rows too (a lookup reads one row), shared with a tied int8 output head, so
+offset each, the layout of llama.cpp's Q4_1) about a sixth; a language model's output head is int8 in both modes
+(head_mode). torch's weight-only kernels multiply bfloat16 activations by the packed weights (their float32 paths
+are 10-40x slower here); norms, attention and the residual stream stay float32. The token embedding becomes int8 rows too (a lookup reads one row), shared with a tied int8 output head, so
 no float32 copy of any quantized matrix is kept. Bits per byte and speed: README, benchmarks/generate.py.
 
 Loading (`materialize`): the loaders of llmcli/formats/ build the model on the meta device and hand a function that
@@ -60,10 +60,13 @@ def int8_rows(weight) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scales
 
 
+PACK_ROWS = 64  # int4's CPU packing interleaves rows 64 at a time: blocks packed apart join only at multiples of it
+
+
 def chunks(n: int, width: int) -> list[slice]:
     """Rows of a (n, width) matrix are quantized about BLOCK_VALUES at a time, so that the temporaries of a 50,000-row
-    output head stay small; blocks of whole 16-row tiles (int4's kernel packs in those)."""
-    step = max(16, BLOCK_VALUES // max(width, 1) // 16 * 16)
+    output head stay small; in whole blocks of PACK_ROWS rows."""
+    step = max(PACK_ROWS, BLOCK_VALUES // max(width, 1) // PACK_ROWS * PACK_ROWS)
     return [slice(start, min(start + step, n)) for start in range(0, n, step)]
 
 
@@ -146,6 +149,13 @@ def quantized_linear(weight, bias: torch.Tensor | None, mode: str) -> nn.Module:
     return Int4Linear(weight, bias) if mode == "int4" else Int8Linear(weight, bias)
 
 
+def head_mode(parent: nn.Module, name: str, mode: str) -> str:
+    """The mode of layer `name` of `parent`: a language model's output head is int8 in both modes. The head's errors
+    go straight into every token's logits: on SmolLM2-135M (bits per byte of 20 kB of TinyStories) an int4 head cost
+    +2.9% over float32, an int8 head with int4 elsewhere +0.07%, for 28 MB more read a token (README)."""
+    return "int8" if name == "lm_head" and hasattr(parent, "blocks") else mode
+
+
 def quantize(model: nn.Module, mode: str) -> nn.Module:
     """The model with its linear layers, and the output head, in `mode` (in place; for inference only).
 
@@ -160,8 +170,9 @@ def quantize(model: nn.Module, mode: str) -> nn.Module:
     merge_lora(model)  # (a no-op without adapters)
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
-            if quantizable(child, mode):
-                setattr(module, name, quantized_linear(child.weight, child.bias, mode))
+            layer_mode = head_mode(module, name, mode)
+            if quantizable(child, layer_mode):
+                setattr(module, name, quantized_linear(child.weight, child.bias, layer_mode))
     if not isinstance(model.token_embedding, Int8Embedding):
         quantize_embedding(model, mode, model.token_embedding.weight)
     return model.eval()
@@ -172,11 +183,11 @@ def quantize_embedding(model: nn.Module, mode: str, weight) -> bool:
     head, of a language model (not a classifier), to a quantized layer of its own; if the kernel cannot take that
     head, both stay float32 and nothing changes (False)."""
     tied_head = model.config.tie_embeddings and not hasattr(model, "classifier")
-    if tied_head and not kernel_takes(model.config.n_embd, model.config.vocab_size, mode):
+    if tied_head and not kernel_takes(model.config.n_embd, model.config.vocab_size, "int8"):
         return False
     rows = int8_rows(weight)
-    if tied_head:
-        model.lm_head = Int8Linear(None, None, rows) if mode == "int8" else Int4Linear(weight, None)
+    if tied_head:  # int8 in both modes (head_mode), sharing the embedding's rows
+        model.lm_head = Int8Linear(None, None, rows)
         model.config = dataclasses.replace(model.config, tie_embeddings=False)  # the head is now its own
     model.token_embedding = Int8Embedding(None, rows)
     return True
@@ -199,11 +210,12 @@ def materialize(model: nn.Module, read, mode: str | None = None) -> nn.Module:
         quantize_embedding(model, mode, weight)
         for prefix, module in list(model.named_modules()):
             for name, child in list(module.named_children()):
-                if quantizable(child, mode) and child.weight.is_meta:
+                layer_mode = head_mode(module, name, mode)
+                if quantizable(child, layer_mode) and child.weight.is_meta:
                     path = f"{prefix}.{name}" if prefix else name
                     weight = StoredMatrix(child.weight.shape, partial(read, f"{path}.weight"), scratch)
                     bias = read(f"{path}.bias") if child.bias is not None else None
-                    setattr(module, name, quantized_linear(weight, bias, mode))
+                    setattr(module, name, quantized_linear(weight, bias, layer_mode))
     for name, p in list(model.named_parameters()):
         if p.is_meta:
             module, _, attr = name.rpartition(".")
