@@ -6,6 +6,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import zygote
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = ROOT.parent / "shared" / "data"
@@ -19,6 +20,10 @@ def run_cli(*args, input: str | bytes | None = None, cwd=None, env=None) -> subp
     """Run `python -m llmcli ARGS` of this checkout as a user would; text output unless input is bytes."""
     text = not isinstance(input, bytes)
     env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    # the same run, forked from a process that has already imported torch (tests/zygote.py), where it can be
+    forked = zygote.run(list(map(str, args)), input, cwd, env, timeout=600)
+    if forked is not None:
+        return forked
     return subprocess.run([sys.executable, "-m", "llmcli", *map(str, args)], input=input, capture_output=True,
                           text=text, cwd=cwd, env=env, timeout=600)
 
