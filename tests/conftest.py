@@ -8,6 +8,14 @@ from pathlib import Path
 import pytest
 import zygote
 
+from llmcli.threads import configure
+
+# as `llm` itself does before torch is imported (llmcli.cli.main): OpenMP threads that sleep when they wait. Without
+# it, the tests that train in this process spin-wait beside the other pytest worker and the runs they start, and ran
+# 2-5x slower on two busy cores; NumPy's BLAS on one thread, as `llm` has it
+configure()
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = ROOT.parent / "shared" / "data"
 SHAKESPEARE = SHARED_DATA / "tinyshakespeare.txt"
@@ -21,7 +29,11 @@ def run_cli(*args, input: str | bytes | None = None, cwd=None, env=None) -> subp
     text = not isinstance(input, bytes)
     env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
     # the same run, forked from a process that has already imported torch (tests/zygote.py), where it can be
+    import time as _t; _s = _t.time()
     forked = zygote.run(list(map(str, args)), input, cwd, env, timeout=600)
+    if os.environ.get("FAST_TRACE"):
+        with open(os.environ["FAST_TRACE"], "a") as _f:
+            _f.write(f"{_t.time() - _s:6.2f} {os.environ.get('PYTEST_CURRENT_TEST', '')[:60]} {' '.join(map(str, args))[:150]}\n")
     if forked is not None:
         return forked
     return subprocess.run([sys.executable, "-m", "llmcli", *map(str, args)], input=input, capture_output=True,
