@@ -40,6 +40,13 @@ def run_cli(*args, input: str | bytes | None = None, cwd=None, env=None) -> subp
                           text=text, cwd=cwd, env=env, timeout=600)
 
 
+def pytest_sessionstart(session):
+    """Start this worker's fork server now: its imports overlap the first tests instead of delaying the first run.
+    Not in the process that only hands tests to pytest-xdist's workers."""
+    if hasattr(session.config, "workerinput") or not getattr(session.config.option, "numprocesses", None):
+        zygote.start()
+
+
 @pytest.fixture(scope="session")
 def shakespeare_slice(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("corpus") / "shakespeare.txt"

@@ -26,7 +26,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # environment variables a run may change without a fresh interpreter: those read only while a command runs
 RUNTIME_PREFIXES = ("LLM_", "PYTEST_")
-RUNTIME_NAMES = ("PWD", "OLDPWD", "SHLVL", "_")
+RUNTIME_NAMES = ("PWD", "OLDPWD", "SHLVL", "_", "TORCHINDUCTOR_CACHE_DIR")  # the last: set by torch when it first compiles
 
 
 def _forkable(env: dict, base: dict) -> bool:
@@ -44,15 +44,19 @@ def serve(path: str, lifeline: int):
 
     configure()
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-    import numpy  # noqa: F401
-    import safetensors.torch  # noqa: F401
-    import sentencepiece  # noqa: F401
-    import torch  # noqa: F401
-    import yaml  # noqa: F401
+    import importlib
+    import pkgutil
 
-    import llmcli.cli  # noqa: F401
-    import llmcli.eval.evaluate, llmcli.eval.embed, llmcli.formats.ours, llmcli.infer.generate  # noqa: E401, F401
-    import llmcli.train.finetune, llmcli.train.pretrain  # noqa: E401, F401
+    import llmcli
+
+    # what the commands import when they run: every llmcli module (their heavy imports are inside functions), the
+    # libraries those functions import, typer's and rich's help, error and option machinery, and what torch imports
+    # the first time a model is built on the meta device
+    for module in ["numpy", "torch", "safetensors.torch", "safetensors.numpy", "sentencepiece", "yaml", "tokenizers",
+                   "gguf", "jinja2", "jinja2.sandbox", "typer._adapters", "typer.rich_utils", "rich.markdown",
+                   "torch.fx.experimental.symbolic_shapes", "torch._dynamo",  # 2 s, by torch.optim's first optimizer
+                   *(m.name for m in pkgutil.walk_packages(llmcli.__path__, "llmcli.") if m.name != "llmcli.__main__")]:
+        importlib.import_module(module)
 
     assert len(os.listdir("/proc/self/task")) == 1, "threads after the imports: forking would be unsafe"
     import gc
@@ -202,19 +206,23 @@ class Server:
 
         os.close(self.lifeline)
         self.process.wait()
-        shutil.rmtree(self.dir, ignore_errors=True)
+        shutil.rmtree(self.dir, ignore_errors=True) if not os.environ.get("FAST_TRACE") else None
 
 
 _server = None
 
 
-def server() -> Server | None:
+def start():
+    """Start this process's server (once), without waiting for it; LLM_TEST_NO_ZYGOTE=1 turns it off."""
     global _server
-    if os.environ.get("LLM_TEST_NO_ZYGOTE"):
-        return None
-    if _server is None:
+    if _server is None and not os.environ.get("LLM_TEST_NO_ZYGOTE"):
         _server = Server()
-    return _server if _server.ready() else None
+
+
+def server() -> Server | None:
+    """This process's server, started if need be, once it accepts; None where it is off or failed to start."""
+    start()
+    return _server if _server is not None and _server.ready() else None
 
 
 def run(args, input, cwd, env, timeout):
@@ -320,6 +328,7 @@ if __name__ == "__main__" and sys.argv[1] == "serve":
     import runpy
     import types
 
+    _preloaded = set(sys.modules)
     _server_module = sys.modules["__main__"]
     sys.modules["__main__"] = types.ModuleType("__main__")
     # from here on as `python -m llmcli`, and ended as the interpreter ends it: only the teardown of every module
@@ -342,6 +351,9 @@ if __name__ == "__main__" and sys.argv[1] == "serve":
         if isinstance(e, KeyboardInterrupt):  # the interpreter dies of the SIGINT, so its parent knows why
             signal_to_die_of = signal.SIGINT
     threading._shutdown()
+    if os.environ.get("FAST_TRACE"):
+        with open(os.environ["FAST_TRACE"] + ".mods", "a") as _f:
+            _f.write(" ".join(sorted(m for m in set(sys.modules) - _preloaded if "." not in m or m.count(".") < 3)) + "\n")
     import atexit
 
     atexit._run_exitfuncs()
