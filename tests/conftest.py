@@ -40,6 +40,24 @@ def run_cli(*args, input: str | bytes | None = None, cwd=None, env=None) -> subp
                           text=text, cwd=cwd, env=env, timeout=600)
 
 
+# The longest tests, longest first (each 20-60 s on two cores): pytest-xdist (--dist loadgroup) hands tests out one
+# at a time in collection order, so started first they run beside the short ones instead of ending the run alone.
+LONGEST_FIRST = [
+    "test_readme.py::test_long_run_commands_run",
+    "test_readme.py::test_walkthrough_commands_run",
+    "test_train.py::test_two_processes_follow_the_one_process_run_and_resume[ddp]",
+    "test_default_model.py::test_int8_costs_the_bits_per_byte_the_readme_says",
+    "test_train.py::test_two_processes_follow_the_one_process_run_and_resume[fsdp]",
+    "test_default_model.py::test_default_checkpoint_loads_and_matches_its_card",
+    "test_train.py::test_interrupt_and_kill_then_resume_repeats_the_uninterrupted_run",
+]
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.nodeid.rsplit("/", 1)[-1], len(rank)))
+
+
 def pytest_sessionstart(session):
     """Start this worker's fork server now: its imports overlap the first tests instead of delaying the first run.
     Not in the process that only hands tests to pytest-xdist's workers."""
