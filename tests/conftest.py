@@ -3,6 +3,7 @@ import random
 import subprocess
 import sys
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -28,12 +29,9 @@ def run_cli(*args, input: str | bytes | None = None, cwd=None, env=None) -> subp
     """Run `python -m llmcli ARGS` of this checkout as a user would; text output unless input is bytes."""
     text = not isinstance(input, bytes)
     env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
-    # the same run, forked from a process that has already imported torch (tests/zygote.py), where it can be
-    import time as _t; _s = _t.time()
+    # the same run forked from a process that has already imported torch (tests/zygote.py); a fresh process where
+    # the server cannot give it (LLM_TEST_NO_ZYGOTE=1, or an environment that changes what imports read)
     forked = zygote.run(list(map(str, args)), input, cwd, env, timeout=600)
-    if os.environ.get("FAST_TRACE"):
-        with open(os.environ["FAST_TRACE"], "a") as _f:
-            _f.write(f"{_t.time() - _s:6.2f} {os.environ.get('PYTEST_CURRENT_TEST', '')[:60]} {' '.join(map(str, args))[:150]}\n")
     if forked is not None:
         return forked
     return subprocess.run([sys.executable, "-m", "llmcli", *map(str, args)], input=input, capture_output=True,
@@ -65,20 +63,44 @@ def pytest_sessionstart(session):
         zygote.start()
 
 
+def _shared_dir(tmp_path_factory) -> Path:
+    """A folder of this session that all its pytest-xdist workers share (the session's own one without xdist)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+@contextmanager
+def _once(path: Path):
+    """Yield whether path is still to be made, holding a lock: the first worker to ask makes it, the others wait and
+    find it made."""
+    import fcntl
+
+    done = Path(f"{path}.done")
+    with open(f"{path}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield not done.exists()
+        done.touch()
+
+
 @pytest.fixture(scope="session")
 def shakespeare_slice(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("corpus") / "shakespeare.txt"
-    path.write_text(SHAKESPEARE.read_text(encoding="utf-8")[:200_000], encoding="utf-8")
+    path = _shared_dir(tmp_path_factory) / "shakespeare.txt"
+    with _once(path) as missing:
+        if missing:
+            path.write_text(SHAKESPEARE.read_text(encoding="utf-8")[:200_000], encoding="utf-8")
     return path
 
 
 @pytest.fixture(scope="session")
 def nano_checkpoint(shakespeare_slice, tmp_path_factory) -> Path:
-    """A test-size model trained for a few seconds, shared by the tests that need any real checkpoint."""
+    """A test-size model trained for a few seconds, shared by the tests that need any real checkpoint (trained once
+    for all the workers: never change it in place)."""
     from llmcli.train.pretrain import pretrain
 
-    out = tmp_path_factory.mktemp("ckpt") / "nano"
-    pretrain([str(shakespeare_slice)], out, preset="nano", overrides={"max_steps": 60, "eval_interval": 30})
+    out = _shared_dir(tmp_path_factory) / "nano"
+    with _once(out) as missing:
+        if missing:
+            pretrain([str(shakespeare_slice)], out, preset="nano", overrides={"max_steps": 60, "eval_interval": 30})
     return out
 
 

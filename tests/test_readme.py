@@ -4,7 +4,6 @@ import json
 import os
 import re
 import subprocess
-import sys
 
 import yaml
 import zygote
@@ -20,14 +19,10 @@ def bash_blocks(section: str) -> list[str]:
 
 def run_bash(script: str, cwd) -> subprocess.CompletedProcess:
     # `llm` is this checkout's package under the running Python, whatever is on PATH: `python -m llmcli`, or the same
-    # run forked from a process that has already imported torch (tests/zygote.py) where it can be
+    # run forked from a process that has already imported torch (tests/zygote.py)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    llm = f'"{sys.executable}" -m llmcli "$@"'
-    server = zygote.server()
-    if server is not None:
-        env["LLM_TEST_ZYGOTE"] = server.path
-        llm = f'"{sys.executable}" -S "{zygote.__file__}" run "$@"'
-    prelude = f"set -euo pipefail\nllm() {{ {llm}; }}\n"
+    llm = " ".join(f'"{part}"' for part in zygote.llm(env))
+    prelude = f'set -euo pipefail\nllm() {{ {llm} "$@"; }}\n'
     return subprocess.run(["bash", "-c", prelude + script], cwd=cwd, capture_output=True, text=True, timeout=900,
                           env=env)
 

@@ -275,9 +275,9 @@ def test_two_processes_follow_the_one_process_run_and_resume(strategy, shakespea
     if strategy == "ddp":
         result = run_cli("pretrain", "--resume", resumed, "--max-steps", "9", "--lr", "1", "--nproc", "2")
         assert result.returncode == 1
-        assert result.stderr.splitlines() == ["llm: error: --resume keeps the run's settings; lr cannot change "
-                                              "(only compile, eval_interval, keep_last, max_steps, micro_batch_size, "
-                                              "save_interval, strategy, threads)"]
+        assert result.stderr.splitlines() == [("llm: error: --resume keeps the run's settings; lr cannot change "
+                                               "(only compile, eval_interval, keep_last, max_steps, "
+                                               "micro_batch_size, save_interval, strategy, threads)")]
 
 
 def test_resume_needs_a_run(tmp_path):
