@@ -131,6 +131,7 @@ def serve(path: str, lifeline: int):
 
 def _become_fresh(request: dict):
     """Make this forked process look like `python -m llmcli ARGS` started in the request's directory."""
+    import io
     import random
 
     os.chdir(request["cwd"])
