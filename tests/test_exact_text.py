@@ -7,11 +7,11 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import threading
 
 import pytest
 import yaml
+import zygote
 from conftest import ROOT, SHAKESPEARE, TINYSTORIES_VALID, run_cli
 
 from llmcli.text.tokenizer import load_tokenizer
@@ -156,8 +156,10 @@ def test_blank_and_small_corpora_say_what_is_wrong_and_leave_nothing(tmp_path):
 # --- 5. pipelines that stream ------------------------------------------------------------------------------------
 
 def _start(*args) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "llmcli", *map(str, args)], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    # a process with real pipes, forked from a process that has already imported torch (tests/zygote.py)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen([*zygote.llm(env), *map(str, args)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=env)
 
 
 def _answers_each_line_while_stdin_stays_open(args, first_line_ends):

@@ -4,9 +4,9 @@ import json
 import os
 import re
 import subprocess
-import sys
 
 import yaml
+import zygote
 from conftest import ROOT
 
 README = (ROOT / "README.md").read_text(encoding="utf-8")
@@ -18,10 +18,13 @@ def bash_blocks(section: str) -> list[str]:
 
 
 def run_bash(script: str, cwd) -> subprocess.CompletedProcess:
-    # `llm` is this checkout's package under the running Python, whatever is on PATH
-    prelude = f'set -euo pipefail\nllm() {{ "{sys.executable}" -m llmcli "$@"; }}\n'
+    # `llm` is this checkout's package under the running Python, whatever is on PATH: `python -m llmcli`, or the same
+    # run forked from a process that has already imported torch (tests/zygote.py)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    llm = " ".join(f'"{part}"' for part in zygote.llm(env))
+    prelude = f'set -euo pipefail\nllm() {{ {llm} "$@"; }}\n'
     return subprocess.run(["bash", "-c", prelude + script], cwd=cwd, capture_output=True, text=True, timeout=900,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+                          env=env)
 
 
 def _stories(text: str, chars: int) -> str:
