@@ -456,12 +456,16 @@ def clear_cache(cache_dir: Path | None = None) -> int:
 
 
 # A tokenizer per worker process, given once to the pool's initializer.
+# Ctrl-C and SIGTERM are held while the pool forks its workers: one that arrived during a fork would be raised in a
+# fork hook (logging's lock release), where Python prints it and goes on, and the command would run to its end.
+HELD_DURING_FORK = {signal.SIGINT, signal.SIGTERM}
 _worker_tokenizer: Tokenizer | None = None
 
 
 def _init_worker(tokenizer, parent: int):
     global _worker_tokenizer
     _die_with_parent(parent)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_DURING_FORK)  # (held by the parent while it forked us)
     # Ctrl-C reaches the whole process group: the parent stops the pool, a worker must not print a traceback
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the parent's handler, inherited through fork
@@ -588,8 +592,15 @@ def _tokenize_in_pool(first, second, chunks, tokenizer, workers, write, progress
             progress and progress(size)
 
     try:
-        for chunk, size in _chain(first, second, chunks):
-            pending.append((pool.submit(_encode_chunk, chunk), size))
+        for i, (chunk, size) in enumerate(_chain(first, second, chunks)):
+            forks = i == 0  # the first submit forks every worker
+            if forks:
+                signal.pthread_sigmask(signal.SIG_BLOCK, HELD_DURING_FORK)
+            try:
+                pending.append((pool.submit(_encode_chunk, chunk), size))
+            finally:
+                if forks:  # a signal that came meanwhile is raised here
+                    signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_DURING_FORK)
             drain(2 * workers)
         drain(0)
     except BaseException:  # an error, Ctrl-C or SIGTERM: stop the workers now rather than finish their chunks
