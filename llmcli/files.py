@@ -134,6 +134,19 @@ def read_safetensors(path: Path) -> dict:
     return tensors
 
 
+def read_exactly(file, offset: int, view: memoryview) -> bool:
+    """Fill view with the bytes of an unbuffered file from offset on; False when the file ends first (a raw read may
+    return less than asked, so it reads until the view is full)."""
+    file.seek(offset)
+    done = 0
+    while done < len(view):
+        n = file.readinto(view[done:])
+        if not n:
+            return False
+        done += n
+    return True
+
+
 # safetensors' dtype names -> torch's (https://github.com/huggingface/safetensors, "Format")
 SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
                       "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
@@ -228,13 +241,9 @@ class SafetensorsFile:
         raw = target if dtype == torch.float32 else torch.empty(shape, dtype=dtype)
         view = memoryview(raw.view(torch.uint8).numpy()).cast("B") if raw.numel() else memoryview(b"")
         try:
-            self.file.seek(self.data_start + self.header[name]["data_offsets"][0] + start * self._row_bytes(name))
-            done = 0
-            while done < len(view):  # a raw read may return less than asked
-                n = self.file.readinto(view[done:])
-                if not n:
-                    raise LLMError(f"{self.path} is corrupt: it ends inside {name}")
-                done += n
+            offset = self.data_start + self.header[name]["data_offsets"][0] + start * self._row_bytes(name)
+            if not read_exactly(self.file, offset, view):
+                raise LLMError(f"{self.path} is corrupt: it ends inside {name}")
         except OSError as e:
             raise LLMError(f"cannot read {self.path}: {os_error_reason(e)}") from None
         if raw is not target:

@@ -352,18 +352,15 @@ def read_rows(file, tensor, rows: slice | None = None):
     the file ends early."""
     import numpy as np
 
+    from llmcli.files import read_exactly
+
     shape = tensor.data.shape
     n_rows = shape[0] if len(shape) > 1 else 1
     start, stop, _ = (rows or slice(None)).indices(n_rows)
     row_bytes = int(tensor.n_bytes) // n_rows
     data = np.empty((stop - start) * row_bytes, dtype=np.uint8)
-    view, done = memoryview(data), 0
-    file.seek(int(tensor.data_offset) + start * row_bytes)
-    while done < len(view):  # a raw read may return less than asked
-        n = file.readinto(view[done:])
-        if not n:
-            raise ValueError(f"the file ends inside {tensor.name}")
-        done += n
+    if not read_exactly(file, int(tensor.data_offset) + start * row_bytes, memoryview(data)):
+        raise ValueError(f"the file ends inside {tensor.name}")
     return data.view(tensor.data.dtype).reshape((stop - start, *shape[1:]) if len(shape) > 1 else shape)
 
 
