@@ -1,7 +1,7 @@
 """Decoding speed: `llm`'s generation against transformers' `generate` on the same weights, side by side.
 
     python benchmarks/generate.py --model DIR [--gguf FILE] [--llamacpp-python PYTHON] [--new-tokens 128]
-                                  [--repeats 3] [--threads N] [--profile]
+                                  [--repeats 3] [--threads N] [--busy] [--profile]
     python benchmarks/generate.py [--shapes small,gpt2] [--batches 1,8] [--prompts 16,512] [--new-tokens 32]
                                   [--repeats 3] [--profile]
 
@@ -12,6 +12,9 @@ under --llamacpp-python (a virtual environment of its own) or this Python if it 
 --new-tokens greedily at batch 1 after a short prompt, with --threads threads (default: torch's). The table: decode
 tokens/s (after the first token), its ratio to transformers', the spread (lowest-highest) over the rounds, load time,
 time to first token, and peak RSS (of the whole process) with the bytes of the weights each engine decodes with.
+`llm int4, passive` is int4 with the OpenMP setting `llm` had before it chose one per command (llmcli/threads.py).
+--busy measures everything again beside a burner (torch multiplying matrices on every core with its default threads)
+and prints a second table.
 
 For each shape (random weights), batch size and prompt length it builds our Transformer, copies its weights into
 transformers' GPT2LMHeadModel (the renaming of llmcli.hf's export), and times greedy decoding of each engine,
@@ -34,6 +37,7 @@ import copy
 import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -135,6 +139,7 @@ def main():
     parser.add_argument("--new-tokens", type=int)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--busy", action="store_true", help="with --model: also measure beside a torch burner")
     args = parser.parse_args()
     if args.worker:
         return WORKERS[args.worker](args)
@@ -202,8 +207,6 @@ sys.exit(os.waitstatus_to_exitcode(status))
 
 def run_process(command: list[str], env: dict) -> dict:
     """The JSON line the command prints last, with the peak RSS of its process (bytes) and its wall time."""
-    import subprocess
-
     started = time.perf_counter()
     result = subprocess.run([sys.executable, "-S", "-c", RSS_LAUNCHER, *command], capture_output=True, text=True,
                             env=env)
@@ -228,6 +231,8 @@ def engines(args) -> dict[str, list[str]]:
             python, "-c", LLAMACPP_WORKER, args.gguf, PROMPT, str(args.new_tokens),
             str(args.threads or torch.get_num_threads())]
     commands |= {"llm fp32": ours, "llm int8": [*ours, "--quantize", "int8"], "llm int4": [*ours, "--quantize", "int4"]}
+    # llm's OpenMP setting before it chose one per command (llmcli/threads.py): threads that sleep at once
+    commands["llm int4, passive"] = ["/usr/bin/env", "OMP_WAIT_POLICY=PASSIVE", *commands["llm int4"]]
     return commands
 
 
@@ -242,6 +247,7 @@ def decoded_bytes(args) -> dict[str, int]:
         sizes[f"llm {mode}"] = sum(t.numel() * t.element_size() for t in tensors.values())
         del model
     sizes["transformers fp32"] = sizes["llm fp32"]
+    sizes["llm int4, passive"] = sizes["llm int4"]
     if args.gguf:
         sizes[[k for k in engines(args) if k.startswith("llama.cpp")][0]] = Path(args.gguf).stat().st_size
     return sizes
@@ -257,14 +263,38 @@ def compare_processes(args):
     print(f"{args.model}: batch 1, {args.new_tokens} new tokens (--ignore-eos), greedy, "
           f"{args.threads or torch.get_num_threads()} threads, {args.repeats} rounds, engines alternating; "
           f"torch {torch.__version__}", flush=True)
+    tables = [("as is", measure(commands, env, args.repeats))]
+    if args.busy:
+        burner = subprocess.Popen([sys.executable, "-c", BURNER], env=env)
+        try:
+            tables.append(("beside a torch burner on every core", measure(commands, env, args.repeats)))
+        finally:
+            burner.kill()
+            burner.wait()
+    for label, runs in tables:
+        print_table(label, runs, sizes)
+    if args.profile:
+        from llmcli.formats import load_model
+
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        for mode in ("fp32", "int8", "int4"):
+            print(f"one decode step, llm {mode}:")
+            profile_step(load_model(args.model, quantize=None if mode == "fp32" else mode)[0], 8)
+
+
+def measure(commands: dict, env: dict, repeats: int) -> dict[str, list[dict]]:
     runs = {name: [] for name in commands}
-    for _ in range(args.repeats):
+    for _ in range(repeats):
         for name, command in commands.items():
             runs[name].append(run_process(command, env))
+    return runs
+
+
+def print_table(label: str, runs: dict[str, list[dict]], sizes: dict[str, int]):
     header = (f"{'engine':<18} {'tok/s':>7} {'spread':>13} {'vs HF':>6} {'load s':>6} {'TTFT s':>6} "
               f"{'peak RSS':>9} {'weights':>8} {'RSS/w':>5}")
-    print(header)
-    print("-" * len(header))
+    print(f"\n{label}:\n{header}\n{'-' * len(header)}")
     reference = statistics.median(r["tokens_per_s"] for r in runs["transformers fp32"])
     for name, results in runs.items():
         rates = [r["tokens_per_s"] for r in results]
@@ -274,14 +304,10 @@ def compare_processes(args):
               f"{statistics.median(r['load_s'] for r in results):6.2f} "
               f"{statistics.median(r['time_to_first_token_s'] for r in results):6.2f} "
               f"{rss / 1e9:7.2f}GB {sizes[name] / 1e9:6.3f}GB {rss / sizes[name]:5.1f}", flush=True)
-    if args.profile:
-        from llmcli.formats import load_model
 
-        if args.threads:
-            torch.set_num_threads(args.threads)
-        for mode in ("fp32", "int8", "int4"):
-            print(f"one decode step, llm {mode}:")
-            profile_step(load_model(args.model, quantize=None if mode == "fp32" else mode)[0], 8)
+
+# a neighbour that keeps every core busy, with torch's default threads (as a second run or a notebook would)
+BURNER = "import torch\na = torch.randn(1024, 1024)\nwhile True:\n    a @ a\n"
 
 
 def transformers_worker(args):

@@ -2,9 +2,9 @@
 
     python benchmarks/train.py [--shapes nanogpt-cpu,small] [--nanogpt ~/nanoGPT] [--busy] [--repeats 2]
 
-Each program trains the same shape on the same corpus (tinyshakespeare) for two step counts; tokens/s is the extra
-tokens of the longer run over its extra seconds, so start-up, data preparation and the validations at the start and
-the end cancel out. The programs, run alternately (the machine is shared: a slow stretch then hits all of them):
+Each program trains the same shape on the same corpus (tinyshakespeare, a token per character, no biases) for two
+step counts; tokens/s is the extra tokens of the longer run over its extra seconds, so start-up, data preparation and
+the validations at the start and the end cancel out. The programs, run alternately (the machine is shared: a slow stretch then hits all of them):
 
 - `nanoGPT`: nanoGPT's own train.py, fp32 and no compile as its README runs it on a CPU, when --nanogpt names a
   checkout (https://github.com/karpathy/nanoGPT; not part of this project). Its char-level data is prepared into the
@@ -34,11 +34,13 @@ ROOT = Path(__file__).resolve().parent.parent
 CORPUS = ROOT.parent / "shared/data/tinyshakespeare.txt"
 # name: (layers, heads, width, context, batch, step counts)
 SHAPES = {
-    "nanogpt-cpu": (4, 4, 128, 64, 12, (20, 80)),  # nanoGPT README's CPU config (char-level shakespeare)
+    "nanogpt-cpu": (4, 4, 128, 64, 12, (50, 250)),  # nanoGPT README's CPU config (char-level shakespeare)
     "small": (6, 6, 384, 256, 16, (3, 9)),  # nanoGPT's shakespeare_char shape at batch 16
 }
-VOCAB = 65  # the reference's; nanoGPT's char-level vocabulary has 65 symbols, `llm`'s BPE tokenizer 512 (below)
-LLM_VOCAB = 512
+VOCAB = 65  # the reference's: nanoGPT's char-level vocabulary has 65 symbols
+# `llm` trains on the same characters: a char tokenizer makes each one token, as nanoGPT's data does; its vocabulary
+# also holds the 256 byte-fallback tokens (never used on this corpus), so it has about 320 embeddings
+LLM_VOCAB = 400  # an upper bound for --type char
 BURNER = "import torch\na = torch.randn(1024, 1024)\nwhile True:\n    a @ a\n"
 
 
@@ -98,8 +100,9 @@ def commands(shape, steps, tmp: Path, nanogpt: Path | None) -> dict[str, tuple[l
     for name in ("OMP_WAIT_POLICY", "KMP_BLOCKTIME", "OMP_NUM_THREADS"):  # each program chooses its own
         env.pop(name, None)
     config = tmp / f"{shape}.yaml"
+    # no biases, as nanoGPT's train.py (bias = False)
     config.write_text(json.dumps({"model": dict(n_layer=layers, n_head=heads, n_embd=width, context=context,
-                                                vocab_size=LLM_VOCAB),
+                                                bias=False),
                                   "train": dict(batch_size=batch, eval_batches=2, warmup_steps=2)}))
     llm = [sys.executable, "-m", "llmcli", "pretrain", str(CORPUS), "--config", str(config), "--tokenizer",
            str(tmp / "tokenizer.model"), "--max-steps", str(steps), "--eval-interval", str(steps)]
@@ -135,12 +138,14 @@ def timed(command, env, cwd) -> tuple[float, int]:
 
 
 def prepare(tmp: Path, nanogpt: Path | None):
-    """The tokenizer all `llm` runs share, the token cache warmed, nanoGPT's char-level data."""
+    """The char tokenizer all `llm` runs share, the token cache warmed, nanoGPT's char-level data."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    subprocess.run([sys.executable, "-m", "llmcli", "pretrain", str(CORPUS), "--preset", "nano", "--vocab-size",
-                    str(LLM_VOCAB), "--max-steps", "1", "-o", str(tmp / "warm")], env=env, check=True,
+    llm = [sys.executable, "-m", "llmcli"]
+    subprocess.run(llm + ["tokenize", "train", str(CORPUS), "--type", "char", "--vocab-size", str(LLM_VOCAB), "-o",
+                          str(tmp)], env=env, check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(llm + ["pretrain", str(CORPUS), "--preset", "nano", "--tokenizer", str(tmp / "tokenizer.model"),
+                          "--max-steps", "1", "-o", str(tmp / "warm")], env=env, check=True,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    (tmp / "tokenizer.model").write_bytes((tmp / "warm" / "tokenizer.model").read_bytes())
     if nanogpt is not None:
         data = nanogpt / "data" / "shakespeare_char"
         if not (data / "train.bin").is_file():

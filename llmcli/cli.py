@@ -60,7 +60,7 @@ def tokenize_train(
     corpus: Annotated[list[str], typer.Argument(help="Text files ('-' for stdin)")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Directory to write tokenizer.model to")],
     vocab_size: Annotated[int, typer.Option(help="Number of tokens")] = 2048,
-    type: Annotated[str, typer.Option("--type", help="bpe or unigram")] = "bpe",
+    type: Annotated[str, typer.Option("--type", help="bpe, unigram or char (a token per character)")] = "bpe",
     special: Annotated[Optional[list[str]], typer.Option(
         help="Extra special token, kept whole (repeatable); <|endoftext|> is always one")] = None,
 ):
@@ -725,10 +725,10 @@ def _terminate(signum, frame):
 
 
 def main():
-    # before any command imports torch: OpenMP threads that sleep when they wait, so a busy neighbour does not stall us
+    # before any command imports torch: how OpenMP's threads wait, chosen for the command (llmcli/threads.py)
     from llmcli.threads import configure
 
-    configure()
+    configure(next((arg for arg in sys.argv[1:] if not arg.startswith("-")), None))
     # NumPy decoding (llmcli/numpy_model.py) multiplies small matrices: BLAS threads only add waiting, 150 ms of it
     # before the first token when the cores are busy (8-15 ms on one thread). Read when NumPy is first imported.
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")

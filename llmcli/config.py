@@ -115,7 +115,7 @@ class TrainConfig:
     eval_batches: int = 20
     seed: int = 1337
     val_fraction: float = 0.05  # share of the tokenized corpus held out for validation
-    tokenizer_type: str = "bpe"  # of the tokenizer trained when none is given (bpe or unigram)
+    tokenizer_type: str = "bpe"  # of the tokenizer trained when none is given (bpe, unigram or char)
     threads: int = 0  # torch threads; 0 = all cores
     save_dtype: str = "float32"  # of the weights on disk; bfloat16 halves a checkpoint, and loading casts back
     micro_batch_size: int = 0  # sequences per forward pass; batch_size / (micro * processes) are accumulated; 0 = all

@@ -80,3 +80,19 @@ def test_cli_decode_rejects_garbage(shakespeare_slice, tmp_path):
     assert "line 1" in result.stderr and "Traceback" not in result.stderr
     result = run_cli("tokenize", "decode", "-t", tmp_path, input="99999\n")
     assert result.returncode == 1 and "outside the vocabulary" in result.stderr
+
+
+def test_char_tokenizer_has_a_token_per_character(shakespeare_slice, tmp_path):
+    """--type char: every character of the corpus is one token (nanoGPT's char-level data), the vocabulary is the
+    corpus's characters besides the bytes and special tokens (fewer than --vocab-size asks), and text outside the
+    corpus's characters still round-trips through byte fallback."""
+    result = run_cli("tokenize", "train", shakespeare_slice, "--type", "char", "--vocab-size", "1000",
+                     "-o", tmp_path / "tok")
+    assert result.returncode == 0, result.stderr
+    tok = Tokenizer(tmp_path / "tok")
+    characters = set(shakespeare_slice.read_text(encoding="utf-8")) - {"\n"}
+    assert 260 + len(characters) // 2 < tok.vocab_size <= 261 + len(characters) < 1000
+    text = "ROMEO: But soft, what light"
+    assert tok.pieces(tok.encode(text)) == [c.replace(" ", "\u2581") for c in text]
+    for sample in SAMPLES:
+        assert tok.decode(tok.encode(sample)) == sample

@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from llmcli import threads
 from llmcli.config import ModelConfig  # the shape: plain data, readable without torch
 
 
@@ -224,6 +225,7 @@ class Transformer(nn.Module):
 
     def features(self, idx: torch.Tensor, pos: int = 0, pad: torch.Tensor | None = None) -> torch.Tensor:
         """The final hidden states (B, T, n_embd), before the output head (a classifier puts its own head here)."""
+        threads.adapt()  # decoding and evaluation run on the cores other processes leave idle (llmcli/threads.py)
         T = idx.size(1)
         mask = None
         if pad is None:

@@ -22,7 +22,7 @@ from llmcli.errors import LLMError
 
 END_OF_TEXT = "<|endoftext|>"
 TOKENIZER_FILE = "tokenizer.model"
-MODEL_TYPES = ("bpe", "unigram")
+MODEL_TYPES = ("bpe", "unigram", "char")  # char: a token per character of the corpus (as nanoGPT's char-level data)
 SPACE_MARK = "\u2581"  # SentencePiece's sign for a space in its pieces
 MAX_SENTENCE_BYTES = 4096  # training text is cut into pieces of at most this (SentencePiece skips longer sentences)
 
@@ -290,7 +290,8 @@ def train_tokenizer(
     """Train a SentencePiece model on an iterable of texts (lines or whole documents) and write
     out_dir/tokenizer.model (atomically; the model records no path, so the same text and settings give the same
     bytes wherever they are written). A text longer than MAX_SENTENCE_BYTES is cut into pieces (SentencePiece
-    would skip it).
+    would skip it). model_type "char" makes a token of each character the corpus uses: vocab_size is then an upper
+    bound (a corpus with fewer characters gives fewer ids; rarer characters than it holds fall back to bytes).
 
     Raises LLMError when there is no text, when vocab_size is too small for the corpus's characters (naming the
     size needed), or when SentencePiece fails; nothing is left behind in out_dir then.
