@@ -87,6 +87,9 @@ def test_bad_input_says_which_line(tmp_path, nano_checkpoint):
         assert result.stderr.startswith("llm: error: ") and message in result.stderr, result.stderr
         assert "Traceback" not in result.stderr
     assert not (tmp_path / "out" / "checkpoints").exists()
+    # a missing data file is said before the base model is loaded (here a base that does not exist either)
+    result = run_cli("finetune", tmp_path / "typo.jsonl", "-m", tmp_path / "no-model", "-o", tmp_path / "out2")
+    assert result.returncode == 1 and result.stderr == f"llm: error: {tmp_path / 'typo.jsonl'} does not exist\n"
 
 
 def _losses(run_dir) -> dict:

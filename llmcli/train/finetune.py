@@ -293,6 +293,9 @@ def finetune(data_path: str | None, out_dir: str | Path, base: str | Path | None
         if out_dir.exists() and (not out_dir.is_dir() or checkpoint_dirs(out_dir)):
             raise LLMError(f"{out_dir} already exists; continue it with --resume {out_dir}, or choose another "
                            "directory")
+        for path in (data_path, val):  # before the base model is loaded: a typo is said at once
+            if path not in (None, "-"):
+                data.check_text_file(path)
         base = Path(base) if base is not None else default_model_path()
         base_model, tokenizer, base_config = load_model(base, str(world.device))
         if base_config.get("task") == "classify" or "adapter" in base_config:
