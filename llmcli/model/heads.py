@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from llmcli.errors import LLMError
-from llmcli.model.transformer import ModelConfig, Transformer
+from llmcli.model.transformer import ModelConfig, Transformer, meta_device
 
 PAD = -1  # input id of padding in a classification batch
 
@@ -32,12 +32,16 @@ class Classifier(Transformer):
 
 
 def from_language_model(lm: Transformer, n_labels: int) -> Classifier:
-    """A classifier with lm's body and a new, zero head."""
-    model = Classifier.empty(lm.config, device=lm.token_embedding.weight.device, n_labels=n_labels)
-    model.load_state_dict(lm.state_dict(), strict=False)
-    nn.init.zeros_(model.classifier.weight)
+    """A classifier with lm's body and a new, zero head. It takes over lm's tensors rather than copying them (as
+    LoRA's add_lora changes its model in place): train one or the other."""
+    device = lm.token_embedding.weight.device
+    with meta_device():  # no memory and no random init for a body about to be replaced
+        model = Classifier(lm.config, n_labels=n_labels)
+    model.load_state_dict(lm.state_dict(), strict=False, assign=True)
+    model.classifier = nn.Linear(lm.config.n_embd, n_labels, device=device)
+    nn.init.zeros_(model.classifier.weight)  # start from uniform probabilities
     nn.init.zeros_(model.classifier.bias)
-    return model
+    return model.to(device)  # (the fixed tables are computed on the CPU)
 
 
 def encode_text(tokenizer, text: str, context: int) -> list[int]:

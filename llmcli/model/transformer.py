@@ -27,7 +27,7 @@ def rope_tables(config: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin (context, head_dim) of the rotary angles, laid out as Llama's rotate_half expects.
 
     Computed on the CPU even inside meta_device(): arange on the meta device imports torch._refs, 1-5 s of loading
-    any rotary model; the tables are small and Transformer.empty copies them to the model's device."""
+    any rotary model; the tables are small, and moved with the model to its device."""
     frequencies, divisor = config.rope_frequencies()
     inv_freq = torch.tensor(frequencies, dtype=torch.float32, device="cpu")
     positions = torch.arange(config.context, dtype=torch.float32, device="cpu") / divisor
@@ -186,16 +186,6 @@ class Transformer(nn.Module):
         if self.config.positions == "rope":
             return dict(zip(("rope_cos", "rope_sin"), rope_tables(self.config)))
         return {}
-
-    @classmethod
-    def empty(cls, config: ModelConfig, device="cpu", **kwargs) -> "Transformer":
-        """A model whose weights are uninitialised memory, for a checkpoint to fill: skips the random init."""
-        with meta_device():
-            model = cls(config, **kwargs)
-        model.to_empty(device=device)
-        for name, table in model.fixed_tables().items():
-            getattr(model, name).copy_(table)
-        return model
 
     @staticmethod
     def _init_weights(module: nn.Module):
