@@ -161,11 +161,11 @@ def measure(shapes, repeats, tmp, nanogpt, label, steps=None) -> list[tuple]:
         results = {}  # program: [(tokens/s, peak RSS)]
         for _ in range(repeats):
             runs = {}
-            for steps in (short, long):
-                for program, (command, env) in commands(shape, steps, tmp, nanogpt).items():
+            for n in (short, long):
+                for program, (command, env) in commands(shape, n, tmp, nanogpt).items():
                     cwd = nanogpt if program == "nanoGPT" else ROOT
-                    runs[program, steps] = timed(command, env, cwd)
-                    print(f"  {label} {shape} {program} {steps} steps: {runs[program, steps][0]:.1f}s",
+                    runs[program, n] = timed(command, env, cwd)
+                    print(f"  {label} {shape} {program} {n} steps: {runs[program, n][0]:.1f}s",
                           file=sys.stderr, flush=True)
             for program in dict.fromkeys(p for p, _ in runs):  # in the order they ran
                 extra = runs[program, long][0] - runs[program, short][0]
