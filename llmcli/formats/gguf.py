@@ -286,12 +286,15 @@ def unpermute(w, n_head: int):
 
 def load_gguf(path: Path, device: str = "cpu", quantize: str | None = None):
     """(model in eval mode, tokenizer, config dict) from a .gguf file; quantize as load_model's (each matrix quantized
-    a block of rows at a time as it is dequantized). Raises LLMError for a truncated or corrupt file, an architecture
+    a block of rows at a time as it is dequantized; for int4, a matrix of Q4_0 or Q4_1 blocks is taken as its groups
+    without dequantizing: int4_groups). Raises LLMError for a truncated or corrupt file, an architecture
     or tensor type outside ARCHITECTURES and READ_TYPES, missing or misshapen tensors, or a tokenizer that does not
     match the embedding."""
+    import numpy as np
+
     from llmcli.config import ModelConfig
-    from llmcli.formats.hf import read_parts
-    from llmcli.model.quantize import materialize
+    from llmcli.formats.hf import read_parts, split_rows
+    from llmcli.model.quantize import StoredGroups, materialize
     from llmcli.model.transformer import Transformer, meta_device
 
     gguf = _gguf()
@@ -321,18 +324,19 @@ def load_gguf(path: Path, device: str = "cpu", quantize: str | None = None):
 
     file = open(path, "rb", buffering=0)  # (read, not mapped: the pages of a map would stay in our memory)
 
-    def read_part(gguf_name: str, rows: slice | None = None, out=None):
+    def read_raw(gguf_name: str, rows: slice | None = None):
+        """A tensor's rows as read_rows gives them, llama.cpp's reordered query and key rows put back in order within
+        each head (a row is whole blocks of any type, so rows reorder before dequantizing): whole heads are read."""
         t = tensors[gguf_name]
         heads = rotary_heads(arch, config, gguf_name)
-        # llama.cpp's reordered query and key rows are put back in order within each head: read whole heads
         try:
-            w = dequantize(gguf, read_rows(file, t, None if heads else rows), t.tensor_type, None if heads else out)
+            data = read_rows(file, t, None if heads else rows)
         except ValueError as e:  # a tensor cut short by a truncated file
             raise LLMError(f"{path}: tensor {gguf_name} is corrupt or truncated: {e}") from None
-        if heads:
-            w = unpermute(w, heads)[rows or slice(None)]
-            return w.contiguous() if out is None else out.copy_(w)
-        return w
+        return np.ascontiguousarray(unpermute(data, heads)[rows or slice(None)]) if heads else data
+
+    def read_part(gguf_name: str, rows: slice | None = None, out=None):
+        return dequantize(gguf, read_raw(gguf_name, rows), tensors[gguf_name].tensor_type, out)
 
     def read(name: str, rows: slice | None = None, out=None):
         names = gguf_parts(arch, name)
@@ -340,8 +344,22 @@ def load_gguf(path: Path, device: str = "cpu", quantize: str | None = None):
             return read_part(names[0], rows, out)
         return read_parts([(shapes[n][0], partial(read_part, n)) for n in names], expected[name], rows, out)
 
+    def read_groups(name: str, scratch: list):
+        """Our matrix `name` as int4's groups (StoredGroups) when its parts are all Q4_0 or all Q4_1, else None."""
+        names = gguf_parts(arch, name)
+        types = {tensors[n].tensor_type for n in names}
+        if len(types) > 1 or types.pop().name not in INT4_TYPES:
+            return None
+
+        def read_blocks(rows: slice, out):
+            pieces = [read_raw(names[i], part) for i, part, _ in split_rows([shapes[n][0] for n in names], rows)]
+            data = np.concatenate(pieces) if len(pieces) > 1 else pieces[0]
+            return int4_groups(data, tensors[names[0]].tensor_type, out)
+
+        return StoredGroups(expected[name], read_blocks, scratch)
+
     with file:
-        model = materialize(model, read, quantize)
+        model = materialize(model, read, quantize, read_groups)
     about = {"format": "gguf", "family": arch, "architecture": arch, "model": settings}
     return model.to(device), tokenizer, about
 
@@ -404,6 +422,33 @@ def dequantize(gguf, data, tensor_type, out=None):
         else:
             w = out.view_as(w).copy_(w)
     return w.view(shape) if out is None else out
+
+
+INT4_TYPES = ("Q4_0", "Q4_1")  # blocks of 32 4-bit values with a scale (and an offset): int4's groups as they are
+
+
+def int4_groups(data, tensor_type, out=None):
+    """The Q4_0 or Q4_1 data of rows (as read_rows gives it) as llmcli.model.quantize.int4_groups' (q, scales, zeros)
+    of the same values: q int32 (rows, values a row) in 0..15 (written into `out` when given), scales and zeros
+    float32 (rows, blocks a row), each
+    value (q - 8) * scale + zero. ggml's blocks (ggml-common.h): Q4_1 is float16 d and m, then 16 bytes of 4-bit q,
+    value d * q + m, so scale = d and zero = m + 8 * d; Q4_0 is d then the q, value d * (q - 8), so zero = 0. A
+    block's low nibbles are its values 0-15, the high ones 16-31."""
+    import numpy as np
+    import torch
+
+    header = 4 if tensor_type.name == "Q4_1" else 2
+    blocks = torch.from_numpy(data.view(np.uint8)).view(data.shape[0], -1, header + 16)  # (rows, blocks, bytes)
+    d = blocks[..., :2].contiguous().view(torch.float16).squeeze(2).float()
+    packed = blocks[..., header:].contiguous()
+    q = torch.empty(data.shape[0], packed.size(1) * 32, dtype=torch.int32) if out is None else out  # (int32: what
+    nibbles = q.view(*packed.shape[:2], 2, 16)                                             # torch's int4 packing takes)
+    torch.bitwise_and(packed, 0x0F, out=nibbles[:, :, 0])
+    torch.bitwise_right_shift(packed, 4, out=nibbles[:, :, 1])
+    if header == 2:
+        return q, d, torch.zeros_like(d)
+    m = blocks[..., 2:4].contiguous().view(torch.float16).squeeze(2).float()
+    return q, d, m.add_(d, alpha=8)
 
 
 def rope_factors(gguf, tensors: dict):
