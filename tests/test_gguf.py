@@ -421,3 +421,28 @@ def test_a_fused_matrix_not_all_q4_goes_the_float32_way(tmp_path, sp_tokenizer):
     for name in ("blocks.0.attn.qkv", "blocks.1.mlp.fc", "blocks.1.attn.qkv"):
         assert torch.equal(model.get_submodule(name).weight, expected.get_submodule(name).weight), name
         assert torch.equal(model.get_submodule(name).scales_and_zeros, expected.get_submodule(name).scales_and_zeros)
+
+
+def test_arrays_of_strings_read_back_as_written(tmp_path, bpe_tokenizer):
+    """open_gguf decodes an array of strings in one piece, with a zero byte put between the strings and split at:
+    empty and non-ASCII strings, and strings that hold a zero byte themselves (decoded one by one then), read back
+    as `gguf` reads them; an array cut short or not UTF-8 is one line."""
+    from llmcli.formats.gguf import open_gguf, read_metadata
+
+    path = tmp_path / "strings.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_array("test.plain", ["", "a", "ünïcödé", "日本 🙂", "x" * 300, ""])
+    writer.add_array("test.zero", ["a\x00b", "", "c\x00"])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.close()
+    metadata = read_metadata(open_gguf(path), path)
+    assert metadata["test.plain"] == ["", "a", "ünïcödé", "日本 🙂", "x" * 300, ""]
+    assert metadata["test.zero"] == ["a\x00b", "", "c\x00"]
+    assert metadata["general.architecture"] == "llama"
+
+    data = write_gguf_file(tmp_path / "good.gguf", "llama", bpe_tokenizer).read_bytes()
+    (tmp_path / "cut.gguf").write_bytes(data[:data.index(b"<|endoftext|>") + 5])  # inside the token list
+    assert "cut.gguf is truncated or corrupt" in bad("info", tmp_path / "cut.gguf")
+    (tmp_path / "latin1.gguf").write_bytes(data.replace(b"<|endoftext|>", b"<|endoftext\xff>"))
+    assert "latin1.gguf is truncated or corrupt" in bad("info", tmp_path / "latin1.gguf")
