@@ -53,11 +53,13 @@ def int8_rows(weight) -> tuple[torch.Tensor, torch.Tensor]:
     largest |w| / 127, rounded."""
     q = torch.empty(weight.shape, dtype=torch.int8)
     scales = torch.empty(weight.size(0))
-    for rows in chunks(*weight.shape):
+    blocks = chunks(*weight.shape)
+    scaled = torch.empty((blocks[0].stop - blocks[0].start) * weight.size(1) if blocks else 0)  # one memory for all
+    for rows in blocks:
         w = weight[rows].detach().float()
-        low, high = w.aminmax(dim=1)
-        scales[rows] = torch.maximum(high, -low).clamp(min=1e-12) / 127
-        q[rows] = (w / scales[rows, None]).round_()
+        # (amax and amin apart: several times faster than aminmax along rows, in torch 2.13 on this CPU)
+        scale = scales[rows] = torch.maximum(w.amax(dim=1), -w.amin(dim=1)).clamp(min=1e-12) / 127
+        q[rows] = torch.div(w, scale[:, None], out=scaled[:w.numel()].view(w.shape)).round_()
     return q, scales
 
 
@@ -114,7 +116,7 @@ def int4_groups(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch
     (rows, in / GROUP_SIZE), each group of GROUP_SIZE weights w = (q - 8) * scale + zero with scale = (max - min) / 15
     and zero = min + 8 * scale of the group."""
     groups = weight.detach().float().unflatten(1, (-1, GROUP_SIZE))  # (rows, in / GROUP_SIZE, GROUP_SIZE)
-    low, high = groups.aminmax(dim=2, keepdim=True)
+    low, high = groups.amin(dim=2, keepdim=True), groups.amax(dim=2, keepdim=True)  # (faster than aminmax)
     scales = ((high - low) / 15).clamp(min=1e-12)
     q = (groups - low).div_(scales).round_().clamp_(0, 15).to(torch.int32).flatten(1)
     return q, scales.squeeze(2), (low + 8 * scales).squeeze(2)
