@@ -111,14 +111,18 @@ class StoredGroups:
         return self.read(rows, out=q)
 
 
-def int4_groups(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def int4_groups(weight: torch.Tensor, scratch: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
     """(q, scales, zeros) of float32 rows (rows, in): q int32 (rows, in) in 0..15, scales and zeros float32
     (rows, in / GROUP_SIZE), each group of GROUP_SIZE weights w = (q - 8) * scale + zero with scale = (max - min) / 15
-    and zero = min + 8 * scale of the group."""
+    and zero = min + 8 * scale of the group. scratch: float32 memory of 2 * weight.numel() values or more for the
+    temporaries, q among them (reused across blocks: not allocated and faulted in anew for each)."""
     groups = weight.detach().float().unflatten(1, (-1, GROUP_SIZE))  # (rows, in / GROUP_SIZE, GROUP_SIZE)
     low, high = groups.amin(dim=2, keepdim=True), groups.amax(dim=2, keepdim=True)  # (faster than aminmax)
     scales = ((high - low) / 15).clamp(min=1e-12)
-    q = (groups - low).div_(scales).round_().clamp_(0, 15).to(torch.int32).flatten(1)
+    n = weight.numel()
+    scratch = torch.empty(2 * n) if scratch is None else scratch
+    scaled = torch.sub(groups, low, out=scratch[:n].view(groups.shape)).div_(scales).round_().clamp_(0, 15)
+    q = scratch[n:2 * n].view(torch.int32).view(weight.shape).copy_(scaled.view(weight.shape))
     return q, scales.squeeze(2), (low + 8 * scales).squeeze(2)
 
 
@@ -131,8 +135,10 @@ class Int4Linear(nn.Module):
     def __init__(self, weight, bias: torch.Tensor | None):
         super().__init__()
         packed, pairs = [], []
-        for rows in chunks(*weight.shape):  # (the kernel packs each row alone)
-            q, scales, zeros = weight[rows] if isinstance(weight, StoredGroups) else int4_groups(weight[rows])
+        blocks = chunks(*weight.shape)  # (the kernel packs each row alone); the first is the largest
+        scratch = torch.empty(2 * (blocks[0].stop if blocks else 0) * weight.shape[1])
+        for rows in blocks:
+            q, scales, zeros = weight[rows] if isinstance(weight, StoredGroups) else int4_groups(weight[rows], scratch)
             packed.append(torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))
             pairs.append(torch.stack([scales, zeros], dim=2).to(torch.bfloat16))
         self.register_buffer("weight", torch.cat(packed))
