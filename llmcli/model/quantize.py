@@ -136,9 +136,10 @@ class Int4Linear(nn.Module):
         super().__init__()
         packed, pairs = [], []
         blocks = chunks(*weight.shape)  # (the kernel packs each row alone); the first is the largest
-        scratch = torch.empty(2 * (blocks[0].stop if blocks else 0) * weight.shape[1])
+        stored = isinstance(weight, StoredGroups)  # (which brings its own scratch)
+        scratch = None if stored else torch.empty(2 * (blocks[0].stop if blocks else 0) * weight.shape[1])
         for rows in blocks:
-            q, scales, zeros = weight[rows] if isinstance(weight, StoredGroups) else int4_groups(weight[rows], scratch)
+            q, scales, zeros = weight[rows] if stored else int4_groups(weight[rows], scratch)
             packed.append(torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))
             pairs.append(torch.stack([scales, zeros], dim=2).to(torch.bfloat16))
         self.register_buffer("weight", torch.cat(packed))
