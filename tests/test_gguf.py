@@ -92,8 +92,8 @@ def random_tensors(arch: str, vocab: int, n_embd=32, n_layer=2, n_head=4, n_kv_h
 
 def write_gguf_file(path, arch: str, tokenizer: dict, qtype=Q.F32, n_embd=32, n_layer=2, n_head=4, n_kv_head=2,
                     ffn=64, context=64, tied=True, pre=None, tensors=None, vocab=None, chat_template=None,
-                    eps=1e-5, rope_base=10000.0):
-    """A GGUF file as llama.cpp's converter lays one out: vectors in F32, matrices in qtype."""
+                    eps=1e-5, rope_base=10000.0, types=None):
+    """A GGUF file as llama.cpp's converter lays one out: vectors in F32, matrices in qtype (or types[name])."""
     vocab = vocab or len(tokenizer["tokens"])
     tensors = tensors or random_tensors(arch, vocab, n_embd, n_layer, n_head, n_kv_head, ffn, context, tied)
     w = gguf.GGUFWriter(str(path), arch)
@@ -123,12 +123,13 @@ def write_gguf_file(path, arch: str, tokenizer: dict, qtype=Q.F32, n_embd=32, n_
     if chat_template:
         w.add_chat_template(chat_template)
     for name, array in tensors.items():
-        if array.ndim == 1 or qtype == Q.F32:
+        kind = (types or {}).get(name, qtype)
+        if array.ndim == 1 or kind == Q.F32:
             w.add_tensor(name, array)
-        elif qtype == Q.F16:
+        elif kind == Q.F16:
             w.add_tensor(name, array.astype(np.float16))
         else:
-            w.add_tensor(name, gguf.quants.quantize(array, qtype), raw_dtype=qtype)
+            w.add_tensor(name, gguf.quants.quantize(array, kind), raw_dtype=kind)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -354,3 +355,94 @@ def test_torch_dequantizes_exactly_as_gguf_quants(kind):
     rows = torch.empty(16, 96)
     assert dequantize(gguf, data[8:24], Q[kind], out=rows) is rows and np.array_equal(rows.numpy(), expected[8:24])
     assert not np.array_equal(expected, w)  # (a lossy type: the comparison is not trivially of w with itself)
+
+
+def int4_weights(layer) -> torch.Tensor:
+    """The (out, in) weights an Int4Linear multiplies by, read back through its kernel with the identity as input
+    (exact in bfloat16; the output is rounded to bfloat16)."""
+    eye = torch.eye(layer.weight.size(1) * 2)
+    with torch.no_grad():
+        return (layer(eye) - (0 if layer.bias is None else layer.bias)).T
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_1, Q.Q4_0])
+def test_q4_matrices_go_into_the_int4_kernel_as_they_are(qtype, tmp_path, monkeypatch, sp_tokenizer):
+    """--quantize int4 takes a Q4_0/Q4_1 file's blocks as its groups (scale d; zero m + 8d, or 0): each layer is
+    the file's dequantized weights (the float32 model's) within the bfloat16 rounding of the scales and zeros and of
+    the kernel's output, across the fused q/k/v (llama.cpp's reordered query and key rows put back) and gate/up
+    matrices read in blocks of 64 rows; no matrix is quantized from float32. Against the old way (quantizing the float32
+    model): the same model from Q4_1, a closer one from Q4_0."""
+    from llmcli.model import quantize as quantize_module
+    from llmcli.model.quantize import Int4Linear, quantize
+
+    path = write_gguf_file(tmp_path / "tiny.gguf", "llama", sp_tokenizer, qtype, n_embd=64, ffn=128, tied=False)
+    reference = load_model(path)[0]
+    before = quantize(load_model(path)[0], "int4")
+    monkeypatch.setattr(quantize_module, "BLOCK_VALUES", 64 * 64)  # q, then k and v together; gate/up in 4 blocks
+
+    def requantized(weight):
+        raise AssertionError("a Q4 matrix was dequantized and quantized again")
+
+    monkeypatch.setattr(quantize_module, "int4_groups", requantized)
+    model = load_model(path, quantize="int4")[0]
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, Int4Linear)}
+    assert len(layers) == 2 * 4  # qkv, proj, fc, mlp.proj of both blocks (the output head is int8)
+    for name, layer in layers.items():
+        expected = reference.get_submodule(name).weight.detach()
+        groups = expected.reshape(-1, 32)
+        # bf16 keeps 8 significant bits: the scale (times |q - 8| <= 8), the zero and the output each err by at
+        # most 2^-8 of themselves; 8 * scale <= 16/15 of the group's largest |w|, the zero and the output <= it
+        bound = 2 ** -8 * (16 / 15 + 2) * groups.abs().amax(1, keepdim=True)
+        error = (int4_weights(layer) - expected).reshape(-1, 32).abs()
+        assert (error <= bound).all(), name
+        assert error.amax() > 0  # (bfloat16 rounded something: the comparison is not of a copy with itself)
+    ids = torch.randint(0, 2048, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours, old, exact = model(ids), before(ids), reference(ids)
+    if qtype == Q.Q4_1:  # quantizing Q4_1's values found the file's own groups again (min = m, (max - min) / 15 = d)
+        assert torch.equal(ours, old)
+    else:  # Q4_0's values -8d..7d rarely reach 7d, and quantizing them fitted groups of their own: a second rounding
+        assert relative_error(ours, exact) < relative_error(old, exact) / 5  # (here 0.03 against 0.30)
+
+
+def relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
+    return ((ours - reference).norm() / reference.norm()).item()
+
+
+def test_a_fused_matrix_not_all_q4_goes_the_float32_way(tmp_path, sp_tokenizer):
+    """A Q8_0 or F16 part in a fused matrix (or Q4_0 beside Q4_1) sends that matrix through float32 and int4's own
+    groups, as any other type: the same layer as quantizing the float32 model."""
+    from llmcli.model.quantize import quantize
+
+    types = {"blk.0.attn_k.weight": Q.Q8_0, "blk.1.ffn_up.weight": Q.F16, "blk.1.attn_q.weight": Q.Q4_0}
+    path = write_gguf_file(tmp_path / "mixed.gguf", "llama", sp_tokenizer, Q.Q4_1, n_embd=64, ffn=128, types=types)
+    model = load_model(path, quantize="int4")[0]
+    expected = quantize(load_model(path)[0], "int4")
+    for name in ("blocks.0.attn.qkv", "blocks.1.mlp.fc", "blocks.1.attn.qkv"):
+        assert torch.equal(model.get_submodule(name).weight, expected.get_submodule(name).weight), name
+        assert torch.equal(model.get_submodule(name).scales_and_zeros, expected.get_submodule(name).scales_and_zeros)
+
+
+def test_arrays_of_strings_read_back_as_written(tmp_path, bpe_tokenizer):
+    """open_gguf decodes an array of strings in one piece, with a zero byte put between the strings and split at:
+    empty and non-ASCII strings, and strings that hold a zero byte themselves (decoded one by one then), read back
+    as `gguf` reads them; an array cut short or not UTF-8 is one line."""
+    from llmcli.formats.gguf import open_gguf, read_metadata
+
+    path = tmp_path / "strings.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_array("test.plain", ["", "a", "ünïcödé", "日本 🙂", "x" * 300, ""])
+    writer.add_array("test.zero", ["a\x00b", "", "c\x00"])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.close()
+    metadata = read_metadata(open_gguf(path), path)
+    assert metadata["test.plain"] == ["", "a", "ünïcödé", "日本 🙂", "x" * 300, ""]
+    assert metadata["test.zero"] == ["a\x00b", "", "c\x00"]
+    assert metadata["general.architecture"] == "llama"
+
+    data = write_gguf_file(tmp_path / "good.gguf", "llama", bpe_tokenizer).read_bytes()
+    (tmp_path / "cut.gguf").write_bytes(data[:data.index(b"<|endoftext|>") + 5])  # inside the token list
+    assert "cut.gguf is truncated or corrupt" in bad("info", tmp_path / "cut.gguf")
+    (tmp_path / "latin1.gguf").write_bytes(data.replace(b"<|endoftext|>", b"<|endoftext\xff>"))
+    assert "latin1.gguf is truncated or corrupt" in bad("info", tmp_path / "latin1.gguf")

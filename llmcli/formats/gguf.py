@@ -69,18 +69,20 @@ def _gguf():
 def open_gguf(path: Path):
     """A gguf.GGUFReader on path (memory-mapped: tensors are read when touched). Raises LLMError for a file that is
     not GGUF, is truncated, or holds a tensor type ggml does not know."""
+    from struct import Struct
     from struct import error as StructError
-    from struct import unpack_from
 
     import numpy as np
 
     gguf = _gguf()
+    STRING, ARRAY = gguf.GGUFValueType.STRING, gguf.GGUFValueType.ARRAY
 
     class Reader(gguf.GGUFReader):
         """GGUFReader, faster on large vocabularies: it slices its memory map as np.memmap (3x the cost of a plain
-        array's slice) twice per string of the vocabulary and merges; here the map is read as a plain array, and
-        arrays of strings as memoryview slices (SmolLM2's 100,000 strings: 7.7 s -> 0.3 s on a busy machine).
-        field.contents() reads both alike."""
+        array's slice) twice per string of the vocabulary and merges, and contents() decodes each string alone; here
+        the map is read as a plain array, and an array of strings is decoded all at once into one part, a list of
+        str, which value() reads (contents() cannot): SmolLM2's 100,000 strings 7.7 s -> 0.3 s on a busy machine,
+        then 0.19 -> 0.06 s on a quiet one."""
 
         @property
         def data(self):
@@ -91,8 +93,12 @@ def open_gguf(path: Path):
             self._data = value.view(np.ndarray) if isinstance(value, np.memmap) else value
             self._bytes = memoryview(self._data).cast("B")
 
+        def value(self, field):
+            """A field's value: field.contents(), or the list of an array of strings."""
+            return field.parts[-1] if field.types == [ARRAY, STRING] and isinstance(field.parts[-1], list) \
+                else field.contents()
+
         def _get_field_parts(self, orig_offs, raw_type):
-            STRING, ARRAY = gguf.GGUFValueType.STRING, gguf.GGUFValueType.ARRAY
             if raw_type != ARRAY or self.byte_order != "I":
                 return super()._get_field_parts(orig_offs, raw_type)
             item_type, length = self._get(orig_offs, np.uint32), self._get(orig_offs + 4, np.uint64)
@@ -104,15 +110,30 @@ def open_gguf(path: Path):
                 return 12 + values.nbytes, [item_type, length, values], [2], [ARRAY, gguf.GGUFValueType(item_type[0])]
             if item_type[0] != STRING:
                 return super()._get_field_parts(orig_offs, raw_type)
-            # one part a string, its bytes (not its length too): half the objects, which stay until the reader goes
-            parts, buffer, offs, end = [item_type, length], self._bytes, orig_offs + 12, len(self._bytes)
-            for _ in range(int(length[0])):
-                (size,) = unpack_from("<Q", buffer, offs)
-                if offs + 8 + size > end:
-                    raise IndexError(f"a string at byte {offs} runs past the end of the file")
-                parts.append(buffer[offs + 8:offs + 8 + size])
-                offs += 8 + size
-            return offs - orig_offs, parts, list(range(2, len(parts))), [ARRAY, STRING]
+            strings, end = self._strings(orig_offs + 12, int(length[0]))
+            return end - orig_offs, [item_type, length, strings], [2], [ARRAY, STRING]
+
+        def _strings(self, offs: int, count: int) -> tuple[list[str], int]:
+            """`count` strings from byte offs on (each a uint64 size, then its UTF-8 bytes), and the offset after them.
+            Only the sizes are walked in Python; the bytes are decoded in one piece with a zero byte between strings
+            (the highest byte of each size), then split, unless a string holds a zero byte itself."""
+            size, starts, end = Struct("<Q").unpack_from, [], len(self._bytes)
+            for _ in range(count):
+                starts.append(offs)
+                offs += 8 + size(self._bytes, offs)[0]
+            if offs > end:
+                raise IndexError(f"an array of strings runs past the end of the file (byte {end})")
+            if not starts:
+                return [], offs
+            at = np.array(starts) - starts[0]
+            region = self._data[starts[0]:offs].copy()
+            region[at + 7] = 0  # (so for any size below 2^56)
+            keep = np.ones(len(region), dtype=bool)
+            keep[(at[:, None] + np.arange(7)).ravel()] = False
+            text = region[keep]
+            if np.count_nonzero(text == 0) != count:
+                return [str(self._bytes[a + 8:b], "utf-8") for a, b in zip(starts, [*starts[1:], offs])], offs
+            return text.tobytes().decode("utf-8").split("\x00")[1:], offs
 
     try:
         with open(path, "rb") as f:
@@ -138,7 +159,7 @@ def open_gguf(path: Path):
 def read_metadata(reader, path: Path) -> dict:
     """The key/value metadata: numbers, strings and lists as Python values."""
     try:
-        return {name: field.contents() for name, field in reader.fields.items()}
+        return {name: reader.value(field) for name, field in reader.fields.items()}
     except (ValueError, IndexError, UnicodeDecodeError) as e:
         raise LLMError(f"{path}: corrupt GGUF metadata: {e}") from None
 
@@ -286,12 +307,15 @@ def unpermute(w, n_head: int):
 
 def load_gguf(path: Path, device: str = "cpu", quantize: str | None = None):
     """(model in eval mode, tokenizer, config dict) from a .gguf file; quantize as load_model's (each matrix quantized
-    a block of rows at a time as it is dequantized). Raises LLMError for a truncated or corrupt file, an architecture
+    a block of rows at a time as it is dequantized; for int4, a matrix of Q4_0 or Q4_1 blocks is taken as its groups
+    without dequantizing: int4_groups). Raises LLMError for a truncated or corrupt file, an architecture
     or tensor type outside ARCHITECTURES and READ_TYPES, missing or misshapen tensors, or a tokenizer that does not
     match the embedding."""
+    import numpy as np
+
     from llmcli.config import ModelConfig
-    from llmcli.formats.hf import read_parts
-    from llmcli.model.quantize import materialize
+    from llmcli.formats.hf import read_parts, split_rows
+    from llmcli.model.quantize import StoredGroups, materialize
     from llmcli.model.transformer import Transformer, meta_device
 
     gguf = _gguf()
@@ -321,18 +345,19 @@ def load_gguf(path: Path, device: str = "cpu", quantize: str | None = None):
 
     file = open(path, "rb", buffering=0)  # (read, not mapped: the pages of a map would stay in our memory)
 
-    def read_part(gguf_name: str, rows: slice | None = None, out=None):
+    def read_raw(gguf_name: str, rows: slice | None = None):
+        """A tensor's rows as read_rows gives them, llama.cpp's reordered query and key rows put back in order within
+        each head (a row is whole blocks of any type, so rows reorder before dequantizing): whole heads are read."""
         t = tensors[gguf_name]
         heads = rotary_heads(arch, config, gguf_name)
-        # llama.cpp's reordered query and key rows are put back in order within each head: read whole heads
         try:
-            w = dequantize(gguf, read_rows(file, t, None if heads else rows), t.tensor_type, None if heads else out)
+            data = read_rows(file, t, None if heads else rows)
         except ValueError as e:  # a tensor cut short by a truncated file
             raise LLMError(f"{path}: tensor {gguf_name} is corrupt or truncated: {e}") from None
-        if heads:
-            w = unpermute(w, heads)[rows or slice(None)]
-            return w.contiguous() if out is None else out.copy_(w)
-        return w
+        return np.ascontiguousarray(unpermute(data, heads)[rows or slice(None)]) if heads else data
+
+    def read_part(gguf_name: str, rows: slice | None = None, out=None):
+        return dequantize(gguf, read_raw(gguf_name, rows), tensors[gguf_name].tensor_type, out)
 
     def read(name: str, rows: slice | None = None, out=None):
         names = gguf_parts(arch, name)
@@ -340,8 +365,22 @@ def load_gguf(path: Path, device: str = "cpu", quantize: str | None = None):
             return read_part(names[0], rows, out)
         return read_parts([(shapes[n][0], partial(read_part, n)) for n in names], expected[name], rows, out)
 
+    def read_groups(name: str, scratch: list):
+        """Our matrix `name` as int4's groups (StoredGroups) when its parts are all Q4_0 or all Q4_1, else None."""
+        names = gguf_parts(arch, name)
+        types = {tensors[n].tensor_type for n in names}
+        if len(types) > 1 or types.pop().name not in INT4_TYPES:
+            return None
+
+        def read_blocks(rows: slice, out):
+            pieces = [read_raw(names[i], part) for i, part, _ in split_rows([shapes[n][0] for n in names], rows)]
+            data = np.concatenate(pieces) if len(pieces) > 1 else pieces[0]
+            return int4_groups(data, tensors[names[0]].tensor_type, out)
+
+        return StoredGroups(expected[name], read_blocks, scratch)
+
     with file:
-        model = materialize(model, read, quantize)
+        model = materialize(model, read, quantize, read_groups)
     about = {"format": "gguf", "family": arch, "architecture": arch, "model": settings}
     return model.to(device), tokenizer, about
 
@@ -406,6 +445,33 @@ def dequantize(gguf, data, tensor_type, out=None):
     return w.view(shape) if out is None else out
 
 
+INT4_TYPES = ("Q4_0", "Q4_1")  # blocks of 32 4-bit values with a scale (and an offset): int4's groups as they are
+
+
+def int4_groups(data, tensor_type, out=None):
+    """The Q4_0 or Q4_1 data of rows (as read_rows gives it) as llmcli.model.quantize.int4_groups' (q, scales, zeros)
+    of the same values: q int32 (rows, values a row) in 0..15 (written into `out` when given), scales and zeros
+    float32 (rows, blocks a row), each
+    value (q - 8) * scale + zero. ggml's blocks (ggml-common.h): Q4_1 is float16 d and m, then 16 bytes of 4-bit q,
+    value d * q + m, so scale = d and zero = m + 8 * d; Q4_0 is d then the q, value d * (q - 8), so zero = 0. A
+    block's low nibbles are its values 0-15, the high ones 16-31."""
+    import numpy as np
+    import torch
+
+    header = 4 if tensor_type.name == "Q4_1" else 2
+    blocks = torch.from_numpy(data.view(np.uint8)).view(data.shape[0], -1, header + 16)  # (rows, blocks, bytes)
+    d = blocks[..., :2].contiguous().view(torch.float16).squeeze(2).float()
+    packed = blocks[..., header:].contiguous()
+    q = torch.empty(data.shape[0], packed.size(1) * 32, dtype=torch.int32) if out is None else out  # (int32: what
+    nibbles = q.view(*packed.shape[:2], 2, 16)                                             # torch's int4 packing takes)
+    torch.bitwise_and(packed, 0x0F, out=nibbles[:, :, 0])
+    torch.bitwise_right_shift(packed, 4, out=nibbles[:, :, 1])
+    if header == 2:
+        return q, d, torch.zeros_like(d)
+    m = blocks[..., 2:4].contiguous().view(torch.float16).squeeze(2).float()
+    return q, d, m.add_(d, alpha=8)
+
+
 def rope_factors(gguf, tensors: dict):
     """The values of the rope_freqs tensor (Llama 3's rope scaling, as llama.cpp stores it), or None."""
     t = tensors.get("rope_freqs.weight")
@@ -464,6 +530,7 @@ def build_tokenizer(metadata: dict, path: Path):
     style BPE (tokens + scores, merges derived from the scores, byte fallback, "▁" for spaces). Tokens of type
     CONTROL and those named beginning, end, unknown or padding become special tokens, USER_DEFINED ones added
     tokens, all matched whole in text."""
+    import numpy as np
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, pre_tokenizers
     from tokenizers.models import BPE
 
@@ -471,14 +538,18 @@ def build_tokenizer(metadata: dict, path: Path):
     tokens = metadata.get("tokenizer.ggml.tokens")
     if not isinstance(tokens, list) or not tokens:
         raise LLMError(f"{path}: the GGUF metadata has no tokenizer (tokenizer.ggml.tokens)")
-    types = metadata.get("tokenizer.ggml.token_type") or [NORMAL] * len(tokens)
+    types = np.asarray(metadata.get("tokenizer.ggml.token_type") or [NORMAL] * len(tokens))[:len(tokens)]
+    control = [tokens[i] for i in np.flatnonzero(types == CONTROL)]
     merges = [tuple(m.split(" ", 1)) for m in metadata.get("tokenizer.ggml.merges") or []]
     try:
         if kind == "gpt2":
             spelling = byte_spelling()
             alphabet = set(spelling.values())
-            vocab = {token if set(token) <= alphabet else "".join(spelling[b] for b in token.encode("utf-8")): i
-                     for i, token in enumerate(tokens)}
+            if set("".join(tokens)) <= alphabet:  # (spelled so, as llama.cpp's converter writes them)
+                vocab = dict(zip(tokens, range(len(tokens))))
+            else:
+                vocab = {token if set(token) <= alphabet else "".join(spelling[b] for b in token.encode("utf-8")): i
+                         for i, token in enumerate(tokens)}
             tok = Tokenizer(BPE(vocab=vocab, merges=merges, dropout=None, continuing_subword_prefix="",
                                 end_of_word_suffix="", fuse_unk=False))
             split = PRE_TOKENIZER_SPLITS.get(metadata.get("tokenizer.ggml.pre"))
@@ -492,9 +563,9 @@ def build_tokenizer(metadata: dict, path: Path):
             else:
                 tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
             tok.decoder = decoders.ByteLevel()
-            control = [t for t, kind_ in zip(tokens, types) if kind_ == CONTROL and set(t) <= alphabet]
+            control = [t for t in control if set(t) <= alphabet]
         elif kind == "llama":
-            vocab = {token: i for i, token in enumerate(tokens)}
+            vocab = dict(zip(tokens, range(len(tokens))))
             scores = metadata.get("tokenizer.ggml.scores") or [0.0] * len(tokens)
             tok = Tokenizer(BPE(vocab=vocab, merges=merges or merges_from_scores(tokens, scores), fuse_unk=True,
                                 byte_fallback=True, dropout=None))
@@ -504,7 +575,6 @@ def build_tokenizer(metadata: dict, path: Path):
                                                          prepend_scheme="first" if prefix_space else "never")
             steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
             tok.decoder = decoders.Sequence(steps + ([decoders.Strip(content=" ", left=1)] if prefix_space else []))
-            control = [t for t, kind_ in zip(tokens, types) if kind_ == CONTROL]
         else:
             raise LLMError(f"{path}: unsupported GGUF tokenizer {kind!r}; supported: gpt2 (byte-level BPE) and llama "
                            "(SentencePiece)")
@@ -517,7 +587,7 @@ def build_tokenizer(metadata: dict, path: Path):
                                                                "padding_token_id")]
     control += [tokens[i] for i in named if isinstance(i, int) and 0 <= i < len(tokens) and tokens[i] not in control]
     tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in control])
-    user_defined = [t for t, kind_ in zip(tokens, types) if kind_ == USER_DEFINED and t in vocab]
+    user_defined = [t for i in np.flatnonzero(types == USER_DEFINED) if (t := tokens[i]) in vocab]
     tok.add_tokens([AddedToken(t, normalized=False, special=False) for t in user_defined])
     return tok
 

@@ -248,13 +248,22 @@ def read_parts(parts: list, shape: tuple, rows: slice | None = None, out=None):
 
     start, stop, _ = (rows or slice(None)).indices(shape[0])
     out = torch.empty((stop - start, *shape[1:])) if out is None else out
-    first = 0  # the part's first row in the whole tensor
-    for n, read in parts:
+    for i, part, place in split_rows([n for n, _ in parts], rows):
+        parts[i][1](part, out=out[place])
+    return out
+
+
+def split_rows(sizes: list[int], rows: slice | None = None) -> list[tuple[int, slice, slice]]:
+    """Where rows `rows` (all when None) of parts of `sizes` rows stacked along dim 0 lie: (part, its rows, their
+    place among the rows asked for) for each part they touch."""
+    start, stop, _ = (rows or slice(None)).indices(sum(sizes))
+    pieces, first = [], 0  # the part's first row in the whole tensor
+    for i, n in enumerate(sizes):
         begin, end = max(start, first), min(stop, first + n)
         if begin < end:
-            read(slice(begin - first, end - first), out=out[begin - start:end - start])
+            pieces.append((i, slice(begin - first, end - first), slice(begin - start, end - start)))
         first += n
-    return out
+    return pieces
 
 
 def _check_weights(directory, family, config, expected: dict, stored: dict):
