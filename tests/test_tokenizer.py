@@ -111,3 +111,17 @@ def test_char_tokenizer_gives_even_a_rare_character_its_token(shakespeare_slice,
     assert result.returncode == 0, result.stderr
     small = Tokenizer(tmp_path / "small")
     assert small.vocab_size == 270 and small.decode(small.encode("café Zürich")) == "café Zürich"
+
+
+def test_pretrain_with_a_char_tokenizer_has_an_embedding_per_token(shakespeare_slice, tmp_path):
+    """train.tokenizer_type: char in a run's config: the model gets the tokenizer's size, not --vocab-size (an upper
+    bound for char), so that no logit is computed for a token that does not exist."""
+    import yaml
+
+    config = tmp_path / "char.yaml"
+    config.write_text("train:\n  tokenizer_type: char\n  eval_batches: 1\n")
+    result = run_cli("pretrain", shakespeare_slice, "--preset", "nano", "--config", config, "--vocab-size", "1000",
+                     "--max-steps", "1", "--eval-interval", "1", "-o", tmp_path / "run")
+    assert result.returncode == 0, result.stderr
+    size = Tokenizer(tmp_path / "run").vocab_size
+    assert size < 1000 and yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["model"]["vocab_size"] == size
