@@ -55,19 +55,22 @@ def adapt():
     """Follow the load: called often by long loops (decoding steps, evaluation batches), it looks at the machine at
     most every INTERVAL seconds and sets torch's threads for the calling thread to threads_for(...), up to the count
     the thread had at its first call. A no-op for training, where the user chose the threads, or off Linux."""
-    global _governor
+    global _governor, _following
     if not _following:
         return
     now = time.monotonic()
+    if _governor is not None and _governor[0] == _thread_id() and now - _governor[3] < INTERVAL:
+        return
+    busy, ours = _times()
+    if busy is None:  # /proc/stat became unreadable (no file descriptor left, a sandbox): keep the threads as they are
+        _following = False
+        return
     if _governor is None or _governor[0] != _thread_id():
         import torch
 
-        _governor = [_thread_id(), torch.get_num_threads(), torch.get_num_threads(), now, *_times()]
+        _governor = [_thread_id(), torch.get_num_threads(), torch.get_num_threads(), now, busy, ours]
         return
     thread, most, current, then, busy_then, ours_then = _governor
-    if now - then < INTERVAL:
-        return
-    busy, ours = _times()
     others = ((busy - busy_then) - (ours - ours_then)) / (now - then)
     want = threads_for(available_cores(), others, most)
     if want != current:
@@ -84,26 +87,27 @@ def _thread_id() -> int:
 
 
 def _times() -> tuple[float, float]:
-    """(CPU seconds the cores we may run on have been busy since boot, CPU seconds this process has used)."""
+    """(CPU seconds the cores we may run on have been busy since boot or None (_busy_time), CPU seconds this process
+    has used)."""
     process = os.times()
     return _busy_time(), process.user + process.system
 
 
 def _busy_time() -> float | None:
     """CPU seconds (user, nice, system, irq, softirq) of the cores in our affinity since boot, from /proc/stat;
-    None where there is no /proc/stat."""
+    None where there is no /proc/stat or it cannot be read."""
     try:
         with open("/proc/stat") as f:
             lines = f.read().splitlines()
         cores = {f"cpu{i}" for i in os.sched_getaffinity(0)}
-    except (OSError, AttributeError):
+        ticks = 0
+        for line in lines:
+            fields = line.split()
+            if fields and fields[0] in cores:
+                user, nice, system, _idle, _iowait, irq, softirq = map(int, fields[1:8])
+                ticks += user + nice + system + irq + softirq
+    except (OSError, AttributeError, ValueError):  # ValueError: lines of another form (an old kernel, a sandbox)
         return None
-    ticks = 0
-    for line in lines:
-        fields = line.split()
-        if fields and fields[0] in cores:
-            user, nice, system, _idle, _iowait, irq, softirq = map(int, fields[1:8])
-            ticks += user + nice + system + irq + softirq
     return ticks / os.sysconf("SC_CLK_TCK")
 
 

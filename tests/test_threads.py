@@ -107,3 +107,33 @@ def test_auto_precision_is_bf16_only_for_wide_models_on_native_bf16(monkeypatch)
     assert train.resolve_precision("auto", 128, cpu) == "fp32"  # casts cost more than narrow matmuls save
     monkeypatch.setattr(train, "native_bf16", lambda device: False)
     assert train.resolve_precision("auto", 384, cpu) == "fp32"
+
+
+def test_odd_or_unreadable_proc_stat_never_stops_a_command(monkeypatch):
+    """/proc/stat of another form (an old kernel, a sandbox) turns following off; one that becomes unreadable during
+    a run (no file descriptor left in a busy server) leaves the threads as they are, and neither raises."""
+    import io
+
+    for name in OPENMP:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(threads, "_following", False)  # (restored after the test)
+    monkeypatch.setattr(threads, "_governor", None)
+    monkeypatch.setattr(threads, "INTERVAL", 0.0)
+    stat = {"text": "cpu  1 2 3 4\ncpu0 1 2 3 4\ncpu1 1 2 3 4\n"}
+
+    def fake_open(path, *args, **kwargs):
+        if stat["text"] is None:
+            raise OSError(24, "Too many open files")
+        return io.StringIO(stat["text"])
+
+    monkeypatch.setattr(threads, "open", fake_open, raising=False)  # found before the builtin
+    threads.configure("generate")
+    assert not threads._following
+    stat["text"] = "".join(f"cpu{i} 10 0 10 100 0 0 0 0 0 0\n" for i in range(1024))
+    threads.configure("generate")
+    assert threads._following
+    before = torch.get_num_threads()
+    threads.adapt()  # the first look
+    stat["text"] = None
+    threads.adapt()
+    assert not threads._following and torch.get_num_threads() == before

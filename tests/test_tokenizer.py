@@ -96,3 +96,32 @@ def test_char_tokenizer_has_a_token_per_character(shakespeare_slice, tmp_path):
     assert tok.pieces(tok.encode(text)) == [c.replace(" ", "\u2581") for c in text]
     for sample in SAMPLES:
         assert tok.decode(tok.encode(sample)) == sample
+
+
+def test_char_tokenizer_gives_even_a_rare_character_its_token(shakespeare_slice, tmp_path):
+    """A character the corpus uses once (an 'é' in English text) is one token too while --vocab-size has room, not
+    the bytes of its UTF-8; with no room, the rarest characters fall back to bytes and the size is kept."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(shakespeare_slice.read_text(encoding="utf-8") + "\nA café in Zürich.\n", encoding="utf-8")
+    result = run_cli("tokenize", "train", corpus, "--type", "char", "--vocab-size", "1000", "-o", tmp_path / "tok")
+    assert result.returncode == 0, result.stderr
+    tok = Tokenizer(tmp_path / "tok")
+    assert tok.pieces(tok.encode("café Zürich")) == list("café\u2581Zürich")
+    result = run_cli("tokenize", "train", corpus, "--type", "char", "--vocab-size", "270", "-o", tmp_path / "small")
+    assert result.returncode == 0, result.stderr
+    small = Tokenizer(tmp_path / "small")
+    assert small.vocab_size == 270 and small.decode(small.encode("café Zürich")) == "café Zürich"
+
+
+def test_pretrain_with_a_char_tokenizer_has_an_embedding_per_token(shakespeare_slice, tmp_path):
+    """train.tokenizer_type: char in a run's config: the model gets the tokenizer's size, not --vocab-size (an upper
+    bound for char), so that no logit is computed for a token that does not exist."""
+    import yaml
+
+    config = tmp_path / "char.yaml"
+    config.write_text("train:\n  tokenizer_type: char\n  eval_batches: 1\n")
+    result = run_cli("pretrain", shakespeare_slice, "--preset", "nano", "--config", config, "--vocab-size", "1000",
+                     "--max-steps", "1", "--eval-interval", "1", "-o", tmp_path / "run")
+    assert result.returncode == 0, result.stderr
+    size = Tokenizer(tmp_path / "run").vocab_size
+    assert size < 1000 and yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["model"]["vocab_size"] == size

@@ -323,7 +323,9 @@ def train_tokenizer(
             add_dummy_prefix=False,
             split_digits=True,
             allow_whitespace_only_pieces=True,
-            character_coverage=0.9995,
+            # char: every character a token while vocab_size allows (0.9995 sent a corpus's rarest ones, an 'é' in
+            # an English text, to bytes: two or more tokens for one character)
+            character_coverage=1.0 if model_type == "char" else 0.9995,
             user_defined_symbols=symbols,
             unk_id=0,
             bos_id=-1,

@@ -446,7 +446,9 @@ def prepare_tokenizer(corpus: list, out_dir: Path, run: dict, tokenizer) -> Toke
     train = run["train"]
     log(f"training a {train['tokenizer_type']} tokenizer with {vocab_size} tokens")
     lines = data.training_lines(corpus, train["text_field"], train["doc_separator"])
-    return train_tokenizer(lines, out_dir, vocab_size, train["tokenizer_type"])
+    tokenizer = train_tokenizer(lines, out_dir, vocab_size, train["tokenizer_type"])
+    run["model"]["vocab_size"] = tokenizer.vocab_size  # (char: fewer when the corpus has fewer characters)
+    return tokenizer
 
 
 def check_settings(cfg: TrainConfig, world: World) -> int:
