@@ -10,12 +10,14 @@ parallel region waits for a thread that is not running (a nano training step ran
 - Training (`pretrain`, `finetune`) keeps a fixed number of threads that sleep at once. Its results must not depend on
   the machine's load: a resumed run repeats the uninterrupted one bit for bit, and torch sums in a different order on
   a different number of threads.
-- Every other command keeps OpenMP's spinning and follows the load (adapt()): its long loops call adapt(), which
-  twice a second measures how many of our cores other processes kept busy (/proc/stat, less our own CPU time) and
+- Every other command keeps OpenMP's spinning and follows the load (adapt()): loading a model and every forward
+  pass call adapt(), which at most twice a second measures how much of our cores other processes kept busy
+  (/proc/stat, less our own CPU time; the first look compares with configure()'s, before torch is even imported) and
   runs on the idle ones (threads_for): one thread beside a neighbour, so that no partner thread is waited for.
 
 This module imports no torch at import time: call configure() before anything imports it. Values the user exported
-(OMP_WAIT_POLICY, KMP_BLOCKTIME, OMP_NUM_THREADS) are kept, and then the thread count is left as torch has it.
+(OMP_WAIT_POLICY, KMP_BLOCKTIME, OMP_NUM_THREADS) are kept, and commands other than training then leave the thread
+count as torch has it (training takes train.threads, default its share of the cores: default_threads).
 """
 
 import math
@@ -27,21 +29,27 @@ import time
 PASSIVE = {"OMP_WAIT_POLICY": "PASSIVE", "KMP_BLOCKTIME": "0"}
 FIXED_THREADS_COMMANDS = ("pretrain", "finetune")
 INTERVAL = 0.5  # seconds between two looks at the machine's load
+FIRST_LOOK = 0.1  # the first look, at the least this long after configure(): loading a model is long work too
 
 _following = False  # whether adapt() changes the thread count (configure() decides)
-_governor = None
+_last = None  # (monotonic time, busy seconds of our cores, our CPU seconds) at the last look
+_most = _current = None  # torch's threads at the first look (never exceeded), and now
 
 
 def configure(command: str | None = None):
     """Choose OpenMP's waiting for this process and the processes it starts (torchrun's workers, the tokenizer's
     pool), given the command about to run ("pretrain", "generate", ...): see the module's docstring. Must run before
     torch is imported."""
-    global _following
+    global _following, _last
     user_set = any(name in os.environ for name in (*PASSIVE, "OMP_NUM_THREADS"))
     if command in FIXED_THREADS_COMMANDS:
         for name, value in PASSIVE.items():
             os.environ.setdefault(name, value)
-    _following = not user_set and command not in FIXED_THREADS_COMMANDS and _busy_time() is not None
+    _following = False
+    if not user_set and command not in FIXED_THREADS_COMMANDS:
+        busy, ours = _times()
+        # the first look compares with now: by then torch is imported, and a busy neighbour is seen before loading
+        _following, _last = busy is not None, (time.monotonic(), busy, ours)
 
 
 def threads_for(cores: int, others: float, most: int) -> int:
@@ -52,38 +60,30 @@ def threads_for(cores: int, others: float, most: int) -> int:
 
 
 def adapt():
-    """Follow the load: called often by long loops (decoding steps, evaluation batches), it looks at the machine at
-    most every INTERVAL seconds and sets torch's threads for the calling thread to threads_for(...), up to the count
-    the thread had at its first call. A no-op for training, where the user chose the threads, or off Linux."""
-    global _governor, _following
+    """Follow the load: called often by long work (loading a model, decoding steps, evaluation batches), it looks
+    at the machine at most every INTERVAL seconds and sets torch's threads (process-wide) to threads_for(...), up to
+    the count torch had at the first look. A no-op for training and where the user chose the threads or there is
+    no /proc/stat."""
+    global _following, _last, _most, _current
     if not _following:
         return
     now = time.monotonic()
-    if _governor is not None and _governor[0] == _thread_id() and now - _governor[3] < INTERVAL:
+    if now - _last[0] < (INTERVAL if _current is not None else FIRST_LOOK):
         return
     busy, ours = _times()
     if busy is None:  # /proc/stat became unreadable (no file descriptor left, a sandbox): keep the threads as they are
         _following = False
         return
-    if _governor is None or _governor[0] != _thread_id():
-        import torch
+    import torch
 
-        _governor = [_thread_id(), torch.get_num_threads(), torch.get_num_threads(), now, busy, ours]
-        return
-    thread, most, current, then, busy_then, ours_then = _governor
-    others = ((busy - busy_then) - (ours - ours_then)) / (now - then)
-    want = threads_for(available_cores(), others, most)
-    if want != current:
-        import torch
-
+    if _most is None:
+        _most = _current = torch.get_num_threads()
+    others = ((busy - _last[1]) - (ours - _last[2])) / (now - _last[0])
+    want = threads_for(available_cores(), others, _most)
+    if want != _current:
         torch.set_num_threads(want)
-    _governor = [thread, most, want, now, busy, ours]
-
-
-def _thread_id() -> int:
-    import threading
-
-    return threading.get_ident()  # torch's thread count is per thread under OpenMP: a server computes on its own
+        _current = want
+    _last = (now, busy, ours)
 
 
 def _times() -> tuple[float, float]:

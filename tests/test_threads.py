@@ -19,6 +19,7 @@ def test_configure_chooses_waiting_per_command_and_keeps_the_users_choice(monkey
     for name in OPENMP:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(threads, "_following", False)
+    monkeypatch.setattr(threads, "_last", None)
     threads.configure("generate")  # OpenMP's own spinning, and threads that follow the load
     assert "OMP_WAIT_POLICY" not in os.environ and threads._following
     threads.configure("pretrain")  # training: fixed threads that sleep at once
@@ -117,8 +118,10 @@ def test_odd_or_unreadable_proc_stat_never_stops_a_command(monkeypatch):
     for name in OPENMP:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(threads, "_following", False)  # (restored after the test)
-    monkeypatch.setattr(threads, "_governor", None)
+    for name in ("_last", "_most", "_current"):
+        monkeypatch.setattr(threads, name, None)
     monkeypatch.setattr(threads, "INTERVAL", 0.0)
+    monkeypatch.setattr(threads, "FIRST_LOOK", 0.0)
     stat = {"text": "cpu  1 2 3 4\ncpu0 1 2 3 4\ncpu1 1 2 3 4\n"}
 
     def fake_open(path, *args, **kwargs):

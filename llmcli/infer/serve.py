@@ -26,6 +26,7 @@ from starlette.routing import Route
 from llmcli.errors import LLMError
 from llmcli.infer.engine import Engine, Job, QueueFull
 from llmcli.infer.generate import SamplingConfig, apply_template, encode_prompt, sampling_settings
+from llmcli.threads import available_cores
 
 MAX_BODY_BYTES = 1 << 20  # a larger request body gets 413
 RETRY_AFTER_S = 1  # told to a client turned away because the queue is full
@@ -530,7 +531,8 @@ def serve(model_path=None, host: str = "127.0.0.1", port: int = 8000, api_key: s
         raise LLMError(f"--port must be in 0..65535, got {port}")
     sock = _bind(host, port)  # before loading: a port in use is said at once
     # the engine's thread computes, the event loop's serves HTTP: leave the loop a core
-    torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))
+    if "OMP_NUM_THREADS" not in os.environ:  # (a number the user exported is kept)
+        torch.set_num_threads(max(1, available_cores() - 1))
     model, tokenizer, config = load_model(model_path, quantize=quantize)
     if config.get("task") == "classify":
         raise LLMError("this checkpoint is a classifier: it labels text (llm classify), it does not generate")

@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from llmcli import threads
 from llmcli.errors import LLMError
 from llmcli.model.lora import merge_lora
 
@@ -254,6 +255,7 @@ def materialize(model: nn.Module, read, mode: str | None = None, read_groups=Non
             for name, child in list(module.named_children()):
                 layer_mode = head_mode(module, name, mode)
                 if quantizable(child, layer_mode) and child.weight.is_meta:
+                    threads.adapt()  # quantizing runs parallel regions too: on the cores a neighbour leaves idle
                     path = f"{prefix}.{name}" if prefix else name
                     weight = read_groups(f"{path}.weight", scratch) if layer_mode == "int4" and read_groups else None
                     if weight is None:
