@@ -2,7 +2,7 @@
 
 torch's CPU kernels run in OpenMP parallel regions (libgomp in the pip wheels, or Intel's libiomp). Between regions
 OpenMP's threads spin for a while instead of sleeping. On cores of our own that saves a wake-up per region: decoding
-SmolLM2-135M at batch 1 ran 25-40% faster, and a 4-layer, 128-wide training step 10-19% faster, than with threads that
+SmolLM2-135M at batch 1 ran 10-50% faster, and a 4-layer, 128-wide training step 10-25% faster, than with threads that
 sleep at once (OMP_WAIT_POLICY=PASSIVE). Beside another process that keeps the cores busy (a second run, a test suite,
 a notebook) spinning is pathological: a spinning thread burns the time slice its partner thread needs, and every
 parallel region waits for a thread that is not running (a nano training step ran 5-10x slower). Two cures:
