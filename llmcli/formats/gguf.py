@@ -451,8 +451,7 @@ INT4_TYPES = ("Q4_0", "Q4_1")  # blocks of 32 4-bit values with a scale (and an 
 def int4_groups(data, tensor_type, out=None):
     """The Q4_0 or Q4_1 data of rows (as read_rows gives it) as llmcli.model.quantize.int4_groups' (q, scales, zeros)
     of the same values: q int32 (rows, values a row) in 0..15 (written into `out` when given), scales and zeros
-    float32 (rows, blocks a row), each
-    value (q - 8) * scale + zero. ggml's blocks (ggml-common.h): Q4_1 is float16 d and m, then 16 bytes of 4-bit q,
+    float32 (rows, blocks a row), each value (q - 8) * scale + zero. ggml's blocks (ggml-common.h): Q4_1 is float16 d and m, then 16 bytes of 4-bit q,
     value d * q + m, so scale = d and zero = m + 8 * d; Q4_0 is d then the q, value d * (q - 8), so zero = 0. A
     block's low nibbles are its values 0-15, the high ones 16-31."""
     import numpy as np
@@ -462,8 +461,9 @@ def int4_groups(data, tensor_type, out=None):
     blocks = torch.from_numpy(data.view(np.uint8)).view(data.shape[0], -1, header + 16)  # (rows, blocks, bytes)
     d = blocks[..., :2].contiguous().view(torch.float16).squeeze(2).float()
     packed = blocks[..., header:].contiguous()
-    q = torch.empty(data.shape[0], packed.size(1) * 32, dtype=torch.int32) if out is None else out  # (int32: what
-    nibbles = q.view(*packed.shape[:2], 2, 16)                                             # torch's int4 packing takes)
+    # int32: what torch's int4 packing takes
+    q = torch.empty(data.shape[0], packed.size(1) * 32, dtype=torch.int32) if out is None else out
+    nibbles = q.view(*packed.shape[:2], 2, 16)
     torch.bitwise_and(packed, 0x0F, out=nibbles[:, :, 0])
     torch.bitwise_right_shift(packed, 4, out=nibbles[:, :, 1])
     if header == 2:
