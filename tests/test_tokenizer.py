@@ -125,3 +125,15 @@ def test_pretrain_with_a_char_tokenizer_has_an_embedding_per_token(shakespeare_s
     assert result.returncode == 0, result.stderr
     size = Tokenizer(tmp_path / "run").vocab_size
     assert size < 1000 and yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["model"]["vocab_size"] == size
+
+
+def test_a_tokenizer_trained_without_spaces_still_round_trips_them(tmp_path):
+    """A corpus with no space gives a model with no ▁ piece, and SentencePiece then spells a space with ▁'s bytes:
+    a space and a literal ▁ would decode alike. Spaces go as the byte token <0x20> instead."""
+    (tmp_path / "corpus.txt").write_text("abcabcabd" * 50 + "\n")
+    trained = run_cli("tokenize", "train", tmp_path / "corpus.txt", "--vocab-size", "270", "-o", tmp_path / "tok")
+    assert trained.returncode == 0, trained.stderr
+    text = " ab c  d\u2581e \u2581\n"
+    encoded = run_cli("tokenize", "encode", "-t", tmp_path / "tok", input=text)
+    decoded = run_cli("tokenize", "decode", "-t", tmp_path / "tok", input=encoded.stdout)
+    assert decoded.returncode == 0 and decoded.stdout == text, decoded.stderr

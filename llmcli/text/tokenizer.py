@@ -57,11 +57,17 @@ class Tokenizer:
         _set_specials(self, eot, specials.get("bos", bos if bos >= 0 else None),
                       specials.get("eos") or ([eos] if eos >= 0 else []),
                       {i for i in range(self.vocab_size) if self.sp.IsControl(i)})
-        byte_ids = [self.sp.PieceToId(f"<0x{b:02X}>") for b in SPACE_MARK.encode("utf-8")]
-        # a tokenizer without byte pieces, or one that puts a space before every text (Llama's), cannot encode
-        # pieces of a text separately: a literal ▁ reads as a space there, as in SentencePiece itself
+        # characters SentencePiece would encode alike, encoded as their byte tokens instead: a literal ▁ (its sign
+        # for a space), and a space itself when the model has no ▁ piece (one trained on text without spaces
+        # spells a space with ▁'s bytes). A tokenizer without byte pieces, or one that puts a space before every
+        # text (Llama's), cannot encode pieces of a text separately: a literal ▁ reads as a space there, as in
+        # SentencePiece itself
+        byte_ids = {c: [self.sp.PieceToId(f"<0x{b:02X}>") for b in c.encode("utf-8")] for c in (SPACE_MARK, " ")}
         dummy_prefix = self.sp.EncodeAsPieces("a")[:1] != ["a"]
-        self.space_mark_ids = byte_ids if all(self.sp.IsByte(i) for i in byte_ids) and not dummy_prefix else None
+        self.escaped = {}
+        if all(self.sp.IsByte(i) for ids in byte_ids.values() for i in ids) and not dummy_prefix:
+            self.escaped = byte_ids if self._piece_id(SPACE_MARK) is None else {SPACE_MARK: byte_ids[SPACE_MARK]}
+        self._escaped_split = re.compile("(" + "|".join(map(re.escape, self.escaped)) + ")").split
 
     def _piece_id(self, piece: str) -> int | None:
         i = self.sp.PieceToId(piece)
@@ -71,15 +77,14 @@ class Tokenizer:
         return self.encode_batch([text])[0]
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        if self.space_mark_ids is None or not any(SPACE_MARK in t for t in texts):
+        if not any(c in t for c in self.escaped for t in texts):
             return self.sp.Encode(texts, out_type=int)
-        # the parts between literal ▁ encoded as usual, each ▁ as its byte tokens
+        # the parts between escaped characters encoded as usual, each escaped character as its byte tokens
         out = []
         for text in texts:
-            parts = text.split(SPACE_MARK)
-            ids = self.sp.Encode(parts[0], out_type=int)
-            for part in parts[1:]:
-                ids += self.space_mark_ids + self.sp.Encode(part, out_type=int)
+            ids = []
+            for i, part in enumerate(self._escaped_split(text)):
+                ids += self.escaped[part] if i % 2 else self.sp.Encode(part, out_type=int) if part else []
             out.append(ids)
         return out
 
