@@ -90,6 +90,10 @@ def test_bad_input_says_which_line(tmp_path, nano_checkpoint):
     # a missing data file is said before the base model is loaded (here a base that does not exist either)
     result = run_cli("finetune", tmp_path / "typo.jsonl", "-m", tmp_path / "no-model", "-o", tmp_path / "out2")
     assert result.returncode == 1 and result.stderr == f"llm: error: {tmp_path / 'typo.jsonl'} does not exist\n"
+    result = run_cli("finetune", "-", "-m", tmp_path / "no-model", "-o", tmp_path / "out2", input="{}\n")
+    assert result.returncode == 1 and "reads its records from a file, not stdin" in result.stderr, result.stderr
+    result = run_cli("finetune", tmp_path / "bad.jsonl", "--task", "clasify", "-m", tmp_path / "no-model")
+    assert result.returncode == 1 and result.stderr == "llm: error: unknown task 'clasify'; choose sft or classify\n"
 
 
 def _losses(run_dir) -> dict:

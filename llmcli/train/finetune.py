@@ -229,11 +229,7 @@ class LoRAConfig:
 
 def new_run(base: Path, data_path: str, val: str | None, task: str, train_on_prompt: bool, overrides: dict,
             lora: LoRAConfig, base_config: dict, base_model, tokenizer) -> dict:
-    if task not in TASKS:
-        raise LLMError(f"unknown task {task!r}; choose {' or '.join(TASKS)}")
-    for path in (data_path, val):
-        if path is not None:
-            data.check_text_file(path)
+    """The settings of a new run (task and data files checked by finetune() already)."""
     train = dataclasses.asdict(TrainConfig()) | DEFAULTS | {k: v for k, v in overrides.items() if v is not None}
     generation = {k: v for k, v in (base_config.get("generation") or {}).items() if k != "prompt_template"}
     run = {"task": task, "model": dataclasses.asdict(base_model.config), "train": train,
@@ -293,8 +289,13 @@ def finetune(data_path: str | None, out_dir: str | Path, base: str | Path | None
         if out_dir.exists() and (not out_dir.is_dir() or checkpoint_dirs(out_dir)):
             raise LLMError(f"{out_dir} already exists; continue it with --resume {out_dir}, or choose another "
                            "directory")
-        for path in (data_path, val):  # before the base model is loaded: a typo is said at once
-            if path not in (None, "-"):
+        if task not in TASKS:  # these before the base model is loaded: a typo is said at once
+            raise LLMError(f"unknown task {task!r}; choose {' or '.join(TASKS)}")
+        for path in (data_path, val):
+            if path == "-":
+                raise LLMError("llm finetune reads its records from a file, not stdin (a resumed run reads them "
+                               "again): save them to a file first")
+            if path is not None:
                 data.check_text_file(path)
         base = Path(base) if base is not None else default_model_path()
         base_model, tokenizer, base_config = load_model(base, str(world.device))
