@@ -246,6 +246,7 @@ def materialize(model: nn.Module, read, mode: str | None = None, read_groups=Non
     read_groups(name, scratch): for int4, a StoredGroups of matrix `name` (on `scratch`) if the file holds it in
     int4's groups already (a GGUF file's Q4_0 and Q4_1 tensors), which is then packed as it is; None for the others.
     """
+    threads.adapt()  # (the first look at the machine's load, for loading float32 models too)
     if mode is not None:
         check_mode(mode)
         scratch = [torch.empty(0)]
