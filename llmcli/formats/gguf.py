@@ -308,7 +308,7 @@ def unpermute(w, n_head: int):
 def load_gguf(path: Path, device: str = "cpu", quantize: str | None = None):
     """(model in eval mode, tokenizer, config dict) from a .gguf file; quantize as load_model's (each matrix quantized
     a block of rows at a time as it is dequantized; for int4, a matrix of Q4_0 or Q4_1 blocks is taken as its groups
-    without dequantizing: int4_groups). Raises LLMError for a truncated or corrupt file, an architecture
+    without dequantizing: q4_groups). Raises LLMError for a truncated or corrupt file, an architecture
     or tensor type outside ARCHITECTURES and READ_TYPES, missing or misshapen tensors, or a tokenizer that does not
     match the embedding."""
     import numpy as np
@@ -375,7 +375,7 @@ def load_gguf(path: Path, device: str = "cpu", quantize: str | None = None):
         def read_blocks(rows: slice, out):
             pieces = [read_raw(names[i], part) for i, part, _ in split_rows([shapes[n][0] for n in names], rows)]
             data = np.concatenate(pieces) if len(pieces) > 1 else pieces[0]
-            return int4_groups(data, tensors[names[0]].tensor_type, out)
+            return q4_groups(data, tensors[names[0]].tensor_type, out)
 
         return StoredGroups(expected[name], read_blocks, scratch)
 
@@ -448,7 +448,7 @@ def dequantize(gguf, data, tensor_type, out=None):
 INT4_TYPES = ("Q4_0", "Q4_1")  # blocks of 32 4-bit values with a scale (and an offset): int4's groups as they are
 
 
-def int4_groups(data, tensor_type, out=None):
+def q4_groups(data, tensor_type, out=None):
     """The Q4_0 or Q4_1 data of rows (as read_rows gives it) as llmcli.model.quantize.int4_groups' (q, scales, zeros)
     of the same values: q int32 (rows, values a row) in 0..15 (written into `out` when given), scales and zeros
     float32 (rows, blocks a row), each value (q - 8) * scale + zero. ggml's blocks (ggml-common.h): Q4_1 is float16 d and m, then 16 bytes of 4-bit q,

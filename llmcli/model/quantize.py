@@ -4,8 +4,9 @@ A decode step at batch 1 reads every weight once, so its time is the weights' by
 scale per output feature) reads a quarter of the bytes of float32, int4 (groups of 32 inputs with a scale and an
 offset each, the layout of llama.cpp's Q4_1) about a sixth; a language model's output head is int8 in both modes
 (head_mode). torch's weight-only kernels multiply bfloat16 activations by the packed weights (their float32 paths
-are 10-40x slower here); norms, attention and the residual stream stay float32. The token embedding becomes int8 rows too (a lookup reads one row), shared with a tied int8 output head, so
-no float32 copy of any quantized matrix is kept. Bits per byte and speed: README, benchmarks/generate.py.
+are 10-40x slower here); norms, attention and the residual stream stay float32. The token embedding becomes int8
+rows too (a lookup reads one row), shared with a tied int8 output head, so no float32 copy of any quantized matrix
+is kept. Bits per byte and speed: README, benchmarks/generate.py.
 
 Loading (`materialize`): the loaders of llmcli/formats/ build the model on the meta device and hand a function that
 reads one tensor, or a block of its rows, from the file; each matrix is quantized a block of rows at a time as it is
@@ -35,18 +36,20 @@ class StoredMatrix:
     asking for the next): each block is read into the same memory, `scratch` (a 1-element list, shared by the
     matrices of a model), which is not allocated and faulted in anew for every block."""
 
+    dtype = torch.float32  # of `out`, a view of the float32 scratch (a 4-byte type)
+
     def __init__(self, shape: tuple[int, int], read, scratch: list):
         self.shape, self.read, self.scratch = torch.Size(shape), read, scratch
 
     def size(self, dim: int) -> int:
         return self.shape[dim]
 
-    def __getitem__(self, rows: slice) -> torch.Tensor:
+    def __getitem__(self, rows: slice):
         start, stop, _ = rows.indices(self.shape[0])
         size = (stop - start) * self.shape[1]
         if self.scratch[0].numel() < size:
             self.scratch[0] = torch.empty(size)
-        return self.read(rows, out=self.scratch[0][:size].view(stop - start, self.shape[1]))
+        return self.read(rows, out=self.scratch[0][:size].view(self.dtype).view(stop - start, self.shape[1]))
 
 
 def int8_rows(weight) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,25 +94,13 @@ class Int8Linear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
-class StoredGroups:
+class StoredGroups(StoredMatrix):
     """An int4 matrix that its file already holds in Int4Linear's form (llama.cpp's Q4_0 and Q4_1 blocks are its
-    groups of 32), read a block of rows at a time: `read(rows, out)` gives int4_groups' (q, scales, zeros) of
-    rows[slice], q written into `out` (int32, (rows, in)), so that nothing is dequantized to float32 and quantized
-    again. Indexed by rows as StoredMatrix, q into the same `scratch` memory."""
+    groups of 32), read a block of rows at a time as StoredMatrix is: `read(rows, out)` gives int4_groups' (q, scales,
+    zeros) of rows[slice], q written into `out` (int32, (rows, in)), so that nothing is dequantized to float32 and
+    quantized again."""
 
-    def __init__(self, shape: tuple[int, int], read, scratch: list):
-        self.shape, self.read, self.scratch = torch.Size(shape), read, scratch
-
-    def size(self, dim: int) -> int:
-        return self.shape[dim]
-
-    def __getitem__(self, rows: slice) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        start, stop, _ = rows.indices(self.shape[0])
-        size = (stop - start) * self.shape[1]
-        if self.scratch[0].numel() < size:
-            self.scratch[0] = torch.empty(size)
-        q = self.scratch[0][:size].view(torch.int32).view(stop - start, self.shape[1])  # (float32's 4 bytes a value)
-        return self.read(rows, out=q)
+    dtype = torch.int32
 
 
 def int4_groups(weight: torch.Tensor, scratch: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
