@@ -63,8 +63,10 @@ def test_the_samples_of_a_prompt_share_one_prefill(nano_checkpoint, numpy_decode
     prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[0]]
     rows = [encode_prompt(tok, p, model.config.context, False) for p in prompts]
     batch_sizes = []
-    forward = model.forward
-    model.forward = lambda idx, *args, **kwargs: (batch_sizes.append(len(idx)), forward(idx, *args, **kwargs))[1]
+    # every step of either decoder passes here (torch's runs its decode steps through llmcli/model/numpy_steps.py)
+    counted = model if numpy_decoder else model.token_embedding
+    forward = counted.forward
+    counted.forward = lambda idx, *args, **kwargs: (batch_sizes.append(len(idx)), forward(idx, *args, **kwargs))[1]
     cfg = SamplingConfig(max_new_tokens=12, temperature=0.0)
     together = np.stack(list(decode_rows(model, rows, cfg)), axis=1)
     assert batch_sizes[0] == len(set(prompts)) and set(batch_sizes[1:]) == {3}

@@ -13,6 +13,8 @@ from llmcli.formats import load_model
 from llmcli.formats.ours import save_model, write_config
 from llmcli.infer.generate import SamplingConfig, generate_samples
 from llmcli.model.numpy_model import NumpyDecoder, NumpyTransformer, tensor_shapes
+from llmcli.model.numpy_steps import TorchKernels, kv_cache_arrays, runs_on_numpy
+from llmcli.model.quantize import quantize
 from llmcli.model.transformer import ModelConfig, Transformer
 
 CONFIGS = {
@@ -55,6 +57,27 @@ def test_logits_equal_the_torch_model_in_prefill_and_every_cached_step(name):
     np.testing.assert_allclose(decoder.first(), expected[:, 6], atol=1e-5)
     for t in range(7, 12):
         np.testing.assert_allclose(decoder.next(rows[:, t]), expected[:, t], atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", [None, "int8", "int4"])
+@pytest.mark.parametrize("name", CONFIGS)
+def test_decode_steps_through_torch_kernels_give_the_torch_models_logits(name, mode):
+    """`llm generate` prefills on torch, then steps with NumPy between the model's own modules (numpy_steps.py):
+    float32, int8 and int4 layers, left-padded rows, the model's KV cache."""
+    model = random_model(**CONFIGS[name])
+    if mode is not None:
+        quantize(model, mode)
+    assert runs_on_numpy(model)
+    tokens = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(1))
+    pad = torch.tensor([0, 4])  # row 1 starts 4 tokens later
+    with torch.no_grad():
+        expected = model(tokens, pad=pad).numpy()
+        model.setup_kv_cache(2, 12)
+        model(tokens[:, :7], pad=pad)
+    steps, cache = TorchKernels(model), kv_cache_arrays(model)
+    for t in range(7, 12):
+        logits = steps.forward(tokens[:, t:t + 1].numpy(), t, cache, pad.numpy())
+        np.testing.assert_allclose(logits, expected[:, t], atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -191,6 +191,7 @@ class TorchDecoder:
         self.rows, self.pos = rows, tokens.shape[1]
         self.tokens = torch.from_numpy(tokens).to(self.device)
         self.pad = torch.from_numpy(pad).to(self.device) if pad.any() else None
+        self.steps = None  # TorchKernels once the prompts are in the KV cache, where it can take the model
 
     def first(self) -> np.ndarray:
         if not self.use_cache:
@@ -203,9 +204,19 @@ class TorchDecoder:
         with self.torch.no_grad():
             logits = self.model(tokens, pad=pad, last_only=True)
         self.model.select_kv_cache_rows(self.torch.from_numpy(copies).to(self.device))
+        from llmcli.model.numpy_steps import TorchKernels, kv_cache_arrays, runs_on_numpy  # (imports torch)
+
+        if runs_on_numpy(self.model):  # each new token: NumPy between torch's kernels (llmcli/model/numpy_steps.py)
+            self.steps, self.cache = TorchKernels(self.model), kv_cache_arrays(self.model)
+            self.pad_array = None if self.pad is None else self.pad.numpy()
         return self._numpy(logits)[copies]
 
     def next(self, tokens: np.ndarray) -> np.ndarray:
+        if self.steps is not None:
+            logits = self.steps.forward(np.asarray(tokens, dtype=np.int64)[:, None], self.pos, self.cache,
+                                        self.pad_array)
+            self.pos += 1
+            return logits
         new = self.torch.from_numpy(tokens).to(self.device)[:, None]
         with self.torch.no_grad():
             if self.use_cache:
@@ -217,6 +228,7 @@ class TorchDecoder:
         return self._numpy(logits)
 
     def close(self):
+        self.steps = self.cache = None
         self.model.clear_kv_cache()
 
     @staticmethod

@@ -111,9 +111,20 @@ class NumpyTransformer:
         x = centered / np.sqrt((centered * centered).sum(axis=-1, keepdims=True) / n + eps) * weight
         return x + self.w[f"{name}.bias"] if f"{name}.bias" in self.w else x
 
+    # The three places that read a weight matrix: a subclass may hand them to other kernels (numpy_steps.py)
+
+    def _embed(self, idx: np.ndarray) -> np.ndarray:
+        """(B, T) token ids -> (B, T, n_embd)."""
+        return self.w["token_embedding.weight"][idx]
+
     def _linear(self, x: np.ndarray, name: str) -> np.ndarray:
+        """(..., in) -> (..., out) by layer `name` (a key of model.py's modules)."""
         y = x @ self.w[f"{name}.weight"]
         return y + self.w[f"{name}.bias"] if f"{name}.bias" in self.w else y
+
+    def _head(self, x: np.ndarray) -> np.ndarray:
+        """(B, n_embd) final hidden states -> (B, vocab) logits."""
+        return x @ self.head
 
     def _rope(self, x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
         half = x.shape[-1] // 2
@@ -135,7 +146,7 @@ class NumpyTransformer:
         pad = np.zeros(B, dtype=np.int64) if pad is None else pad
         # (finished rows of a batch may run past the context; their outputs are ignored)
         positions = np.clip(slots[None, pos:] - pad[:, None], 0, config.context - 1)  # (B, T)
-        x = self.w["token_embedding.weight"][idx]
+        x = self._embed(idx)
         if config.positions == "learned":
             x = x + self.w["position_embedding.weight"][positions]
         elif config.positions == "sinusoidal":
@@ -172,7 +183,7 @@ class NumpyTransformer:
             else:
                 h = gelu(h)
             x = x + self._linear(h, f"{block}.mlp.proj")
-        return self._norm(x[:, -1], "norm_f") @ self.head
+        return self._head(self._norm(x[:, -1], "norm_f"))
 
 
 class NumpyDecoder:

@@ -1,0 +1,65 @@
+"""Decode steps of a torch Transformer on the CPU run by the NumPy decoder, torch's kernels multiplying the matrices.
+
+A decode step at batch 1 of a 30-layer model is some 1,200 small operations besides its 121 matrix products; torch
+spends 3-5 us on each (dispatch, dtype and shape checks, a new tensor), NumPy about 1 us. On SmolLM2-135M with
+--quantize int4 that was 10.4 ms a token against NumPy's 3.6 ms, out of 24-32 ms (2 threads, /tmp measurements in
+the README's decoding section). So `llm generate` prefills with torch (long prompts are large matrix products,
+attention is SDPA's) and then runs each new token through numpy_model.py's forward, every weight matrix still in
+torch: the embedding lookup, the linear layers (float32, int8, int4 or LoRA, whatever the model holds) and the
+output head are the model's own modules, called on tensors that share memory with NumPy's arrays (no copies), and
+the KV cache is the model's, viewed as NumPy arrays. The logits equal the torch model's to float32 rounding (tests).
+"""
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from llmcli import threads
+from llmcli.model.numpy_model import NumpyTransformer
+from llmcli.model.transformer import Transformer
+
+
+def runs_on_numpy(model) -> bool:
+    """Whether TorchKernels can step this model: our float32 language model on the CPU (NumPy has no bfloat16)."""
+    return type(model) is Transformer and model.norm_f.weight.device.type == "cpu" and \
+        model.norm_f.weight.dtype == torch.float32
+
+
+class TorchKernels(NumpyTransformer):
+    """NumpyTransformer over a torch Transformer's own modules and tables (nothing is copied)."""
+
+    def __init__(self, model: Transformer):
+        self.config = model.config
+        self.modules = dict(model.named_modules())
+        norms = {f"{name}.{key}": p for name, module in self.modules.items()
+                 if isinstance(module, (nn.LayerNorm, nn.RMSNorm)) for key, p in module.named_parameters()}
+        tables = dict(model.named_buffers(recurse=False))  # rotary cos and sin, or the sinusoidal table
+        if self.config.positions == "learned":
+            tables["position_embedding.weight"] = model.position_embedding.weight
+        self.w = {name: t.detach().numpy() for name, t in (norms | tables).items()}
+        if self.config.tie_embeddings:  # (a quantized model has an output head of its own)
+            self.head_module = lambda x: F.linear(x, model.token_embedding.weight)
+        else:
+            self.head_module = model.lm_head
+
+    def forward(self, idx: np.ndarray, pos: int, cache: list[tuple[np.ndarray, np.ndarray]],
+                pad: np.ndarray | None = None) -> np.ndarray:
+        """NumpyTransformer.forward; cache: the model's KVCache buffers as NumPy arrays (kv_cache_arrays)."""
+        threads.adapt()  # (as Transformer.features: on the cores other processes leave idle)
+        with torch.inference_mode():
+            return super().forward(idx, pos, cache, pad)
+
+    def _embed(self, idx: np.ndarray) -> np.ndarray:
+        return self.modules["token_embedding"](torch.from_numpy(idx)).numpy()
+
+    def _linear(self, x: np.ndarray, name: str) -> np.ndarray:
+        return self.modules[name](torch.from_numpy(x)).numpy()
+
+    def _head(self, x: np.ndarray) -> np.ndarray:
+        return self.head_module(torch.from_numpy(x)).float().numpy()
+
+
+def kv_cache_arrays(model: Transformer) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The keys and values of every layer's KVCache as NumPy arrays sharing their memory (B, kv_heads, max_len, D)."""
+    return [(cache.k.numpy(), cache.v.numpy()) for cache in model.kv_caches()]
