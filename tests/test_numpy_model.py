@@ -74,7 +74,7 @@ def test_decode_steps_through_torch_kernels_give_the_torch_models_logits(name, m
         expected = model(tokens, pad=pad).numpy()
         model.setup_kv_cache(2, 12)
         model(tokens[:, :7], pad=pad)
-    steps, cache = TorchKernels(model), kv_cache_arrays(model)
+    steps, cache = TorchKernels(model), kv_cache_arrays(model.kv_caches())
     for t in range(7, 12):
         logits = steps.forward(tokens[:, t:t + 1].numpy(), t, cache, pad.numpy())
         np.testing.assert_allclose(logits, expected[:, t], atol=1e-5)

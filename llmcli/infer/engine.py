@@ -38,6 +38,7 @@ from llmcli.infer.generate import (
     row_rng,
     sample_next,
 )
+from llmcli.model.numpy_steps import TorchKernels, kv_cache_arrays, runs_on_numpy
 
 PREFILL_TOKENS = 512  # prompt tokens (padding included) prefilled per turn of the loop, between two decode steps
 
@@ -118,6 +119,10 @@ class Engine:
         self.max_len = self.context + max(16, self.context // 4)
         self.device = model.token_embedding.weight.device
         self.caches = model.setup_kv_cache(max_batch, self.max_len)
+        if runs_on_numpy(model):  # decode steps run NumPy between the model's torch modules (numpy_steps.py)
+            self.steps, self.cache_arrays = TorchKernels(model), kv_cache_arrays(self.caches)
+        else:
+            self.steps = None
         self.rows: list[Row] = []
         self.pad: list[int] = []  # of each row: its first slot
         self.P = 0  # the slot the next decode step writes
@@ -347,9 +352,15 @@ class Engine:
         """One decode step of every row; finished rows leave."""
         if self.P == self.max_len:
             self._move(-min(self.pad))
-        tokens = torch.tensor([[row.last] for row in self.rows], device=self.device)
-        pad = torch.tensor(self.pad, device=self.device)
-        logits = self.model(tokens, pos=self.P, pad=pad)[:, -1].float().cpu().numpy()
+        tokens = np.array([[row.last] for row in self.rows], dtype=np.int64)
+        if self.steps is not None:
+            B = len(self.rows)
+            cache = [(k[:B], v[:B]) for k, v in self.cache_arrays]
+            logits = self.steps.forward(tokens, self.P, cache, np.array(self.pad, dtype=np.int64))
+        else:
+            pad = torch.tensor(self.pad, device=self.device)
+            logits = self.model(torch.from_numpy(tokens).to(self.device), pos=self.P, pad=pad)
+            logits = logits[:, -1].float().cpu().numpy()
         self.P += 1
         groups: dict[tuple, list[int]] = {}  # rows by sampling settings
         for b, row in enumerate(self.rows):

@@ -207,7 +207,7 @@ class TorchDecoder:
         from llmcli.model.numpy_steps import TorchKernels, kv_cache_arrays, runs_on_numpy  # (imports torch)
 
         if runs_on_numpy(self.model):  # each new token: NumPy between torch's kernels (llmcli/model/numpy_steps.py)
-            self.steps, self.cache = TorchKernels(self.model), kv_cache_arrays(self.model)
+            self.steps, self.cache = TorchKernels(self.model), kv_cache_arrays(self.model.kv_caches())
             self.pad_array = None if self.pad is None else self.pad.numpy()
         return self._numpy(logits)[copies]
 

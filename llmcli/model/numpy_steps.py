@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from llmcli import threads
 from llmcli.model.numpy_model import NumpyTransformer
-from llmcli.model.transformer import Transformer
+from llmcli.model.transformer import KVCache, Transformer
 
 
 def runs_on_numpy(model) -> bool:
@@ -45,7 +45,8 @@ class TorchKernels(NumpyTransformer):
 
     def forward(self, idx: np.ndarray, pos: int, cache: list[tuple[np.ndarray, np.ndarray]],
                 pad: np.ndarray | None = None) -> np.ndarray:
-        """NumpyTransformer.forward; cache: the model's KVCache buffers as NumPy arrays (kv_cache_arrays)."""
+        """NumpyTransformer.forward; cache: the model's KVCache buffers as NumPy arrays (kv_cache_arrays), of B
+        rows."""
         threads.adapt()  # (as Transformer.features: on the cores other processes leave idle)
         with torch.inference_mode():
             return super().forward(idx, pos, cache, pad)
@@ -60,6 +61,7 @@ class TorchKernels(NumpyTransformer):
         return self.head_module(torch.from_numpy(x)).float().numpy()
 
 
-def kv_cache_arrays(model: Transformer) -> list[tuple[np.ndarray, np.ndarray]]:
-    """The keys and values of every layer's KVCache as NumPy arrays sharing their memory (B, kv_heads, max_len, D)."""
-    return [(cache.k.numpy(), cache.v.numpy()) for cache in model.kv_caches()]
+def kv_cache_arrays(caches: list[KVCache]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The keys and values of these caches (model.kv_caches(): a layer each) as NumPy arrays sharing their memory,
+    (batch, kv_heads, max_len, head_dim) each."""
+    return [(cache.k.numpy(), cache.v.numpy()) for cache in caches]
