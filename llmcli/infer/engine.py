@@ -38,7 +38,7 @@ from llmcli.infer.generate import (
     row_rng,
     sample_next,
 )
-from llmcli.model.numpy_steps import TorchKernels, kv_cache_arrays, runs_on_numpy
+from llmcli.model.numpy_steps import MOST_ROWS, TorchKernels, kv_cache_arrays, runs_on_numpy
 
 PREFILL_TOKENS = 512  # prompt tokens (padding included) prefilled per turn of the loop, between two decode steps
 
@@ -119,10 +119,9 @@ class Engine:
         self.max_len = self.context + max(16, self.context // 4)
         self.device = model.token_embedding.weight.device
         self.caches = model.setup_kv_cache(max_batch, self.max_len)
-        if runs_on_numpy(model):  # decode steps run NumPy between the model's torch modules (numpy_steps.py)
-            self.steps, self.cache_arrays = TorchKernels(model), kv_cache_arrays(self.caches)
-        else:
-            self.steps = None
+        # decode steps of a few rows run NumPy between the model's torch modules (llmcli/model/numpy_steps.py)
+        self.steps = TorchKernels(model) if runs_on_numpy(model, 1) else None
+        self.cache_arrays = kv_cache_arrays(self.caches)
         self.rows: list[Row] = []
         self.pad: list[int] = []  # of each row: its first slot
         self.P = 0  # the slot the next decode step writes
@@ -353,8 +352,8 @@ class Engine:
         if self.P == self.max_len:
             self._move(-min(self.pad))
         tokens = np.array([[row.last] for row in self.rows], dtype=np.int64)
-        if self.steps is not None:
-            B = len(self.rows)
+        B = len(self.rows)
+        if self.steps is not None and B <= MOST_ROWS:
             cache = [(k[:B], v[:B]) for k, v in self.cache_arrays]
             logits = self.steps.forward(tokens, self.P, cache, np.array(self.pad, dtype=np.int64))
         else:

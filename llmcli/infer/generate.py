@@ -206,7 +206,7 @@ class TorchDecoder:
         self.model.select_kv_cache_rows(self.torch.from_numpy(copies).to(self.device))
         from llmcli.model.numpy_steps import TorchKernels, kv_cache_arrays, runs_on_numpy  # (imports torch)
 
-        if runs_on_numpy(self.model):  # each new token: NumPy between torch's kernels (llmcli/model/numpy_steps.py)
+        if runs_on_numpy(self.model, len(self.rows)):  # each new token: NumPy between torch's modules
             self.steps, self.cache = TorchKernels(self.model), kv_cache_arrays(self.model.kv_caches())
             self.pad_array = None if self.pad is None else self.pad.numpy()
         return self._numpy(logits)[copies]
