@@ -74,6 +74,30 @@ def test_the_samples_of_a_prompt_share_one_prefill(nano_checkpoint, numpy_decode
         assert np.array_equal(together[b], np.stack(list(decode_rows(model, [row], cfg)), axis=1)[0]), b
 
 
+def test_decode_steps_leave_numpy_for_torch_once_the_attention_is_long(nano_checkpoint, monkeypatch):
+    """NumPy's attention runs on one core: steps whose rows x slots pass MOST_KEYS run on torch, over the same KV
+    cache, and the tokens are those of torch alone."""
+    from llmcli.formats import load_model
+    from llmcli.infer.generate import encode_prompt
+    from llmcli.model import numpy_steps
+
+    model, tok, _ = load_model(nano_checkpoint)
+    rows = [encode_prompt(tok, p, model.config.context, False) for p in PROMPTS[:2]]
+    L = max(map(len, rows))
+    cfg = SamplingConfig(max_new_tokens=12, temperature=0.0)
+    monkeypatch.setattr(numpy_steps, "runs_on_numpy", lambda model, rows: False)
+    on_torch = np.stack(list(decode_rows(model, rows, cfg)), axis=1)
+    monkeypatch.undo()
+    monkeypatch.setattr(numpy_steps, "MOST_KEYS", 2 * (L + 4))  # 2 rows: 4 steps on NumPy, then torch
+    slots = []  # filled after each call of torch's forward
+    forward = model.forward
+    monkeypatch.setattr(model, "forward", lambda idx, pos=0, **kwargs: (slots.append(pos + idx.size(1)), forward(
+        idx, pos, **kwargs))[1])
+    tokens = np.stack(list(decode_rows(model, rows, cfg)), axis=1)
+    assert slots == [L] + list(range(L + 5, L + 12))  # the prefill, then the steps past L + 4 slots
+    assert np.array_equal(tokens, on_torch)
+
+
 def test_batched_greedy_equals_each_prompt_alone(nano_checkpoint):
     """Left padding with an attention mask: every row of a batch gives what its prompt gives alone."""
     from llmcli.formats import load_model

@@ -375,3 +375,37 @@ def test_sigterm_finishes_the_requests_in_flight(server):
     with pytest.raises(httpx.ConnectError):  # no longer listening
         httpx.get(url + "/models")
     assert "stopped" in log.read_text()
+
+
+def test_decode_steps_leave_numpy_for_torch_once_the_attention_is_long(monkeypatch):
+    """The engine steps on NumPy while rows x slots is at most MOST_KEYS, then on torch over the same KV cache:
+    the same text as on either alone."""
+    from llmcli.formats import load_model
+    from llmcli.infer.engine import Engine, Job
+    from llmcli.infer.generate import SamplingConfig, encode_prompt
+    from llmcli.model import numpy_steps
+
+    model, tokenizer, _ = load_model(None)
+    prompt = encode_prompt(tokenizer, PROMPTS[0], model.config.context, False)
+    forward, slots = model.forward, []  # after each decode step on torch
+    model.forward = lambda idx, pos=0, **kwargs: (idx.size(1) == 1 and slots.append(pos + 1), forward(
+        idx, pos, **kwargs))[1]
+
+    def complete(most_keys: int) -> str:
+        monkeypatch.setattr(numpy_steps, "MOST_KEYS", most_keys)
+        events, done = [], threading.Event()
+        engine = Engine(model, tokenizer, max_batch=2)
+        engine.start()
+        engine.submit(Job([prompt], SamplingConfig(max_new_tokens=12, temperature=0.0),
+                          lambda new: (events.extend(new), any(e[0] == "finish" for e in new) and done.set())))
+        assert done.wait(60)
+        engine.stop()
+        return "".join(e[2] for e in events if e[0] == "text")
+
+    on_numpy = complete(10_000)
+    assert slots == []
+    L = len(prompt)
+    mixed = complete(L + 4)  # one row: 4 steps on NumPy, then torch
+    assert slots == list(range(L + 5, L + 12))
+    slots.clear()
+    assert mixed == on_numpy == complete(0) and len(slots) == 11
