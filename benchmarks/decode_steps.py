@@ -21,7 +21,7 @@ import torch
 
 from llmcli.formats import load_model
 from llmcli.infer.generate import decoding_layout
-from llmcli.model.numpy_steps import TorchKernels, faster_on_numpy, kv_cache_arrays
+from llmcli.model.numpy_steps import TorchKernels, kv_cache_arrays
 
 
 def main():
@@ -56,7 +56,7 @@ def main():
                     model(torch.from_numpy(tokens), pos=pos, pad=torch.from_numpy(pad))
                     on_torch.append(time.perf_counter() - start)
             n, t = np.median(on_numpy[1:]) * 1e3, np.median(on_torch[1:]) * 1e3  # (the first warms up)
-            chosen = "numpy" if faster_on_numpy(rows, slots) else "torch"
+            chosen = "numpy" if TorchKernels.faster(rows, slots) else "torch"
             print(f"{rows:>4} {slots:>6} {n:>9.1f} {t:>9.1f} {t / n:>10.2f}x  {chosen}", flush=True)
             model.clear_kv_cache()
 

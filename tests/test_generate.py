@@ -85,7 +85,7 @@ def test_decode_steps_leave_numpy_for_torch_once_the_attention_is_long(nano_chec
     rows = [encode_prompt(tok, p, model.config.context, False) for p in PROMPTS[:2]]
     L = max(map(len, rows))
     cfg = SamplingConfig(max_new_tokens=12, temperature=0.0)
-    monkeypatch.setattr(numpy_steps, "runs_on_numpy", lambda model, rows: False)
+    monkeypatch.setattr(numpy_steps, "runs_on_numpy", lambda model: False)
     on_torch = np.stack(list(decode_rows(model, rows, cfg)), axis=1)
     monkeypatch.undo()
     monkeypatch.setattr(numpy_steps, "MOST_KEYS", 2 * (L + 4))  # 2 rows: 4 steps on NumPy, then torch

@@ -38,7 +38,7 @@ from llmcli.infer.generate import (
     row_rng,
     sample_next,
 )
-from llmcli.model.numpy_steps import TorchKernels, faster_on_numpy, kv_cache_arrays, runs_on_numpy
+from llmcli.model.numpy_steps import TorchKernels, kv_cache_arrays, runs_on_numpy
 
 PREFILL_TOKENS = 512  # prompt tokens (padding included) prefilled per turn of the loop, between two decode steps
 
@@ -120,7 +120,7 @@ class Engine:
         self.device = model.token_embedding.weight.device
         self.caches = model.setup_kv_cache(max_batch, self.max_len)
         # decode steps of a few rows run NumPy between the model's torch modules (llmcli/model/numpy_steps.py)
-        self.steps = TorchKernels(model) if runs_on_numpy(model, 1) else None
+        self.steps = TorchKernels(model) if runs_on_numpy(model) else None
         self.cache_arrays = kv_cache_arrays(self.caches)
         self.rows: list[Row] = []
         self.pad: list[int] = []  # of each row: its first slot
@@ -353,7 +353,7 @@ class Engine:
             self._move(-min(self.pad))
         tokens = np.array([[row.last] for row in self.rows], dtype=np.int64)
         B = len(self.rows)
-        if self.steps is not None and faster_on_numpy(B, self.P + 1):
+        if self.steps is not None and self.steps.faster(B, self.P + 1):
             cache = [(k[:B], v[:B]) for k, v in self.cache_arrays]
             logits = self.steps.forward(tokens, self.P, cache, np.array(self.pad, dtype=np.int64))
         else:

@@ -204,18 +204,15 @@ class TorchDecoder:
         with self.torch.no_grad():
             logits = self.model(tokens, pad=pad, last_only=True)
         self.model.select_kv_cache_rows(self.torch.from_numpy(copies).to(self.device))
-        from llmcli.model import numpy_steps  # (imports torch)
+        from llmcli.model.numpy_steps import TorchKernels, kv_cache_arrays, runs_on_numpy  # (imports torch)
 
-        if numpy_steps.runs_on_numpy(self.model, len(self.rows)):  # new tokens: NumPy between torch's modules
-            self.steps, self.cache = numpy_steps.TorchKernels(self.model), numpy_steps.kv_cache_arrays(
-                self.model.kv_caches())
-            self.faster_on_numpy = numpy_steps.faster_on_numpy
+        if runs_on_numpy(self.model):  # new tokens: NumPy between torch's modules, while that is the faster
+            self.steps, self.cache = TorchKernels(self.model), kv_cache_arrays(self.model.kv_caches())
             self.pad_array = None if self.pad is None else self.pad.numpy()
         return self._numpy(logits)[copies]
 
     def next(self, tokens: np.ndarray) -> np.ndarray:
-        # on NumPy while the attention is short enough; then on torch (over the same KV cache)
-        if self.steps is not None and self.faster_on_numpy(len(self.rows), self.pos + 1):
+        if self.steps is not None and self.steps.faster(len(self.rows), self.pos + 1):
             logits = self.steps.forward(np.asarray(tokens, dtype=np.int64)[:, None], self.pos, self.cache,
                                         self.pad_array)
             self.pos += 1

@@ -31,18 +31,10 @@ MOST_ROWS = 8
 MOST_KEYS = 2048
 
 
-def runs_on_numpy(model, rows: int) -> bool:
-    """Whether TorchKernels should step this model, a batch of `rows` rows at a time: our float32 language model on
-    the CPU (NumPy has no bfloat16), at most MOST_ROWS rows."""
+def runs_on_numpy(model) -> bool:
+    """Whether TorchKernels can step this model: our float32 language model on the CPU (NumPy has no bfloat16)."""
     return type(model) is Transformer and model.norm_f.weight.device.type == "cpu" and \
-        model.norm_f.weight.dtype == torch.float32 and rows <= MOST_ROWS
-
-
-def faster_on_numpy(rows: int, slots: int) -> bool:
-    """Whether a decode step of `rows` rows, each attending to `slots` slots of the KV cache (padding included), is
-    the faster on TorchKernels than on torch alone (MOST_ROWS, MOST_KEYS). Both write the same KV cache, so a
-    decoder may switch at any step."""
-    return rows <= MOST_ROWS and rows * slots <= MOST_KEYS
+        model.norm_f.weight.dtype == torch.float32
 
 
 class TorchKernels(NumpyTransformer):
@@ -61,6 +53,13 @@ class TorchKernels(NumpyTransformer):
             self.head_module = lambda x: F.linear(x, model.token_embedding.weight)
         else:
             self.head_module = model.lm_head
+
+    @staticmethod
+    def faster(rows: int, slots: int) -> bool:
+        """Whether a decode step of `rows` rows, each attending to `slots` slots of the KV cache (padding included),
+        is the faster here than on torch alone (MOST_ROWS, MOST_KEYS). Both write the same KV cache, so a decoder
+        may switch at any step."""
+        return rows <= MOST_ROWS and rows * slots <= MOST_KEYS
 
     def forward(self, idx: np.ndarray, pos: int, cache: list[tuple[np.ndarray, np.ndarray]],
                 pad: np.ndarray | None = None) -> np.ndarray:
