@@ -215,17 +215,17 @@ class TorchDecoder:
         if self.steps is not None and self.steps.faster(len(self.rows), self.pos + 1):
             logits = self.steps.forward(np.asarray(tokens, dtype=np.int64)[:, None], self.pos, self.cache,
                                         self.pad_array)
-            self.pos += 1
-            return logits
-        new = self.torch.from_numpy(tokens).to(self.device)[:, None]
-        with self.torch.no_grad():
-            if self.use_cache:
-                logits = self.model(new, pos=self.pos, pad=self.pad)
-            else:
-                self.tokens = self.torch.cat([self.tokens, new], dim=1)
-                logits = self.model(self.tokens, pad=self.pad, last_only=True)
+        else:
+            new = self.torch.from_numpy(tokens).to(self.device)[:, None]
+            with self.torch.no_grad():
+                if self.use_cache:
+                    logits = self.model(new, pos=self.pos, pad=self.pad)
+                else:
+                    self.tokens = self.torch.cat([self.tokens, new], dim=1)
+                    logits = self.model(self.tokens, pad=self.pad, last_only=True)
+            logits = self._numpy(logits)
         self.pos += 1
-        return self._numpy(logits)
+        return logits
 
     def close(self):
         self.steps = self.cache = None
