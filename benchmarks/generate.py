@@ -20,7 +20,8 @@ For each shape (random weights), batch size and prompt length it builds our Tran
 transformers' GPT2LMHeadModel (the renaming of llmcli.hf's export), and times greedy decoding of each engine,
 alternating them: time to first token (the prompt's prefill and one token) and decode tokens/s (new tokens after the
 first, over the time after the first). Ours is llmcli.generate.decode_rows, the loop `llm generate` runs, on the
-torch model in float32, on the same with `--quantize int8` (llmcli/quantize.py) and, for shapes small enough for it,
+torch model in float32 (its decode steps on NumPy between its torch modules where that is the faster:
+llmcli/model/numpy_steps.py), on the same with `--quantize int8` (llmcli/quantize.py) and, for shapes small enough for it,
 on the NumPy model (llmcli/numpy_model.py, which `llm generate` uses for them). HF is
 `model.generate(do_sample=False)` with the KV cache, timed by a logits processor that notes each token. Medians over
 --repeats runs; "vs HF" is an engine's tokens/s over HF's.
