@@ -74,7 +74,7 @@ def hf_twin(model: Transformer):
 
     family = export_family(model.config)
     tensors = hf_tensors(model, family)
-    hf = GPT2LMHeadModel(GPT2Config(**hf_config_for(family, model.config, None))).eval()
+    hf = GPT2LMHeadModel(GPT2Config(**hf_config_for(family, model.config))).eval()
     missing, unexpected = hf.load_state_dict(tensors, strict=False)
     assert not unexpected and all(m == "lm_head.weight" or m.endswith("attn.bias") for m in missing), missing
     hf.tie_weights()  # the output head is the token embedding, as ours

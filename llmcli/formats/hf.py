@@ -298,9 +298,12 @@ def export_family(config) -> str:
                    f"positions={config.positions}, mlp={config.mlp}, bias={config.bias}")
 
 
-def hf_config_for(family: str, config, tokenizer) -> dict:
-    eos = list(tokenizer.stop_tokens)
-    tokens = {"bos_token_id": tokenizer.start_of_text, "eos_token_id": eos[0] if len(eos) == 1 else eos or None}
+def hf_config_for(family: str, config, tokenizer=None) -> dict:
+    """config.json of `family` for our config; the special token ids from `tokenizer` (none without one)."""
+    tokens = {"bos_token_id": None, "eos_token_id": None}
+    if tokenizer is not None:
+        eos = list(tokenizer.stop_tokens)
+        tokens = {"bos_token_id": tokenizer.start_of_text, "eos_token_id": eos[0] if len(eos) == 1 else eos or None}
     if family == "gpt2":
         return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": config.vocab_size,
                 "n_positions": config.context, "n_embd": config.n_embd, "n_layer": config.n_layer,
