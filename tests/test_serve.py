@@ -409,3 +409,25 @@ def test_decode_steps_leave_numpy_for_torch_once_the_attention_is_long(monkeypat
     assert slots == list(range(L + 5, L + 12))
     slots.clear()
     assert mixed == on_numpy == complete(0) and len(slots) == 11
+
+
+def test_a_bfloat16_model_decodes_on_torch_alone():
+    """NumPy has no bfloat16: such a model's engine steps on torch (its cache is not viewed as NumPy arrays)."""
+    import torch
+
+    from llmcli.formats import load_model
+    from llmcli.infer.engine import Engine, Job
+    from llmcli.infer.generate import SamplingConfig, encode_prompt
+
+    model, tokenizer, _ = load_model(None)
+    model = model.to(torch.bfloat16)
+    engine = Engine(model, tokenizer, max_batch=2)
+    assert engine.steps is None
+    events, done = [], threading.Event()
+    engine.start()
+    engine.submit(Job([encode_prompt(tokenizer, PROMPTS[0], model.config.context, False)],
+                      SamplingConfig(max_new_tokens=8, temperature=0.0),
+                      lambda new: (events.extend(new), any(e[0] == "finish" for e in new) and done.set())))
+    assert done.wait(60)
+    engine.stop()
+    assert "".join(e[2] for e in events if e[0] == "text")

@@ -120,8 +120,9 @@ class Engine:
         self.device = model.token_embedding.weight.device
         self.caches = model.setup_kv_cache(max_batch, self.max_len)
         # decode steps of a few rows run NumPy between the model's torch modules (llmcli/model/numpy_steps.py)
-        self.steps = TorchKernels(model) if runs_on_numpy(model) else None
-        self.cache_arrays = kv_cache_arrays(self.caches)
+        self.steps, self.cache_arrays = None, None
+        if runs_on_numpy(model):  # (NumPy views need a float32 cache in CPU memory)
+            self.steps, self.cache_arrays = TorchKernels(model), kv_cache_arrays(self.caches)
         self.rows: list[Row] = []
         self.pad: list[int] = []  # of each row: its first slot
         self.P = 0  # the slot the next decode step writes
