@@ -13,7 +13,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from llmcli.errors import LLMError, Terminated
+from llmcli.errors import PEER_STOPPED, LLMError, Terminated
 
 app = typer.Typer(
     name="llm",
@@ -219,19 +219,23 @@ def _relaunch_with_torchrun(nproc: int):
     launcher = subprocess.Popen(command, env={"OMP_NUM_THREADS": threads, **os.environ}, stderr=subprocess.PIPE,
                                 text=True, bufsize=1)
     # the processes' own messages pass through; torchrun's report of a failed process (a traceback of its own)
-    # does not, and an error that every process gives is said once
-    said, failed = set(), False
+    # does not, and an error that every process gives is said once; that another process stopped, only when none
+    # of them said why
+    said, failed, peer_stopped = set(), False, f"llm: error: {PEER_STOPPED}\n"
     try:
         for line in launcher.stderr:
             failed = failed or bool(re.match(r"[EW]\d{4} .*(failed|Sending process)", line))
             if not failed and line not in said:
-                sys.stderr.write(line)
                 if line.startswith("llm: error:"):
                     said.add(line)
+                if line != peer_stopped:
+                    sys.stderr.write(line)
     except KeyboardInterrupt:  # Ctrl-C reaches torchrun too; SIGTERM reaches only us: pass it on
         launcher.terminate()
         launcher.wait()
         raise
+    if said == {peer_stopped}:
+        sys.stderr.write(peer_stopped)
     sys.exit(launcher.wait())
 
 

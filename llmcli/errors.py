@@ -7,3 +7,7 @@ class LLMError(Exception):
 
 class Terminated(KeyboardInterrupt):
     """SIGTERM: stops a command as Ctrl-C does (cleanup runs, exit 130), even where Ctrl-C only stops a reply."""
+
+
+# what a training process under torchrun says when another process of its group went away (that one says why)
+PEER_STOPPED = "another training process stopped"

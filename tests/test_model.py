@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from llmcli.formats import load_model
 from llmcli.formats.ours import save_model, write_config
@@ -108,3 +109,25 @@ def test_grouped_query_attention_shrinks_the_cache_and_the_weights():
 def test_bad_choices_are_refused(field, value):
     with pytest.raises(ValueError, match=field):
         ModelConfig(**{**vars(LLAMA_STYLE), field: value})
+
+
+def test_training_under_bfloat16_autocast_attends_short_sequences_in_float32():
+    # SDPA's bfloat16 backward on a CPU costs 2-5x float32's at 64-128 tokens (llmcli/model/transformer.py)
+    from llmcli.model.transformer import FP32_ATTENTION_MAX, attention
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 64, 32, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    in_float32 = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True).bfloat16()
+    in_bfloat16 = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert not torch.equal(in_float32, in_bfloat16)  # (else this test could not tell the two apart)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = attention(q, k, v, None, True, 0.0, gqa=False)
+        with torch.no_grad():  # decoding and validation keep bfloat16's kernel: its forward pass is the faster
+            assert torch.equal(attention(q, k, v, None, True, 0.0, gqa=False), in_bfloat16)
+    assert y.dtype == torch.bfloat16 and torch.equal(y, in_float32)
+    y.sum().backward()
+    assert q.grad is not None and q.grad.dtype == torch.bfloat16
+    long = torch.randn(1, 1, FP32_ATTENTION_MAX // 32 + 1, 32, dtype=torch.bfloat16, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # longer sequences keep bfloat16's kernel
+        assert torch.equal(attention(long, long, long, None, True, 0.0, gqa=False),
+                           F.scaled_dot_product_attention(long, long, long, is_causal=True))

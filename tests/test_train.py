@@ -278,6 +278,13 @@ def test_two_processes_follow_the_one_process_run_and_resume(strategy, shakespea
         assert result.stderr.splitlines() == [("llm: error: --resume keeps the run's settings; lr cannot change "
                                                "(only compile, eval_interval, keep_last, max_steps, "
                                                "micro_batch_size, save_interval, strategy, threads)")]
+        # an error that process 0 alone meets (it prepares the data while the other waits): its one line, not the
+        # other process's traceback of a barrier that lost its peer
+        missing = tmp_path / "missing.model"
+        result = run_cli("pretrain", shakespeare_slice, "-t", missing, "-o", tmp_path / "never", "--nproc", "2")
+        assert result.returncode == 1
+        assert result.stderr.splitlines() == [f"llm: error: no tokenizer at {missing}"]
+        assert not (tmp_path / "never").exists()
 
 
 def test_resume_needs_a_run(tmp_path):

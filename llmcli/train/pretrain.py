@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from llmcli.config import TrainConfig, resolve_run_config
-from llmcli.errors import LLMError
+from llmcli.errors import PEER_STOPPED, LLMError
 from llmcli.files import atomic_write, file_mode, make_output_dir, os_error_reason
 from llmcli.formats import ours as checkpoint
 from llmcli.model.transformer import ModelConfig, Transformer
@@ -146,6 +146,13 @@ class World:
     def barrier(self):
         if self.size > 1:
             torch.distributed.barrier()
+
+
+def lost_peer(e: RuntimeError) -> bool:
+    """Whether a collective failed because another process of the group went away (gloo: "Connection closed by
+    peer"; NCCL, or a timeout: a torch.distributed.DistError)."""
+    return isinstance(e, torch.distributed.DistError) or any(
+        s in str(e) for s in ("Connection closed by peer", "Connection reset by peer", "Broken pipe"))
 
 
 def join_world() -> World:
@@ -529,6 +536,10 @@ def pretrain(
         # it took that one down at exit once (FSDP on gloo: "terminate called without an active exception")
         world.barrier()
         return summary
+    except RuntimeError as e:
+        if world.size > 1 and lost_peer(e):  # the process that stopped first says why; `llm` says this only if none did
+            raise LLMError(PEER_STOPPED) from None
+        raise
     finally:
         if world.size > 1 and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
