@@ -13,6 +13,7 @@ from llmcli.formats import load_model
 from llmcli.formats.ours import save_model, write_config
 from llmcli.infer.generate import SamplingConfig, generate_samples
 from llmcli.model.numpy_model import NumpyDecoder, NumpyTransformer, tensor_shapes
+from llmcli.model.lora import add_lora, parse_targets
 from llmcli.model.numpy_steps import TorchKernels, kv_cache_arrays, runs_on_numpy
 from llmcli.model.quantize import quantize
 from llmcli.model.transformer import ModelConfig, Transformer
@@ -59,13 +60,18 @@ def test_logits_equal_the_torch_model_in_prefill_and_every_cached_step(name):
         np.testing.assert_allclose(decoder.next(rows[:, t]), expected[:, t], atol=1e-5)
 
 
-@pytest.mark.parametrize("mode", [None, "int8", "int4"])
+@pytest.mark.parametrize("mode", [None, "int8", "int4", "lora"])
 @pytest.mark.parametrize("name", CONFIGS)
 def test_decode_steps_through_torch_kernels_give_the_torch_models_logits(name, mode):
     """`llm generate` prefills on torch, then steps with NumPy between the model's own modules (numpy_steps.py):
-    float32, int8 and int4 layers, left-padded rows, the model's KV cache."""
+    float32, int8 and int4 layers, LoRA adapters, left-padded rows, the model's KV cache."""
     model = random_model(**CONFIGS[name])
-    if mode is not None:
+    if mode == "lora":  # adapters that change the outputs (a fresh one adds zero)
+        add_lora(model, rank=4, alpha=8.0, dropout=0.0, targets=parse_targets(None))
+        for name_, p in model.named_parameters():
+            if name_.endswith("lora_b"):
+                torch.nn.init.normal_(p, std=0.1)
+    elif mode is not None:
         quantize(model, mode)
     assert runs_on_numpy(model)
     tokens = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(1))

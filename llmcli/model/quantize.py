@@ -28,6 +28,9 @@ from llmcli.model.lora import merge_lora
 MODES = ("int8", "int4")
 GROUP_SIZE = 32  # int4: inputs that share a scale and an offset (llama.cpp's Q4_0/Q4_1 blocks are 32 too)
 BLOCK_VALUES = 1 << 20  # weights quantized at a time (4 MB of float32)
+# torch's CPU kernels (bfloat16 activations), as op overloads looked up once: a decode step calls them 121 times
+INT8_MM = torch.ops.aten._weight_int8pack_mm.default
+INT4_MM = torch.ops.aten._weight_int4pack_mm_for_cpu.default
 
 
 class StoredMatrix:
@@ -88,10 +91,12 @@ class Int8Linear(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.detach().float())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, x.size(-1)).to(torch.bfloat16)
-        y = torch.ops.aten._weight_int8pack_mm(flat, self.weight, self.scales)
-        y = y.to(x.dtype).view(*x.shape[:-1], -1)
+        y = self.product(x.reshape(-1, x.size(-1))).to(x.dtype).view(*x.shape[:-1], -1)
         return y if self.bias is None else y + self.bias
+
+    def product(self, rows: torch.Tensor) -> torch.Tensor:
+        """rows (M, in) -> rows W^T (M, out), float32, without the bias."""
+        return INT8_MM(rows.to(torch.bfloat16), self.weight, self.scales).float()
 
 
 class StoredGroups(StoredMatrix):
@@ -140,10 +145,12 @@ class Int4Linear(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.detach().float())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, x.size(-1)).to(torch.bfloat16)
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.weight, GROUP_SIZE, self.scales_and_zeros)
-        y = y.to(x.dtype).view(*x.shape[:-1], -1)
+        y = self.product(x.reshape(-1, x.size(-1))).to(x.dtype).view(*x.shape[:-1], -1)
         return y if self.bias is None else y + self.bias
+
+    def product(self, rows: torch.Tensor) -> torch.Tensor:
+        """rows (M, in) -> rows W^T (M, out), float32, without the bias."""
+        return INT4_MM(rows.to(torch.bfloat16), self.weight, GROUP_SIZE, self.scales_and_zeros).float()
 
 
 class Int8Embedding(nn.Module):
