@@ -216,22 +216,36 @@ def _relaunch_with_torchrun(nproc: int):
     from llmcli.threads import default_threads
 
     threads = str(default_threads(nproc))
+    # in a session of its own, so that a signal reaches it once, from us: a terminal's Ctrl-C reached torchrun too,
+    # and the second signal it then passed on stopped the processes before they saved
     launcher = subprocess.Popen(command, env={"OMP_NUM_THREADS": threads, **os.environ}, stderr=subprocess.PIPE,
-                                text=True, bufsize=1)
+                                text=True, bufsize=1, start_new_session=True)
     # the processes' own messages pass through; torchrun's report of a failed process (a traceback of its own)
     # does not, and an error that every process gives is said once; that another process stopped, only when none
     # of them said why
     said, failed, peer_stopped = set(), False, f"llm: error: {PEER_STOPPED}\n"
-    try:
+
+    def pass_on(stopping: bool = False):
+        nonlocal failed
         for line in launcher.stderr:
-            failed = failed or bool(re.match(r"[EW]\d{4} .*(failed|Sending process)", line))
+            if stopping:  # torchrun logs how it stops the processes, then raises: its traceback is its last word
+                failed = failed or line.startswith("Traceback")
+                if re.match(r"[EWI]\d{4} ", line):
+                    continue
+            else:
+                failed = failed or bool(re.match(r"[EW]\d{4} .*(failed|Sending process)", line))
             if not failed and line not in said:
                 if line.startswith("llm: error:"):
                     said.add(line)
                 if line != peer_stopped:
                     sys.stderr.write(line)
-    except KeyboardInterrupt:  # Ctrl-C reaches torchrun too; SIGTERM reaches only us: pass it on
+
+    try:
+        pass_on()
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the processes finish their step and save; say where
         launcher.terminate()
+        failed = False
+        pass_on(stopping=True)
         launcher.wait()
         raise
     if said == {peer_stopped}:

@@ -72,6 +72,19 @@ def test_pretrain_options_defaults_and_guard_rails(tmp_path, nano_checkpoint):
     assert env.stdout == library_text(run, "ROMEO:", max_new_tokens=8, temperature=0) + "\n"
 
 
+def test_pretrain_that_cannot_start_leaves_no_run_directory(tmp_path, nano_checkpoint):
+    # found after tokenizing: a corpus shorter than the context, model settings that do not fit together
+    (tmp_path / "short.txt").write_text(SHAKESPEARE.read_text(encoding="utf-8")[:300])
+    (tmp_path / "long.txt").write_text(SHAKESPEARE.read_text(encoding="utf-8")[:20_000])
+    for corpus, options, message in (("short.txt", [], "the corpus is too small"),
+                                     ("long.txt", ["--config", "bad.yaml"], "must be a multiple of n_head")):
+        (tmp_path / "bad.yaml").write_text("model:\n  n_head: 3\n")
+        line = _error(run_cli("pretrain", corpus, "-t", nano_checkpoint, "--preset", "nano", "--max-steps", "1",
+                              *options, "-o", "run", cwd=tmp_path))
+        assert message in line, line
+        assert not (tmp_path / "run").exists()
+
+
 def test_tokenize_train_options(tmp_path):
     import sentencepiece
 

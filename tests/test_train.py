@@ -287,6 +287,25 @@ def test_two_processes_follow_the_one_process_run_and_resume(strategy, shakespea
         assert not (tmp_path / "never").exists()
 
 
+def test_ctrl_c_under_two_processes_saves_the_step_and_says_where(shakespeare_slice, nano_checkpoint, tmp_path):
+    run = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    # a terminal's Ctrl-C: SIGINT to the foreground process group, `llm` and torchrun (which starts the training
+    # processes in sessions of their own and passes it on)
+    first = subprocess.Popen([sys.executable, "-m", "llmcli", "pretrain", str(shakespeare_slice), "--preset", "nano",
+                              "-t", str(nano_checkpoint), "--max-steps", "1000", "--save-interval", "1000",
+                              "--nproc", "2", "-o", str(run)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, env=env, start_new_session=True)
+    wait_until(lambda: last_step(run) >= 2, first)
+    os.killpg(first.pid, signal.SIGINT)
+    _, stderr = first.communicate(timeout=120)
+    assert first.returncode == 130, stderr
+    assert f"continue with: llm pretrain --resume {run}" in stderr
+    assert "Traceback" not in stderr and "death signal" not in stderr, stderr
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert checkpoint_dirs(run)[-1].name == f"step-{max(steps):07d}"  # the last step trained is saved
+
+
 def test_resume_needs_a_run(tmp_path):
     result = run_cli("pretrain", "--resume", tmp_path)
     assert result.returncode == 1

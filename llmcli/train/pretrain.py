@@ -584,6 +584,9 @@ def _pretrain(world, corpus, out_dir, preset, config_file, overrides, tokenizer_
             made = not out_dir.exists()
             try:
                 _prepare_data(corpus, out_dir, run, tokenizer_path, cfg)
+                # the checks every process makes below, made here too while a failed start can still be undone
+                data.TokenData(Path(run["data"]["token_dir"]), cfg.val_fraction).check_fits(
+                    _model_config(run).context, cfg.val_fraction)
             except BaseException:
                 if made:  # a run that could not start leaves nothing half-made behind
                     shutil.rmtree(out_dir, ignore_errors=True)
@@ -602,10 +605,7 @@ def _pretrain(world, corpus, out_dir, preset, config_file, overrides, tokenizer_
     if token_data.n_tokens != run["data"]["tokens"]:
         raise LLMError(f"cannot {'resume' if resume is not None else 'train'}: the run recorded "
                        f"{run['data']['tokens']:,} tokens of corpus but its token shards hold {token_data.n_tokens:,}")
-    try:
-        model_config = ModelConfig(**run["model"])
-    except (TypeError, ValueError) as e:
-        raise LLMError(f"bad model settings: {e}") from None
+    model_config = _model_config(run)
     token_data.check_fits(model_config.context, cfg.val_fraction)
 
     torch.manual_seed(cfg.seed)
@@ -614,6 +614,13 @@ def _pretrain(world, corpus, out_dir, preset, config_file, overrides, tokenizer_
         model.load_state_dict(initial_weights)
     return train_loop(world, run, cfg, out_dir, model, LMBatches(token_data, model_config.context), micro,
                       resume=resume is not None)
+
+
+def _model_config(run: dict) -> ModelConfig:
+    try:
+        return ModelConfig(**run["model"])
+    except (TypeError, ValueError) as e:
+        raise LLMError(f"bad model settings: {e}") from None
 
 
 def train_loop(world: World, run: dict, cfg: TrainConfig, out_dir: Path, model, dataset, micro: int,
