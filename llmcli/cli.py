@@ -7,6 +7,7 @@ Heavy modules (torch and everything that imports it) are imported inside the com
 import json
 import os
 import re
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -220,6 +221,8 @@ def _relaunch_with_torchrun(nproc: int):
     # and the second signal it then passed on stopped the processes before they saved
     launcher = subprocess.Popen(command, env={"OMP_NUM_THREADS": threads, **os.environ}, stderr=subprocess.PIPE,
                                 text=True, bufsize=1, start_new_session=True)
+    # and so a closed terminal's SIGHUP reaches only us: pass it on as SIGTERM, or training would go on unseen
+    signal.signal(signal.SIGHUP, _terminate)
     # the processes' own messages pass through; torchrun's report of a failed process (a traceback of its own)
     # does not, and an error that every process gives is said once; that another process stopped, only when none
     # of them said why
@@ -738,8 +741,8 @@ _terminated = False
 
 def _terminate(signum, frame):
     global _terminated
-    _terminated = True
-    raise Terminated  # SIGTERM stops a command as Ctrl-C does: cleanup runs, exit 130
+    _terminated = signal.Signals(signum).name
+    raise Terminated  # SIGTERM (or SIGHUP) stops a command as Ctrl-C does: cleanup runs, exit 130
 
 
 def main():
@@ -750,8 +753,6 @@ def main():
     # NumPy decoding (llmcli/numpy_model.py) multiplies small matrices: BLAS threads only add waiting, 150 ms of it
     # before the first token when the cores are busy (8-15 ms on one thread). Read when NumPy is first imported.
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-    import signal
-
     signal.signal(signal.SIGTERM, _terminate)
     sys.stdout = _Results(sys.stdout)
     # typer itself turns usage errors into exit 2 and Ctrl-C into exit 130; our own errors are one line and exit 1
@@ -771,7 +772,7 @@ def main():
     except MemoryError:
         code = _fail("out of memory")
     if code == 130 and _terminated:
-        sys.stderr.write("llm: stopped by SIGTERM\n")
+        sys.stderr.write(f"llm: stopped by {_terminated}\n")
     _flush_stdout()
     sys.exit(code)
 

@@ -305,6 +305,16 @@ def test_ctrl_c_under_two_processes_saves_the_step_and_says_where(shakespeare_sl
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert checkpoint_dirs(run)[-1].name == f"step-{max(steps):07d}"  # the last step trained is saved
 
+    # a closed terminal: SIGHUP to `llm` alone (torchrun, in a session of its own, is stopped by it, not left running)
+    resumed = subprocess.Popen([sys.executable, "-m", "llmcli", "pretrain", "--resume", str(run), "--nproc", "2"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    wait_until(lambda: last_step(run) >= max(steps) + 2, resumed)
+    resumed.send_signal(signal.SIGHUP)
+    _, stderr = resumed.communicate(timeout=120)
+    assert resumed.returncode == 130 and "llm: stopped by SIGHUP" in stderr, stderr
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert checkpoint_dirs(run)[-1].name == f"step-{max(steps):07d}"
+
 
 def test_resume_needs_a_run(tmp_path):
     result = run_cli("pretrain", "--resume", tmp_path)
