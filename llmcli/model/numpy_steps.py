@@ -75,8 +75,8 @@ class TorchKernels(NumpyTransformer):
         return self.modules["token_embedding"](torch.from_numpy(idx)).numpy()
 
     def _linear(self, x: np.ndarray, name: str) -> np.ndarray:
-        rows = torch.from_numpy(x.reshape(-1, x.shape[-1]))
-        return self.products[name](rows).numpy().reshape(*x.shape[:-1], -1)
+        y = self.products[name](torch.from_numpy(x.reshape(-1, x.shape[-1]))).numpy()
+        return y.reshape(*x.shape[:-1], y.shape[-1])
 
     def _head(self, x: np.ndarray) -> np.ndarray:
         return self._linear(x, "lm_head")
