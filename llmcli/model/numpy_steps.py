@@ -5,9 +5,10 @@ spends 3-5 us on each (dispatch, dtype and shape checks, a new tensor), NumPy ab
 --quantize int4 they took 10.4 ms a token on torch against 6.2 ms here (3.0 of NumPy's own work, 3.2 handing the
 products to torch and back), out of 24-32 ms (2 threads; README, "Decode steps on NumPy"). So `llm generate`
 prefills with torch (long prompts are large matrix products, attention is SDPA's) and then runs each new token
-through numpy_model.py's forward, every weight matrix still in torch: the embedding lookup, the linear layers
-(float32, int8, int4 or LoRA, whatever the model holds) and the output head are the model's own modules, called on
-tensors that share memory with NumPy's arrays (no copies), and the KV cache is the model's, viewed as NumPy arrays.
+through numpy_model.py's forward, every weight matrix still in torch: the embedding lookup is the model's module,
+the linear layers and the output head are their own kernels (float32, int8 or int4, called without the module
+around them: `product`; a LoRA layer is its module), on tensors that share memory with NumPy's arrays (no copies),
+and the KV cache is the model's, viewed as NumPy arrays.
 The logits equal the torch model's to float32 rounding (tests).
 """
 
