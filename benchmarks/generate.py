@@ -12,7 +12,7 @@ under --llamacpp-python (a virtual environment of its own) or this Python if it 
 --new-tokens greedily at batch 1 after a short prompt, with --threads threads (default: torch's). The table: decode
 tokens/s (after the first token), its ratio to transformers', the spread (lowest-highest) over the rounds, load time,
 time to first token, and peak RSS (of the whole process) with the bytes of the weights each engine decodes with.
-`llm int4, passive` is int4 with the OpenMP setting `llm` had before it chose one per command (llmcli/threads.py).
+`llm int4, passive` is int4 with the OpenMP setting `llm` had before it chose one per command (llmcli/runtime.py).
 --busy measures everything again beside a burner (torch multiplying matrices on every core with its default threads)
 and prints a second table.
 
@@ -48,8 +48,11 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from llmcli.formats.hf import export_family, hf_config_for, hf_tensors  # noqa: E402
-from llmcli.infer.generate import SamplingConfig, decode_rows, decoding_layout  # noqa: E402
-from llmcli.model.numpy_model import SMALL_MODEL, NumpyTransformer  # noqa: E402
+from llmcli.infer.backend import decoding_layout  # noqa: E402
+from llmcli.infer.generate import decode_rows  # noqa: E402
+from llmcli.infer.sampler import SamplingConfig  # noqa: E402
+from llmcli.model.numpy_model import NumpyTransformer  # noqa: E402
+from llmcli.runtime import SMALL_MODEL  # noqa: E402
 from llmcli.model.quantize import quantize  # noqa: E402
 from llmcli.model.transformer import ModelConfig, Transformer  # noqa: E402
 
@@ -232,7 +235,7 @@ def engines(args) -> dict[str, list[str]]:
             python, "-c", LLAMACPP_WORKER, args.gguf, PROMPT, str(args.new_tokens),
             str(args.threads or torch.get_num_threads())]
     commands |= {"llm fp32": ours, "llm int8": [*ours, "--quantize", "int8"], "llm int4": [*ours, "--quantize", "int4"]}
-    # llm's OpenMP setting before it chose one per command (llmcli/threads.py): threads that sleep at once
+    # llm's OpenMP setting before it chose one per command (llmcli/runtime.py): threads that sleep at once
     commands["llm int4, passive"] = ["/usr/bin/env", "OMP_WAIT_POLICY=PASSIVE", *commands["llm int4"]]
     return commands
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "llmcli"
 # a module may import its own layer and the ones after it in this list, never one before
-LAYERS = [("cli", "__main__"), ("infer", "train", "eval"), ("formats",), ("model", "text"),
-          ("files", "config", "errors", "progress", "report", "threads", "__init__")]
+LAYERS = [("cli", "__main__"), ("api",), ("infer", "train", "eval"), ("formats",), ("model", "text"),
+          ("files", "config", "errors", "progress", "report", "runtime", "__init__")]
 
 
 def imports() -> dict[str, set[str]]:

@@ -16,7 +16,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from llmcli.formats import load_model  # noqa: E402
-from llmcli.infer.generate import apply_template, generate_text, sampling_settings  # noqa: E402
+from llmcli.infer.generate import apply_template, generate_text  # noqa: E402
+from llmcli.infer.sampler import sampling_settings  # noqa: E402
 from llmcli.text.chat_template import find_chat_template  # noqa: E402
 
 

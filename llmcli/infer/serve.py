@@ -25,8 +25,10 @@ from starlette.routing import Route
 
 from llmcli.errors import LLMError
 from llmcli.infer.engine import Engine, Job, QueueFull
-from llmcli.infer.generate import SamplingConfig, apply_template, encode_prompt, sampling_settings
-from llmcli.threads import available_cores
+from llmcli.infer.generate import apply_template
+from llmcli.infer.rows import encode_prompt
+from llmcli.infer.sampler import SamplingConfig, sampling_settings
+from llmcli.runtime import available_cores
 
 MAX_BODY_BYTES = 1 << 20  # a larger request body gets 413
 RETRY_AFTER_S = 1  # told to a client turned away because the queue is full
@@ -49,14 +51,12 @@ class ApiError(Exception):
         return JSONResponse(body, status_code=self.status, headers=self.headers)
 
 
-def _chat_prompt(template, messages: list[dict]) -> tuple[str, tuple[str, ...]]:
-    """The prompt for a conversation, rendered with the model's chat template (llmcli/text/chat_template.py), and the
-    stop strings that end the reply; without a template, the messages as plain text, a line each."""
+def _chat_prompt(template, messages: list[dict]) -> str:
+    """The prompt for a conversation, rendered with the model's chat template (llmcli/text/chat_template.py);
+    without a template, the messages as plain text, a line each."""
     from llmcli.infer.chat import plain_text
 
-    if template is None:
-        return plain_text(messages), ()
-    return template.prompt(messages), template.stops()
+    return plain_text(messages) if template is None else template.prompt(messages)
 
 
 @dataclass
@@ -151,7 +151,7 @@ def _sampling(server: Server, body: dict, chat: bool) -> tuple[SamplingConfig, i
         min_p=_field(body, "min_p", (int, float), low=0, high=1),
         repetition_penalty=_field(body, "repetition_penalty", (int, float), low=0, low_open=True),
     )
-    cfg, _ = sampling_settings(server.config, **options)
+    cfg, _ = sampling_settings(server.config, server.chat_template if chat else None, server.tokenizer, **options)
     cfg.stop = tuple(cfg.stop) + tuple(stop or ())
     n = _field(body, "n", int, 1, low=1, high=server.engine.max_batch)
     seed = _field(body, "seed", int)
@@ -336,12 +336,9 @@ async def chat_completions(request: Request):
         messages[i] = {"role": m["role"], "content": content}
     cfg, n, seed = _sampling(server, body, chat=True)
     try:
-        prompt, stop = _chat_prompt(server.chat_template, messages)
+        prompt = _chat_prompt(server.chat_template, messages)
     except LLMError as e:
         raise ApiError(400, str(e), param="messages", code="invalid_value") from None
-    cfg.stop += stop
-    if server.chat_template is not None:
-        cfg.stop_tokens += server.chat_template.stop_tokens(server.tokenizer)
     return await _respond(request, body, Pending(server, [_encode(server, prompt, "messages")], cfg, n, seed),
                           chat=True)
 

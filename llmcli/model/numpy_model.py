@@ -1,9 +1,9 @@
 """The Transformer of llmcli/model/transformer.py run with NumPy, to sample from a small checkpoint without importing torch.
 
 Importing torch costs 1.3-1.8 s on a CPU: longer than the shipped 3M-parameter model takes to write a whole story. So
-`llm generate` runs checkpoints of up to SMALL_MODEL parameters here: the same computation as model.py's forward
+`llm generate` runs checkpoints of up to llmcli.runtime.SMALL_MODEL parameters here: the same computation as model.py's forward
 (tests hold the logits equal to 1e-5 for every configuration), for left-padded rows with a KV cache, float32.
-Sampling is shared with the torch path (llmcli/infer/generate.py), so a seed gives the same text on either.
+Decoding is the engine's (llmcli/infer/engine.py, NumpyBackend), so a seed gives the same text on either.
 """
 
 import math
@@ -11,9 +11,6 @@ import math
 import numpy as np
 
 from llmcli.config import ModelConfig
-from llmcli.model.batching import distinct_rows, left_pad
-
-SMALL_MODEL = 30_000_000  # parameters; above this the weights, not the torch import, dominate a cold start
 
 
 def tensor_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -99,9 +96,6 @@ class NumpyTransformer:
         head = weights["token_embedding.weight" if config.tie_embeddings else "lm_head.weight"]
         self.head = np.ascontiguousarray(head.T)  # (n_embd, vocab)
 
-    def decoder(self, rows: list[list[int]], max_len: int) -> "NumpyDecoder":
-        return NumpyDecoder(self, rows, max_len)
-
     def _norm(self, x: np.ndarray, name: str) -> np.ndarray:
         # sums over n, not np.mean: at one token a decode step is mostly per-call overhead, and mean's is 3x a sum's
         eps, weight, n = self.config.norm_eps, self.w[f"{name}.weight"], x.shape[-1]
@@ -184,30 +178,3 @@ class NumpyTransformer:
                 h = gelu(h)
             x = x + self._linear(h, f"{block}.mlp.proj")
         return self._head(self._norm(x[:, -1], "norm_f"))
-
-
-class NumpyDecoder:
-    """What decode_rows drives (as TorchDecoder): logits of the prompts, then of each new token, rows left-padded."""
-
-    def __init__(self, model: NumpyTransformer, rows: list[list[int]], max_len: int):
-        self.model, self.rows, self.max_len = model, rows, max_len
-        self.tokens, self.pad = left_pad(rows)
-        self.pos = self.tokens.shape[1]
-
-    def first(self) -> np.ndarray:
-        # each distinct prompt is prefilled once: the samples of a prompt share its keys and values
-        distinct, copies = distinct_rows(self.rows)
-        config = self.model.config
-        shape = (len(distinct), config.kv_heads, self.max_len, config.head_dim)
-        cache = [(np.zeros(shape, np.float32), np.zeros(shape, np.float32)) for _ in range(config.n_layer)]
-        logits = self.model.forward(self.tokens[distinct], 0, cache, self.pad[distinct])
-        self.cache = cache if len(distinct) == len(self.rows) else [(k[copies], v[copies]) for k, v in cache]
-        return logits[copies]
-
-    def next(self, tokens: np.ndarray) -> np.ndarray:
-        logits = self.model.forward(np.asarray(tokens)[:, None], self.pos, self.cache, self.pad)
-        self.pos += 1
-        return logits
-
-    def close(self):
-        self.cache = []

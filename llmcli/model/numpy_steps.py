@@ -17,21 +17,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from llmcli import threads
 from llmcli.model.numpy_model import NumpyTransformer
 from llmcli.model.quantize import Int4Linear, Int8Linear
 from llmcli.model.transformer import KVCache, Transformer
-
-# Rows of a batch up to which NumPy's steps are the faster. Per row, attention and the elementwise work grow, which
-# torch spreads over both cores and NumPy does on one: on the shipped model and on int4 SmolLM2-135M, NumPy's steps
-# were 1.1-1.5x faster at 1-6 rows, even at 8, and torch's 1.1x faster at 10 rows and 1.1-1.6x at 64.
-MOST_ROWS = 8
-# Keys attended in one step, over all rows (rows x slots), up to which NumPy's steps are the faster: its attention
-# runs on one core, torch's on both. Per step on int4 and float32 SmolLM2-135M, NumPy against torch: 1.1-1.3x faster
-# at 1 row of 256-2048 slots, 2 of 1024, 4 of 512, 8 of 256; 0.86-0.89x at 4 rows of 1024 slots or 8 of 1024, 0.7x
-# at 8 of 4096 (0.87x at 8 rows of 250 slots of the shipped model, int8).
-MOST_KEYS = 2048
-
 
 def runs_on_numpy(model) -> bool:
     """Whether TorchKernels can step this model: our float32 language model on the CPU (NumPy has no bfloat16)."""
@@ -57,18 +45,10 @@ class TorchKernels(NumpyTransformer):
             weight = model.token_embedding.weight
             self.products["lm_head"] = lambda x: F.linear(x, weight)
 
-    @staticmethod
-    def faster(rows: int, slots: int) -> bool:
-        """Whether a decode step of `rows` rows, each attending to `slots` slots of the KV cache (padding included),
-        is the faster here than on torch alone (MOST_ROWS, MOST_KEYS). Both write the same KV cache, so a decoder
-        may switch at any step."""
-        return rows <= MOST_ROWS and rows * slots <= MOST_KEYS
-
     def forward(self, idx: np.ndarray, pos: int, cache: list[tuple[np.ndarray, np.ndarray]],
                 pad: np.ndarray | None = None) -> np.ndarray:
         """NumpyTransformer.forward; cache: the model's KVCache buffers as NumPy arrays (kv_cache_arrays), of B
         rows."""
-        threads.adapt()  # (as Transformer.features: on the cores other processes leave idle)
         with torch.inference_mode():
             return super().forward(idx, pos, cache, pad)
 

@@ -37,12 +37,11 @@ from llmcli.model.transformer import ModelConfig, Transformer
 from llmcli.progress import log, progress_bar
 from llmcli.text import data
 from llmcli.text.tokenizer import Tokenizer, load_tokenizer, tokenizer_files, train_tokenizer
-from llmcli.threads import default_threads
+from llmcli.runtime import BF16_MIN_WIDTH, FP32_ATTENTION_MAX, default_threads
 
 SAVE_DTYPES = ("float32", "bfloat16", "float16")
 SCHEDULES = ("cosine", "linear", "wsd")
 PRECISIONS = ("auto", "fp32", "bf16-mixed")
-BF16_MIN_WIDTH = 256  # narrower models' steps are dominated by per-operation overhead, which autocast's casts add to
 STRATEGIES = ("ddp", "fsdp")
 CHECKPOINTS_DIR = "checkpoints"
 TRAIN_STATE_FILE = "train_state.safetensors"  # optimizer moments (and fp32 weights when saved in a lower precision)
@@ -666,6 +665,7 @@ def train_loop(world: World, run: dict, cfg: TrainConfig, out_dir: Path, model, 
     optimizer = make_optimizer(model, cfg)  # after sharding: FSDP's optimizer holds shards
     load_optimizer_state(saved_state, model, optimizer)
     precision = resolve_precision(cfg.precision, model.config.n_embd, world.device)
+    model.attend_in_float32(FP32_ATTENTION_MAX)
     autocast = torch.autocast(world.device.type, dtype=torch.bfloat16) if precision == "bf16-mixed" \
         else nullcontext()
 
