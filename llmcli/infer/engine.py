@@ -112,7 +112,7 @@ class Engine:
 
     def run(self, jobs: Iterable[Job], ready: Callable[[], bool] | None = None) -> Iterator[list[Row]]:
         """Decode jobs in this thread until every one is done, their events going to their emit as they happen;
-        yields the rows that finished, after each turn that finished some.
+        yields after each turn the rows that finished in it (often none).
 
         A job is taken from `jobs` when rows are free for it, so a generator reading prompts from a pipe joins the
         running batch as its lines arrive. ready(): whether the next job can be had without waiting; while rows
@@ -135,9 +135,8 @@ class Engine:
                         return
                     continue
                 self._turn()
-                if self.finished:
-                    finished, self.finished = self.finished, []
-                    yield finished
+                finished, self.finished = self.finished, []
+                yield finished
         finally:
             self.finished = []
             self.raising = False
