@@ -314,3 +314,28 @@ def test_cli_ignore_eos_decodes_to_max_new_tokens(nano_checkpoint, tmp_path):
     assert stopped["finish_reason"] == "stop" and stopped["new_tokens"] == 0
     ran_on = _json_lines(run_cli(*args, "--ignore-eos"))[0]
     assert ran_on["finish_reason"] == "length" and ran_on["new_tokens"] == 7
+
+
+def test_a_prompt_that_arrives_joins_the_running_batch(nano_checkpoint):
+    """`llm generate -` on a pipe: a line that arrives while others decode joins their batch at the next step (the
+    engine's continuous batching), and its text is what it would be alone."""
+    from llmcli.formats import load_model
+    from llmcli.infer.generate import generate_samples
+
+    model, tok, _ = load_model(nano_checkpoint, numpy_if_small=True)
+    rows_a_step = []
+    forward = model.forward
+    model.forward = lambda idx, *args: (rows_a_step.append(idx.shape), forward(idx, *args))[1]
+
+    def lines():
+        yield "ROMEO:"
+        yield "JULIET: O Romeo"  # read once ready() says it is there: after the third decode step
+
+    cfg = SamplingConfig(max_new_tokens=12, temperature=0.0, ignore_eos=True)
+    samples = list(generate_samples(model, tok, lines(), cfg, ready=lambda: len(rows_a_step) > 3))
+    steps = [rows for rows, width in rows_a_step if width == 1]
+    assert steps[:3] == [1, 1, 1] and 2 in steps  # alone, then together
+    assert rows_a_step.index((1, len(samples[1].ids))) == 4  # the new prompt prefilled between two steps
+    for sample in samples:
+        (alone,) = generate_samples(model, tok, [sample.prompt], cfg)
+        assert sample.text == alone.text and sample.new_tokens == 12

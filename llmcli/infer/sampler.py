@@ -98,8 +98,7 @@ def apply_top_p(logits: np.ndarray, p: float) -> np.ndarray:
     """Keep the smallest set of most likely tokens whose probabilities sum to at least p."""
     if p >= 1.0:
         return logits
-    # most likely first, ties in token order (a stable sort); quicksort is 4x faster and gives the same order in the
-    # rows without ties, which are most rows: they keep it
+    # most likely first, ties in token order: quicksort (the faster) where a row has no ties, a stable sort where it has
     order = np.argsort(-logits, axis=-1)
     ordered = np.take_along_axis(logits, order, axis=-1)
     tied = (ordered[..., 1:] == ordered[..., :-1]).any(axis=-1)

@@ -1,8 +1,8 @@
 """The Transformer of llmcli/model/transformer.py run with NumPy, to sample from a small checkpoint without importing torch.
 
-Importing torch costs 1.3-1.8 s on a CPU: longer than the shipped 3M-parameter model takes to write a whole story. So
-`llm generate` runs checkpoints of up to llmcli.runtime.SMALL_MODEL parameters here: the same computation as model.py's forward
-(tests hold the logits equal to 1e-5 for every configuration), for left-padded rows with a KV cache, float32.
+Importing torch takes longer than the shipped model takes to write a whole story (docs/perf.md). So `llm generate`
+runs checkpoints of up to llmcli.runtime.SMALL_MODEL parameters here: the same computation as transformer.py's
+forward (tests hold the logits equal to 1e-5 for every configuration), for left-padded rows with a KV cache, float32.
 Decoding is the engine's (llmcli/infer/engine.py, NumpyBackend), so a seed gives the same text on either.
 """
 
@@ -14,7 +14,7 @@ from llmcli.config import ModelConfig
 
 
 def tensor_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Name and shape of every tensor of the Transformer's state dict (a test holds this equal to model.py's)."""
+    """Name and shape of every tensor of the Transformer's state dict (a test holds this equal to transformer.py's)."""
     C, hidden = config.n_embd, config.hidden_size
     qkv = (config.n_head + 2 * config.kv_heads) * config.head_dim
     fc = (2 if config.mlp == "swiglu" else 1) * hidden
@@ -75,7 +75,7 @@ def softmax_(x: np.ndarray) -> np.ndarray:
 
 
 def gelu(h: np.ndarray) -> np.ndarray:
-    """GELU, tanh approximation: 0.5 h (1 + tanh(sqrt(2/pi) (h + 0.044715 h^3))), without pow (h ** 3: 30x slower)."""
+    """GELU, tanh approximation: 0.5 h (1 + tanh(sqrt(2/pi) (h + 0.044715 h^3))), without pow (far slower than products)."""
     y = h * h
     y *= 0.044715
     y += 1.0
@@ -97,7 +97,7 @@ class NumpyTransformer:
         self.head = np.ascontiguousarray(head.T)  # (n_embd, vocab)
 
     def _norm(self, x: np.ndarray, name: str) -> np.ndarray:
-        # sums over n, not np.mean: at one token a decode step is mostly per-call overhead, and mean's is 3x a sum's
+        # sums over n, not np.mean: at one token a decode step is mostly per-call overhead, and mean's is the larger
         eps, weight, n = self.config.norm_eps, self.w[f"{name}.weight"], x.shape[-1]
         if self.config.norm == "rmsnorm":
             return x / np.sqrt((x * x).sum(axis=-1, keepdims=True) / n + eps) * weight
@@ -112,7 +112,7 @@ class NumpyTransformer:
         return self.w["token_embedding.weight"][idx]
 
     def _linear(self, x: np.ndarray, name: str) -> np.ndarray:
-        """(..., in) -> (..., out) by layer `name` (a key of model.py's modules)."""
+        """(..., in) -> (..., out) by layer `name` (a key of transformer.py's modules)."""
         y = x @ self.w[f"{name}.weight"]
         return y + self.w[f"{name}.bias"] if f"{name}.bias" in self.w else y
 
@@ -129,7 +129,7 @@ class NumpyTransformer:
         """Logits (B, vocab) of the last of tokens idx (B, T) in slots pos..pos+T, their keys and values written
         into cache (one (keys, values) pair of (B, kv_heads, max_len, head_dim) a layer).
 
-        pad (B,): row b is left-padded by pad[b] tokens, as in model.py: its positions start after the padding and
+        pad (B,): row b is left-padded by pad[b] tokens, as in transformer.py: its positions start after the padding and
         no token attends to padding.
         """
         config = self.config

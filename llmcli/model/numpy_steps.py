@@ -1,10 +1,8 @@
 """Decode steps of a torch Transformer on the CPU run by the NumPy decoder, torch's kernels multiplying the matrices.
 
-A decode step at batch 1 of a 30-layer model is some 1,200 small operations besides its 121 matrix products; torch
-spends 3-5 us on each (dispatch, dtype and shape checks, a new tensor), NumPy about 1 us. On SmolLM2-135M with
---quantize int4 they took 10.4 ms a token on torch against 6.2 ms here (3.0 of NumPy's own work, 3.2 handing the
-products to torch and back), out of 24-32 ms (2 threads; README, "Decode steps on NumPy"). So `llm generate`
-prefills with torch (long prompts are large matrix products, attention is SDPA's) and then runs each new token
+A decode step at batch 1 is some 40 small operations a layer besides its matrix products, and torch's overhead on
+each (dispatch, dtype and shape checks, a new tensor) is several times NumPy's (docs/perf.md, "Decode steps on
+NumPy"). So the engine's TorchBackend (llmcli/infer/backend.py) prefills with torch (long prompts are large matrix products, attention is SDPA's) and then runs each new token
 through numpy_model.py's forward, every weight matrix still in torch: the embedding lookup is the model's module,
 the linear layers and the output head are their own kernels (float32, int8 or int4, called without the module
 around them: `product`; a LoRA layer is its module), on tensors that share memory with NumPy's arrays (no copies),
@@ -65,8 +63,7 @@ class TorchKernels(NumpyTransformer):
 
 def product(module: nn.Module):
     """x (rows, in) -> x W^T + b (rows, out) of a linear layer, float32, by the kernel its forward calls but without
-    the module call around it: on SmolLM2-135M that call (hooks, reshapes, checks) was half of the 30 us that each of
-    its 121 products a token costs besides the arithmetic."""
+    the module call around it (hooks, reshapes, checks: a large part of a small product's cost, docs/perf.md)."""
     if type(module) in (Int8Linear, Int4Linear):
         kernel = module.product
         bias = module.bias

@@ -268,7 +268,7 @@ class Transformer(nn.Module):
         """Give every attention layer a cache for batch_size sequences of up to max_len tokens (default: context);
         returns the caches, a layer each."""
         max_len = max_len or self.config.context
-        weight = self.norm_f.weight  # (the embedding may be int8 rows: see llmcli/quantize.py)
+        weight = self.norm_f.weight  # (the embedding may be int8 rows: see llmcli/model/quantize.py)
         for block in self.blocks:
             block.attn.kv_cache = KVCache(batch_size, max_len, self.config.kv_heads, self.config.head_dim,
                                           weight.dtype, weight.device)
