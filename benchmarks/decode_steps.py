@@ -8,7 +8,6 @@ prompts of different lengths is. llmcli.runtime.MOST_ROWS and MOST_KEYS come fro
 """
 
 import argparse
-import os
 import time
 
 from llmcli.runtime import configure
@@ -19,7 +18,7 @@ import numpy as np
 import torch
 
 from llmcli.formats import load_model
-from llmcli.infer.backend import decoding_layout
+from llmcli.infer.backend import decoding_layout, numpy_steps_faster
 from llmcli.model.numpy_steps import TorchKernels, kv_cache_arrays
 
 
@@ -55,7 +54,7 @@ def main():
                     model(torch.from_numpy(tokens), pos=pos, pad=torch.from_numpy(pad))
                     on_torch.append(time.perf_counter() - start)
             n, t = np.median(on_numpy[1:]) * 1e3, np.median(on_torch[1:]) * 1e3  # (the first warms up)
-            chosen = "numpy" if TorchKernels.faster(rows, slots) else "torch"
+            chosen = "numpy" if numpy_steps_faster(rows, slots) else "torch"
             print(f"{rows:>4} {slots:>6} {n:>9.1f} {t:>9.1f} {t / n:>10.2f}x  {chosen}", flush=True)
             model.clear_kv_cache()
 

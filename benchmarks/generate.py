@@ -90,7 +90,7 @@ def time_ours(model, prompt: torch.Tensor, new_tokens: int) -> tuple[float, floa
     rows = []
     jobs = [Job([p], cfg, lambda events: rows.extend(e[4] for e in events if e[0] == "finish"), seed=0)
             for p in prompt.tolist()]
-    engine = Engine(model, None, max_batch=len(jobs))
+    engine = Engine(model, None, max_batch=len(jobs), preallocate=False)
     started = time.perf_counter()
     for _ in engine.run(jobs):
         pass

@@ -47,7 +47,7 @@ class Model:
     def __init__(self, net, tokenizer, config: dict, path: Path):
         self.net, self.tokenizer, self.config, self.path = net, tokenizer, config, path
         self.chat_template = find_chat_template(path, config, tokenizer)
-        self.engine = Engine(net, tokenizer, max_batch=MAX_BATCH)  # (its KV cache, kept between calls)
+        self.engine = Engine(net, tokenizer, max_batch=MAX_BATCH, preallocate=False)  # (kept between calls)
 
     def __repr__(self) -> str:
         return f"llmcli.Model({str(self.path)!r}, context={self.engine.context})"

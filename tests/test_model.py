@@ -1,4 +1,3 @@
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -137,3 +136,21 @@ def test_training_under_bfloat16_autocast_attends_short_sequences_in_float32():
     with torch.autocast("cpu", dtype=torch.bfloat16):  # longer sequences keep bfloat16's kernel
         assert torch.equal(attention(long, long, long, None, True, 0.0, gqa=False, fp32_max=FP32_ATTENTION_MAX),
                            F.scaled_dot_product_attention(long, long, long, is_causal=True))
+
+
+def test_the_engine_grows_its_cache_and_still_equals_the_plain_loop():
+    """`llm generate` allocates its KV cache as rows and slots are needed (a long context's full cache for every
+    row would be gigabytes): rows and slots grown mid-decode keep every row's tokens."""
+    from llmcli.infer.engine import Engine
+
+    torch.manual_seed(1)
+    model = Transformer(ModelConfig(vocab_size=97, context=600, n_layer=2, n_head=4, n_embd=32)).eval()
+    assert Engine(model, None, max_batch=3, preallocate=False).max_len < 300  # (so that this test grows it)
+    prompts = [[5, 17, 42, 8], [9, 1], list(range(20, 29))]
+    decoded = decode(model, prompts, SamplingConfig(max_new_tokens=300, temperature=0.0))
+    for prompt, tokens in zip(prompts, decoded):
+        ids = list(prompt)
+        with torch.no_grad():
+            for _ in range(300):
+                ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+        assert tokens == ids[len(prompt):]

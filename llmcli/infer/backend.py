@@ -29,6 +29,12 @@ def decoding_layout(model):
     return model
 
 
+def numpy_steps_faster(rows: int, slots: int) -> bool:
+    """Whether a decode step of `rows` rows attending to `slots` slots each runs faster on NumPy between torch's
+    kernels than on torch alone (NumPy's attention runs on one core): runtime.MOST_ROWS, MOST_KEYS."""
+    return rows <= runtime.MOST_ROWS and rows * slots <= runtime.MOST_KEYS
+
+
 class TorchCache:
     """A KV cache of the torch model: its layers' KVCache modules and, on the CPU in float32, NumPy views of them."""
 
@@ -63,7 +69,7 @@ class TorchBackend:
     def step(self, cache: TorchCache, tokens: np.ndarray, pos: int, pad: np.ndarray) -> np.ndarray:
         """One new token a row (B,) into slot pos of the first B rows; their logits."""
         B = len(tokens)
-        if self.kernels is not None and B <= runtime.MOST_ROWS and B * (pos + 1) <= runtime.MOST_KEYS:
+        if self.kernels is not None and numpy_steps_faster(B, pos + 1):
             return self.kernels.forward(tokens[:, None], pos, [(k[:B], v[:B]) for k, v in cache.arrays], pad)
         return self._forward(cache, tokens[:, None], pos, pad)
 

@@ -27,7 +27,7 @@ class Chat:
 
         self.model, self.tokenizer, self.template, self.log = model, tokenizer, template, log or (lambda m: None)
         self.cfg = replace(cfg, num_samples=1)
-        self.engine = engine or Engine(model, tokenizer, max_batch=1)
+        self.engine = engine or Engine(model, tokenizer, max_batch=1, preallocate=False)
         self.system = [{"role": "system", "content": system}] if system else []
         self.messages: list[dict] = []
 

@@ -12,7 +12,7 @@ Each row (llmcli/infer/rows.py) keeps its sampling settings, its random generato
 repetition-penalty mask and its text stream, so the same seed gives the same text, and greedy decoding the same
 tokens, whatever else is in the batch.
 
-The layout of the batch's cache (allocated once for max_batch rows of max_len slots): rows are the first B rows of
+The layout of the batch's cache (max_batch rows of max_len slots, allocated at once or grown as needed): rows are the first B rows of
 the cache and share one axis of slots. Row b holds its tokens in slots pad[b]..P-1, P being the slot the next step
 writes: a left-padded row, whose positions start after its padding and whose tokens never attend to padding (nor to
 what earlier rows left in those slots). A prompt of L tokens joins at slots P-L..P-1. When the slots run out, all
@@ -83,19 +83,22 @@ class Engine:
     """Decodes jobs together: run(jobs) in the caller's thread, or start() a thread of its own and submit() to it.
 
     model: a loaded model (our torch Transformer or a NumpyTransformer) or its backend (llmcli/infer/backend.py).
-    max_batch: most rows decoding together (their keys and values are allocated up front). max_queue: most jobs
-    waiting for a row when none is free; submit() raises QueueFull past it.
+    max_batch: most rows decoding together. max_queue: most jobs waiting for a row when none is free; submit() raises
+    QueueFull past it. preallocate: the cache for max_batch rows of the whole context at once (a server: it fails at
+    the start, not under load), else grown as rows and slots are needed (`llm generate` of a model of a long context).
     """
 
-    def __init__(self, model, tokenizer, max_batch: int = 16, max_queue: int = 64, log=None):
+    def __init__(self, model, tokenizer, max_batch: int = 16, max_queue: int = 64, log=None,
+                 preallocate: bool = True):
         self.backend = model if hasattr(model, "copy_rows") else backend_for(model)
         self.model, self.tokenizer = self.backend.model, tokenizer
         self.max_batch, self.max_queue = max_batch, max_queue
         self.log = log or (lambda message: None)
         self.context = self.backend.config.context
-        # slots beyond the context: the rows move left once every max_len - context steps at most
-        self.max_len = self.context + max(16, self.context // 4)
-        self.cache = self.backend.allocate(max_batch, self.max_len)
+        # slots beyond the context: the rows move left once every most_slots - context steps at most
+        self.most_slots = self.context + max(16, self.context // 4)
+        self.cache_rows, self.max_len = (max_batch, self.most_slots) if preallocate else (1, min(self.most_slots, 256))
+        self.cache = self.backend.allocate(self.cache_rows, self.max_len)
         self.rows: list[Row] = []
         self.pad: list[int] = []  # of each row: its first slot
         self.P = 0  # the slot the next decode step writes
@@ -313,6 +316,7 @@ class Engine:
                         going_on.append(row)
                 self._emit(job, events)
                 for row in going_on if not job.cancelled else []:
+                    self._reserve(len(self.rows) + 1, max(self.P, len(row.ids)))
                     if self.P < len(row.ids):
                         self._move(len(row.ids) - self.P)
                     b, L = len(self.rows), len(row.ids)
@@ -346,8 +350,11 @@ class Engine:
 
     def _step(self):
         """One decode step of every row; finished rows leave."""
-        if self.P == self.max_len:
-            self._move(-min(self.pad))
+        if self.P == self.max_len:  # out of slots: move left, or grow where little would be won
+            if self.max_len < self.most_slots and min(self.pad) < self.max_len // 4:
+                self._reserve(len(self.rows), self.max_len + 1)
+            else:
+                self._move(-min(self.pad))
         tokens = np.array([row.last for row in self.rows], dtype=np.int64)
         logits = self.backend.step(self.cache, tokens, self.P, np.array(self.pad, dtype=np.int64))
         self.P += 1
@@ -357,6 +364,8 @@ class Engine:
         tokens = np.zeros(len(self.rows), dtype=np.int64)
         for indices in groups.values():
             rows = [self.rows[b] for b in indices]
+            if len(groups) == 1:
+                indices = slice(None)  # (the common case: no copy of the logits)
             try:
                 tokens[indices] = self._sample(rows, logits[indices])
             except Exception:  # these requests fail; the others go on
@@ -388,6 +397,18 @@ class Engine:
             self.pad.pop()
         if not self.rows:
             self.P = 0
+
+    def _reserve(self, rows: int, slots: int):
+        """Grow the batch's cache (doubling, up to max_batch rows of most_slots slots) to hold rows x slots."""
+        if rows <= self.cache_rows and slots <= self.max_len:
+            return
+        new_rows = min(self.max_batch, max(rows, 2 * self.cache_rows if rows > self.cache_rows else self.cache_rows))
+        new_slots = min(self.most_slots, max(slots, 2 * self.max_len if slots > self.max_len else self.max_len))
+        cache = self.backend.allocate(new_rows, new_slots)
+        if self.rows:
+            B = len(self.rows)
+            self.backend.copy_rows(self.cache, slice(0, B), slice(0, self.P), cache, slice(0, B), slice(0, self.P))
+        self.cache, self.cache_rows, self.max_len = cache, new_rows, new_slots
 
     def _move(self, d: int):
         """Move every row's keys and values d slots to the right (left when d < 0)."""

@@ -74,7 +74,7 @@ def generate_samples(model, tokenizer: Tokenizer | None, prompts: Iterable[str |
     """
     cfg.check()
     seed = cfg.seed if cfg.seed is not None else int.from_bytes(os.urandom(4), "little")
-    engine = engine or Engine(model, tokenizer, max_batch=cfg.batch_size)
+    engine = engine or Engine(model, tokenizer, max_batch=cfg.batch_size, preallocate=False)
     context, warned = engine.context, False
     pending: deque[Sample] = deque()  # in input order, until yielded
 
@@ -119,7 +119,7 @@ def decode(model, rows: list[list[int]], cfg: SamplingConfig, tokenizer: Tokeniz
         jobs.append(Job([list(ids)], cfg, lambda new, b=b: out.update({b: e[4].tokens for e in new
                                                                             if e[0] == "finish"}),
                         seed=cfg.seed, first_sample=k))
-    for _ in Engine(model, tokenizer, max_batch=len(rows)).run(jobs):
+    for _ in Engine(model, tokenizer, max_batch=len(rows), preallocate=False).run(jobs):
         pass
     return [out[b] for b in range(len(rows))]
 
