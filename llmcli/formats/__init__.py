@@ -46,6 +46,11 @@ def load_model(path: str | Path | None = None, device: str = "cpu", numpy_if_sma
         check_mode(quantize)
         if device != "cpu":
             raise LLMError(f"--quantize {quantize} runs on the CPU only")
+        import torch  # noqa: F401  (quantizing is long parallel work: on the cores other processes leave idle)
+
+        from llmcli.runtime import follow_load
+
+        follow_load()
     if gguf.is_gguf_file(path):
         return gguf.load_gguf(Path(path), device, quantize)
     directory = _directory(path)
