@@ -6,10 +6,11 @@ configure(command) runs once per command, before torch is imported (llmcli.cli.m
   Training (`pretrain`, `finetune`) keeps a fixed number of threads that sleep at once, so that its sums never depend
   on the machine's load (a resumed run repeats the uninterrupted one bit for bit); other commands keep the spinning.
 - BLAS threads: NumPy decoding multiplies small matrices, where OpenBLAS's threads only add waiting (docs/perf.md).
-- The allocator: outside training, freed blocks of 1 MB or more go back to the system at once, so that quantizing a
-  model as it is read never keeps the float32 blocks it dropped (docs/perf.md).
 
-follow_load() is for long-running loops only (the decode engine's loop): at most twice a second it measures how much
+The allocator is tuned for the work that needs it: return_freed_memory() before a model is quantized as it is read
+(the loader calls it), so that the float32 blocks it drops go back to the system (docs/perf.md).
+
+follow_load() is for long-running loops only (the decode engine's, evaluation's and embedding's batches): at most twice a second it measures how much
 of our cores other processes kept busy (/proc/stat, less our own CPU time) and sets torch's threads to the idle ones
 (threads_for). Never from a module's forward: a model's results must not depend on who else runs.
 
@@ -59,8 +60,6 @@ def configure(command: str | None = None):
     if training:
         for name, value in PASSIVE.items():
             os.environ.setdefault(name, value)
-    elif command is not None:  # (a command known not to train: not a test run, which trains too)
-        _return_freed_memory()
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # read when NumPy is first imported
     _following = False
     if not user_set and not training:
@@ -69,10 +68,11 @@ def configure(command: str | None = None):
         _following, _last = busy is not None, (time.monotonic(), busy, ours)
 
 
-def _return_freed_memory():
+def return_freed_memory():
     """Make glibc's malloc give every block of 1 MB or more back to the system as soon as it is freed (mmap), instead
-    of raising that threshold after each such free. Not for training: its large temporaries would fault in each of
-    their pages every step."""
+    of raising that threshold after each such free: for quantizing a model as it is read (its float32 blocks, read
+    and dropped one after another, would stay with the process). Not for other work: large temporaries would fault
+    in each of their pages at every use."""
     import ctypes
 
     if sys.platform.startswith("linux"):
@@ -90,7 +90,7 @@ def threads_for(cores: int, others: float, most: int) -> int:
 
 
 def follow_load():
-    """Follow the load: called by long-running loops (the decode engine's), it looks at the machine at most every
+    """Follow the load: called by long-running loops (the decode engine's, evaluation's), it looks at the machine at most every
     INTERVAL seconds and sets torch's threads (process-wide) to threads_for(...), up to the count torch had at the
     first look. A no-op for training and where the user chose the threads or there is no /proc/stat."""
     global _following, _last, _most, _current

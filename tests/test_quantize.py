@@ -149,8 +149,6 @@ def test_loading_quantized_equals_quantizing_the_loaded_model(nano_checkpoint, t
 
 PEAK_RSS = """
 import sys
-from llmcli import runtime
-runtime.configure("generate")  # (as the CLI: freed blocks go back to the system)
 import torch
 from llmcli.formats import load_model
 from llmcli.model.quantize import quantize

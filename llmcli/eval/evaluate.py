@@ -20,6 +20,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from llmcli import runtime
 from llmcli.errors import LLMError
 from llmcli.model.transformer import Transformer
 from llmcli.progress import progress_bar
@@ -98,6 +99,7 @@ def score(model: Transformer, ids: list[int], n_bytes: int, batch_size: int = 8,
     total_nll = 0.0
     with progress_bar("scoring", len(plan)) as update:
         for b in range(0, len(plan), batch_size):
+            runtime.follow_load()  # a long loop: on the cores other processes leave idle
             group = plan[b:b + batch_size]
             inputs = torch.stack([tokens[s:s + length] for s, _ in group])
             targets = torch.stack([tokens[s + 1:s + length + 1] for s, _ in group])

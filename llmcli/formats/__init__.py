@@ -48,9 +48,10 @@ def load_model(path: str | Path | None = None, device: str = "cpu", numpy_if_sma
             raise LLMError(f"--quantize {quantize} runs on the CPU only")
         import torch  # noqa: F401  (quantizing is long parallel work: on the cores other processes leave idle)
 
-        from llmcli.runtime import follow_load
+        from llmcli import runtime
 
-        follow_load()
+        runtime.return_freed_memory()
+        runtime.follow_load()
     if gguf.is_gguf_file(path):
         return gguf.load_gguf(Path(path), device, quantize)
     directory = _directory(path)
