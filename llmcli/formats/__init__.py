@@ -11,8 +11,9 @@ from pathlib import Path
 
 from llmcli.errors import LLMError
 
-# The shipped default model: used when a command gets no --model. LLM_MODEL overrides it.
-DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "checkpoints" / "tinystories"
+# The shipped default model, package data (so every kind of install has it): used when a command gets no --model.
+# LLM_MODEL overrides it.
+DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "checkpoints" / "tinystories"
 
 
 def default_model_path() -> Path:
