@@ -24,6 +24,22 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
+
+
+def _print_version(value: bool):
+    if value:
+        from llmcli import __version__
+
+        print(f"llm {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _common(version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                                  help="Print the version and exit")] = False):
+    pass
+
+
 tokenize_app = typer.Typer(help="Train a SentencePiece tokenizer; encode and decode text.", no_args_is_help=True)
 app.add_typer(tokenize_app, name="tokenize")
 

@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import zipfile
 
 from conftest import ROOT
 
@@ -45,6 +46,11 @@ def test_a_wheel_built_from_the_sdist_installs_and_generates_from_any_directory(
     empty.mkdir()
     where = run(python, "-c", "import llmcli; print(llmcli.__file__)", cwd=empty, env=offline).stdout.strip()
     assert where.startswith(str(venv)), where
+
+    # the version the package says is the one it was installed as; the code's license travels with it
+    version = run(llm, "--version", cwd=empty, env=offline).stdout
+    assert version == f"llm {wheel.name.split('-')[1]}\n"
+    assert any(n.endswith(".dist-info/licenses/LICENSE") for n in zipfile.ZipFile(wheel).namelist())
 
     result = run(llm, "generate", "Tell me a story about a cat", "--max-new-tokens", "30", "--seed", "1", cwd=empty,
                  env=offline)
