@@ -44,8 +44,9 @@ tokenize_app = typer.Typer(help="Train a SentencePiece tokenizer; encode and dec
 app.add_typer(tokenize_app, name="tokenize")
 
 ModelOption = Annotated[Optional[Path], typer.Option(
-    "--model", "-m", help="Checkpoint directory, ours or a Hugging Face model folder, or a .gguf file [default: the "
-    "shipped model, or $LLM_MODEL]", show_default=False)]
+    "--model", "-m", help="Checkpoint directory, ours or a Hugging Face model folder, a .gguf file, or a Hub id: "
+    "ORG/NAME, ORG/NAME:FILE.gguf, ORG/NAME:Q4_K_M (llm models) [default: the shipped model, or $LLM_MODEL]",
+    show_default=False)]
 TokenizerOption = Annotated[Optional[Path], typer.Option(
     "--tokenizer", "-t", help="Tokenizer: a directory with tokenizer.model (a checkpoint works) or the file itself "
     "[default: the shipped model's]", show_default=False)]
@@ -719,6 +720,20 @@ def info(
     width = max(map(len, about))
     for key, value in about.items():
         print(f"{key.replace('_bytes', ' on disk'):<{width}}  {value}")
+
+
+@app.command()
+def models(as_json: Annotated[bool, typer.Option("--json", help="One JSON object a model")] = False):
+    """What --model/-m takes here without a path: the shipped model, $LLM_MODEL, and the models in the Hugging Face
+    cache (ORG/NAME, ORG/NAME:FILE.gguf), with format and size. Any other ORG/NAME is downloaded when first used."""
+    from llmcli.formats import available_models
+
+    for entry in available_models():
+        if as_json:
+            print(json.dumps(entry))
+        else:
+            size = _size(entry["size_bytes"]) if entry["size_bytes"] is not None else "-"
+            print(f"{entry['model']}\t{entry['format']}\t{size}")
 
 
 @app.command()
