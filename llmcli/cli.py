@@ -75,18 +75,22 @@ def _input_lines(source: str):
 
 @tokenize_app.command("train")
 def tokenize_train(
-    corpus: Annotated[list[str], typer.Argument(help="Text files ('-' for stdin)")],
+    corpus: Annotated[list[str], typer.Argument(
+        help="Corpus files or directories: text, .jsonl, .csv, .parquet, also .gz or .zst ('-' for stdin)")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Directory to write tokenizer.model to")],
     vocab_size: Annotated[int, typer.Option(help="Number of tokens")] = 2048,
     type: Annotated[str, typer.Option("--type", help="bpe, unigram or char (a token per character)")] = "bpe",
     special: Annotated[Optional[list[str]], typer.Option(
         help="Extra special token, kept whole (repeatable); <|endoftext|> is always one")] = None,
+    text_field: Annotated[str, typer.Option(help="Field (column) of the records of .jsonl, .csv and .parquet files")]
+    = "text",
 ):
     """Train a SentencePiece tokenizer (byte fallback, so any UTF-8 text round-trips exactly)."""
     from llmcli.text.data import expand_corpus, training_lines
     from llmcli.text.tokenizer import train_tokenizer
 
-    tokenizer = train_tokenizer(training_lines(expand_corpus(corpus)), out, vocab_size, type, tuple(special or ()))
+    lines = training_lines(expand_corpus(corpus), text_field)
+    tokenizer = train_tokenizer(lines, out, vocab_size, type, tuple(special or ()))
     print(tokenizer.path)
 
 
@@ -143,8 +147,8 @@ def _load_tokenizer(path: Optional[Path]):
 @app.command()
 def pretrain(
     corpus: Annotated[Optional[list[str]], typer.Argument(
-        help="Text files, directories (*.txt, *.md, *.jsonl inside), globs, '-' for stdin; documents are separated "
-        "by lines holding only <|endoftext|>", show_default=False)] = None,
+        help="Corpus files (text, .jsonl, .csv, .parquet, also .gz or .zst), directories of them, globs, '-' for "
+        "stdin; in text, lines holding only <|endoftext|> separate documents", show_default=False)] = None,
     out: Annotated[Optional[Path], typer.Option(
         "--out", "-o", help="Checkpoint directory [default: checkpoints/<corpus>-<preset>]", show_default=False)] = None,
     resume: Annotated[Optional[Path], typer.Option(
@@ -181,7 +185,8 @@ def pretrain(
     keep_last: Annotated[Optional[int], typer.Option(
         help="Checkpoints kept besides the best by validation loss [default: 2]", show_default=False)] = None,
     text_field: Annotated[Optional[str], typer.Option(
-        help="Field of the records of .jsonl files [default: text]", show_default=False)] = None,
+        help="Field (column) of the records of .jsonl, .csv and .parquet files [default: text]",
+        show_default=False)] = None,
     doc_separator: Annotated[Optional[str], typer.Option(
         help="A line holding only this ends a document [default: <|endoftext|>]", show_default=False)] = None,
     seed: Annotated[Optional[int], typer.Option(help="Random seed")] = None,
