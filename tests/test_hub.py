@@ -71,8 +71,8 @@ def test_a_gguf_file_is_taken_by_quantization_tag_or_file_name(hub):
 
 
 def one_line_error(result, *fragments):
-    lines = result.stderr.strip().splitlines()
-    assert result.returncode == 1 and len(lines) == 1 and lines[0].startswith("llm: error:"), result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("llm: error:")]
+    assert result.returncode == 1 and len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
 
@@ -99,3 +99,111 @@ def test_llm_models_lists_the_shipped_model_llm_model_and_the_cache(hub):
     assert gguf["format"] == "GGUF" and gguf["size_bytes"] == hub["ggufs"]["nano-Q8_0.gguf"].stat().st_size
     plain = run_cli("models", env=hub["env"])
     assert plain.returncode == 0 and "tiny-org/nano\tHugging Face folder (safetensors)\t" in plain.stdout
+
+
+# --- downloads, from a stand-in for the Hub on this machine ------------------------------------------------------
+
+class FakeHub:
+    """The few Hub routes huggingface_hub's downloads use (file tree, revision, resolve), served from memory on a
+    local port, with a log of the requests; `cut` names files whose body breaks off halfway, as a dropped
+    connection does."""
+
+    COMMIT = "1" * 40
+
+    def __init__(self, repos: dict, cut=()):
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.repos, self.cut, self.log = repos, set(cut), []
+        hub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_HEAD(self):
+                self.do_GET()
+
+            def do_GET(self):
+                hub.log.append((self.command, self.path))
+                code, body, headers = hub.answer(self.path.split("?")[0].strip("/").split("/"))
+                self.send_response(code)
+                for key, value in headers.items():
+                    self.send_header(key, value)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if self.command == "GET":
+                    self.wfile.write(body[:len(body) // 2] if headers.get("X-Cut") else body)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+
+    def answer(self, parts):
+        missing = (404, b'{"error": "Repository not found"}', {"X-Error-Code": "RepoNotFound"})
+        if parts[:2] == ["api", "models"] and len(parts) >= 5:
+            files = self.repos.get("/".join(parts[2:4]))
+            if files is None:
+                return missing
+            if parts[4] == "tree":
+                body = [{"type": "file", "path": n, "size": len(d), "oid": hashlib.sha1(d).hexdigest()}
+                        for n, d in files.items()]
+            else:
+                body = {"id": "/".join(parts[2:4]), "sha": self.COMMIT, "siblings": [{"rfilename": n} for n in files]}
+            return 200, json.dumps(body).encode(), {"Content-Type": "application/json"}
+        files = self.repos.get("/".join(parts[:2]))
+        if files is None or len(parts) < 5 or parts[2] != "resolve":
+            return missing
+        name = "/".join(parts[4:])
+        if name not in files:
+            return 404, b"", {"X-Error-Code": "EntryNotFound"}
+        headers = {"X-Repo-Commit": self.COMMIT, "ETag": f'"{hashlib.sha256(files[name]).hexdigest()}"'}
+        return 200, files[name], headers | ({"X-Cut": "1"} if name in self.cut else {})
+
+    def fetched(self) -> set[str]:
+        return {path.split("/resolve/")[1].split("/", 1)[1] for method, path in self.log
+                if method == "GET" and "/resolve/" in path}
+
+
+@pytest.fixture
+def online(tmp_path, hub):
+    folder = {f.name: f.read_bytes() for f in hub["folder"].iterdir()}
+    repos = {"org/nano": {**folder, "pytorch_model.bin": b"\x80\x04", "README.md": b"# nano\n",
+                          "nano-Q8_0.gguf": hub["ggufs"]["nano-Q8_0.gguf"].read_bytes()},
+             "org/pickled": {"config.json": folder["config.json"], "pytorch_model.bin": b"\x80\x04"}}
+    fake = FakeHub(repos)
+    yield fake, {"HF_ENDPOINT": fake.url, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HOME": str(tmp_path / "home")}
+    fake.server.shutdown()
+
+
+def test_a_model_not_cached_is_downloaded_once_and_only_the_files_it_needs(online, hub):
+    fake, env = online
+    result = generate("org/nano", env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == generate(hub["folder"], hub["env"]).stdout
+    assert fake.fetched() == {f.name for f in hub["folder"].iterdir()}  # no pickle, README or GGUF
+    fake.log.clear()
+    again = generate("org/nano", {**env, "HF_HUB_OFFLINE": "1"})  # from the cache now
+    assert again.returncode == 0 and again.stdout == result.stdout and not fake.log
+    by_tag = generate("org/nano:Q8_0", env)
+    assert by_tag.returncode == 0 and fake.fetched() == {"nano-Q8_0.gguf"}
+
+
+def test_a_download_that_breaks_off_leaves_no_model(tmp_path, hub):
+    folder = {f.name: f.read_bytes() for f in hub["folder"].iterdir()}
+    fake = FakeHub({"org/nano": folder}, cut={"model.safetensors"})
+    env = {"HF_ENDPOINT": fake.url, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HOME": str(tmp_path / "home")}
+    try:
+        one_line_error(generate("org/nano", env), "downloading org/nano failed")
+        one_line_error(generate("org/nano", {**env, "HF_HUB_OFFLINE": "1"}), "without a usable model")
+        fake.cut.clear()  # the connection holds this time: the download completes
+        assert generate("org/nano", env).stdout == generate(hub["folder"], hub["env"]).stdout
+    finally:
+        fake.server.shutdown()
+
+
+def test_a_missing_or_pickle_only_repository_is_one_line(online):
+    fake, env = online
+    one_line_error(generate("org/absent", env), "neither a local path nor a model on the Hugging Face Hub")
+    one_line_error(generate("org/pickled", env), "pytorch_model.bin (pickle")
+    assert not fake.fetched()

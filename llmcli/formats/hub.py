@@ -68,14 +68,18 @@ def _result(snapshot: Path, needed: list[str]) -> Path:
 
 
 def cached_snapshot(repo: str) -> Path | None:
-    """The cached snapshot folder of repo's main revision, or None."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
+    """The cached snapshot folder of repo's main revision (refs/main names it), or None. Not snapshot_download's
+    offline lookup, which refuses a snapshot that lacks any file of the repository: ours hold only what is needed."""
+    from huggingface_hub import constants
+    from huggingface_hub.file_download import repo_folder_name
 
+    storage = Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo, repo_type="model")
     try:
-        return Path(snapshot_download(repo, local_files_only=True))
-    except (LocalEntryNotFoundError, ValueError):  # ValueError: not a valid repository id
+        commit = (storage / "refs" / "main").read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
         return None
+    snapshot = storage / "snapshots" / commit
+    return snapshot if commit and snapshot.is_dir() else None
 
 
 def choose_files(model_id: str, files: list[str]) -> list[str]:
