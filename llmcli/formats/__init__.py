@@ -2,8 +2,9 @@
 
 `load_model` is the one entry point for every command that takes `-m`: our checkpoint directories
 (llmcli/formats/ours.py), LoRA adapters on any base (adapter.py), Hugging Face folders (hf.py) and .gguf files
-(gguf.py), each also by Hugging Face Hub id (hub.py: ORG/NAME, ORG/NAME:FILE.gguf, ORG/NAME:Q4_K_M). Each format module reads its files into our Transformer (llmcli/model/) and a tokenizer (llmcli/text/);
-nothing here trains or decodes.
+(gguf.py), each also by Hugging Face Hub id (hub.py: ORG/NAME, ORG/NAME:FILE.gguf, ORG/NAME:Q4_K_M). Each format
+module reads its files into our Transformer (llmcli/model/) and a tokenizer (llmcli/text/); nothing here trains or
+decodes.
 """
 
 import os
