@@ -708,7 +708,8 @@ def export(
 @app.command()
 def info(
     checkpoint: Annotated[Optional[Path], typer.Argument(
-        help="Checkpoint directory, ours or a Hugging Face folder, or a .gguf file [default: the shipped model]",
+        help="Checkpoint directory, ours or a Hugging Face folder, a .gguf file, or a Hub id (ORG/NAME[:Q4_K_M]) "
+        "[default: the shipped model]",
         show_default=False)
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object")] = False,
