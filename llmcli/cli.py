@@ -24,12 +24,29 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
+
+
+def _print_version(value: bool):
+    if value:
+        from llmcli import __version__
+
+        print(f"llm {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _common(version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                                  help="Print the version and exit")] = False):
+    pass
+
+
 tokenize_app = typer.Typer(help="Train a SentencePiece tokenizer; encode and decode text.", no_args_is_help=True)
 app.add_typer(tokenize_app, name="tokenize")
 
 ModelOption = Annotated[Optional[Path], typer.Option(
-    "--model", "-m", help="Checkpoint directory, ours or a Hugging Face model folder, or a .gguf file [default: the "
-    "shipped model, or $LLM_MODEL]", show_default=False)]
+    "--model", "-m", help="Checkpoint directory, ours or a Hugging Face model folder, a .gguf file, or a Hub id: "
+    "ORG/NAME, ORG/NAME:FILE.gguf, ORG/NAME:Q4_K_M (llm models) [default: the shipped model, or $LLM_MODEL]",
+    show_default=False)]
 TokenizerOption = Annotated[Optional[Path], typer.Option(
     "--tokenizer", "-t", help="Tokenizer: a directory with tokenizer.model (a checkpoint works) or the file itself "
     "[default: the shipped model's]", show_default=False)]
@@ -58,18 +75,22 @@ def _input_lines(source: str):
 
 @tokenize_app.command("train")
 def tokenize_train(
-    corpus: Annotated[list[str], typer.Argument(help="Text files ('-' for stdin)")],
+    corpus: Annotated[list[str], typer.Argument(
+        help="Corpus files or directories: text, .jsonl, .csv, .parquet, also .gz or .zst ('-' for stdin)")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Directory to write tokenizer.model to")],
     vocab_size: Annotated[int, typer.Option(help="Number of tokens")] = 2048,
     type: Annotated[str, typer.Option("--type", help="bpe, unigram or char (a token per character)")] = "bpe",
     special: Annotated[Optional[list[str]], typer.Option(
         help="Extra special token, kept whole (repeatable); <|endoftext|> is always one")] = None,
+    text_field: Annotated[str, typer.Option(help="Field (column) of the records of .jsonl, .csv and .parquet files")]
+    = "text",
 ):
     """Train a SentencePiece tokenizer (byte fallback, so any UTF-8 text round-trips exactly)."""
     from llmcli.text.data import expand_corpus, training_lines
     from llmcli.text.tokenizer import train_tokenizer
 
-    tokenizer = train_tokenizer(training_lines(expand_corpus(corpus)), out, vocab_size, type, tuple(special or ()))
+    lines = training_lines(expand_corpus(corpus), text_field)
+    tokenizer = train_tokenizer(lines, out, vocab_size, type, tuple(special or ()))
     print(tokenizer.path)
 
 
@@ -126,8 +147,8 @@ def _load_tokenizer(path: Optional[Path]):
 @app.command()
 def pretrain(
     corpus: Annotated[Optional[list[str]], typer.Argument(
-        help="Text files, directories (*.txt, *.md, *.jsonl inside), globs, '-' for stdin; documents are separated "
-        "by lines holding only <|endoftext|>", show_default=False)] = None,
+        help="Corpus files (text, .jsonl, .csv, .parquet, also .gz or .zst), directories of them, globs, '-' for "
+        "stdin; in text, lines holding only <|endoftext|> separate documents", show_default=False)] = None,
     out: Annotated[Optional[Path], typer.Option(
         "--out", "-o", help="Checkpoint directory [default: checkpoints/<corpus>-<preset>]", show_default=False)] = None,
     resume: Annotated[Optional[Path], typer.Option(
@@ -164,7 +185,8 @@ def pretrain(
     keep_last: Annotated[Optional[int], typer.Option(
         help="Checkpoints kept besides the best by validation loss [default: 2]", show_default=False)] = None,
     text_field: Annotated[Optional[str], typer.Option(
-        help="Field of the records of .jsonl files [default: text]", show_default=False)] = None,
+        help="Field (column) of the records of .jsonl, .csv and .parquet files [default: text]",
+        show_default=False)] = None,
     doc_separator: Annotated[Optional[str], typer.Option(
         help="A line holding only this ends a document [default: <|endoftext|>]", show_default=False)] = None,
     seed: Annotated[Optional[int], typer.Option(help="Random seed")] = None,
@@ -686,7 +708,8 @@ def export(
 @app.command()
 def info(
     checkpoint: Annotated[Optional[Path], typer.Argument(
-        help="Checkpoint directory, ours or a Hugging Face folder, or a .gguf file [default: the shipped model]",
+        help="Checkpoint directory, ours or a Hugging Face folder, a .gguf file, or a Hub id (ORG/NAME[:Q4_K_M]) "
+        "[default: the shipped model]",
         show_default=False)
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object")] = False,
@@ -703,6 +726,20 @@ def info(
     width = max(map(len, about))
     for key, value in about.items():
         print(f"{key.replace('_bytes', ' on disk'):<{width}}  {value}")
+
+
+@app.command()
+def models(as_json: Annotated[bool, typer.Option("--json", help="One JSON object a model")] = False):
+    """What --model/-m takes here without a path: the shipped model, $LLM_MODEL, and the models in the Hugging Face
+    cache (ORG/NAME, ORG/NAME:FILE.gguf), with format and size. Any other ORG/NAME is downloaded when first used."""
+    from llmcli.formats import available_models
+
+    for entry in available_models():
+        if as_json:
+            print(json.dumps(entry))
+        else:
+            size = _size(entry["size_bytes"]) if entry["size_bytes"] is not None else "-"
+            print(f"{entry['model']}\t{entry['format']}\t{size}")
 
 
 @app.command()

@@ -128,7 +128,7 @@ class TrainConfig:
     strategy: str = "ddp"  # with several processes: ddp (replicas) or fsdp (parameters, gradients, optimizer sharded)
     save_interval: int = 0  # steps between checkpoints; 0 = at every validation
     keep_last: int = 2  # checkpoints kept, besides the best by validation loss
-    text_field: str = "text"  # of the records of .jsonl corpus files
+    text_field: str = "text"  # of the records of .jsonl, .csv and .parquet corpus files
     doc_separator: str = "<|endoftext|>"  # a line holding only this ends a document in text files
 
 

@@ -258,7 +258,7 @@ def finetune(data_path: str | None, out_dir: str | Path, base: str | Path | None
              val: str | None = None, train_on_prompt: bool = False, overrides: dict | None = None,
              lora: LoRAConfig | None = None, resume: str | Path | None = None) -> dict:
     """Fine-tune `base` on data_path into out_dir (or continue the run in `resume`); returns the loop's summary."""
-    from llmcli.formats import default_model_path, load_model
+    from llmcli.formats import load_model, resolve_model
     from llmcli.train.pretrain import World, check_settings, checkpoint_dirs, train_loop
 
     world = World(device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
@@ -297,7 +297,7 @@ def finetune(data_path: str | None, out_dir: str | Path, base: str | Path | None
                                "again): save them to a file first")
             if path is not None:
                 data.check_text_file(path)
-        base = Path(base) if base is not None else default_model_path()
+        base = resolve_model(base)  # a Hub id becomes its local files, which the run records
         base_model, tokenizer, base_config = load_model(base, str(world.device))
         if base_config.get("task") == "classify" or "adapter" in base_config:
             raise LLMError(f"{base} is a classifier or an adapter; fine-tune a language model (merge an adapter "
