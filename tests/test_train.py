@@ -20,18 +20,9 @@ from llmcli.config import TrainConfig
 from llmcli.errors import LLMError
 from llmcli.formats import load_model
 from llmcli.model.transformer import ModelConfig, Transformer
-from llmcli.train.pretrain import (
-    World,
-    check_settings,
-    checkpoint_dirs,
-    checkpoint_tensors,
-    learning_rate,
-    load_train_state,
-    make_optimizer,
-    pretrain,
-    save_checkpoint,
-    train_step,
-)
+from llmcli.train.checkpoints import checkpoint_dirs, checkpoint_tensors, load_train_state, save_checkpoint
+from llmcli.train.loop import World, check_settings, learning_rate, make_optimizer, train_step
+from llmcli.train.pretrain import pretrain
 
 
 def losses(run_dir) -> dict:
@@ -127,9 +118,9 @@ def test_disk_full_during_a_save_keeps_the_previous_checkpoint(shakespeare_slice
 def _poison_step(monkeypatch, at_call: int, how: str):
     """Wrap train_step so that its call number at_call either runs on a model whose output is NaN (the loss becomes
     NaN: how='loss') or corrupts a weight after a good update (how='weights')."""
-    from llmcli.train import pretrain
+    from llmcli.train import loop
 
-    real, calls = pretrain.train_step, []
+    real, calls = loop.train_step, []
 
     def step(model, *args, **kwargs):
         calls.append(1)
@@ -146,7 +137,7 @@ def _poison_step(monkeypatch, at_call: int, how: str):
             model.norm_f.weight[0] = float("inf")  # a weight that no loss has seen yet
         return result
 
-    monkeypatch.setattr(pretrain, "train_step", step)
+    monkeypatch.setattr(loop, "train_step", step)
 
 
 def test_non_finite_loss_stops_before_the_update_and_keeps_the_checkpoints(shakespeare_slice, nano_checkpoint,
@@ -199,7 +190,7 @@ def test_micro_batches_give_the_update_of_one_large_batch():
     normalised by all the batch's tokens, not averaged over micro-batch means."""
     from contextlib import nullcontext
 
-    from llmcli.train.pretrain import IGNORE
+    from llmcli.train.loop import IGNORE
 
     torch.manual_seed(0)
     config = ModelConfig(vocab_size=128, context=16, n_layer=2, n_head=2, n_embd=32)
