@@ -21,7 +21,7 @@ from llmcli.infer.generate import decode  # noqa: E402
 from llmcli.infer.sampler import SamplingConfig  # noqa: E402
 from llmcli.model.transformer import ModelConfig, Transformer  # noqa: E402
 
-SENTENCEPIECE = ROOT / "checkpoints" / "tinystories" / "tokenizer.model"  # 2048 tokens
+SENTENCEPIECE = ROOT / "llmcli" / "checkpoints" / "tinystories" / "tokenizer.model"  # 2048 tokens
 SP_VOCAB = 2048
 
 FAMILIES = {
