@@ -10,7 +10,7 @@ import torch
 from conftest import ROOT
 
 from llmcli import runtime as threads
-from llmcli.train import pretrain as train
+from llmcli.train import loop as train
 
 OPENMP = ("OMP_WAIT_POLICY", "KMP_BLOCKTIME", "OMP_NUM_THREADS")
 
