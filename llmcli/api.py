@@ -35,7 +35,7 @@ def load(path: str | Path | None = None, quantize: str | None = None, device: st
     net, tokenizer, config = load_model(path, device=device, quantize=quantize)
     if config.get("task") == "classify":
         raise LLMError("this checkpoint is a classifier: it labels text (llm classify), it does not generate")
-    return Model(net, tokenizer, config, Path(path) if path is not None else default_model_path())
+    return Model(net, tokenizer, config, path if path is not None else default_model_path())
 
 
 class Model:
@@ -44,7 +44,7 @@ class Model:
     checkpoint's stored settings, as in `llm generate`; temperature=0 is greedy, and a seed gives the same text
     whatever the batch around it."""
 
-    def __init__(self, net, tokenizer, config: dict, path: Path):
+    def __init__(self, net, tokenizer, config: dict, path: str | Path):
         self.net, self.tokenizer, self.config, self.path = net, tokenizer, config, path
         self.chat_template = find_chat_template(path, config, tokenizer)
         self.engine = Engine(net, tokenizer, max_batch=MAX_BATCH, preallocate=False)  # (kept between calls)
