@@ -338,7 +338,11 @@ class Engine:
         """The next token of each row; the rows' jobs have the same sampling settings (sample_next's work is per
         row, but its calls cost too)."""
         seen = np.stack([row.seen for row in rows]) if rows[0].seen is not None else None
-        return sample_next(logits, rows[0].job.cfg, [row.rng for row in rows], seen)
+        counts = np.stack([row.counts for row in rows]) if rows[0].counts is not None else None
+        bias = None
+        if any(row.bias is not None for row in rows):
+            bias = np.stack([row.bias if row.bias is not None else np.zeros(logits.shape[-1]) for row in rows])
+        return sample_next(logits, rows[0].job.cfg, [row.rng for row in rows], seen, counts, bias)
 
     def _events(self, row: Row, text: str, events: list):
         if text:

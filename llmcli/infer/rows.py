@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from llmcli.errors import LLMError
+from llmcli.infer.sampler import bias_vector
 from llmcli.text.tokenizer import Tokenizer
 
 
@@ -96,6 +97,8 @@ class Row:
     limit: int  # most new tokens, the end of the context included
     stop_tokens: frozenset[int]  # ids that end the row (the tokenizer's end tokens, a chat turn's end)
     seen: np.ndarray | None = None  # (vocab,) bool: tokens of the prompt and the sample, for the repetition penalty
+    counts: np.ndarray | None = None  # (vocab,) times each token was generated: presence and frequency penalties
+    bias: np.ndarray | None = None  # (vocab,) added to the logits: logit_bias, -inf at the end tokens (ignore_eos)
     tokens: list[int] = field(default_factory=list)  # the new tokens (an end token not among them)
     last: int = 0  # the token the next decode step feeds
     finish_reason: str | None = None  # "stop" or "length" once finished
@@ -108,21 +111,27 @@ class Row:
     def start(cls, ids: list[int], cfg, tokenizer: Tokenizer | None, seed: int, sample: int, context: int,
               vocab_size: int) -> "Row":
         """Sample number `sample` of prompt ids, decoded with SamplingConfig cfg in a model of `context` tokens.
-        cfg.ignore_eos: no token ends the row (fixed-length runs); stop strings still do. tokenizer None: ids only."""
-        seen = None
+        cfg.ignore_eos: the end tokens are never sampled, no token ends the row (fixed-length runs); stop strings
+        still do. tokenizer None: ids only. Raises LLMError for a logit_bias token outside the vocabulary."""
+        seen = counts = None
         if cfg.repetition_penalty != 1.0:
             seen = np.zeros(vocab_size, dtype=bool)
             seen[ids] = True
+        if cfg.presence_penalty != 0 or cfg.frequency_penalty != 0:
+            counts = np.zeros(vocab_size, dtype=np.int64)
         ends = tuple(tokenizer.stop_tokens) if tokenizer is not None else ()
         stops = frozenset() if cfg.ignore_eos else frozenset(ends + tuple(cfg.stop_tokens))
         stream = TextStream(tokenizer, tuple(cfg.stop), after=ids[-1]) if tokenizer is not None else None
-        return cls(ids, row_rng(seed, ids, sample), stream, min(cfg.max_new_tokens, context - len(ids)), stops, seen)
+        return cls(ids, row_rng(seed, ids, sample), stream, min(cfg.max_new_tokens, context - len(ids)), stops, seen,
+                   counts, bias_vector(cfg, vocab_size, ends + tuple(cfg.stop_tokens)))
 
     def accept(self, token: int) -> str:
         """Add a sampled token: its printable text (maybe none yet); finishes the row at a stop token, a stop string
         or the limit."""
         if self.seen is not None:
             self.seen[token] = True
+        if self.counts is not None:
+            self.counts[token] += 1
         if token in self.stop_tokens:
             return self.finish("stop")
         self.tokens.append(token)

@@ -32,9 +32,10 @@ from llmcli.infer.sampler import SamplingConfig, sampling_settings
 from llmcli.runtime import available_cores
 
 RETRY_AFTER_S = 1  # told to a client turned away because the queue is full
-# fields of the OpenAI API that a local model cannot honour: a request that sets them gets a 400, not silence
-UNSUPPORTED = ("logprobs", "top_logprobs", "echo", "suffix", "logit_bias", "tools", "tool_choice", "functions",
-               "function_call", "response_format", "best_of")
+# fields of the OpenAI API that a local model cannot honour: a request that sets them gets a 400, not silence; the
+# values that ask for nothing (a plain-text response, no tools) are accepted, as clients send them by default
+UNSUPPORTED = {"logprobs": (None, False, 0), "top_logprobs": (None, 0), "echo": (None, False), "suffix": (None,), "tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []),
+               "function_call": (None, "none"), "response_format": (None, {"type": "text"}), "best_of": (None, 1)}
 
 
 def _chat_prompt(template, messages: list[dict]) -> str:
@@ -64,21 +65,31 @@ class Server:
 # --- reading requests ----------------------------------------------------------------------------------------------
 
 def _check_model(server: Server, body: dict):
-    name = typed_field(body, "model", str, required=True)
-    if name != server.model_id:
-        raise ApiError(400, f"the model '{name}' does not exist; this server has '{server.model_id}'",
-                       param="model", code="model_not_found")
+    """A single-model server answers any model name (LangChain sends gpt-3.5-turbo), or none, with its own model;
+    the response's `model` says which."""
+    typed_field(body, "model", str)
+
+
+def _logit_bias(body: dict, vocab_size: int) -> dict[int, float] | None:
+    """OpenAI's logit_bias: {"token id": bias in [-100, 100]}."""
+    value = typed_field(body, "logit_bias", dict)
+    if not value:
+        return None
+    bias = {}
+    for key, v in value.items():
+        if not (key.isdigit() and int(key) < vocab_size and isinstance(v, (int, float)) and not isinstance(v, bool)
+                and -100 <= v <= 100):
+            raise ApiError(400, f"'logit_bias' maps token ids to numbers in [-100, 100], got {key!r}: {v!r}",
+                           param="logit_bias", code="invalid_value")
+        bias[int(key)] = float(v)
+    return bias
 
 
 def _sampling(server: Server, body: dict, chat: bool) -> tuple[SamplingConfig, int, int | None]:
     """The sampling config (unset fields: the checkpoint's defaults, as llm generate), n and seed of a request."""
-    for name in UNSUPPORTED:
-        if body.get(name) not in (None, False, 1 if name == "best_of" else None):
+    for name, nothing in UNSUPPORTED.items():
+        if body.get(name) not in nothing:
             raise ApiError(400, f"'{name}' is not supported by this server", param=name, code="unsupported_parameter")
-    for name in ("presence_penalty", "frequency_penalty"):
-        if typed_field(body, name, (int, float), 0) != 0:
-            raise ApiError(400, f"'{name}' is not supported; use 'repetition_penalty' (above 1 penalises tokens "
-                           "already in the text)", param=name, code="unsupported_parameter")
     max_tokens = typed_field(body, "max_tokens", int, low=0)
     if chat:
         max_tokens = typed_field(body, "max_completion_tokens", int, max_tokens, low=0)
@@ -96,6 +107,10 @@ def _sampling(server: Server, body: dict, chat: bool) -> tuple[SamplingConfig, i
         top_k=typed_field(body, "top_k", int, low=0),
         min_p=typed_field(body, "min_p", (int, float), low=0, high=1),
         repetition_penalty=typed_field(body, "repetition_penalty", (int, float), low=0, low_open=True),
+        presence_penalty=typed_field(body, "presence_penalty", (int, float), low=-2, high=2),
+        frequency_penalty=typed_field(body, "frequency_penalty", (int, float), low=-2, high=2),
+        logit_bias=_logit_bias(body, server.engine.backend.config.vocab_size),
+        ignore_eos=typed_field(body, "ignore_eos", bool),
     )
     cfg, _ = sampling_settings(server.config, server.chat_template if chat else None, server.tokenizer, **options)
     cfg.stop = tuple(cfg.stop) + tuple(stop or ())
