@@ -223,7 +223,9 @@ def test_a_client_that_disconnects_frees_its_row(server):
     ({"model": MODEL, "prompt": "x", "logit_bias": {"5": 101}}, 400, "logit_bias"),
     ({"model": MODEL, "prompt": "x", "logit_bias": {"99999999": 1}}, 400, "logit_bias"),
     ({"model": MODEL, "prompt": "x", "response_format": {"type": "json_object"}}, 400, "response_format"),
-    ({"model": MODEL, "prompt": "x", "logprobs": 2}, 400, "logprobs"),
+    ({"model": MODEL, "prompt": "x", "logprobs": 21}, 400, "logprobs"),
+    ({"model": MODEL, "prompt": "x", "echo": True, "n": 2}, 400, "echo"),
+    ({"model": MODEL, "prompt": [[1, 2], [-1]]}, 400, "prompt"),
     ({"model": MODEL, "prompt": "once " * 400}, 400, "prompt"),  # longer than the context
 ])
 def test_bad_completion_requests_get_openai_errors(server, body, status, param):

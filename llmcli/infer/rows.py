@@ -104,6 +104,8 @@ class Row:
     finish_reason: str | None = None  # "stop" or "length" once finished
     joined_at: float = field(default_factory=time.perf_counter)  # when its first token was sampled
     finished_at: float = 0.0
+    scores: list = field(default_factory=list)  # (token, log-probability, alternatives) of the new tokens, if asked
+    reported: int = 0  # of them, those already reported
     job: object = None  # what the row belongs to, and which of its rows it is (the engine's)
     choice: int = 0
 
@@ -125,9 +127,9 @@ class Row:
         return cls(ids, row_rng(seed, ids, sample), stream, min(cfg.max_new_tokens, context - len(ids)), stops, seen,
                    counts, bias_vector(cfg, vocab_size, ends + tuple(cfg.stop_tokens)))
 
-    def accept(self, token: int) -> str:
-        """Add a sampled token: its printable text (maybe none yet); finishes the row at a stop token, a stop string
-        or the limit."""
+    def accept(self, token: int, scored: tuple | None = None) -> str:
+        """Add a sampled token (and its log-probabilities, `scored`): its printable text (maybe none yet); finishes
+        the row at a stop token, a stop string or the limit."""
         if self.seen is not None:
             self.seen[token] = True
         if self.counts is not None:
@@ -135,6 +137,8 @@ class Row:
         if token in self.stop_tokens:
             return self.finish("stop")
         self.tokens.append(token)
+        if scored is not None:
+            self.scores.append(scored)
         self.last = token
         text = self.stream.push(token) if self.stream is not None else ""
         if self.stream is not None and self.stream.stopped:
@@ -147,6 +151,11 @@ class Row:
         """End the row (reason "stop" or "length"); returns the text held back until now."""
         self.finish_reason, self.finished_at = reason, time.perf_counter()
         return self.stream.flush() if self.stream is not None else ""
+
+    def new_scores(self) -> list:
+        """The log-probabilities of the tokens added since the last call."""
+        new, self.reported = self.scores[self.reported:], len(self.scores)
+        return new
 
     @property
     def new_tokens(self) -> int:
