@@ -446,3 +446,23 @@ def test_arrays_of_strings_read_back_as_written(tmp_path, bpe_tokenizer):
     assert "cut.gguf is truncated or corrupt" in bad("info", tmp_path / "cut.gguf")
     (tmp_path / "latin1.gguf").write_bytes(data.replace(b"<|endoftext|>", b"<|endoftext\xff>"))
     assert "latin1.gguf is truncated or corrupt" in bad("info", tmp_path / "latin1.gguf")
+
+
+def test_the_reader_override_reads_every_field_as_the_pinned_gguf_does(tmp_path, bpe_tokenizer, sp_tokenizer):
+    """open_gguf's reader overrides private methods of gguf.GGUFReader, so pyproject.toml pins the gguf version
+    tested here: every field of both tokenizer kinds' files reads back as the plain reader's contents()."""
+    import re
+    from importlib.metadata import version
+
+    from llmcli.formats.gguf import open_gguf, read_metadata
+
+    pin = re.search(r'"gguf==([\d.]+)"', (ROOT / "pyproject.toml").read_text()).group(1)
+    assert version("gguf") == pin
+    for name, tokenizer in (("bpe", bpe_tokenizer), ("sp", sp_tokenizer)):
+        path = write_gguf_file(tmp_path / f"{name}.gguf", "llama", tokenizer)
+        plain = gguf.GGUFReader(path)
+        ours = read_metadata(open_gguf(path), path)
+        assert ours.keys() == plain.fields.keys()
+        for key, field in plain.fields.items():
+            assert ours[key] == field.contents(), key
+        assert [t.name for t in open_gguf(path).tensors] == [t.name for t in plain.tensors]

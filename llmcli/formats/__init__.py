@@ -2,7 +2,7 @@
 
 `load_model` is the one entry point for every command that takes `-m`: our checkpoint directories
 (llmcli/formats/ours.py), LoRA adapters on any base (adapter.py), Hugging Face folders (hf.py) and .gguf files
-(gguf.py). Each format module reads its files into our Transformer (llmcli/model/) and a tokenizer (llmcli/text/);
+(gguf/). Each format module reads its files into our Transformer (llmcli/model/) and a tokenizer (llmcli/text/);
 nothing here trains or decodes.
 """
 

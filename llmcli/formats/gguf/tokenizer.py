@@ -1,0 +1,224 @@
+"""GGUF tokenizers: tokenizer.ggml.* metadata built into a `tokenizers` tokenizer as llama.cpp builds its own
+(src/llama-vocab.cpp), and our tokenizers written back as such metadata."""
+
+from pathlib import Path
+
+from llmcli.errors import LLMError
+
+
+# tokenizer.ggml.pre names the regex that splits text before byte-level BPE (llama.cpp's llama-vocab.cpp; the same
+# table as transformers' GGUF loader). Any other name gets GPT-2's split, which ByteLevel does by itself.
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+PRE_TOKENIZER_SPLITS = {"llama3": LLAMA3_SPLIT, "llama-v3": LLAMA3_SPLIT, "llama-bpe": LLAMA3_SPLIT,
+                        "smaug-bpe": LLAMA3_SPLIT, "dbrx": LLAMA3_SPLIT, "falcon3": LLAMA3_SPLIT,
+                        "qwen2": QWEN2_SPLIT, "deepseek-r1-qwen": QWEN2_SPLIT, "megrez": QWEN2_SPLIT}
+# llama.cpp's token types (gguf.TokenType)
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+
+
+def byte_spelling() -> dict[int, str]:
+    """GPT-2's printable spelling of the 256 bytes, in which byte-level BPE vocabularies are written."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    spelling, extra = {b: chr(b) for b in printable}, 0
+    for b in range(256):
+        if b not in spelling:
+            spelling[b] = chr(256 + extra)
+            extra += 1
+    return spelling
+
+
+def merges_from_scores(tokens: list[str], scores: list[float]) -> list[tuple[str, str]]:
+    """BPE merges implied by a SentencePiece vocabulary: every split of a token into two tokens, best score first
+    (transformers' generate_merges, so that our merges, and so our tokens, equal its)."""
+    vocab = {token: i for i, token in enumerate(tokens)}
+    merges = []
+    for token, score in dict(zip(tokens, scores)).items():
+        local = [(token[:k], token[k:], score) for k in range(1, len(token))
+                 if token[:k] in vocab and token[k:] in vocab]
+        merges += sorted(local, key=lambda m: (vocab[m[0]], vocab[m[1]]))
+    merges.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)
+    return [(left, right) for left, right, _ in merges]
+
+
+def build_tokenizer(metadata: dict, path: Path):
+    """A tokenizers.Tokenizer from tokenizer.ggml.* metadata, built as transformers' GGUF converters build theirs:
+    "gpt2" is byte-level BPE (tokens + merges; tokenizer.ggml.pre picks the split regex), "llama" is SentencePiece
+    style BPE (tokens + scores, merges derived from the scores, byte fallback, "▁" for spaces). Tokens of type
+    CONTROL and those named beginning, end, unknown or padding become special tokens, USER_DEFINED ones added
+    tokens, all matched whole in text."""
+    import numpy as np
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, pre_tokenizers
+    from tokenizers.models import BPE
+
+    kind = metadata.get("tokenizer.ggml.model")
+    tokens = metadata.get("tokenizer.ggml.tokens")
+    if not isinstance(tokens, list) or not tokens:
+        raise LLMError(f"{path}: the GGUF metadata has no tokenizer (tokenizer.ggml.tokens)")
+    types = np.asarray(metadata.get("tokenizer.ggml.token_type") or [NORMAL] * len(tokens))[:len(tokens)]
+    control = [tokens[i] for i in np.flatnonzero(types == CONTROL)]
+    merges = [tuple(m.split(" ", 1)) for m in metadata.get("tokenizer.ggml.merges") or []]
+    try:
+        if kind == "gpt2":
+            spelling = byte_spelling()
+            alphabet = set(spelling.values())
+            if set("".join(tokens)) <= alphabet:  # (spelled so, as llama.cpp's converter writes them)
+                vocab = dict(zip(tokens, range(len(tokens))))
+            else:
+                vocab = {token if set(token) <= alphabet else "".join(spelling[b] for b in token.encode("utf-8")): i
+                         for i, token in enumerate(tokens)}
+            tok = Tokenizer(BPE(vocab=vocab, merges=merges, dropout=None, continuing_subword_prefix="",
+                                end_of_word_suffix="", fuse_unk=False))
+            split = PRE_TOKENIZER_SPLITS.get(metadata.get("tokenizer.ggml.pre"))
+            if metadata.get("tokenizer.ggml.pre") == "smollm":  # its tokenizer.json: digits one by one, then GPT-2's
+                tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                             pre_tokenizers.ByteLevel(add_prefix_space=False)])
+            elif split is not None:
+                tok.pre_tokenizer = pre_tokenizers.Sequence([
+                    pre_tokenizers.Split(Regex(split), behavior="isolated"),
+                    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+            else:
+                tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+            tok.decoder = decoders.ByteLevel()
+            control = [t for t in control if set(t) <= alphabet]
+        elif kind == "llama":
+            vocab = dict(zip(tokens, range(len(tokens))))
+            scores = metadata.get("tokenizer.ggml.scores") or [0.0] * len(tokens)
+            tok = Tokenizer(BPE(vocab=vocab, merges=merges or merges_from_scores(tokens, scores), fuse_unk=True,
+                                byte_fallback=True, dropout=None))
+            # llama.cpp (and SentencePiece) put "▁" before the text unless the file says not to
+            prefix_space = metadata.get("tokenizer.ggml.add_space_prefix", True)
+            tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", split=False,
+                                                         prepend_scheme="first" if prefix_space else "never")
+            steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+            tok.decoder = decoders.Sequence(steps + ([decoders.Strip(content=" ", left=1)] if prefix_space else []))
+        else:
+            raise LLMError(f"{path}: unsupported GGUF tokenizer {kind!r}; supported: gpt2 (byte-level BPE) and llama "
+                           "(SentencePiece)")
+    except LLMError:
+        raise
+    except Exception as e:  # tokenizers raises plain Exceptions for inconsistent vocabularies and merges
+        raise LLMError(f"{path}: the GGUF tokenizer cannot be built: {e}") from None
+    # the tokens the metadata names (beginning, end, unknown, padding) are special too, whatever their type
+    named = [metadata.get(f"tokenizer.ggml.{key}") for key in ("bos_token_id", "eos_token_id", "unknown_token_id",
+                                                               "padding_token_id")]
+    control += [tokens[i] for i in named if isinstance(i, int) and 0 <= i < len(tokens) and tokens[i] not in control]
+    tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in control])
+    user_defined = [t for i in np.flatnonzero(types == USER_DEFINED) if (t := tokens[i]) in vocab]
+    tok.add_tokens([AddedToken(t, normalized=False, special=False) for t in user_defined])
+    return tok
+
+
+def gguf_tokenizer(metadata: dict, path: Path, vocab_size: int):
+    """Our tokenizer (llmcli/text/tokenizer.py's HFTokenizer) for the file, with its special ids and chat template."""
+    from llmcli.text.tokenizer import HFTokenizer
+
+    tokens = metadata.get("tokenizer.ggml.tokens") or []
+    if len(tokens) != vocab_size:
+        raise LLMError(f"{path}: the tokenizer has {len(tokens)} tokens but the model's embedding {vocab_size}; "
+                       "they do not belong together")
+
+    def token_id(key):
+        value = metadata.get(f"tokenizer.ggml.{key}")
+        if value is not None and not 0 <= value < len(tokens):
+            raise LLMError(f"{path}: tokenizer.ggml.{key} {value} is outside the vocabulary (0..{len(tokens) - 1})")
+        return value
+
+    ends = [token_id(key) for key in ("eos_token_id", "eot_token_id", "eom_token_id")]
+    template = metadata.get("tokenizer.chat_template")
+    return HFTokenizer(build_tokenizer(metadata, path), files=[path], bos_id=token_id("bos_token_id"),
+                       eos_ids=list(dict.fromkeys(i for i in ends if i is not None)),
+                       pad_id=token_id("padding_token_id"), chat_template=template if isinstance(template, str) else None)
+
+
+def tokenizer_metadata(tokenizer) -> dict:
+    """tokenizer.ggml.* metadata for our tokenizers: a SentencePiece model becomes GGUF's "llama" tokenizer (tokens,
+    scores, token types), a `tokenizers` byte-level BPE its "gpt2" one (tokens, merges, the split it uses), as
+    llama.cpp's convert_hf_to_gguf.py writes them. Raises LLMError for any other kind."""
+    if hasattr(tokenizer, "sp"):
+        sp = tokenizer.sp
+        tokens = [sp.IdToPiece(i) for i in range(sp.GetPieceSize())]
+        scores = [sp.GetScore(i) for i in range(sp.GetPieceSize())]
+        types = sentencepiece_types(sp.serialized_model_proto())
+        prefix_space = sp.EncodeAsPieces("x")[0].startswith("▁")  # SentencePiece's add_dummy_prefix
+        meta = {"model": "llama", "tokens": tokens, "scores": scores, "token_type": types,
+                "add_space_prefix": prefix_space}
+    elif hasattr(tokenizer, "tok"):
+        meta = _tokenizers_metadata(tokenizer.tok)
+    else:
+        raise LLMError(f"a {type(tokenizer).__name__} cannot be written to GGUF")
+    # what our commands do: texts start with start_of_text, samples end at any of stop_tokens
+    start, ends = tokenizer.start_of_text, list(dict.fromkeys([*tokenizer.eos_ids, *tokenizer.stop_tokens]))
+    meta |= {"bos_token_id": start, "add_bos_token": start is not None, "eos_token_id": ends[0] if ends else None,
+             "eot_token_id": ends[1] if len(ends) > 1 else None, "padding_token_id": getattr(tokenizer, "pad_id", None),
+             "chat_template": tokenizer.chat_template}
+    for key in ("bos_token_id", "eos_token_id", "eot_token_id", "padding_token_id"):
+        if meta.get(key) is not None:  # llama.cpp expects its special tokens to be CONTROL (ours: user-defined)
+            meta["token_type"][meta[key]] = CONTROL
+    return {k: v for k, v in meta.items() if v is not None}
+
+
+def sentencepiece_types(proto: bytes) -> list[int]:
+    """The type of every piece of a serialized SentencePiece ModelProto (sentencepiece_model.proto: field 1, the
+    pieces; in each, field 3 the type, numbered as GGUF's token types, NORMAL when absent). The Python API tells
+    control, unknown, unused and byte pieces apart but not user-defined ones (our <|endoftext|>), which GGUF
+    readers must match whole."""
+
+    def varint(data, i):
+        value = shift = 0
+        while True:
+            byte = data[i]
+            value, shift, i = value | (byte & 0x7F) << shift, shift + 7, i + 1
+            if byte < 0x80:
+                return value, i
+
+    def fields(data):  # (field number, value or bytes) of one message
+        i = 0
+        while i < len(data):
+            key, i = varint(data, i)
+            kind = key & 7
+            if kind == 0:
+                value, i = varint(data, i)
+            elif kind == 2:
+                size, i = varint(data, i)
+                value, i = data[i:i + size], i + size
+            else:  # 1: 64-bit, 5: 32-bit
+                size = 8 if kind == 1 else 4
+                value, i = data[i:i + size], i + size
+            yield key >> 3, value
+
+    return [next((v for f, v in fields(piece) if f == 3), NORMAL) for f, piece in fields(proto) if f == 1]
+
+
+def _tokenizers_metadata(tok) -> dict:
+    import json
+
+    spec = json.loads(tok.to_str())
+    model = spec["model"]
+    vocab = tok.get_vocab(with_added_tokens=True)
+    tokens = [None] * len(vocab)
+    for token, i in vocab.items():
+        if i >= len(tokens):
+            raise LLMError(f"the tokenizer's ids are not 0..{len(vocab) - 1}; it cannot be written to GGUF")
+        tokens[i] = token
+    added = tok.get_added_tokens_decoder()
+    types = [CONTROL if i in added and added[i].special else USER_DEFINED if i in added else NORMAL
+             for i in range(len(tokens))]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
+    text = json.dumps(spec.get("pre_tokenizer")) + json.dumps(spec.get("decoder"))
+    if model.get("type") == "BPE" and '"ByteLevel"' in text:
+        pre = next((name for name, split in (("llama-bpe", LLAMA3_SPLIT), ("qwen2", QWEN2_SPLIT))
+                    if json.dumps(split) in text), "smollm" if '"individual_digits": true' in text else "gpt-2")
+        return {"model": "gpt2", "pre": pre, "tokens": tokens, "token_type": types, "merges": merges}
+    if model.get("type") == "BPE" and model.get("byte_fallback") and '"Metaspace"' in text:
+        # SentencePiece-style BPE: llama.cpp merges by score, so a token made by merge r scores -r
+        rank = {m.replace(" ", ""): -r for r, m in reversed(list(enumerate(merges)))}
+        byte = [len(t) == 6 and t.startswith("<0x") and t.endswith(">") for t in tokens]
+        types = [BYTE if b else UNKNOWN if t == model.get("unk_token") else k for t, b, k in zip(tokens, byte, types)]
+        return {"model": "llama", "tokens": tokens, "scores": [float(rank.get(t, 0)) for t in tokens],
+                "token_type": types, "merges": merges,
+                "add_space_prefix": '"prepend_scheme": "never"' not in text}
+    raise LLMError("only SentencePiece and byte-level BPE tokenizers can be written to GGUF, not this "
+                   f"{model.get('type')} tokenizer")
