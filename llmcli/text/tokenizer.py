@@ -31,8 +31,10 @@ class Tokenizer:
     """A SentencePiece model (ours, or a Hugging Face folder's tokenizer.model) with the operations the workbench needs.
 
     The special tokens every tokenizer of the workbench names (HFTokenizer has the same attributes):
-    - start_of_text: the id a text starts with: `<|endoftext|>` where the vocabulary has it (ours, GPT-2's), else the
-      model's beginning-of-sequence token (`<s>`), else None.
+    - start_of_text: the id every text starts with, as the model's own files say (add_bos_token, the tokenizer's
+      post-processor, tokenizer.ggml.add_bos_token), else None: ours `<|endoftext|>` (stated in special_tokens.json;
+      a checkpoint from before that file starts with it too), a SentencePiece model without the setting its `<s>`.
+      add_bos: whether there is one.
     - stop_tokens: the ids that end a sample (a model may have several: Llama 3's `<|eot_id|>` and
       `<|end_of_text|>`); `<|endoftext|>` for ours.
     - end_of_text: the id that separates documents in training data: `<|endoftext|>`, else the model's own end token.
@@ -50,13 +52,30 @@ class Tokenizer:
             raise LLMError(f"{self.path} is not a SentencePiece model ({e})") from None
         self.vocab_size = self.sp.GetPieceSize()
         self.files = [self.path]
+        self.pieces_size = self.sp.GetPieceSize()
         eot = self._piece_id(END_OF_TEXT)  # a tokenizer from elsewhere may have no end-of-text token
         bos, eos = self.sp.bos_id(), self.sp.eos_id()
         specials = read_special_tokens(specials_from, self._piece_id) if specials_from else {}
+        # tokens a folder adds on top of the SentencePiece vocabulary (tokenizer_config.json's added_tokens_decoder)
+        self.added = {i: text for i, (text, _) in specials.get("added", {}).items() if i >= self.pieces_size}
+        if self.added:
+            if sorted(self.added) != list(range(self.pieces_size, self.pieces_size + len(self.added))):
+                raise LLMError(f"{specials_from}: the added tokens' ids do not follow the {self.pieces_size} of "
+                               f"{self.path.name}")
+            self.vocab_size += len(self.added)
+            specials = read_special_tokens(specials_from, self._piece_id)  # (their names now resolve)
         self.chat_template = specials.get("chat_template")
+        control = {i for i in range(self.pieces_size) if self.sp.IsControl(i)}
+        control |= {i for i, (_, special) in specials.get("added", {}).items() if special and i >= self.pieces_size}
         _set_specials(self, eot, specials.get("bos", bos if bos >= 0 else None),
-                      specials.get("eos") or ([eos] if eos >= 0 else []),
-                      {i for i in range(self.vocab_size) if self.sp.IsControl(i)})
+                      specials.get("eos") or ([eos] if eos >= 0 else []), control, specials.get("add_bos"))
+        # text of special tokens becomes the token, as transformers and llama.cpp do for templates and prompts: the
+        # control and unknown pieces (<s>, </s>, <unk>), user-defined ones and the added tokens, longest first
+        named = {self.sp.IdToPiece(i): i for i in range(self.pieces_size)
+                 if self.sp.IsControl(i) or self.sp.IsUnknown(i)} | {v: k for k, v in self.added.items()}
+        self.special_text = {text: i for text, i in named.items() if text}
+        self._special_split = re.compile("(" + "|".join(map(re.escape, sorted(self.special_text, key=len,
+                                                                               reverse=True))) + ")").split
         # characters SentencePiece would encode alike, encoded as their byte tokens instead: a literal ▁ (its sign
         # for a space), and a space itself when the model has no ▁ piece (one trained on text without spaces
         # spells a space with ▁'s bytes). A tokenizer without byte pieces, or one that puts a space before every
@@ -71,12 +90,27 @@ class Tokenizer:
 
     def _piece_id(self, piece: str) -> int | None:
         i = self.sp.PieceToId(piece)
-        return i if self.sp.IdToPiece(i) == piece else None
+        if self.sp.IdToPiece(i) == piece:
+            return i
+        return next((k for k, text in getattr(self, "added", {}).items() if text == piece), None)
 
     def encode(self, text: str) -> list[int]:
         return self.encode_batch([text])[0]
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        if not any(s in t for t in texts for s in self.special_text):
+            return self._encode_plain(texts)
+        # the text between special tokens' text encoded as a text of its own (so it gets SentencePiece's space prefix
+        # where the model has one, as after a special token in llama.cpp and transformers' Llama tokenizers)
+        out = []
+        for text in texts:
+            parts = self._special_split(text)
+            plain = self._encode_plain([p for p in parts[::2] if p])[::-1]
+            out.append([i for k, p in enumerate(parts) if p
+                        for i in ([self.special_text[p]] if k % 2 else plain.pop())])
+        return out
+
+    def _encode_plain(self, texts: list[str]) -> list[list[int]]:
         if not any(c in t for c in self.escaped for t in texts):
             return self.sp.Encode(texts, out_type=int)
         # the parts between escaped characters encoded as usual, each escaped character as its byte tokens
@@ -92,13 +126,23 @@ class Tokenizer:
         """The text of ids; skip_special leaves out special tokens (for generated text). Raises LLMError for an id
         outside the vocabulary."""
         _check_ids(ids, self.vocab_size)
-        return self.sp.DecodeIds([i for i in ids if i not in self.special_ids] if skip_special else ids)
+        ids = [i for i in ids if i not in self.special_ids] if skip_special else ids
+        if not self.added:
+            return self.sp.DecodeIds(ids)
+        runs, text = [], ""  # SentencePiece decodes its own ids; an added token is its text
+        for i in ids + [None]:
+            if i is None or i in self.added:
+                text += self.sp.DecodeIds(runs) + (self.added[i] if i is not None else "")
+                runs = []
+            else:
+                runs.append(i)
+        return text
 
     def pieces(self, ids: list[int]) -> list[str]:
-        return [self.sp.IdToPiece(i) for i in ids]
+        return [self.token(i) for i in ids]
 
     def token(self, i: int | None) -> str:
-        return "" if i is None else self.sp.IdToPiece(i)
+        return "" if i is None else self.added[i] if i in self.added else self.sp.IdToPiece(i)
 
     def save(self, directory: Path):
         """Write what load_tokenizer(directory) reads back as this tokenizer."""
@@ -114,13 +158,18 @@ class HFTokenizer:
     Tokenizer; `tokenizers` is an optional extra (pip install 'llmcli[hf]')."""
 
     def __init__(self, tok, files: list[Path], bos_id: int | None = None, eos_ids: list[int] = (),
-                 pad_id: int | None = None, chat_template: str | None = None):
+                 pad_id: int | None = None, chat_template: str | None = None, add_bos: bool | None = None):
+        """add_bos: the model's setting; None takes it from the tokenizer's post-processor (a template that puts a
+        token before the text: that token)."""
         self.tok, self.files, self.path = tok, [Path(f) for f in files], Path(files[0])
         self.vocab_size = tok.get_vocab_size()
         self.chat_template, self.pad_id = chat_template, pad_id
         added = tok.get_added_tokens_decoder()  # id -> AddedToken
+        if add_bos is None:
+            start = _post_processor_start(tok)
+            add_bos, bos_id = start is not None, start if start is not None else bos_id
         _set_specials(self, tok.token_to_id(END_OF_TEXT), bos_id, list(eos_ids),
-                      {i for i, a in added.items() if a.special})
+                      {i for i, a in added.items() if a.special}, add_bos)
 
     @classmethod
     def from_folder(cls, directory: Path) -> "HFTokenizer":
@@ -140,8 +189,9 @@ class HFTokenizer:
         except Exception as e:  # tokenizers raises plain Exceptions for unreadable files
             raise LLMError(f"the tokenizer in {directory} cannot be read: {e}") from None
         specials = read_special_tokens(directory, tok.token_to_id)
+        add_bos = specials.get("add_bos", None if json_file.is_file() else False)  # (GPT2Tokenizer's default)
         return cls(tok, files, specials.get("bos"), specials.get("eos", []), specials.get("pad"),
-                   specials.get("chat_template"))
+                   specials.get("chat_template"), add_bos)
 
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False).ids
@@ -167,6 +217,14 @@ class HFTokenizer:
         _save_specials(self, directory)
 
 
+def _post_processor_start(tok) -> int | None:
+    """The id a `tokenizers` post-processor puts before a text (a TemplateProcessing "<s> $A"), or None."""
+    bare = tok.encode("a", add_special_tokens=False).ids
+    full = tok.encode("a", add_special_tokens=True).ids
+    starts = [k for k in range(len(full) - len(bare) + 1) if full[k:k + len(bare)] == bare]
+    return full[0] if starts and starts[0] == 1 else None
+
+
 def _import_tokenizers(where):
     try:
         import tokenizers
@@ -176,9 +234,16 @@ def _import_tokenizers(where):
     return tokenizers
 
 
-def _set_specials(tok, eot: int | None, bos: int | None, eos: list[int], control: set[int]):
-    """The attributes of the Tokenizer docstring, from the end-of-text, beginning and end ids a model names."""
-    tok.start_of_text = eot if eot is not None else bos
+def _set_specials(tok, eot: int | None, bos: int | None, eos: list[int], control: set[int],
+                  add_bos: bool | None = None):
+    """The attributes of the Tokenizer docstring, from the end-of-text, beginning and end ids a model names and its
+    add_bos_token setting (None where its files have none: <|endoftext|> where the vocabulary has it, as our
+    checkpoints from before the setting, else the beginning token, as transformers' LlamaTokenizer)."""
+    if add_bos is None:
+        tok.start_of_text = eot if eot is not None else bos
+    else:
+        tok.start_of_text = bos if add_bos else None
+    tok.add_bos = tok.start_of_text is not None
     tok.stop_tokens = tuple(dict.fromkeys(([eot] if eot is not None else []) + [i for i in eos if i is not None]))
     tok.end_of_text = eot if eot is not None else (tok.stop_tokens[0] if tok.stop_tokens else None)
     tok.bos_id = bos
@@ -205,16 +270,17 @@ def _save_specials(tok, directory: Path):
 
     from llmcli.files import atomic_write
 
-    record = {"bos_token_id": tok.bos_id, "eos_token_id": list(tok.eos_ids)}
+    # the start token stated as the id it is (ours: <|endoftext|>, which no SentencePiece setting can name)
+    record = {"bos_token_id": tok.start_of_text if tok.add_bos else tok.bos_id, "add_bos_token": tok.add_bos,
+              "eos_token_id": list(tok.eos_ids)}
     if tok.chat_template:
         record["chat_template"] = tok.chat_template
-    if tok.bos_id is None and not tok.eos_ids and not tok.chat_template:
-        return  # nothing the tokenizer's own file does not say (ours)
     atomic_write(directory / SPECIALS_FILE, json.dumps(record, ensure_ascii=False, indent=1) + "\n")
 
 
 def read_special_tokens(directory: Path, token_to_id) -> dict:
-    """{"bos": id, "eos": [ids], "pad": id, "chat_template": str} as a Hugging Face folder names them:
+    """{"bos": id, "eos": [ids], "pad": id, "chat_template": str, "add_bos": bool, "added": {id: (text, special)}}
+    as a Hugging Face folder names them:
     generation_config.json first (the ids generate() stops at), then config.json, then the token strings of
     tokenizer_config.json; our special_tokens.json before all. The chat template: chat_template.jinja, else
     tokenizer_config.json's `chat_template` (a string, or a list of named ones: "default"). A malformed file is an
@@ -250,6 +316,12 @@ def read_special_tokens(directory: Path, token_to_id) -> dict:
             values = ids(record[key])
             if values:
                 found[kind] = values if kind == "eos" else values[0]
+        if isinstance(record.get("add_bos_token"), bool) and "add_bos" not in found:
+            found["add_bos"] = record["add_bos_token"]
+        added = record.get("added_tokens_decoder")
+        if isinstance(added, dict) and "added" not in found:
+            found["added"] = {int(i): (a["content"], bool(a.get("special"))) for i, a in added.items()
+                              if isinstance(a, dict) and isinstance(a.get("content"), str) and str(i).isdigit()}
         template = record.get("chat_template")
         if isinstance(template, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
             template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"),
@@ -262,13 +334,16 @@ def read_special_tokens(directory: Path, token_to_id) -> dict:
 
 
 def load_tokenizer(path: str | Path):
-    """The tokenizer of a directory (ours, a HF folder) or a tokenizer.model file: SentencePiece first, then HF's
-    tokenizer.json (or GPT-2's vocab.json + merges.txt); special tokens from the folder's files. Raises LLMError."""
+    """The tokenizer of a directory (ours, a HF folder) or a tokenizer.model file: HF's tokenizer.json first (what
+    transformers reads where a folder has both), then SentencePiece, then GPT-2's vocab.json + merges.txt; special
+    tokens from the folder's files. Raises LLMError."""
     path = Path(path)
     if path.is_dir():
+        if (path / "tokenizer.json").is_file():
+            return HFTokenizer.from_folder(path)
         if (path / TOKENIZER_FILE).is_file():
             return Tokenizer(path / TOKENIZER_FILE, specials_from=path)
-        if (path / "tokenizer.json").is_file() or (path / "vocab.json").is_file():
+        if (path / "vocab.json").is_file():
             return HFTokenizer.from_folder(path)
         raise LLMError(f"no tokenizer in {path}: expected {TOKENIZER_FILE}, tokenizer.json or vocab.json + merges.txt")
     return Tokenizer(path)
@@ -366,7 +441,9 @@ def train_tokenizer(
             message += " Use a smaller --vocab-size or a larger corpus."
         raise LLMError(f"tokenizer training failed: {message}") from None
     atomic_write(out_dir / TOKENIZER_FILE, model.getvalue())
-    return Tokenizer(out_dir / TOKENIZER_FILE)
+    tokenizer = Tokenizer(out_dir / TOKENIZER_FILE)
+    _save_specials(tokenizer, out_dir)  # texts start with <|endoftext|>, said in special_tokens.json
+    return tokenizer
 
 
 def training_pieces(text: str, max_bytes: int = MAX_SENTENCE_BYTES) -> Iterator[str]:

@@ -6,15 +6,37 @@ from pathlib import Path
 from llmcli.errors import LLMError
 
 
-# tokenizer.ggml.pre names the regex that splits text before byte-level BPE (llama.cpp's llama-vocab.cpp; the same
-# table as transformers' GGUF loader). Any other name gets GPT-2's split, which ByteLevel does by itself.
-LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-PRE_TOKENIZER_SPLITS = {"llama3": LLAMA3_SPLIT, "llama-v3": LLAMA3_SPLIT, "llama-bpe": LLAMA3_SPLIT,
-                        "smaug-bpe": LLAMA3_SPLIT, "dbrx": LLAMA3_SPLIT, "falcon3": LLAMA3_SPLIT,
-                        "qwen2": QWEN2_SPLIT, "deepseek-r1-qwen": QWEN2_SPLIT, "megrez": QWEN2_SPLIT}
+# tokenizer.ggml.pre names the regexes that split text before byte-level BPE, applied one after another, each
+# splitting the pieces of the one before (llama.cpp's src/llama-vocab.cpp, llm_tokenizer_bpe and load). The regexes
+# of tokenizer.json as llama.cpp writes them (its (?:'[sS]|...) for (?i:'s|...))
+GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
+_CONTRACTIONS = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])"
+LLAMA3_SPLIT = (_CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)"
+                r"|\s+")
+QWEN2_SPLIT = (_CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_HF_CONTRACTIONS = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)"  # (tokenizer.json's form of _CONTRACTIONS)
+_SPLITS = {
+    "default": [r"[\p{P}\$\+<=>\^~\|]+", GPT2_SPLIT, r"\p{N}+", r"[0-9][0-9][0-9]"],
+    "gpt-2": [GPT2_SPLIT], "llama3": [LLAMA3_SPLIT], "qwen2": [QWEN2_SPLIT], "smollm": [r"\p{N}", GPT2_SPLIT],
+    "falcon": [r"[\p{P}\$\+<=>\^~\|`]+", GPT2_SPLIT, r"[0-9][0-9][0-9]"],
+    "bloom": [r" ?[^(\s|.,!?…。，、।۔،)]+"],
+    "seed-coder": [_CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1}| ?[^\s\p{L}\p{N}\r\n]+|\s*[\r\n]+|\s+(?!\S)|\s+"],
+}
+# each name llama.cpp implements with one of those splits
+PRE_TOKENIZERS = {name: split for split, names in {
+    "default": ["default"],
+    "gpt-2": ["gpt-2", "phi-2", "jina-es", "jina-de", "gigachat", "jina-v2-es", "jina-v2-de", "a.x-4.0", "mellum",
+              "modern-bert", "mpt", "olmo", "jais", "trillion", "granite-docling", "exaone4"],
+    "llama3": ["llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2",
+               "jina-v5-nano", "dbrx", "smaug-bpe"],
+    "qwen2": ["qwen2", "deepseek-r1-qwen", "kormo", "f2llmv2", "stablelm2", "megrez", "hunyuan", "solar-open"],
+    "smollm": ["starcoder", "refact", "command-r", "smollm", "codeshell", "exaone", "minerva-7b", "mellum2"],
+    "falcon": ["falcon"], "bloom": ["poro-chat", "bloom", "gpt3-finnish"], "seed-coder": ["seed-coder"],
+}.items() for name in names}
+# llama.cpp takes a word that is one token whole (ignore_merges), and starts texts with BOS unless the file says
+IGNORE_MERGES = {"llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2",
+                 "jina-v5-nano"}
+ADD_BOS = IGNORE_MERGES
 # llama.cpp's token types (gguf.TokenType)
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
@@ -50,7 +72,7 @@ def build_tokenizer(metadata: dict, path: Path):
     CONTROL and those named beginning, end, unknown or padding become special tokens, USER_DEFINED ones added
     tokens, all matched whole in text."""
     import numpy as np
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, pre_tokenizers
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers
     from tokenizers.models import BPE
 
     kind = metadata.get("tokenizer.ggml.model")
@@ -69,18 +91,15 @@ def build_tokenizer(metadata: dict, path: Path):
             else:
                 vocab = {token if set(token) <= alphabet else "".join(spelling[b] for b in token.encode("utf-8")): i
                          for i, token in enumerate(tokens)}
+            pre = metadata.get("tokenizer.ggml.pre") or "default"
+            if pre not in PRE_TOKENIZERS:
+                raise LLMError(f"{path}: tokenizer.ggml.pre {pre!r} is a pre-tokenizer llmcli does not implement; "
+                               f"implemented: {', '.join(sorted(PRE_TOKENIZERS))}")
             tok = Tokenizer(BPE(vocab=vocab, merges=merges, dropout=None, continuing_subword_prefix="",
-                                end_of_word_suffix="", fuse_unk=False))
-            split = PRE_TOKENIZER_SPLITS.get(metadata.get("tokenizer.ggml.pre"))
-            if metadata.get("tokenizer.ggml.pre") == "smollm":  # its tokenizer.json: digits one by one, then GPT-2's
-                tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
-                                                             pre_tokenizers.ByteLevel(add_prefix_space=False)])
-            elif split is not None:
-                tok.pre_tokenizer = pre_tokenizers.Sequence([
-                    pre_tokenizers.Split(Regex(split), behavior="isolated"),
-                    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-            else:
-                tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+                                end_of_word_suffix="", fuse_unk=False, ignore_merges=pre in IGNORE_MERGES))
+            tok.pre_tokenizer = pre_tokenizers.Sequence(
+                [pre_tokenizers.Split(Regex(split), behavior="isolated") for split in _SPLITS[PRE_TOKENIZERS[pre]]]
+                + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
             tok.decoder = decoders.ByteLevel()
             control = [t for t in control if set(t) <= alphabet]
         elif kind == "llama":
@@ -88,10 +107,12 @@ def build_tokenizer(metadata: dict, path: Path):
             scores = metadata.get("tokenizer.ggml.scores") or [0.0] * len(tokens)
             tok = Tokenizer(BPE(vocab=vocab, merges=merges or merges_from_scores(tokens, scores), fuse_unk=True,
                                 byte_fallback=True, dropout=None))
-            # llama.cpp (and SentencePiece) put "▁" before the text unless the file says not to
+            # llama.cpp puts a space before the text and before whatever follows a special token, even text that
+            # starts with a space (its tokenize(), LLAMA_VOCAB_TYPE_SPM): a normalizer runs on each piece between
+            # special tokens, as transformers' legacy Llama tokenizer does
             prefix_space = metadata.get("tokenizer.ggml.add_space_prefix", True)
-            tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", split=False,
-                                                         prepend_scheme="first" if prefix_space else "never")
+            tok.normalizer = normalizers.Sequence(([normalizers.Prepend("▁")] if prefix_space else [])
+                                                  + [normalizers.Replace(" ", "▁")])
             steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
             tok.decoder = decoders.Sequence(steps + ([decoders.Strip(content=" ", left=1)] if prefix_space else []))
         else:
@@ -128,9 +149,26 @@ def gguf_tokenizer(metadata: dict, path: Path, vocab_size: int):
 
     ends = [token_id(key) for key in ("eos_token_id", "eot_token_id", "eom_token_id")]
     template = metadata.get("tokenizer.chat_template")
-    return HFTokenizer(build_tokenizer(metadata, path), files=[path], bos_id=token_id("bos_token_id"),
+    add_bos = add_bos_token(metadata)
+    bos = token_id("bos_token_id")
+    if bos is None and metadata.get("tokenizer.ggml.model") == "llama" and len(tokens) > 1:
+        bos = 1  # llama.cpp's default for SentencePiece vocabularies
+    if add_bos and bos is None:
+        raise LLMError(f"{path}: tokenizer.ggml.add_bos_token is true but the file names no beginning token "
+                       "(tokenizer.ggml.bos_token_id)")
+    return HFTokenizer(build_tokenizer(metadata, path), files=[path], bos_id=bos,
                        eos_ids=list(dict.fromkeys(i for i in ends if i is not None)),
-                       pad_id=token_id("padding_token_id"), chat_template=template if isinstance(template, str) else None)
+                       pad_id=token_id("padding_token_id"), chat_template=template if isinstance(template, str) else None,
+                       add_bos=add_bos)
+
+
+def add_bos_token(metadata: dict) -> bool:
+    """Whether llama.cpp starts a text with the beginning token: tokenizer.ggml.add_bos_token, else its default for
+    the tokenizer (SentencePiece's yes; for byte-level BPE only Llama 3's pre-tokenizers)."""
+    value = metadata.get("tokenizer.ggml.add_bos_token")
+    if isinstance(value, bool):
+        return value
+    return metadata.get("tokenizer.ggml.model") == "llama" or metadata.get("tokenizer.ggml.pre") in ADD_BOS
 
 
 def tokenizer_metadata(tokenizer) -> dict:
@@ -149,9 +187,10 @@ def tokenizer_metadata(tokenizer) -> dict:
         meta = _tokenizers_metadata(tokenizer.tok)
     else:
         raise LLMError(f"a {type(tokenizer).__name__} cannot be written to GGUF")
-    # what our commands do: texts start with start_of_text, samples end at any of stop_tokens
+    # what our commands do: texts start with start_of_text where the model says so, samples end at its stop_tokens
     start, ends = tokenizer.start_of_text, list(dict.fromkeys([*tokenizer.eos_ids, *tokenizer.stop_tokens]))
-    meta |= {"bos_token_id": start, "add_bos_token": start is not None, "eos_token_id": ends[0] if ends else None,
+    meta |= {"bos_token_id": start if tokenizer.add_bos else tokenizer.bos_id, "add_bos_token": tokenizer.add_bos,
+             "eos_token_id": ends[0] if ends else None,
              "eot_token_id": ends[1] if len(ends) > 1 else None, "padding_token_id": getattr(tokenizer, "pad_id", None),
              "chat_template": tokenizer.chat_template}
     for key in ("bos_token_id", "eos_token_id", "eot_token_id", "padding_token_id"):
@@ -192,6 +231,26 @@ def sentencepiece_types(proto: bytes) -> list[int]:
     return [next((v for f, v in fields(piece) if f == 3), NORMAL) for f, piece in fields(proto) if f == 1]
 
 
+def _pre_tokenizer_name(spec: dict) -> str:
+    """The tokenizer.ggml.pre of a byte-level BPE's pre-tokenizer (tokenizer.json's form), as llama.cpp's converter
+    names it. Raises LLMError for a split none of PRE_TOKENIZERS makes."""
+    steps = spec.get("pretokenizers", [spec]) if spec.get("type") == "Sequence" else [spec]
+    kinds = [s.get("type") for s in steps]
+    if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
+        return "gpt-2"
+    if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and steps[1].get("use_regex", True):
+        return "smollm"
+    if kinds[-1:] == ["ByteLevel"] and not steps[-1].get("use_regex", True) and set(kinds[:-1]) == {"Split"}:
+        patterns = [(s.get("pattern") or {}).get("Regex") for s in steps[:-1]]
+        patterns = [_CONTRACTIONS + p[len(_HF_CONTRACTIONS):] if p and p.startswith(_HF_CONTRACTIONS) else p
+                    for p in patterns]
+        name = next((name for name, splits in _SPLITS.items() if splits == patterns), None)
+        if name is not None:
+            return {"llama3": "llama-bpe"}.get(name, name)
+    raise LLMError("this byte-level BPE tokenizer splits text in a way no llama.cpp pre-tokenizer llmcli knows does; "
+                   "it cannot be written to GGUF")
+
+
 def _tokenizers_metadata(tok) -> dict:
     import json
 
@@ -207,18 +266,19 @@ def _tokenizers_metadata(tok) -> dict:
     types = [CONTROL if i in added and added[i].special else USER_DEFINED if i in added else NORMAL
              for i in range(len(tokens))]
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
-    text = json.dumps(spec.get("pre_tokenizer")) + json.dumps(spec.get("decoder"))
-    if model.get("type") == "BPE" and '"ByteLevel"' in text:
-        pre = next((name for name, split in (("llama-bpe", LLAMA3_SPLIT), ("qwen2", QWEN2_SPLIT))
-                    if json.dumps(split) in text), "smollm" if '"individual_digits": true' in text else "gpt-2")
+    pre_tokenizer, normalizer = json.dumps(spec.get("pre_tokenizer")), json.dumps(spec.get("normalizer"))
+    if model.get("type") == "BPE" and '"ByteLevel"' in pre_tokenizer:
+        pre = _pre_tokenizer_name(spec["pre_tokenizer"])
         return {"model": "gpt2", "pre": pre, "tokens": tokens, "token_type": types, "merges": merges}
-    if model.get("type") == "BPE" and model.get("byte_fallback") and '"Metaspace"' in text:
+    sentencepiece = '"Metaspace"' in pre_tokenizer or r'"\u2581"' in normalizer  # (JSON's escape of ▁)
+    if model.get("type") == "BPE" and model.get("byte_fallback") and sentencepiece:
         # SentencePiece-style BPE: llama.cpp merges by score, so a token made by merge r scores -r
         rank = {m.replace(" ", ""): -r for r, m in reversed(list(enumerate(merges)))}
         byte = [len(t) == 6 and t.startswith("<0x") and t.endswith(">") for t in tokens]
         types = [BYTE if b else UNKNOWN if t == model.get("unk_token") else k for t, b, k in zip(tokens, byte, types)]
+        prefix = '"Prepend"' in normalizer or ('"Metaspace"' in pre_tokenizer
+                                               and '"prepend_scheme": "never"' not in pre_tokenizer)
         return {"model": "llama", "tokens": tokens, "scores": [float(rank.get(t, 0)) for t in tokens],
-                "token_type": types, "merges": merges,
-                "add_space_prefix": '"prepend_scheme": "never"' not in text}
+                "token_type": types, "merges": merges, "add_space_prefix": prefix}
     raise LLMError("only SentencePiece and byte-level BPE tokenizers can be written to GGUF, not this "
                    f"{model.get('type')} tokenizer")
