@@ -183,6 +183,9 @@ def export_model(path: str | Path | None, out: str | Path, format: str = "hf", t
     model, tokenizer, settings = load_model(path)
     if settings.get("task") == "classify":
         raise LLMError(f"{path or default_model_path()} is a classifier; export writes language models")
+    template = (settings.get("generation") or {}).get("chat_template")
+    if isinstance(template, str):  # the template it was fine-tuned with (config.yaml) over its tokenizer's own
+        tokenizer.chat_template = template
     if format == "gguf":
         return gguf.write_gguf(merge_lora(model), tokenizer, out, type or "f16")
     return hf.write_hf(merge_lora(model), tokenizer, out)

@@ -164,6 +164,8 @@ def load_gguf(path: Path, device: str = "cpu", quantize: str | None = None):
     del reader  # (its fields, as Python objects, weigh tens of MB for a large vocabulary: gone before the weights)
     shapes = {name: tensor_shape(t) for name, t in tensors.items()}
     arch = architecture_of(metadata, path)
+    if _copied_output(tensors):  # a gpt2 file's output.weight that repeats the embedding: tied again
+        del tensors["output.weight"], shapes["output.weight"]
     settings = model_settings(metadata, shapes, path, rope_factors(gguf, tensors))
     try:
         config = ModelConfig(**settings)
@@ -221,6 +223,16 @@ def load_gguf(path: Path, device: str = "cpu", quantize: str | None = None):
         model = materialize(model, read, quantize, read_groups)
     about = {"format": "gguf", "family": arch, "architecture": arch, "model": settings}
     return model.to(device), tokenizer, about
+
+
+def _copied_output(tensors: dict) -> bool:
+    """Whether output.weight holds the very bytes of token_embd.weight (llama.cpp's converter and our export write
+    such a copy for tied GPT-2 models)."""
+    import numpy as np
+
+    out, embedding = tensors.get("output.weight"), tensors.get("token_embd.weight")
+    return (out is not None and embedding is not None and out.tensor_type == embedding.tensor_type
+            and out.data.shape == embedding.data.shape and np.array_equal(out.data, embedding.data))
 
 
 def read_rows(file, tensor, rows: slice | None = None):
@@ -346,6 +358,8 @@ def gguf_info(path: Path) -> dict:
     reader = open_gguf(path)
     metadata = read_metadata(reader, path)
     shapes = {t.name: tensor_shape(t) for t in reader.tensors}
+    if _copied_output({t.name: t for t in reader.tensors}):
+        del shapes["output.weight"]
     try:
         config = ModelConfig(**model_settings(metadata, shapes, path,
                                               rope_factors(_gguf(), {t.name: t for t in reader.tensors})))

@@ -204,31 +204,34 @@ def sentencepiece_types(proto: bytes) -> list[int]:
     pieces; in each, field 3 the type, numbered as GGUF's token types, NORMAL when absent). The Python API tells
     control, unknown, unused and byte pieces apart but not user-defined ones (our <|endoftext|>), which GGUF
     readers must match whole."""
+    return [next((v for f, v in proto_fields(piece) if f == 3), NORMAL)
+            for f, piece in proto_fields(proto) if f == 1]
 
-    def varint(data, i):
-        value = shift = 0
-        while True:
-            byte = data[i]
-            value, shift, i = value | (byte & 0x7F) << shift, shift + 7, i + 1
-            if byte < 0x80:
-                return value, i
 
-    def fields(data):  # (field number, value or bytes) of one message
-        i = 0
-        while i < len(data):
-            key, i = varint(data, i)
-            kind = key & 7
-            if kind == 0:
-                value, i = varint(data, i)
-            elif kind == 2:
-                size, i = varint(data, i)
-                value, i = data[i:i + size], i + size
-            else:  # 1: 64-bit, 5: 32-bit
-                size = 8 if kind == 1 else 4
-                value, i = data[i:i + size], i + size
-            yield key >> 3, value
+def _varint(data: bytes, i: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = data[i]
+        value, shift, i = value | (byte & 0x7F) << shift, shift + 7, i + 1
+        if byte < 0x80:
+            return value, i
 
-    return [next((v for f, v in fields(piece) if f == 3), NORMAL) for f, piece in fields(proto) if f == 1]
+
+def proto_fields(data: bytes):
+    """(field number, value or bytes) of one serialized protobuf message, in order."""
+    i = 0
+    while i < len(data):
+        key, i = _varint(data, i)
+        kind = key & 7
+        if kind == 0:
+            value, i = _varint(data, i)
+        elif kind == 2:
+            size, i = _varint(data, i)
+            value, i = data[i:i + size], i + size
+        else:  # 1: 64-bit, 5: 32-bit
+            size = 8 if kind == 1 else 4
+            value, i = data[i:i + size], i + size
+        yield key >> 3, value
 
 
 def _pre_tokenizer_name(spec: dict) -> str:

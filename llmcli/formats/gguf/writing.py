@@ -93,8 +93,11 @@ def write_gguf(model, tokenizer, out: Path, type: str = "f16") -> Path:
                 getattr(writer, {"padding_token_id": "add_pad_token_id"}.get(key, f"add_{key}"))(tokens[key])
         if "chat_template" in tokens:
             writer.add_chat_template(tokens["chat_template"])
+        state = model.state_dict()
+        if arch == "gpt2" and c.tie_embeddings:  # llama.cpp's gpt2 loader needs output.weight: a copy, as its converter
+            state["lm_head.weight"] = state["token_embedding.weight"]
         with torch.no_grad():
-            for name, tensor in model.state_dict().items():
+            for name, tensor in state.items():
                 rows = part_rows(arch, c, name) or [tensor.size(0)]
                 for gguf_name, part in zip(gguf_parts(arch, name), tensor.float().split(rows)):
                     w = np.ascontiguousarray(part.numpy())
