@@ -341,10 +341,12 @@ class TextStream:
 
 def encode_prompt(tokenizer: Tokenizer, prompt: str, context: int, truncate: bool, log=None,
                   add_start: bool = True) -> list[int]:
-    """The prompt's ids after the tokenizer's start-of-text token (unless add_start is False: a chat template
-    writes its own), fitted into the context. Raises LLMError when it does not fit and truncate is False."""
-    start = [tokenizer.start_of_text] if add_start and tokenizer.start_of_text is not None else []
-    ids = start + tokenizer.encode(prompt)
+    """The prompt's ids after the tokenizer's start-of-text token (unless add_start is False, or the prompt starts
+    with it: a chat template writes its own), fitted into the context. Raises LLMError when it does not fit and
+    truncate is False."""
+    ids = tokenizer.encode(prompt)
+    start = tokenizer.start_of_text
+    ids = ([start] if add_start and start is not None and ids[:1] != [start] else []) + ids
     if not ids:
         raise LLMError("the prompt is empty and the tokenizer has no token to start a text from (<|endoftext|> or <s>)")
     if len(ids) >= context:

@@ -69,8 +69,10 @@ class ChatTemplate:
             raise LLMError(f"{self.origin} failed: {type(e).__name__}: {_one_line(e)}") from None
 
     def prompt(self, messages: list[dict]) -> str:
-        """The text generation continues: the conversation and the start of the assistant's reply."""
-        return self._unstarted(self.render(messages, add_generation_prompt=True))
+        """The text generation continues: the conversation and the start of the assistant's reply, with the start
+        token the template writes (encoded whole, as transformers' apply_chat_template does: what follows a special
+        token may be tokenized apart from what starts a text)."""
+        return self.render(messages, add_generation_prompt=True)
 
     def conversation(self, messages: list[dict]) -> str:
         """The whole conversation as a training text (without the start token, which fine-tuning adds itself)."""

@@ -217,6 +217,54 @@ class HFTokenizer:
         _save_specials(self, directory)
 
 
+def merges_from_scores(tokens: list[str], scores: list[float]) -> list[tuple[str, str]]:
+    """BPE merges implied by a SentencePiece vocabulary: every split of a token into two tokens, best score first
+    (transformers' generate_merges, so that our merges, and so our tokens, equal its)."""
+    vocab = {token: i for i, token in enumerate(tokens)}
+    merges = []
+    for token, score in dict(zip(tokens, scores)).items():
+        local = [(token[:k], token[k:], score) for k in range(1, len(token))
+                 if token[:k] in vocab and token[k:] in vocab]
+        merges += sorted(local, key=lambda m: (vocab[m[0]], vocab[m[1]]))
+    merges.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)
+    return [(left, right) for left, right, _ in merges]
+
+
+def llama_tokenizer(directory: Path) -> "HFTokenizer":
+    """The tokenizer transformers' LlamaTokenizer builds from a folder's tokenizer.model alone: BPE over the
+    SentencePiece pieces (merges from their scores), byte fallback, "▁" put before the text by a Metaspace
+    pre-tokenizer (only at its very start unless tokenizer_config.json says legacy: true; never with
+    add_prefix_space: false), the control pieces and added tokens matched whole in text."""
+    import json
+
+    tokenizers = _import_tokenizers(directory)
+    from tokenizers import AddedToken, decoders, pre_tokenizers
+
+    sp = spm.SentencePieceProcessor()
+    sp.Load(str(directory / TOKENIZER_FILE))
+    settings = json.loads((directory / "tokenizer_config.json").read_text(encoding="utf-8"))
+    pieces = [sp.IdToPiece(i) for i in range(sp.GetPieceSize())]
+    scores = [sp.GetScore(i) for i in range(len(pieces))]
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE(
+        vocab={p: i for i, p in enumerate(pieces)}, merges=merges_from_scores(pieces, scores), fuse_unk=True,
+        byte_fallback=True, dropout=None, unk_token=sp.IdToPiece(sp.unk_id()) if sp.unk_id() >= 0 else None))
+    prefix = settings.get("add_prefix_space", True) is not False
+    scheme = ("always" if settings.get("legacy") else "first") if prefix else "never"
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement=SPACE_MARK, prepend_scheme=scheme, split=False)
+    steps = [decoders.Replace(SPACE_MARK, " "), decoders.ByteFallback(), decoders.Fuse()]
+    tok.decoder = decoders.Sequence(steps + ([decoders.Strip(content=" ", left=1)] if prefix else []))
+    special = [p for i, p in enumerate(pieces) if sp.IsControl(i) or sp.IsUnknown(i)]
+    tok.add_special_tokens([AddedToken(p, normalized=False, special=True) for p in special])
+    added = read_special_tokens(directory, tok.token_to_id).get("added", {})
+    for i, (text, is_special) in sorted(added.items()):
+        if i >= len(pieces):
+            tok.add_tokens([AddedToken(text, normalized=False, special=is_special)])
+    specials = read_special_tokens(directory, tok.token_to_id)
+    return HFTokenizer(tok, [directory / TOKENIZER_FILE], specials.get("bos", sp.bos_id() if sp.bos_id() >= 0 else None),
+                       specials.get("eos") or ([sp.eos_id()] if sp.eos_id() >= 0 else []), specials.get("pad"),
+                       specials.get("chat_template"), specials.get("add_bos", True))
+
+
 def _post_processor_start(tok) -> int | None:
     """The id a `tokenizers` post-processor puts before a text (a TemplateProcessing "<s> $A"), or None."""
     bare = tok.encode("a", add_special_tokens=False).ids
@@ -342,11 +390,23 @@ def load_tokenizer(path: str | Path):
         if (path / "tokenizer.json").is_file():
             return HFTokenizer.from_folder(path)
         if (path / TOKENIZER_FILE).is_file():
+            if _transformers_class(path) in ("LlamaTokenizer", "LlamaTokenizerFast"):
+                return llama_tokenizer(path)  # (as transformers builds it; ours stay SentencePiece's own)
             return Tokenizer(path / TOKENIZER_FILE, specials_from=path)
         if (path / "vocab.json").is_file():
             return HFTokenizer.from_folder(path)
         raise LLMError(f"no tokenizer in {path}: expected {TOKENIZER_FILE}, tokenizer.json or vocab.json + merges.txt")
     return Tokenizer(path)
+
+
+def _transformers_class(directory: Path) -> str | None:
+    """tokenizer_config.json's tokenizer_class, or None."""
+    import json
+
+    try:
+        return json.loads((directory / "tokenizer_config.json").read_text(encoding="utf-8")).get("tokenizer_class")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def resolve_tokenizer_path(path: str | Path) -> Path:

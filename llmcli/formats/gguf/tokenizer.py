@@ -4,6 +4,7 @@
 from pathlib import Path
 
 from llmcli.errors import LLMError
+from llmcli.text.tokenizer import merges_from_scores
 
 
 # tokenizer.ggml.pre names the regexes that split text before byte-level BPE, applied one after another, each
@@ -50,19 +51,6 @@ def byte_spelling() -> dict[int, str]:
             spelling[b] = chr(256 + extra)
             extra += 1
     return spelling
-
-
-def merges_from_scores(tokens: list[str], scores: list[float]) -> list[tuple[str, str]]:
-    """BPE merges implied by a SentencePiece vocabulary: every split of a token into two tokens, best score first
-    (transformers' generate_merges, so that our merges, and so our tokens, equal its)."""
-    vocab = {token: i for i, token in enumerate(tokens)}
-    merges = []
-    for token, score in dict(zip(tokens, scores)).items():
-        local = [(token[:k], token[k:], score) for k in range(1, len(token))
-                 if token[:k] in vocab and token[k:] in vocab]
-        merges += sorted(local, key=lambda m: (vocab[m[0]], vocab[m[1]]))
-    merges.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)
-    return [(left, right) for left, right, _ in merges]
 
 
 def build_tokenizer(metadata: dict, path: Path):
