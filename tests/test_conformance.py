@@ -157,3 +157,25 @@ def test_a_chat_of_three_turns_gets_apply_chat_templates_ids(folder):
     expected = theirs.apply_chat_template(CHAT, tokenize=True, add_generation_prompt=True)
     expected = expected["input_ids"] if isinstance(expected, dict) or hasattr(expected, "keys") else expected
     assert our_ids(ours, template.prompt(CHAT)) == list(expected)
+
+
+@pytest.mark.skipif(not llama_cpp, reason="llama.cpp's tokens need the xllamacpp wheel (pip install 'llmcli[test]')")
+def test_each_family_written_to_gguf_gets_llama_cpps_ids(folder, tmp_path):
+    """The family's tokenizer on a tiny model of ours, written to GGUF (its tokenizer.ggml.pre named as llama.cpp's
+    converter names it), read back: the ids of llama.cpp itself, start token, special-token text and all."""
+    import torch
+
+    from llmcli.config import ModelConfig
+    from llmcli.formats import load_model_tokenizer
+    from llmcli.formats.gguf import write_gguf
+    from llmcli.model.transformer import Transformer
+
+    tokenizer = load_tokenizer(folder)
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=tokenizer.vocab_size, context=64, n_layer=1, n_head=2, n_embd=16,
+                                    norm="rmsnorm", positions="rope", mlp="swiglu", bias=False))
+    path = write_gguf(model, tokenizer, tmp_path / "tiny.gguf", "f32")
+    ours = load_model_tokenizer(path)
+    texts = HARD[:-1] + [f"before{tokenizer.token(i)} after" for i in sorted(tokenizer.special_ids)[:3]]
+    for text, expected in zip(texts, llama_cpp_tokens(path, texts)):
+        assert our_ids(ours, text) == expected, text

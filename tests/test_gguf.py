@@ -19,7 +19,7 @@ transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
 from conftest import ROOT, run_cli  # noqa: E402
-from llamacpp import llama_cpp, llama_cpp_tokens  # noqa: E402
+from llamacpp import llama_cpp, llama_cpp_greedy, llama_cpp_tokens  # noqa: E402
 
 from llmcli.config import ModelConfig  # noqa: E402
 from llmcli.formats import export_model, load_model  # noqa: E402
@@ -470,3 +470,20 @@ def test_the_reader_override_reads_every_field_as_the_pinned_gguf_does(tmp_path,
         for key, field in plain.fields.items():
             assert ours[key] == field.contents(), key
         assert [t.name for t in open_gguf(path).tensors] == [t.name for t in plain.tensors]
+
+
+@pytest.mark.skipif(not llama_cpp, reason="llama.cpp's text needs the xllamacpp wheel (pip install 'llmcli[test]')")
+def test_our_export_runs_in_llama_cpp_with_our_tokens_and_greedy_text(tmp_path):
+    """The shipped model (GPT-2's parts, tied: output.weight written as llama.cpp's loader wants) exported to GGUF:
+    llama.cpp reads the same prompt tokens (its <|endoftext|> start, stated in the file) and continues greedily with
+    the text `llm generate --temperature 0` gives."""
+    path = tmp_path / "t.gguf"
+    assert run_cli("export", ROOT / "checkpoints" / "tinystories", "--format", "gguf", "--type", "f32",
+                   "-o", path).returncode == 0
+    result = run_cli("generate", "Once upon a time", "-m", path, "--temperature", "0", "--max-new-tokens", "24",
+                     "--json")
+    assert result.returncode == 0, result.stderr
+    ours = json.loads(result.stdout)
+    theirs = llama_cpp_greedy(path, "Once upon a time", 24)
+    assert (ours["prompt_tokens"], ours["text"]) == (theirs["prompt_tokens"], theirs["text"])
+    assert gguf.GGUFReader(path).fields["tokenizer.ggml.add_bos_token"].contents() is True

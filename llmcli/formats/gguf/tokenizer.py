@@ -57,7 +57,7 @@ def build_tokenizer(metadata: dict, path: Path):
     """A tokenizers.Tokenizer from tokenizer.ggml.* metadata, built as transformers' GGUF converters build theirs:
     "gpt2" is byte-level BPE (tokens + merges; tokenizer.ggml.pre picks the split regex), "llama" is SentencePiece
     style BPE (tokens + scores, merges derived from the scores, byte fallback, "▁" for spaces). Tokens of type
-    CONTROL and those named beginning, end, unknown or padding become special tokens, USER_DEFINED ones added
+    CONTROL or UNKNOWN and those named beginning, end, unknown or padding become special tokens, USER_DEFINED ones added
     tokens, all matched whole in text."""
     import numpy as np
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers
@@ -68,7 +68,7 @@ def build_tokenizer(metadata: dict, path: Path):
     if not isinstance(tokens, list) or not tokens:
         raise LLMError(f"{path}: the GGUF metadata has no tokenizer (tokenizer.ggml.tokens)")
     types = np.asarray(metadata.get("tokenizer.ggml.token_type") or [NORMAL] * len(tokens))[:len(tokens)]
-    control = [tokens[i] for i in np.flatnonzero(types == CONTROL)]
+    control = [tokens[i] for i in np.flatnonzero((types == CONTROL) | (types == UNKNOWN))]  # (llama.cpp matches both)
     merges = [tuple(m.split(" ", 1)) for m in metadata.get("tokenizer.ggml.merges") or []]
     try:
         if kind == "gpt2":
