@@ -179,3 +179,46 @@ def test_each_family_written_to_gguf_gets_llama_cpps_ids(folder, tmp_path):
     texts = HARD[:-1] + [f"before{tokenizer.token(i)} after" for i in sorted(tokenizer.special_ids)[:3]]
     for text, expected in zip(texts, llama_cpp_tokens(path, texts)):
         assert our_ids(ours, text) == expected, text
+
+
+def one_line_error(*args) -> str:
+    from conftest import run_cli
+
+    result = run_cli(*args)
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    return result.stderr
+
+
+def test_bad_tokenizers_are_refused_in_one_line(tmp_path):
+    """A chat template that writes a token the vocabulary lacks, a tokenizer.json larger than the embedding, a GGUF
+    pre-tokenizer llmcli does not implement: one line each, exit non-zero, never another split silently."""
+    import torch
+
+    from llmcli.formats import export_model
+
+    folder = family_folder(tmp_path / "gpt2", "gpt2")
+    size = load_tokenizer(folder).vocab_size
+    torch.manual_seed(0)
+    transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=size, n_embd=16, n_layer=1, n_head=2,
+                                                         n_positions=64)).save_pretrained(folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps(config | {"chat_template": CHATML}))
+    assert "writes <|im_start|>, which is not a token" in one_line_error("generate", "--chat", "hi", "-m", folder)
+
+    small = family_folder(tmp_path / "small", "gpt2")
+    transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=size - 10, n_embd=16, n_layer=1, n_head=2,
+                                                         n_positions=64)).save_pretrained(small)
+    assert f"the tokenizer has {size} tokens but the model's embedding only {size - 10}" in one_line_error(
+        "generate", "hi", "-m", small)
+
+    smol = family_folder(tmp_path / "smol", "smollm2")
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=load_tokenizer(smol).vocab_size, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=2, max_position_embeddings=64)).save_pretrained(smol)
+    path = export_model(smol, tmp_path / "smol.gguf", "gguf", "f32")
+    data = path.read_bytes()
+    assert data.count(b"smollm") == 1  # tokenizer.ggml.pre, the same length as tekken's name
+    (tmp_path / "tekken.gguf").write_bytes(data.replace(b"smollm", b"tekken"))
+    assert "tokenizer.ggml.pre 'tekken' is a pre-tokenizer llmcli does not implement" in one_line_error(
+        "generate", "hi", "-m", tmp_path / "tekken.gguf")
