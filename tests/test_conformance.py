@@ -176,9 +176,31 @@ def test_each_family_written_to_gguf_gets_llama_cpps_ids(folder, tmp_path):
                                     norm="rmsnorm", positions="rope", mlp="swiglu", bias=False))
     path = write_gguf(model, tokenizer, tmp_path / "tiny.gguf", "f32")
     ours = load_model_tokenizer(path)
+    assert (ours.add_bos, ours.start_of_text) == (tokenizer.add_bos, tokenizer.start_of_text)  # kept
     texts = HARD[:-1] + [f"before{tokenizer.token(i)} after" for i in sorted(tokenizer.special_ids)[:3]]
     for text, expected in zip(texts, llama_cpp_tokens(path, texts)):
         assert our_ids(ours, text) == expected, text
+
+
+def test_each_family_exported_as_a_folder_reads_in_transformers_as_in_llm(folder, tmp_path):
+    """The family's tokenizer on a tiny model of ours, written as a Hugging Face folder: AutoTokenizer builds the
+    tokenizer llm reads back (tokenizer.json, tokenizer_class), start token and chat template kept."""
+    import torch
+
+    from llmcli.config import ModelConfig
+    from llmcli.formats.hf import write_hf
+    from llmcli.model.transformer import Transformer
+
+    tokenizer = load_tokenizer(folder)
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=tokenizer.vocab_size, context=64, n_layer=1, n_head=2, n_embd=16,
+                                    norm="rmsnorm", positions="rope", mlp="swiglu", bias=False))
+    out = write_hf(model, tokenizer, tmp_path / "hf")
+    ours, theirs = load_tokenizer(out), transformers.AutoTokenizer.from_pretrained(out)
+    assert (ours.add_bos, ours.start_of_text, ours.chat_template) == (tokenizer.add_bos, tokenizer.start_of_text,
+                                                                      tokenizer.chat_template)
+    for text in HARD:
+        assert our_ids(ours, text) == theirs(text)["input_ids"] == our_ids(tokenizer, text), text
 
 
 def one_line_error(*args) -> str:

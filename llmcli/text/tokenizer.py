@@ -485,25 +485,30 @@ def train_tokenizer(
     except (RuntimeError, LLMError) as e:
         if made_dir:
             shutil.rmtree(out_dir, ignore_errors=True)
-        if isinstance(e, LLMError):
-            raise
-        if seen.error is not None:
-            raise seen.error from None
-        if not seen.text:
-            raise LLMError("the corpus has no text to train a tokenizer on (it is empty or blank)") from None
-        message = str(e).strip().splitlines()[-1].rsplit("] ", 1)[-1]  # drop SentencePiece's source location
-        needed = re.search(r"Vocabulary size is smaller than required_chars\. \d+ vs (\d+)", message)
-        if needed:
-            raise LLMError(f"--vocab-size {vocab_size} is too small for this corpus: it needs at least "
-                           f"{needed.group(1)} (a token for each of its characters, besides the 256 bytes and the "
-                           "special tokens)") from None
-        if "Vocabulary size" in message:
-            message += " Use a smaller --vocab-size or a larger corpus."
-        raise LLMError(f"tokenizer training failed: {message}") from None
+        _raise_training_failure(e, seen, vocab_size)
     atomic_write(out_dir / TOKENIZER_FILE, model.getvalue())
     tokenizer = Tokenizer(out_dir / TOKENIZER_FILE)
     _save_specials(tokenizer, out_dir)  # texts start with <|endoftext|>, said in special_tokens.json
     return tokenizer
+
+
+def _raise_training_failure(e: Exception, seen, vocab_size: int):
+    """The LLMError for SentencePiece's failure to train (its message without its source location)."""
+    if isinstance(e, LLMError):
+        raise e
+    if seen.error is not None:
+        raise seen.error from None
+    if not seen.text:
+        raise LLMError("the corpus has no text to train a tokenizer on (it is empty or blank)") from None
+    message = str(e).strip().splitlines()[-1].rsplit("] ", 1)[-1]  # drop SentencePiece's source location
+    needed = re.search(r"Vocabulary size is smaller than required_chars\. \d+ vs (\d+)", message)
+    if needed:
+        raise LLMError(f"--vocab-size {vocab_size} is too small for this corpus: it needs at least "
+                       f"{needed.group(1)} (a token for each of its characters, besides the 256 bytes and the "
+                       "special tokens)") from None
+    if "Vocabulary size" in message:
+        message += " Use a smaller --vocab-size or a larger corpus."
+    raise LLMError(f"tokenizer training failed: {message}") from None
 
 
 def training_pieces(text: str, max_bytes: int = MAX_SENTENCE_BYTES) -> Iterator[str]:

@@ -43,8 +43,32 @@ def _gguf():
 def open_gguf(path: Path):
     """A gguf.GGUFReader on path (memory-mapped: tensors are read when touched). Raises LLMError for a file that is
     not GGUF, is truncated, or holds a tensor type ggml does not know."""
-    from struct import Struct
     from struct import error as StructError
+
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        raise LLMError(f"cannot read {path}: {e.strerror or e}") from None
+    if magic != b"GGUF":
+        raise LLMError(f"{path} is not a GGUF file: it does not start with the bytes GGUF")
+    try:
+        return _reader_class()(path)
+    except ValueError as e:
+        if "GGMLQuantizationType" in str(e):
+            import re
+
+            number = re.search(r"(\d+)\)? is not a valid", str(e))  # "np.uint32(99) is not a valid ..."
+            raise LLMError(f"{path}: unknown tensor type {number.group(1) if number else '?'} (not a ggml type this "
+                           "gguf library knows)") from None
+        raise LLMError(f"{path} is truncated or corrupt: {e}") from None
+    except (IndexError, KeyError, OverflowError, UnicodeDecodeError, OSError, StructError) as e:
+        raise LLMError(f"{path} is truncated or corrupt: {e}") from None
+
+
+def _reader_class():
+    """gguf.GGUFReader made faster on large vocabularies (it overrides private methods: pyproject.toml pins gguf)."""
+    from struct import Struct
 
     import numpy as np
 
@@ -109,25 +133,7 @@ def open_gguf(path: Path):
                 return [str(self._bytes[a + 8:b], "utf-8") for a, b in zip(starts, [*starts[1:], offs])], offs
             return text.tobytes().decode("utf-8").split("\x00")[1:], offs
 
-    try:
-        with open(path, "rb") as f:
-            magic = f.read(4)
-    except OSError as e:
-        raise LLMError(f"cannot read {path}: {e.strerror or e}") from None
-    if magic != b"GGUF":
-        raise LLMError(f"{path} is not a GGUF file: it does not start with the bytes GGUF")
-    try:
-        return Reader(path)
-    except ValueError as e:
-        if "GGMLQuantizationType" in str(e):
-            import re
-
-            number = re.search(r"(\d+)\)? is not a valid", str(e))  # "np.uint32(99) is not a valid ..."
-            raise LLMError(f"{path}: unknown tensor type {number.group(1) if number else '?'} (not a ggml type this "
-                           "gguf library knows)") from None
-        raise LLMError(f"{path} is truncated or corrupt: {e}") from None
-    except (IndexError, KeyError, OverflowError, UnicodeDecodeError, OSError, StructError) as e:
-        raise LLMError(f"{path} is truncated or corrupt: {e}") from None
+    return Reader
 
 
 def read_metadata(reader, path: Path) -> dict:

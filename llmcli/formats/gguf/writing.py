@@ -26,6 +26,37 @@ def _encode(gguf, w, type: str):
     return w.astype(np.float16), Q.F16
 
 
+def _pad_vocabulary(tokens: dict, vocab_size: int):
+    """Unused tokens up to the embedding's size (GGUF readers take the vocabulary's size from the tokenizer)."""
+    extra = vocab_size - len(tokens["tokens"])
+    if extra < 0:
+        raise LLMError(f"the tokenizer has {len(tokens['tokens'])} tokens but the model only {vocab_size}")
+    tokens["tokens"] += [f"[PAD{i}]" for i in range(len(tokens["tokens"]), vocab_size)]
+    tokens["token_type"] += [UNUSED] * extra
+    if "scores" in tokens:
+        tokens["scores"] += [-1e9] * extra
+
+
+def _add_tokenizer(writer, tokens: dict):
+    """The tokenizer.ggml.* keys (tokenizer_metadata's) and the chat template."""
+    writer.add_tokenizer_model(tokens["model"])
+    writer.add_tokenizer_pre(tokens.get("pre", "default"))
+    writer.add_token_list(tokens["tokens"])
+    writer.add_token_types(tokens["token_type"])
+    if "scores" in tokens:
+        writer.add_token_scores(tokens["scores"])
+    if tokens.get("merges"):
+        writer.add_token_merges(tokens["merges"])
+    if "add_space_prefix" in tokens:
+        writer.add_add_space_prefix(tokens["add_space_prefix"])
+    writer.add_add_bos_token(tokens["add_bos_token"])
+    for key in ("bos_token_id", "eos_token_id", "eot_token_id", "padding_token_id"):
+        if key in tokens:
+            getattr(writer, {"padding_token_id": "add_pad_token_id"}.get(key, f"add_{key}"))(tokens[key])
+    if "chat_template" in tokens:
+        writer.add_chat_template(tokens["chat_template"])
+
+
 def write_gguf(model, tokenizer, out: Path, type: str = "f16") -> Path:
     """Write a language model as one .gguf file that llama.cpp and transformers open: our default parts as GGUF's
     gpt2, Llama's parts as llama (qwen2 with q/k/v biases only), matrices in `type` (WRITE_TYPES), the tokenizer and
@@ -45,14 +76,7 @@ def write_gguf(model, tokenizer, out: Path, type: str = "f16") -> Path:
     c = model.config
     arch = export_family(c)
     tokens = tokenizer_metadata(tokenizer)
-    if len(tokens["tokens"]) != c.vocab_size:  # GGUF readers take the vocabulary's size from the tokenizer
-        extra = c.vocab_size - len(tokens["tokens"])
-        if extra < 0:
-            raise LLMError(f"the tokenizer has {len(tokens['tokens'])} tokens but the model only {c.vocab_size}")
-        tokens["tokens"] += [f"[PAD{i}]" for i in range(len(tokens["tokens"]), c.vocab_size)]
-        tokens["token_type"] += [UNUSED] * extra
-        if "scores" in tokens:
-            tokens["scores"] += [-1e9] * extra
+    _pad_vocabulary(tokens, c.vocab_size)
 
     def write(tmp: Path):
         writer = gguf.GGUFWriter(tmp, arch)
@@ -77,22 +101,7 @@ def write_gguf(model, tokenizer, out: Path, type: str = "f16") -> Path:
                 writer.add_rope_scaling_factor(c.rope_scaling)
         file_types = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0"}
         writer.add_file_type(gguf.LlamaFileType[file_types[type]])
-        writer.add_tokenizer_model(tokens["model"])
-        writer.add_tokenizer_pre(tokens.get("pre", "default"))
-        writer.add_token_list(tokens["tokens"])
-        writer.add_token_types(tokens["token_type"])
-        if "scores" in tokens:
-            writer.add_token_scores(tokens["scores"])
-        if tokens.get("merges"):
-            writer.add_token_merges(tokens["merges"])
-        if "add_space_prefix" in tokens:
-            writer.add_add_space_prefix(tokens["add_space_prefix"])
-        writer.add_add_bos_token(tokens["add_bos_token"])
-        for key in ("bos_token_id", "eos_token_id", "eot_token_id", "padding_token_id"):
-            if key in tokens:
-                getattr(writer, {"padding_token_id": "add_pad_token_id"}.get(key, f"add_{key}"))(tokens[key])
-        if "chat_template" in tokens:
-            writer.add_chat_template(tokens["chat_template"])
+        _add_tokenizer(writer, tokens)
         state = model.state_dict()
         if arch == "gpt2" and c.tie_embeddings:  # llama.cpp's gpt2 loader needs output.weight: a copy, as its converter
             state["lm_head.weight"] = state["token_embedding.weight"]
