@@ -201,10 +201,13 @@ def test_replies_end_where_the_template_ends_a_turn():
     assert ChatTemplate(CHATML).stops() == ("<|im_end|>", "<|im_start|>user")
     assert ChatTemplate(LLAMA3, "<|begin_of_text|>", "<|eot_id|>").stops()[0] == "<|eot_id|>"
     assert ChatTemplate(MISTRAL, "<s>", "</s>").stops() == ("</s>", "[INST]")
-    # a template's {{ bos_token }} is the start token generation adds itself: the prompt does not repeat it
+    # a template's {{ bos_token }} stays in the prompt (encoded whole, as apply_chat_template does; generation then
+    # adds no second one), and leaves the training text, to which fine-tuning adds the start token itself
     llama = ChatTemplate(LLAMA3, "<|begin_of_text|>", "<|eot_id|>", start_added="<|begin_of_text|>")
+    turn = "<|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|>"
     assert llama.prompt([{"role": "user", "content": "hi"}]) == (
-        "<|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
+        "<|begin_of_text|>" + turn + "<|start_header_id|>assistant<|end_header_id|>\n\n")
+    assert llama.conversation([{"role": "user", "content": "hi"}]) == turn
 
 
 def test_help_does_not_import_jinja():
