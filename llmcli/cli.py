@@ -583,7 +583,7 @@ def chat(
     The reply streams as it is produced. /help lists the commands: /reset forgets the conversation, /system TEXT
     sets the system message, /exit or Ctrl-D leaves; Ctrl-C stops a reply."""
     from llmcli.formats import default_model_path, load_model
-    from llmcli.infer.chat import Chat
+    from llmcli.infer.chat import Chat, repl
     from llmcli.infer.generate import sampling_settings
     from llmcli.progress import log
     from llmcli.text.chat_template import find_chat_template
@@ -598,32 +598,7 @@ def chat(
     conversation = Chat(net, tok, cfg, template, system, log)
     if template is None:
         log("this model has no chat template: your messages are continued as plain text")
-    interactive = sys.stdin.isatty()
-    while True:
-        if interactive:
-            sys.stderr.write("> ")
-            sys.stderr.flush()
-        try:
-            line = sys.stdin.readline()
-        except Terminated:
-            raise
-        except KeyboardInterrupt:  # Ctrl-C at the prompt: a fresh line, not an exit
-            sys.stderr.write("\n")
-            continue
-        if not line:  # Ctrl-D / end of input
-            break
-        message = line.rstrip("\r\n")
-        if message.strip() == "/exit":
-            break
-        if message.strip() == "/reset":
-            conversation.reset()
-            log("conversation cleared")
-            continue
-        if not message.strip():
-            continue
-        conversation.reply(message, lambda text: (sys.stdout.write(text), sys.stdout.flush()))
-        sys.stdout.write("\n")
-        sys.stdout.flush()
+    repl(conversation, str(model) if model else f"{default_model_path().name} (the default model)", log)
 
 
 @app.command("eval", epilog=examples("llm eval valid.txt", "llm eval valid.txt tasks.jsonl -m run -m other --json"))
