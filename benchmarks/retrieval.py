@@ -1,6 +1,6 @@
 """Retrieval quality of `llm embed` against a bag-of-words baseline, measured side by side in one run.
 
-    python benchmarks/retrieval.py [--model CKPT] [-n 300] [--data ../shared/data]
+    python benchmarks/retrieval.py [--model CKPT] [-n 300] [--data data]
 
 From TinyStories validation stories (held out from the shipped model's training) two tasks are built: the query is
 a story's first sentence, or one sentence from its middle, and the documents are the stories with that sentence
@@ -71,7 +71,7 @@ def recall(q: np.ndarray, d: np.ndarray, k: int) -> float:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="checkpoint [default: the shipped model]")
-    parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
+    parser.add_argument("--data", type=Path, default=ROOT / "data")
     parser.add_argument("-n", type=int, default=300, help="stories (documents) a task")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()

@@ -1,4 +1,4 @@
-"""Tokenization throughput and memory: MB/s of raw text and peak RSS, on corpora made by repeating shared text.
+"""Tokenization throughput and memory: MB/s of raw text and peak RSS, on corpora made by repeating data/ text.
 
     python benchmarks/tokenize_bench.py [--sizes 50,300] [--workers 2]
 
@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SOURCE = ROOT.parent / "shared" / "data" / "tinystories" / "train.txt"
+SOURCE = ROOT / "data" / "tinystories" / "train.txt"
 TOKENIZER = ROOT / "checkpoints" / "tinystories" / "tokenizer.model"
 
 

@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-CORPUS = ROOT.parent / "shared/data/tinyshakespeare.txt"
+CORPUS = ROOT / "data/tinyshakespeare.txt"
 # name: (layers, heads, width, context, batch, step counts)
 SHAPES = {
     "nanogpt-cpu": (4, 4, 128, 64, 12, (50, 250)),  # nanoGPT README's CPU config (char-level shakespeare)

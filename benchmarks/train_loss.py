@@ -1,6 +1,6 @@
 """Does the default precision train as well as fp32? Validation loss against steps, side by side.
 
-    python benchmarks/train_loss.py [--corpus ../shared/data/tinyshakespeare.txt] [--steps 300] [--seeds 1337,1338]
+    python benchmarks/train_loss.py [--corpus data/tinyshakespeare.txt] [--steps 300] [--seeds 1337,1338]
 
 Runs `llm pretrain` on the same corpus, tokenizer and batches twice per seed: with `--precision fp32` (the old
 default) and with the default (`auto`, bf16-mixed on a CPU with native bfloat16 at this 256-wide shape), and prints
@@ -24,7 +24,7 @@ SHAPE = dict(n_layer=4, n_head=4, n_embd=256, context=128, vocab_size=512)
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--corpus", default=str(ROOT.parent / "shared/data/tinyshakespeare.txt"))
+    parser.add_argument("--corpus", default=str(ROOT / "data/tinyshakespeare.txt"))
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--eval-interval", type=int, default=50)
     parser.add_argument("--seeds", default="1337,1338")

@@ -1,6 +1,6 @@
-"""Make small multiple-choice task files for `llm eval` from ../shared/data (deterministic: a fixed seed).
+"""Make small multiple-choice task files for `llm eval` from the corpora in data/ (deterministic: a fixed seed).
 
-    python examples/make_tasks.py [--data ../shared/data] [--out examples/tasks] [-n 200]
+    python examples/make_tasks.py [--data data] [--out examples/tasks] [-n 200]
 
 next_sentence.jsonl: the opening sentences of a TinyStories validation story; which of four sentences comes next
   (the real one, or a sentence from the middle of another story). Chance 0.25.
@@ -67,7 +67,7 @@ def shakespeare(lines: list[str], docs: list[list[str]], n: int, rng: random.Ran
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
+    parser.add_argument("--data", type=Path, default=ROOT / "data")
     parser.add_argument("--out", type=Path, default=ROOT / "examples" / "tasks")
     parser.add_argument("-n", type=int, default=200, help="examples a task")
     parser.add_argument("--seed", type=int, default=0)

@@ -7,7 +7,10 @@ weighted by the square of its count: many more request/story pairs in which the 
 request line, which is what makes the model follow the topic rather than tell its favourite story. Output is in the
 TinyStories format (documents separated by `<|endoftext|>` lines), on stdout:
 
-    python examples/tinystories_instructions.py ../shared/data/tinystories/train.txt > instruct.txt
+    python examples/tinystories_instructions.py data/tinystories/train.txt > instruct.txt
+
+(the shipped model was made from the whole 6,212-story training pool that data/README.md describes; data/ commits
+its first 662 stories)
 """
 
 import random

@@ -18,9 +18,11 @@ configure()
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 ROOT = Path(__file__).resolve().parent.parent
-SHARED_DATA = ROOT.parent / "shared" / "data"
-SHAKESPEARE = SHARED_DATA / "tinyshakespeare.txt"
-TINYSTORIES_VALID = SHARED_DATA / "tinystories" / "valid.txt"
+# the corpora committed in the repository (data/README.md): the tests read nothing outside it
+DATA = ROOT / "data"
+SHAKESPEARE = DATA / "tinyshakespeare.txt"
+TINYSTORIES_TRAIN = DATA / "tinystories" / "train.txt"
+TINYSTORIES_VALID = DATA / "tinystories" / "valid.txt"
 # token shards are cached by content hash; the tests' cache lives in a temporary directory, not the user's home
 os.environ.setdefault("LLM_CACHE_DIR", tempfile.mkdtemp(prefix="llm-test-cache-"))
 

@@ -16,9 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT, SHARED_DATA, run_cli
-
-TINYSTORIES_TRAIN = SHARED_DATA / "tinystories" / "train.txt"
+from conftest import ROOT, SHAKESPEARE, TINYSTORIES_TRAIN, run_cli
 
 
 def one_line_error(result, *fragments):
@@ -68,8 +66,8 @@ def test_a_kill_during_tokenization_leaves_no_worker_and_no_temporary_folder(sig
     if not Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children").exists():
         pytest.skip("needs /proc/PID/task/TID/children (Linux) to find the tokenizer's workers")
     corpus = tmp_path / "corpus.txt"  # over two chunks of a megabyte: tokenized by a pool of workers
-    with open(TINYSTORIES_TRAIN, "rb") as f:
-        corpus.write_bytes(f.read(3_000_000))
+    text = TINYSTORIES_TRAIN.read_bytes() + SHAKESPEARE.read_bytes()
+    corpus.write_bytes(text * (3_000_000 // len(text) + 1))
     cache = tmp_path / "cache"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "LLM_CACHE_DIR": str(cache)}
     llm = subprocess.Popen([sys.executable, "-m", "llmcli", "pretrain", str(corpus), "-t", ROOT / "checkpoints" /
@@ -129,7 +127,7 @@ def test_stale_temporary_folders_of_dead_processes_are_removed(tmp_path):
 
 def test_the_token_cache_is_reused_by_a_second_run_and_can_be_cleared(tmp_path):
     corpus = tmp_path / "small.txt"
-    corpus.write_text((SHARED_DATA / "tinyshakespeare.txt").read_text(encoding="utf-8")[:60_000], encoding="utf-8")
+    corpus.write_text(SHAKESPEARE.read_text(encoding="utf-8")[:60_000], encoding="utf-8")
     env = {"LLM_CACHE_DIR": str(tmp_path / "cache")}
     for out in ("a", "b"):  # each trains its own tokenizer, records its own paths
         result = run_cli("pretrain", corpus, "--preset", "nano", "--max-steps", "1", "-o", tmp_path / out, env=env)

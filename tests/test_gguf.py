@@ -18,7 +18,7 @@ gguf = pytest.importorskip("gguf")
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
-from conftest import ROOT, run_cli  # noqa: E402
+from conftest import ROOT, SHAKESPEARE, run_cli  # noqa: E402
 
 from llmcli.config import ModelConfig  # noqa: E402
 from llmcli.formats import export_model, load_model  # noqa: E402
@@ -39,7 +39,7 @@ def bpe_tokenizer():
     from tokenizers.implementations import ByteLevelBPETokenizer
 
     tok = ByteLevelBPETokenizer()
-    text = (ROOT.parent / "shared" / "data" / "tinyshakespeare.txt").read_text(encoding="utf-8")[:50_000]
+    text = SHAKESPEARE.read_text(encoding="utf-8")[:50_000]
     tok.train_from_iterator(text.splitlines(), vocab_size=300, special_tokens=["<|endoftext|>"], show_progress=False)
     vocab = tok.get_vocab()
     tokens = sorted(vocab, key=vocab.get)

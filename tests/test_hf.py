@@ -12,7 +12,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
-from conftest import ROOT, run_cli  # noqa: E402
+from conftest import ROOT, SHAKESPEARE, run_cli  # noqa: E402
 
 from llmcli.errors import LLMError  # noqa: E402
 from llmcli.formats import export_model, load_model, model_info  # noqa: E402
@@ -55,7 +55,7 @@ def byte_level_bpe(tmp_path_factory):
     from tokenizers.implementations import ByteLevelBPETokenizer
 
     tok = ByteLevelBPETokenizer()
-    text = (ROOT.parent / "shared" / "data" / "tinyshakespeare.txt").read_text(encoding="utf-8")[:50_000]
+    text = SHAKESPEARE.read_text(encoding="utf-8")[:50_000]
     tok.train_from_iterator(text.splitlines(), vocab_size=300, special_tokens=["<|endoftext|>"], show_progress=False)
     directory = tmp_path_factory.mktemp("bpe")
     tok.save_model(str(directory))  # vocab.json + merges.txt

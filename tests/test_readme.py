@@ -7,7 +7,7 @@ import subprocess
 
 import yaml
 import zygote
-from conftest import ROOT
+from conftest import ROOT, SHAKESPEARE, TINYSTORIES_TRAIN, TINYSTORIES_VALID
 
 README = (ROOT / "README.md").read_text(encoding="utf-8")
 
@@ -34,18 +34,15 @@ def _stories(text: str, chars: int) -> str:
 
 
 def workdir(tmp_path):
-    """An empty directory to run a README section in, with a ../shared/data beside it holding the start of each of
-    the README's files (the commands run as written; the claims they check do not need the whole corpora)."""
+    """An empty directory to run a README section in, as if it were the clone's root: a data/ holding the start of
+    each of the repository's corpora (the commands run as written; the claims they check do not need whole corpora)."""
     work = tmp_path / "work"
-    work.mkdir()
-    data = tmp_path / "shared" / "data"
+    data = work / "data"
     (data / "tinystories").mkdir(parents=True)
-    real = ROOT.parent / "shared" / "data"
-    (data / "tinyshakespeare.txt").write_text((real / "tinyshakespeare.txt").read_text(encoding="utf-8")[:200_000],
-                                              encoding="utf-8")
-    for name, chars in (("train.txt", 100_000), ("valid.txt", 40_000)):
-        text = (real / "tinystories" / name).read_text(encoding="utf-8")
-        (data / "tinystories" / name).write_text(_stories(text, chars), encoding="utf-8")
+    (data / "tinyshakespeare.txt").write_text(SHAKESPEARE.read_text(encoding="utf-8")[:200_000], encoding="utf-8")
+    for real, chars in ((TINYSTORIES_TRAIN, 100_000), (TINYSTORIES_VALID, 40_000)):
+        (data / "tinystories" / real.name).write_text(_stories(real.read_text(encoding="utf-8"), chars),
+                                                      encoding="utf-8")
     return work
 
 
@@ -76,7 +73,7 @@ def test_walkthrough_commands_run(tmp_path):
     assert lines[pieces + 1] == "shakespeare-nano"  # pretrain prints the checkpoint, and nothing else
     assert (work / "shakespeare-nano" / "model.safetensors").is_file()
     scores = json.loads(lines[-1])
-    assert scores["file"] == "../shared/data/tinyshakespeare.txt" and scores["model"] == "shakespeare-nano"
+    assert scores["file"] == "data/tinyshakespeare.txt" and scores["model"] == "shakespeare-nano"
     assert "bits/byte" in out and f"{scores['bits_per_byte']:.4f}" in out  # the table says what --json says
 
 

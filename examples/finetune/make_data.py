@@ -1,4 +1,4 @@
-"""Make the five small fine-tuning data sets of examples/finetune from the text in ../shared/data.
+"""Make the five small fine-tuning data sets of examples/finetune from the corpora committed in data/.
 
     python examples/finetune/make_data.py -o data        # from the repository root; writes data/*_{train,val}.jsonl
 
@@ -42,12 +42,13 @@ def write(out: Path, name: str, records: list[dict], n_val: int):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shared", type=Path, default=Path("../shared/data"), help="the shared data directory")
+    parser.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "data",
+                        help="a folder with tinyshakespeare.txt and tinystories/train.txt (default: the repository's data/)")
     parser.add_argument("-o", "--out", type=Path, default=Path("data"))
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     rng = random.Random(0)
-    tiny = stories(args.shared / "tinystories" / "train.txt")
+    tiny = stories(args.data / "tinystories" / "train.txt")
     rng.shuffle(tiny)
 
     story_records, summary_records, qa_records = [], [], []
@@ -74,7 +75,7 @@ def main():
                     for s in dict.fromkeys(short)]
     write(args.out, "translate", translations[:1200], 100)
 
-    shakespeare = " ".join((args.shared / "tinyshakespeare.txt").read_text(encoding="utf-8").split())
+    shakespeare = " ".join((args.data / "tinyshakespeare.txt").read_text(encoding="utf-8").split())
     flat_tiny = " ".join(tiny)
     passages = []
     for label, text in (("shakespeare", shakespeare), ("tinystories", flat_tiny)):

@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 data=examples/finetune/data
 out=examples/finetune/runs
-python examples/finetune/make_data.py --shared ../shared/data -o $data
+python examples/finetune/make_data.py -o $data
 for ex in ${EX:-qa classify translate stories summaries}; do
   start=$SECONDS
   case $ex in

@@ -18,10 +18,10 @@ step() { local start=$SECONDS; "$@"; echo "[$((SECONDS - start))s] $*" >&2; }
 step llm info "$gguf"
 step llm generate --chat "Tell me a story about a cat" -m "$gguf" --seed 1 --max-new-tokens 120
 # bits per byte on TinyStories' validation text, the real model next to the shipped one (first 50 kB: minutes, not hours)
-head -c 50000 ../shared/data/tinystories/valid.txt > "$work/valid-50k.txt"
+head -c 50000 data/tinystories/valid.txt > "$work/valid-50k.txt"
 step llm eval -m "$gguf" -m checkpoints/tinystories "$work/valid-50k.txt"
 # a LoRA fine-tune on examples/finetune's question answering, scored before (through its chat template) and after
-python examples/finetune/make_data.py --shared ../shared/data -o examples/finetune/data >/dev/null
+python examples/finetune/make_data.py -o examples/finetune/data >/dev/null
 head -n 40 examples/finetune/data/qa_val.jsonl > "$work/qa_val.jsonl"
 step python examples/finetune/score.py -m "$gguf" "$work/qa_val.jsonl" --max-new-tokens 8 --chat
 rm -rf "$work/qa-lora"
