@@ -875,8 +875,7 @@ def main():
     from llmcli.threads import configure
 
     configure(next((arg for arg in sys.argv[1:] if not arg.startswith("-")), None))
-    # NumPy decoding (llmcli/numpy_model.py) multiplies small matrices: BLAS threads only add waiting, 150 ms of it
-    # before the first token when the cores are busy (8-15 ms on one thread). Read when NumPy is first imported.
+    # NumPy decoding multiplies small matrices: more BLAS threads only add waiting (docs/perf.md). Read at NumPy's import
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     signal.signal(signal.SIGTERM, _terminate)
     sys.stdout = _Results(sys.stdout)
