@@ -40,14 +40,17 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-tokenize_app = typer.Typer(help="Train a SentencePiece tokenizer; encode and decode text.", no_args_is_help=True,
-                           rich_markup_mode=None)
-app.add_typer(tokenize_app, name="tokenize")
 
 
 def examples(*commands: str) -> str:
     """The epilog of a command's help: its examples, a line each ("\b": click keeps these lines as they are)."""
     return "\b\nExamples:\n" + "\n".join(f"  {c}" for c in commands)
+
+
+tokenize_app = typer.Typer(help="Train a SentencePiece tokenizer; encode and decode text.", no_args_is_help=True,
+                           rich_markup_mode=None, epilog=examples("llm tokenize train corpus.txt -o tok",
+                                                                  "echo 'Once upon a time' | llm tokenize encode"))
+app.add_typer(tokenize_app, name="tokenize")
 
 
 MODEL_HELP = ("Checkpoint directory (ours or a Hugging Face folder) or a .gguf file [default: the shipped model, "
@@ -165,7 +168,9 @@ def _load_tokenizer(path: Optional[Path]):
     return load_model_tokenizer(path)
 
 
-PRESET = " [default: the preset's]"
+def _from_preset(help: str):
+    """An option of pretrain whose default is the preset's (or the --config file's)."""
+    return typer.Option(help=f"{help} [default: the preset's]", show_default=False)
 
 
 @app.command(epilog=examples(
@@ -180,8 +185,7 @@ def pretrain(
         "--out", "-o", help="Checkpoint directory [default: checkpoints/<corpus>-<preset>]", show_default=False)] = None,
     resume: Annotated[Optional[Path], typer.Option(
         help="Continue this run directory from its latest checkpoint (exactly: same losses as without a stop) "
-        "[default: a new run]",
-        show_default=False)] = None,
+        "[default: a new run]", show_default=False)] = None,
     preset: Annotated[Optional[str], typer.Option(
         help="nano (tests), tiny (~1M), small (~10M) or gpt2 (124M) [default: tiny]", show_default=False)] = None,
     config: Annotated[Optional[Path], typer.Option(
@@ -193,27 +197,23 @@ def pretrain(
     init: Annotated[Optional[Path], typer.Option(
         help="Continue pretraining this checkpoint (ours or a Hugging Face folder): its weights, shape and "
         "tokenizer [default: random weights]", show_default=False)] = None,
-    max_steps: Annotated[Optional[int], typer.Option(help="Training steps" + PRESET, show_default=False)] = None,
-    batch_size: Annotated[Optional[int], typer.Option(
-        help="Sequences per step, over all processes" + PRESET, show_default=False)] = None,
+    max_steps: Annotated[Optional[int], _from_preset("Training steps")] = None,
+    batch_size: Annotated[Optional[int], _from_preset("Sequences per step, over all processes")] = None,
     micro_batch_size: Annotated[Optional[int], typer.Option(
         help="Sequences per forward pass; the rest of the batch is accumulated [default: the whole batch]",
         show_default=False)] = None,
-    lr: Annotated[Optional[float], typer.Option(help="Peak learning rate" + PRESET, show_default=False)] = None,
+    lr: Annotated[Optional[float], _from_preset("Peak learning rate")] = None,
     schedule: Annotated[Optional[str], typer.Option(
         help="After warmup: cosine, linear or wsd (warmup-stable-decay) [default: cosine]", show_default=False)] = None,
-    warmup_steps: Annotated[Optional[int], typer.Option(help="Steps of linear warmup" + PRESET, show_default=False)
-                            ] = None,
+    warmup_steps: Annotated[Optional[int], _from_preset("Steps of linear warmup")] = None,
     precision: Annotated[Optional[str], typer.Option(
         help="fp32, bf16-mixed (bfloat16 autocast) or auto: bf16-mixed where the CPU (or GPU) multiplies bfloat16 "
         "natively and the model is at least 256 wide, else fp32 [default: auto]", show_default=False)] = None,
     compile: Annotated[Optional[bool], typer.Option(
         "--compile/--no-compile", help="torch.compile the model [default: no-compile]", show_default=False)] = None,
-    context: Annotated[Optional[int], typer.Option(help="Tokens per sequence" + PRESET, show_default=False)] = None,
-    vocab_size: Annotated[Optional[int], typer.Option(
-        help="Size of the tokenizer trained on the corpus" + PRESET, show_default=False)] = None,
-    eval_interval: Annotated[Optional[int], typer.Option(help="Steps between validations" + PRESET,
-                                                         show_default=False)] = None,
+    context: Annotated[Optional[int], _from_preset("Tokens per sequence")] = None,
+    vocab_size: Annotated[Optional[int], _from_preset("Size of the tokenizer trained on the corpus")] = None,
+    eval_interval: Annotated[Optional[int], _from_preset("Steps between validations")] = None,
     save_interval: Annotated[Optional[int], typer.Option(
         help="Steps between checkpoints [default: at every validation]", show_default=False)] = None,
     keep_last: Annotated[Optional[int], typer.Option(
@@ -362,7 +362,8 @@ class _TrainByDefault(typer.core.TyperGroup):
 
 finetune_app = typer.Typer(
     cls=_TrainByDefault, rich_markup_mode=None,
-    help="Fine-tune a model on instructions or labelled texts.\n\nThe whole model or LoRA adapters. `llm finetune DATA.jsonl` "
+    help="Fine-tune a model on instructions or labelled texts.\n\nThe whole model or LoRA adapters. "
+    "`llm finetune DATA.jsonl` "
     "is short for `llm finetune train DATA.jsonl`.",
     epilog=examples("llm finetune data.jsonl -o tuned --max-steps 100",
                     "llm finetune data.jsonl --lora-rank 8 -o adapter",
@@ -875,7 +876,7 @@ def main():
     from llmcli.threads import configure
 
     configure(next((arg for arg in sys.argv[1:] if not arg.startswith("-")), None))
-    # NumPy decoding multiplies small matrices: more BLAS threads only add waiting (docs/perf.md). Read at NumPy's import
+    # NumPy decoding multiplies small matrices: more BLAS threads only add waiting (docs/perf.md); read at import
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     signal.signal(signal.SIGTERM, _terminate)
     sys.stdout = _Results(sys.stdout)
