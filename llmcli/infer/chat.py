@@ -95,14 +95,16 @@ def repl(conversation: Chat, name: str, log: Callable[[str], None], stdin=None, 
     `exit` and `quit`, and none of them reaches the model. Ctrl-C at the prompt gives a fresh line; end of input
     leaves."""
     stdin, stdout, stderr = stdin or sys.stdin, stdout or sys.stdout, stderr or sys.stderr
-    interactive = stdin.isatty()
+    interactive = stdin.isatty() and stdin is sys.stdin
+    if interactive:
+        import readline  # noqa: F401 (input() then edits the line and keeps a history, as a shell does)
     log(f"chatting with {name}; /help for commands, /exit or Ctrl-D to leave")
     while True:
         if interactive:
             stderr.write("> ")
             stderr.flush()
         try:
-            line = stdin.readline()
+            line = _read_line(stdin, interactive)
         except Terminated:
             raise
         except KeyboardInterrupt:  # Ctrl-C at the prompt: a fresh line, not an exit
@@ -120,6 +122,16 @@ def repl(conversation: Chat, name: str, log: Callable[[str], None], stdin=None, 
         conversation.reply(message, lambda text: (stdout.write(text), stdout.flush()))
         stdout.write("\n")
         stdout.flush()
+
+
+def _read_line(stdin, interactive: bool) -> str:
+    """The next line with its ending; "" at the end of input."""
+    if not interactive:
+        return stdin.readline()
+    try:
+        return input() + "\n"
+    except EOFError:
+        return ""
 
 
 def _command(conversation: Chat, command: str, log: Callable[[str], None]) -> bool:
