@@ -228,6 +228,29 @@ def test_chat_commands_never_reach_the_model(nano_checkpoint):
         assert chat.returncode == 0 and chat.stdout == alone.stdout, chat.stderr
 
 
+def test_chat_at_a_terminal(nano_checkpoint):
+    """stdin a terminal, as a person has it: the prompt on stderr, lines read through readline, `exit` leaves."""
+    import os
+    import pty
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    controller, terminal = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "llmcli", "chat", "-m", str(nano_checkpoint), "--max-new-tokens",
+                             "5", "--temperature", "0"], stdin=terminal, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    os.close(terminal)
+    os.write(controller, b"ROMEO:\n/help\nexit\n")
+    out, err = proc.communicate(timeout=120)
+    os.close(controller)
+    assert proc.returncode == 0, err
+    assert "chatting with" in err and err.count("> ") >= 3 and "/system TEXT" in err
+    alone = run_cli("generate", "ROMEO:", "-m", nano_checkpoint, "--max-new-tokens", "5", "--temperature", "0")
+    assert out == alone.stdout  # the reply alone on stdout: not the prompt, not the commands
+
+
 def test_the_default_model_chats_in_stories():
     # the shipped model's chat template is how it was trained: a request line, then the story
     request = "Tell me a story about a dog."
