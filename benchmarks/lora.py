@@ -25,7 +25,7 @@ def run_variant(preset: str, rank: int, targets: str, steps: int, batch: int) ->
     from llmcli.config import PRESETS, TrainConfig
     from llmcli.model.lora import add_lora, parse_targets
     from llmcli.model.transformer import ModelConfig, Transformer
-    from llmcli.train.pretrain import World, make_optimizer, train_step
+    from llmcli.train.loop import World, make_optimizer, train_step
 
     world = World(device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(0)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 SOURCE = ROOT / "data" / "tinystories" / "train.txt"
-TOKENIZER = ROOT / "checkpoints" / "tinystories" / "tokenizer.model"
+TOKENIZER = ROOT / "llmcli" / "checkpoints" / "tinystories" / "tokenizer.model"
 
 
 def measure(corpus: str, workers: int) -> dict:

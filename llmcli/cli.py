@@ -6,7 +6,6 @@ Heavy modules (torch and everything that imports it) are imported inside the com
 
 import json
 import os
-import re
 import signal
 import sys
 from pathlib import Path
@@ -14,11 +13,11 @@ from typing import Annotated, Optional
 
 import typer
 
-from llmcli.errors import PEER_STOPPED, LLMError, Terminated
+from llmcli.errors import LLMError, Terminated
 
 # the order `llm --help` lists the commands in: what people use first, first
 COMMAND_ORDER = ("generate", "chat", "serve", "eval", "embed", "search", "classify", "pretrain", "finetune",
-                 "tokenize", "info", "export", "plot", "cache")
+                 "tokenize", "models", "info", "export", "plot", "cache")
 
 
 class _Commands(typer.core.TyperGroup):
@@ -42,6 +41,20 @@ app = typer.Typer(
 )
 
 
+def _print_version(value: bool):
+    if value:
+        from llmcli import __version__
+
+        print(f"llm {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _common(version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                                  help="Print the version and exit")] = False):
+    pass
+
+
 def examples(*commands: str) -> str:
     """The epilog of a command's help: its examples, a line each ("\b": click keeps these lines as they are)."""
     return "\b\nExamples:\n" + "\n".join(f"  {c}" for c in commands)
@@ -53,8 +66,8 @@ tokenize_app = typer.Typer(help="Train a SentencePiece tokenizer; encode and dec
 app.add_typer(tokenize_app, name="tokenize")
 
 
-MODEL_HELP = ("Checkpoint directory (ours or a Hugging Face folder) or a .gguf file [default: the shipped model, "
-              "or $LLM_MODEL]")
+MODEL_HELP = ("Checkpoint directory (ours or a Hugging Face folder), a .gguf file, or a Hub id: ORG/NAME, "
+              "ORG/NAME:FILE.gguf, ORG/NAME:Q4_K_M (llm models) [default: the shipped model, or $LLM_MODEL]")
 ModelOption = Annotated[Optional[Path], typer.Option("--model", "-m", help=MODEL_HELP, show_default=False)]
 TokenizerOption = Annotated[Optional[Path], typer.Option(
     "--tokenizer", "-t", help="Tokenizer: a directory with tokenizer.model (a checkpoint works) or the file itself "
@@ -94,13 +107,16 @@ def _input_lines(source: str):
 
 @tokenize_app.command("train", epilog=examples("llm tokenize train corpus.txt -o tok --vocab-size 1024"))
 def tokenize_train(
-    corpus: Annotated[list[str], typer.Argument(help="Text files ('-' for stdin)")],
+    corpus: Annotated[list[str], typer.Argument(
+        help="Corpus files or directories: text, .jsonl, .csv, .parquet, also .gz or .zst ('-' for stdin)")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Directory to write tokenizer.model to")],
     vocab_size: Annotated[int, typer.Option(help="Number of tokens")] = 2048,
     type: Annotated[str, typer.Option("--type", help="bpe, unigram or char (a token per character)")] = "bpe",
     special: Annotated[Optional[list[str]], typer.Option(
         help="Extra special token, kept whole (repeatable); <|endoftext|> is always one [default: none]",
         show_default=False)] = None,
+    text_field: Annotated[str, typer.Option(help="Field (column) of the records of .jsonl, .csv and .parquet files")]
+    = "text",
 ):
     """Train a SentencePiece tokenizer on text files; prints its path.
 
@@ -108,7 +124,8 @@ def tokenize_train(
     from llmcli.text.data import expand_corpus, training_lines
     from llmcli.text.tokenizer import train_tokenizer
 
-    tokenizer = train_tokenizer(training_lines(expand_corpus(corpus)), out, vocab_size, type, tuple(special or ()))
+    lines = training_lines(expand_corpus(corpus), text_field)
+    tokenizer = train_tokenizer(lines, out, vocab_size, type, tuple(special or ()))
     print(tokenizer.path)
 
 
@@ -162,6 +179,11 @@ def _say_empty(source: str):
     log(f"{'<stdin>' if source == '-' else source} is empty: no output")
 
 
+SetOption = Annotated[Optional[list[str]], typer.Option(
+    "--set", help="Any other setting as SECTION.NAME=VALUE, the names of a --config file (train.warmup_steps=50); "
+    "repeatable [default: none]", show_default=False)]
+
+
 def _load_tokenizer(path: Optional[Path]):
     from llmcli.formats import load_model_tokenizer
 
@@ -179,8 +201,8 @@ def _from_preset(help: str):
 ))
 def pretrain(
     corpus: Annotated[Optional[list[str]], typer.Argument(
-        help="Text files, directories (*.txt, *.md, *.jsonl inside), globs, '-' for stdin; documents are separated "
-        "by lines holding only <|endoftext|>", show_default=False)] = None,
+        help="Corpus files (text, .jsonl, .csv, .parquet, also .gz or .zst), directories of them, globs, '-' for "
+        "stdin; in text, lines holding only <|endoftext|> separate documents", show_default=False)] = None,
     out: Annotated[Optional[Path], typer.Option(
         "--out", "-o", help="Checkpoint directory [default: checkpoints/<corpus>-<preset>]", show_default=False)] = None,
     resume: Annotated[Optional[Path], typer.Option(
@@ -219,7 +241,8 @@ def pretrain(
     keep_last: Annotated[Optional[int], typer.Option(
         help="Checkpoints kept besides the best by validation loss [default: 2]", show_default=False)] = None,
     text_field: Annotated[Optional[str], typer.Option(
-        help="Field of the records of .jsonl files [default: text]", show_default=False)] = None,
+        help="Field (column) of the records of .jsonl, .csv and .parquet files [default: text]",
+        show_default=False)] = None,
     doc_separator: Annotated[Optional[str], typer.Option(
         help="A line holding only this ends a document [default: <|endoftext|>]", show_default=False)] = None,
     seed: Annotated[Optional[int], typer.Option(help="Random seed [default: 1337]", show_default=False)] = None,
@@ -229,14 +252,17 @@ def pretrain(
     strategy: Annotated[Optional[str], typer.Option(
         help="With several processes: ddp (a whole model each) or fsdp (parameters, gradients and optimizer state "
         "sharded across them) [default: ddp]", show_default=False)] = None,
+    settings: SetOption = None,
 ):
     """Pretrain a Transformer on text files; prints the checkpoint.
 
     Next-token prediction on the corpus, with a tokenizer trained on it unless --tokenizer gives one; a
     training summary on stderr."""
     if nproc is not None:
-        _relaunch_with_torchrun(nproc)
-    from llmcli.config import resolve_run_config
+        from llmcli.train.launch import relaunch_with_torchrun
+
+        sys.exit(relaunch_with_torchrun(nproc, sys.argv[1:], on_hangup=_terminate))
+    from llmcli.config import parse_settings, resolve_run_config
     from llmcli.train.pretrain import pretrain as run_pretrain
 
     if resume is not None:
@@ -251,68 +277,11 @@ def pretrain(
                      context=context, vocab_size=vocab_size, eval_interval=eval_interval,
                      save_interval=save_interval, keep_last=keep_last, text_field=text_field,
                      doc_separator=doc_separator, seed=seed, strategy=strategy)
+    overrides = parse_settings(settings or []) | {k: v for k, v in overrides.items() if v is not None}
     summary = run_pretrain(corpus, out, preset, config, overrides, tokenizer, resume=resume, init=init)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, process 0 alone reports
         _print_summary(summary)
         print(summary["checkpoint"])
-
-
-def _relaunch_with_torchrun(nproc: int):
-    """Run this same command under torchrun with nproc processes, and exit with its status."""
-    import subprocess
-
-    if nproc < 1:
-        raise LLMError("--nproc must be at least 1")
-    args, skip = [], False
-    for arg in sys.argv[1:]:
-        if skip:
-            skip = False
-        elif arg == "--nproc":
-            skip = True
-        elif not arg.startswith("--nproc="):
-            args.append(arg)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-               "-m", "llmcli", *args]
-    from llmcli.threads import default_threads
-
-    threads = str(default_threads(nproc))
-    # in a session of its own, so that a signal reaches it once, from us: a terminal's Ctrl-C reached torchrun too,
-    # and the second signal it then passed on stopped the processes before they saved
-    launcher = subprocess.Popen(command, env={"OMP_NUM_THREADS": threads, **os.environ}, stderr=subprocess.PIPE,
-                                text=True, bufsize=1, start_new_session=True)
-    # and so a closed terminal's SIGHUP reaches only us: pass it on as SIGTERM, or training would go on unseen
-    signal.signal(signal.SIGHUP, _terminate)
-    # the processes' own messages pass through; torchrun's report of a failed process (a traceback of its own)
-    # does not, and an error that every process gives is said once; that another process stopped, only when none
-    # of them said why
-    said, failed, peer_stopped = set(), False, f"llm: error: {PEER_STOPPED}\n"
-
-    def pass_on(stopping: bool = False):
-        nonlocal failed
-        for line in launcher.stderr:
-            if stopping:  # torchrun logs how it stops the processes, then raises: its traceback is its last word
-                failed = failed or line.startswith("Traceback")
-                if re.match(r"[EWI]\d{4} ", line):
-                    continue
-            else:
-                failed = failed or bool(re.match(r"[EW]\d{4} .*(failed|Sending process)", line))
-            if not failed and line not in said:
-                if line.startswith("llm: error:"):
-                    said.add(line)
-                if line != peer_stopped:
-                    sys.stderr.write(line)
-
-    try:
-        pass_on()
-    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the processes finish their step and save; say where
-        launcher.terminate()
-        failed = False
-        pass_on(stopping=True)
-        launcher.wait()
-        raise
-    if said == {peer_stopped}:
-        sys.stderr.write(peer_stopped)
-    sys.exit(launcher.wait())
 
 
 def _free_path(path: Path) -> Path:
@@ -421,10 +390,12 @@ def finetune(
     lora_dropout: Annotated[float, typer.Option(help="Dropout on the adapters' input")] = 0.0,
     lora_targets: Annotated[str, typer.Option(
         help="Layers given adapters, of attn.qkv, attn.proj, mlp.fc, mlp.proj")] = "attn.qkv,attn.proj",
+    settings: SetOption = None,
 ):
     """Fine-tune on instructions or labelled texts; prints the checkpoint.
 
     The whole model, or LoRA adapters only (--lora-rank); llm finetune merge makes an adapter a checkpoint."""
+    from llmcli.config import parse_settings
     from llmcli.train.finetune import LoRAConfig
     from llmcli.train.finetune import finetune as run_finetune
 
@@ -437,6 +408,8 @@ def finetune(
     overrides = dict(max_steps=max_steps, batch_size=batch_size, micro_batch_size=micro_batch_size, lr=lr,
                      warmup_steps=warmup_steps, eval_interval=eval_interval, save_interval=save_interval,
                      precision=precision, seed=seed)
+    overrides = parse_settings(settings or [], sections=("train",)) | {k: v for k, v in overrides.items()
+                                                                      if v is not None}
     lora = LoRAConfig(lora_rank, lora_alpha, lora_dropout, lora_targets)
     summary = run_finetune(data[0] if data else None, out, model, task, val, train_on_prompt, overrides, lora, resume)
     _print_summary(summary, "fine-tuning summary")
@@ -827,6 +800,22 @@ def info(
     width = max(map(len, about))
     for key, value in about.items():
         print(f"{key.replace('_bytes', ' on disk'):<{width}}  {value}")
+
+
+@app.command(epilog=examples("llm models", "llm models --json"))
+def models(as_json: Annotated[bool, typer.Option("--json", help="One JSON object a model")] = False):
+    """The models -m takes without a path: shipped, $LLM_MODEL, cached.
+
+    The shipped model, $LLM_MODEL, and the models in the Hugging Face cache (ORG/NAME, ORG/NAME:FILE.gguf), with
+    format and size. Any other ORG/NAME is downloaded when first used."""
+    from llmcli.formats import available_models
+
+    for entry in available_models():
+        if as_json:
+            print(json.dumps(entry))
+        else:
+            size = _size(entry["size_bytes"]) if entry["size_bytes"] is not None else "-"
+            print(f"{entry['model']}\t{entry['format']}\t{size}")
 
 
 @app.command(epilog=examples("llm cache", "llm cache --clear"))

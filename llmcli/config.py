@@ -100,36 +100,73 @@ class ModelConfig:
         return self.intermediate_size or 4 * self.n_embd
 
 
+def _setting(default, help: str, low=None, high=None, positive: bool = False, choices: tuple = (),
+             resume: bool = False):
+    """A TrainConfig field: its help, its bounds (low <= value <= high; above low when positive), its choices, and
+    whether a resumed run may change it (what changes no result: the length of the run, how often it saves, how the
+    work is shared out)."""
+    return dataclasses.field(default=default, metadata=dict(help=help, low=low, high=high, positive=positive,
+                                                            choices=choices, resume=resume))
+
+
 @dataclass
 class TrainConfig:
-    max_steps: int = 2000
-    batch_size: int = 32
-    lr: float = 1e-3
-    min_lr_ratio: float = 0.1  # cosine decay ends at lr * min_lr_ratio
-    warmup_steps: int = 100
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0
-    eval_interval: int = 200  # steps between validation (and checkpoint saves)
-    eval_batches: int = 20
-    seed: int = 1337
-    val_fraction: float = 0.05  # share of the tokenized corpus held out for validation
-    tokenizer_type: str = "bpe"  # of the tokenizer trained when none is given (bpe, unigram or char)
-    threads: int = 0  # torch threads; 0 = all cores
-    save_dtype: str = "float32"  # of the weights on disk; bfloat16 halves a checkpoint, and loading casts back
-    micro_batch_size: int = 0  # sequences per forward pass; batch_size / (micro * processes) are accumulated; 0 = all
-    schedule: str = "cosine"  # after warmup: cosine or linear decay to min_lr_ratio, or wsd (warmup-stable-decay)
-    decay_fraction: float = 0.2  # wsd: the last share of the steps that decays the learning rate
-    # fp32, bf16-mixed (bfloat16 autocast, fp32 weights and optimizer), or auto: bf16-mixed where it is faster (the
-    # device multiplies bfloat16 natively and the model is wide enough for matmuls to dominate), else fp32
-    precision: str = "auto"
-    compile: bool = False  # torch.compile the model
-    strategy: str = "ddp"  # with several processes: ddp (replicas) or fsdp (parameters, gradients, optimizer sharded)
-    save_interval: int = 0  # steps between checkpoints; 0 = at every validation
-    keep_last: int = 2  # checkpoints kept, besides the best by validation loss
-    text_field: str = "text"  # of the records of .jsonl corpus files
-    doc_separator: str = "<|endoftext|>"  # a line holding only this ends a document in text files
+    """How a run trains. A new setting is one field here: `--set train.NAME=VALUE`, config files, the checks and
+    the resume rules all read these fields."""
+
+    max_steps: int = _setting(2000, "training steps", low=1, resume=True)
+    batch_size: int = _setting(32, "sequences per step, over all processes", low=1)
+    lr: float = _setting(1e-3, "peak learning rate", low=0, positive=True)
+    min_lr_ratio: float = _setting(0.1, "the schedule ends at lr * min_lr_ratio", low=0, high=1)
+    warmup_steps: int = _setting(100, "steps of linear warmup", low=0)
+    weight_decay: float = _setting(0.1, "AdamW weight decay of the matrices", low=0)
+    beta1: float = _setting(0.9, "AdamW beta1", low=0, high=1)
+    beta2: float = _setting(0.95, "AdamW beta2", low=0, high=1)
+    grad_clip: float = _setting(1.0, "largest gradient norm", low=0, positive=True)
+    eval_interval: int = _setting(200, "steps between validations (and checkpoint saves)", low=1, resume=True)
+    eval_batches: int = _setting(20, "batches of a validation", low=1)
+    seed: int = _setting(1337, "random seed")
+    val_fraction: float = _setting(0.05, "share of the tokenized corpus held out for validation", low=0, high=1,
+                                   positive=True)
+    tokenizer_type: str = _setting("bpe", "of the tokenizer trained when none is given",
+                                   choices=("bpe", "unigram", "char"))
+    threads: int = _setting(0, "torch threads; 0 = the cores this process may use", low=0, resume=True)
+    save_dtype: str = _setting("float32", "of the weights on disk; bfloat16 halves a checkpoint, loading casts back",
+                               choices=("float32", "bfloat16", "float16"))
+    micro_batch_size: int = _setting(0, "sequences per forward pass; the rest of the batch is accumulated; 0 = all",
+                                     low=0, resume=True)
+    schedule: str = _setting("cosine", "after warmup: cosine or linear decay to min_lr_ratio, or wsd "
+                             "(warmup-stable-decay)", choices=("cosine", "linear", "wsd"))
+    decay_fraction: float = _setting(0.2, "wsd: the last share of the steps that decays the learning rate",
+                                     low=0, high=1)
+    precision: str = _setting("auto", "fp32, bf16-mixed (bfloat16 autocast, fp32 weights and optimizer), or auto: "
+                              "bf16-mixed where it is faster", choices=("auto", "fp32", "bf16-mixed"))
+    compile: bool = _setting(False, "torch.compile the model", resume=True)
+    strategy: str = _setting("ddp", "with several processes: ddp (replicas) or fsdp (sharded)",
+                             choices=("ddp", "fsdp"), resume=True)
+    save_interval: int = _setting(0, "steps between checkpoints; 0 = at every validation", low=0, resume=True)
+    keep_last: int = _setting(2, "checkpoints kept, besides the best by validation loss", low=0, resume=True)
+    text_field: str = _setting("text", "of the records of .jsonl, .csv and .parquet corpus files")
+    doc_separator: str = _setting("<|endoftext|>", "a line holding only this ends a document in text files")
+
+    def check(self):
+        """Raise LLMError naming the first setting that is out of its bounds or choices (the one loop for all)."""
+        for field in dataclasses.fields(self):
+            value, meta = getattr(self, field.name), field.metadata
+            if meta["choices"] and value not in meta["choices"]:
+                raise LLMError(f"{field.name} must be one of {', '.join(meta['choices'])}, got {value!r}")
+            low, high, positive = meta["low"], meta["high"], meta["positive"]
+            if low is None and high is None:
+                continue
+            if (not math.isfinite(value) or value < low or (positive and value <= low)
+                    or (high is not None and value > high)):
+                bound = (f"between {low} and {high}" if high is not None else
+                         f"above {low}" if positive else f"at least {low}")
+                raise LLMError(f"{field.name} (--{field.name.replace('_', '-')}) must be {bound}, not {value}")
+
+
+# what a resumed run may change: one list, for pretraining and fine-tuning alike
+RESUMABLE = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.metadata["resume"])
 
 
 PRESETS: dict[str, dict[str, dict]] = {
@@ -161,7 +198,8 @@ GENERATION_FIELD_TYPES = {"max_new_tokens": int, "temperature": float, "top_k": 
 
 
 def resolve_run_config(preset: str | None, config_file: str | Path | None, overrides: dict) -> dict:
-    """Merge preset < YAML file < overrides into {"model": {...}, "train": {...}}, checking every key and type."""
+    """Merge preset < YAML file < overrides into {"model": {...}, "train": {...}}, checking every key and type.
+    overrides: {"train.lr": 0.01, "context": 32, ...}, a bare name meaning the section that has it; None is unset."""
     if config_file is not None:
         from_file = read_config_file(config_file)
         preset = preset or from_file.pop("preset", None)
@@ -174,14 +212,35 @@ def resolve_run_config(preset: str | None, config_file: str | Path | None, overr
     train = dataclasses.asdict(TrainConfig()) | PRESETS[preset]["train"]
     model |= from_file.get("model", {})
     train |= from_file.get("train", {})
-    for key, value in overrides.items():
+    for key, value in overrides.items():  # "train.lr" or "lr": the two sections share no field name
         if value is None:
             continue
-        if key in MODEL_FIELDS:
-            model[key] = value
-        else:
-            train[key] = value
+        section, _, name = key.rpartition(".")
+        section = section or ("model" if name in MODEL_FIELDS else "train")
+        (model if section == "model" else train)[name] = value
     return {"preset": preset, "model": model, "train": train, "generation": from_file.get("generation", {})}
+
+
+def parse_settings(items: list[str], sections: tuple[str, ...] = ("model", "train")) -> dict[str, object]:
+    """{"train.warmup_steps": 50, ...} of `--set SECTION.NAME=VALUE` items, each value read as YAML reads it and
+    typed by its dataclass field (as a config file's are); LLMError names an unknown key or a bad value."""
+    types = {f"{section}.{name}": t for section in sections
+             for name, t in _field_types({"model": ModelConfig, "train": TrainConfig}[section]).items()}
+    settings = {}
+    for item in items:
+        key, equals, text = item.partition("=")
+        if not equals:
+            raise LLMError(f"--set {item}: expected SECTION.NAME=VALUE, e.g. --set train.warmup_steps=50")
+        _check_key("--set", "", key.strip(), types)
+        if types[key.strip()] is str:
+            value = text
+        else:
+            try:
+                value = yaml.safe_load(text) if text.strip() else text
+            except yaml.YAMLError:
+                value = text
+        settings[key.strip()] = _check_type("--set", key.strip(), value, types[key.strip()])
+    return settings
 
 
 def read_config_file(path: str | Path) -> dict:

@@ -265,7 +265,7 @@ def test_a_template_that_fails_says_so_in_one_line(nano_checkpoint, tmp_path):
 def test_finetune_puts_loss_on_assistant_turns_only(nano_checkpoint, tmp_path):
     from llmcli.text.tokenizer import Tokenizer
     from llmcli.train.finetune import SFTBatches, sft_example
-    from llmcli.train.pretrain import IGNORE
+    from llmcli.train.loop import IGNORE
 
     tok = Tokenizer(nano_checkpoint)
     template = ChatTemplate.for_tokenizer(CHATML, tok)

@@ -18,6 +18,8 @@ import numpy as np
 import pytest
 from conftest import ROOT, SHAKESPEARE, TINYSTORIES_TRAIN, run_cli
 
+from llmcli.formats import DEFAULT_MODEL
+
 
 def one_line_error(result, *fragments):
     """Exit 1 and one line on stderr, llm: error: ..., holding the fragments; no traceback."""
@@ -70,8 +72,8 @@ def test_a_kill_during_tokenization_leaves_no_worker_and_no_temporary_folder(sig
     corpus.write_bytes(text * (3_000_000 // len(text) + 1))
     cache = tmp_path / "cache"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "LLM_CACHE_DIR": str(cache)}
-    llm = subprocess.Popen([sys.executable, "-m", "llmcli", "pretrain", str(corpus), "-t", ROOT / "checkpoints" /
-                            "tinystories", "--preset", "nano", "--max-steps", "5", "-o", str(tmp_path / "run")],
+    llm = subprocess.Popen([sys.executable, "-m", "llmcli", "pretrain", str(corpus), "-t", DEFAULT_MODEL, "--preset", "nano",
+                            "--max-steps", "5", "-o", str(tmp_path / "run")],
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     workers = []
     try:

@@ -9,7 +9,7 @@ from conftest import run_cli
 from llmcli.text.chat_template import ChatTemplate
 from llmcli.text.tokenizer import Tokenizer
 from llmcli.train.finetune import CHAT_TEMPLATE, SFTBatches, sft_example
-from llmcli.train.pretrain import IGNORE
+from llmcli.train.loop import IGNORE
 
 INSTRUCTIONS = [
     {"prompt": "Say hello.", "response": "Hello there."},

@@ -27,7 +27,7 @@ from llmcli.model.transformer import Transformer  # noqa: E402
 from llmcli.text.tokenizer import Tokenizer  # noqa: E402
 
 ATOL = 1e-4
-SENTENCEPIECE = ROOT / "checkpoints" / "tinystories" / "tokenizer.model"  # 2048 tokens, BPE
+SENTENCEPIECE = ROOT / "llmcli" / "checkpoints" / "tinystories" / "tokenizer.model"  # 2048 tokens, BPE
 TEXTS = ["Once upon a time, a little cat named Tom found 1234 shiny stones.",
          "  two spaces, tabs\tand\nnew lines; ünïcödé 日本 🙂 <|endoftext|> the end."]
 Q = gguf.GGMLQuantizationType

@@ -20,7 +20,7 @@ from llmcli.formats.ours import save_model, write_config  # noqa: E402
 from llmcli.infer.generate import SamplingConfig, generate_tokens  # noqa: E402
 from llmcli.model.transformer import ModelConfig, Transformer  # noqa: E402
 
-SENTENCEPIECE = ROOT / "checkpoints" / "tinystories" / "tokenizer.model"  # 2048 tokens
+SENTENCEPIECE = ROOT / "llmcli" / "checkpoints" / "tinystories" / "tokenizer.model"  # 2048 tokens
 SP_VOCAB = 2048
 
 FAMILIES = {

@@ -90,6 +90,8 @@ def test_long_run_commands_run(tmp_path):
     assert "16 sequences, 2 micro-batches of 8, bf16-mixed" in result.stderr
     stories = yaml.safe_load((work / "stories" / "config.yaml").read_text())["train"]
     assert (stories["micro_batch_size"], stories["precision"], stories["schedule"]) == (8, "bf16-mixed", "wsd")
+    tuned = yaml.safe_load((work / "tuned" / "config.yaml").read_text())["train"]
+    assert (tuned["warmup_steps"], tuned["beta2"]) == (2, 0.99)  # --set
     assert (work / "stories" / "tokenizer.model").read_bytes() == (work / "long-run" / "tokenizer.model").read_bytes()
     assert (work / "long-run" / "checkpoints" / "step-0000030").is_dir()
     assert "on 2 processes" in result.stderr

@@ -20,18 +20,9 @@ from llmcli.config import TrainConfig
 from llmcli.errors import LLMError
 from llmcli.formats import load_model
 from llmcli.model.transformer import ModelConfig, Transformer
-from llmcli.train.pretrain import (
-    World,
-    check_settings,
-    checkpoint_dirs,
-    checkpoint_tensors,
-    learning_rate,
-    load_train_state,
-    make_optimizer,
-    pretrain,
-    save_checkpoint,
-    train_step,
-)
+from llmcli.train.checkpoints import checkpoint_dirs, checkpoint_tensors, load_train_state, save_checkpoint
+from llmcli.train.loop import World, check_settings, learning_rate, make_optimizer, train_step
+from llmcli.train.pretrain import pretrain
 
 
 def losses(run_dir) -> dict:
@@ -127,9 +118,9 @@ def test_disk_full_during_a_save_keeps_the_previous_checkpoint(shakespeare_slice
 def _poison_step(monkeypatch, at_call: int, how: str):
     """Wrap train_step so that its call number at_call either runs on a model whose output is NaN (the loss becomes
     NaN: how='loss') or corrupts a weight after a good update (how='weights')."""
-    from llmcli.train import pretrain
+    from llmcli.train import loop
 
-    real, calls = pretrain.train_step, []
+    real, calls = loop.train_step, []
 
     def step(model, *args, **kwargs):
         calls.append(1)
@@ -146,7 +137,7 @@ def _poison_step(monkeypatch, at_call: int, how: str):
             model.norm_f.weight[0] = float("inf")  # a weight that no loss has seen yet
         return result
 
-    monkeypatch.setattr(pretrain, "train_step", step)
+    monkeypatch.setattr(loop, "train_step", step)
 
 
 def test_non_finite_loss_stops_before_the_update_and_keeps_the_checkpoints(shakespeare_slice, nano_checkpoint,
@@ -199,7 +190,7 @@ def test_micro_batches_give_the_update_of_one_large_batch():
     normalised by all the batch's tokens, not averaged over micro-batch means."""
     from contextlib import nullcontext
 
-    from llmcli.train.pretrain import IGNORE
+    from llmcli.train.loop import IGNORE
 
     torch.manual_seed(0)
     config = ModelConfig(vocab_size=128, context=16, n_layer=2, n_head=2, n_embd=32)
@@ -337,3 +328,71 @@ def test_init_continues_pretraining_from_a_checkpoint(shakespeare_slice, nano_ch
     assert (out / "tokenizer.model").read_bytes() == (nano_checkpoint / "tokenizer.model").read_bytes()
     clash = run_cli("pretrain", shakespeare_slice, "--init", nano_checkpoint, "-t", nano_checkpoint, "-o", tmp_path / "x")
     assert clash.returncode == 1 and "--init starts a new run" in clash.stderr
+
+
+def test_a_run_directory_is_locked_while_a_run_writes_it(shakespeare_slice, nano_checkpoint, tmp_path):
+    run = tmp_path / "run"
+    first = start_cli("pretrain", shakespeare_slice, "--preset", "nano", "-t", nano_checkpoint, "--max-steps",
+                      "100000", "--eval-interval", "100000", "--save-interval", "5", "-o", run)
+    wait_until(lambda: last_step(run) >= 2, first)
+    refusal = [f"llm: error: {run} is in use: another run is writing it; wait for that run to end (then --resume "
+               "it), or choose another directory"]
+    for second in (["pretrain", shakespeare_slice, "--preset", "nano", "-t", nano_checkpoint, "-o", run],
+                   ["pretrain", "--resume", run, "--max-steps", "200000"]):
+        result = run_cli(*second)
+        assert result.returncode == 1 and result.stderr.splitlines() == refusal, result.stderr
+    assert first.poll() is None  # the first run went on, untouched
+    first.send_signal(signal.SIGINT)
+    _, stderr = first.communicate(timeout=60)
+    assert first.returncode == 130, stderr
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [0, *range(1, len(steps))]  # one run's rows, in order
+    assert checkpoint_dirs(run)[-1].name == f"step-{steps[-1]:07d}"
+    resumed = run_cli("pretrain", "--resume", run, "--max-steps", str(steps[-1] + 2))  # the lock went with the run
+    assert resumed.returncode == 0, resumed.stderr
+    assert checkpoint_dirs(run)[-1].name == f"step-{steps[-1] + 2:07d}"
+
+
+def test_a_lock_is_refused_while_held_and_free_after(tmp_path):
+    from llmcli.train.run import locked
+
+    with locked(tmp_path):
+        with pytest.raises(LLMError, match="is in use"), locked(tmp_path):
+            pass
+        with locked(tmp_path, hold=False):  # the processes of a torchrun group but process 0
+            pass
+    with locked(tmp_path):  # released
+        pass
+
+
+def test_any_setting_by_set_is_typed_and_checked(shakespeare_slice, nano_checkpoint, tmp_path):
+    run = tmp_path / "run"
+    result = run_cli("pretrain", shakespeare_slice, "--preset", "nano", "-t", nano_checkpoint, "--max-steps", "2",
+                     "--set", "train.warmup_steps=1", "--set", "train.beta2=0.99", "--set", "model.n_layer=1",
+                     "--set", "train.lr=2e-3", "-o", run)
+    assert result.returncode == 0, result.stderr
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert (config["train"]["warmup_steps"], config["train"]["beta2"], config["train"]["lr"]) == (1, 0.99, 0.002)
+    assert config["model"]["n_layer"] == 1
+    for bad, message in (("train.warmup_step=5", "--set: unknown key 'train.warmup_step' (did you mean "
+                                                 "'train.warmup_steps'?)"),
+                         ("train.warmup_steps=many", "--set: 'train.warmup_steps' must be int, got 'many'"),
+                         ("train.beta1=2", "beta1 (--beta1) must be between 0 and 1, not 2.0"),
+                         ("train.schedule=step", "schedule must be one of cosine, linear, wsd, got 'step'"),
+                         ("warmup_steps", "--set warmup_steps: expected SECTION.NAME=VALUE, e.g. --set train.warmup_steps=50")):
+        refused = run_cli("pretrain", shakespeare_slice, "--set", bad, "-o", tmp_path / "never")
+        assert refused.returncode == 1 and refused.stderr.splitlines() == [f"llm: error: {message}"], refused.stderr
+    assert not (tmp_path / "never").exists()
+    # a resume changes only what changes no result: one list, the fields' own
+    refused = run_cli("pretrain", "--resume", run, "--set", "train.beta2=0.9")
+    assert refused.returncode == 1 and "--resume keeps the run's settings; beta2 cannot change" in refused.stderr
+    resumed = run_cli("pretrain", "--resume", run, "--set", "train.max_steps=3")
+    assert resumed.returncode == 0, resumed.stderr
+    assert checkpoint_dirs(run)[-1].name == "step-0000003"
+
+
+def test_resume_whitelist_is_the_fields_own():
+    from llmcli.config import RESUMABLE
+
+    assert set(RESUMABLE) == {"max_steps", "eval_interval", "save_interval", "keep_last", "threads",
+                              "micro_batch_size", "compile", "strategy"}

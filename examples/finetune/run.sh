@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The five fine-tuning examples, from the repository root, on the shipped model (checkpoints/tinystories).
+# The five fine-tuning examples, from the repository root, on the shipped model (llmcli/checkpoints/tinystories).
 # Each line's results and time are in examples/finetune/README.md. Set EX=... to pick some: EX="qa classify" bash ...
 set -euo pipefail
 cd "$(dirname "$0")/../.."

@@ -19,7 +19,7 @@ step llm info "$gguf"
 step llm generate --chat "Tell me a story about a cat" -m "$gguf" --seed 1 --max-new-tokens 120
 # bits per byte on TinyStories' validation text, the real model next to the shipped one (first 50 kB: minutes, not hours)
 head -c 50000 data/tinystories/valid.txt > "$work/valid-50k.txt"
-step llm eval -m "$gguf" -m checkpoints/tinystories "$work/valid-50k.txt"
+step llm eval -m "$gguf" -m llmcli/checkpoints/tinystories "$work/valid-50k.txt"
 # a LoRA fine-tune on examples/finetune's question answering, scored before (through its chat template) and after
 python examples/finetune/make_data.py -o examples/finetune/data >/dev/null
 head -n 40 examples/finetune/data/qa_val.jsonl > "$work/qa_val.jsonl"

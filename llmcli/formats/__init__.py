@@ -2,21 +2,55 @@
 
 `load_model` is the one entry point for every command that takes `-m`: our checkpoint directories
 (llmcli/formats/ours.py), LoRA adapters on any base (adapter.py), Hugging Face folders (hf.py) and .gguf files
-(gguf.py). Each format module reads its files into our Transformer (llmcli/model/) and a tokenizer (llmcli/text/);
-nothing here trains or decodes.
+(gguf.py), each also by Hugging Face Hub id (hub.py: ORG/NAME, ORG/NAME:FILE.gguf, ORG/NAME:Q4_K_M). Each format
+module reads its files into our Transformer (llmcli/model/) and a tokenizer (llmcli/text/); nothing here trains or
+decodes.
 """
 
 import os
 from pathlib import Path
 
 from llmcli.errors import LLMError
+from llmcli.formats.hub import is_hub_id
 
-# The shipped default model: used when a command gets no --model. LLM_MODEL overrides it.
-DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "checkpoints" / "tinystories"
+# The shipped default model, package data (so every kind of install has it): used when a command gets no --model.
+# LLM_MODEL overrides it.
+DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "checkpoints" / "tinystories"
 
 
 def default_model_path() -> Path:
     return Path(os.environ.get("LLM_MODEL", DEFAULT_MODEL))
+
+
+def resolve_model(path: str | Path | None) -> Path:
+    """The local path of a model: path itself when it exists, else the files of a Hugging Face Hub id
+    (llmcli/formats/hub.py: from the cache, or downloaded); the default model ($LLM_MODEL, else the shipped one) for
+    None. A path that is neither is returned as it is, for the loader to say it is missing."""
+    path = Path(path) if path is not None else default_model_path()
+    if path.exists() or not is_hub_id(str(path)):
+        return path
+    from llmcli.formats import hub
+
+    return hub.resolve(str(path))
+
+
+def available_models() -> list[dict]:
+    """What -m can take on this machine without naming a path: the shipped model, $LLM_MODEL when set, and the
+    models in the Hugging Face cache; each {model, format, size_bytes, path}."""
+    from llmcli.formats import hub
+
+    found = [{"model": str(DEFAULT_MODEL), "format": "llmcli checkpoint (the shipped model)",
+              "size_bytes": _size_on_disk(DEFAULT_MODEL), "path": str(DEFAULT_MODEL)}]
+    if os.environ.get("LLM_MODEL"):
+        chosen = os.environ["LLM_MODEL"]
+        local = Path(chosen).exists()
+        found.append({"model": chosen, "format": "$LLM_MODEL, the default" + ("" if local else " (a Hub id)"),
+                      "size_bytes": _size_on_disk(Path(chosen)) if local else None, "path": chosen})
+    return found + hub.cached_models()
+
+
+def _size_on_disk(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
 
 
 def _directory(path) -> Path:
@@ -40,6 +74,7 @@ def load_model(path: str | Path | None = None, device: str = "cpu", numpy_if_sma
     """
     from llmcli.formats import gguf, hf, ours
 
+    path = resolve_model(path)
     if quantize is not None:
         from llmcli.model.quantize import check_mode
 
@@ -89,7 +124,7 @@ def load_model_tokenizer(path: str | Path | None = None):
     from llmcli.formats import gguf
     from llmcli.text.tokenizer import load_tokenizer
 
-    path = Path(path) if path is not None else default_model_path()
+    path = resolve_model(path)
     if gguf.is_gguf_file(path):
         metadata = gguf.read_metadata(gguf.open_gguf(path), path)
         return gguf.gguf_tokenizer(metadata, path, len(metadata.get("tokenizer.ggml.tokens") or []))
@@ -105,6 +140,7 @@ def model_info(path: str | Path | None = None) -> dict:
     from llmcli.model.transformer import Transformer, meta_device
     from llmcli.text.tokenizer import Tokenizer, load_tokenizer
 
+    path = resolve_model(path)
     if gguf.is_gguf_file(path):
         about = gguf.gguf_info(Path(path))
         return _describe(Path(path), about["architecture"], "language model", about["config"], about["parameters"],

@@ -3,7 +3,7 @@
 A GGUF file is one file: key/value metadata (the model's shape under `{architecture}.*` keys, the tokenizer under
 `tokenizer.ggml.*`, the chat template under `tokenizer.chat_template`), then the tensors, each in its own type (float
 or one of ggml's block quantizations). Read and written with the `gguf` package, llama.cpp's own Python library
-(pip install 'llmcli[gguf]'); format: github.com/ggml-org/ggml/blob/master/docs/gguf.md.
+(a dependency); format: github.com/ggml-org/ggml/blob/master/docs/gguf.md.
 
 Three differences of layout from our Transformer, as in Hugging Face folders (llmcli/formats/hf.py): Llama's and
 Qwen2's q/k/v and gate/up are separate tensors, which we concatenate; llama.cpp's converter reorders the rows of
@@ -62,7 +62,7 @@ def _gguf():
     try:
         import gguf
     except ImportError:
-        raise LLMError("GGUF files need the `gguf` library: pip install 'llmcli[gguf]'") from None
+        raise LLMError("GGUF files need the `gguf` library: pip install gguf") from None
     return gguf
 
 

@@ -26,10 +26,10 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from llmcli.errors import LLMError
+from llmcli.text import corpus
 from llmcli.text.tokenizer import END_OF_TEXT, Tokenizer
 
 DOC_SEPARATOR = END_OF_TEXT
-CORPUS_SUFFIXES = (".txt", ".md", ".jsonl")
 INDEX_FILE = "index.json"
 TOKENS_FORMAT = "llmcli-tokens/1"
 CHUNK_CHARS = 1 << 20  # text per unit of work: large enough to amortise the hand-off, small enough to keep RSS flat
@@ -47,17 +47,18 @@ def check_text_file(path: str | Path) -> Path:
 
 
 def expand_corpus(specs: Iterable[str]) -> list[str]:
-    """Files named by the user: files as given, directories searched recursively for *.txt, *.md and *.jsonl,
-    glob patterns expanded (sorted, so the order is stable), '-' kept for stdin."""
+    """Files named by the user: files as given, directories searched recursively for *.txt, *.md, *.jsonl, *.csv
+    and *.parquet (also as .gz or .zst), glob patterns expanded (sorted, so the order is stable), '-' kept for stdin.
+    A binary file that is none of the formats taken is refused (llmcli/text/corpus.py)."""
     paths: list[str] = []
     for spec in specs:
         spec = str(spec)
         if spec == "-":
             paths.append(spec)
         elif Path(spec).is_dir():
-            found = sorted(str(p) for p in Path(spec).rglob("*") if p.suffix in CORPUS_SUFFIXES and p.is_file())
+            found = sorted(str(p) for p in Path(spec).rglob("*") if corpus.is_corpus_name(p) and p.is_file())
             if not found:
-                raise LLMError(f"{spec} is a directory with no {', '.join('*' + s for s in CORPUS_SUFFIXES)} files")
+                raise LLMError(f"{spec} is a directory with no corpus files: llm reads {corpus.FORMATS}")
             paths += found
         elif Path(spec).exists():
             paths.append(spec)
@@ -70,6 +71,8 @@ def expand_corpus(specs: Iterable[str]) -> list[str]:
             raise LLMError(f"{spec} does not exist")
     if not paths:
         raise LLMError("no corpus given")
+    for path in paths:
+        corpus.check_corpus_file(path)
     return paths
 
 
@@ -93,6 +96,9 @@ class Lines:
         else:
             path = check_text_file(path)
             self.fd, self.name, self.owned = os.open(path, os.O_RDONLY), str(path), True
+        # a gzip or zstd file is read through its decompressor
+        self.kind = corpus.compression(path) if self.owned else None
+        self.stream = corpus.open_decompressed(path, self.kind) if self.kind else None
         self.buffer, self.pos = b"", 0  # bytes read and not yet returned: buffer[pos:]
         self.eof = False
         self.number = 0  # of the line last returned
@@ -103,7 +109,13 @@ class Lines:
         return self
 
     def _read(self) -> bytes:
-        block = os.read(self.fd, self.BLOCK) if not self.eof else b""
+        if self.stream is not None and not self.eof:
+            try:
+                block = self.stream.read(self.BLOCK)
+            except corpus.stream_errors() as e:
+                raise corpus.read_error(self.name, self.kind, e) from None
+        else:
+            block = os.read(self.fd, self.BLOCK) if not self.eof else b""
         if not block:
             self.eof = True
             self.close()
@@ -124,7 +136,7 @@ class Lines:
         import select
 
         while not self.eof and self._line_end() is None:
-            if not select.select([self.fd], [], [], 0)[0]:
+            if self.stream is None and not select.select([self.fd], [], [], 0)[0]:
                 return False
             self.buffer, self.pos = self.buffer[self.pos:] + self._read(), 0
         return True
@@ -160,6 +172,9 @@ class Lines:
         return line
 
     def close(self):
+        if getattr(self, "stream", None) is not None:
+            self.stream.close()
+            self.stream = None
         if getattr(self, "owned", False) and self.fd >= 0:  # (a failed __init__ opened nothing)
             os.close(self.fd)
             self.fd = -1
@@ -211,8 +226,10 @@ def document_pieces(paths: Iterable[str | Path], text_field: str = "text", separ
     """(text, starts_a_document) pairs. A document longer than max_chars comes in several pieces (cut after a
     line), so that one huge file never has to sit in memory whole."""
     for path in paths:
-        if str(path).endswith(".jsonl"):
-            for text in jsonl_texts(str(path), text_field):
+        kind = corpus.file_format(path)
+        if kind != "text":
+            texts = jsonl_texts(str(path), text_field) if kind == "jsonl" else corpus.record_texts(path, text_field)
+            for text in texts:
                 yield text, True
             continue
         lines: list[str] = []
@@ -285,7 +302,7 @@ def corpus_hash(paths: list[str], tokenizer: Tokenizer, text_field: str, separat
     digest.update(json.dumps([TOKENS_FORMAT, text_field, separator, CHUNK_CHARS]).encode())
     digest.update(tokenizer_fingerprint(tokenizer.path.read_bytes()))
     for path in paths:
-        digest.update(b"\0jsonl\0" if path.endswith(".jsonl") else b"\0text\0")
+        digest.update(f"\0{corpus.file_format(path)}\0".encode())
         with open(path, "rb") as f:
             while block := f.read(1 << 22):
                 digest.update(block)

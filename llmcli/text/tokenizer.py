@@ -1,7 +1,7 @@
 """SentencePiece tokenizers: train one on a corpus, load it, encode and decode losslessly.
 
 Hugging Face folders may bring a `tokenizers` tokenizer instead (tokenizer.json, or GPT-2's vocab.json + merges.txt),
-read by HF's `tokenizers` library, an optional extra (pip install 'llmcli[hf]'), behind the same interface; their
+read by HF's `tokenizers` library (a dependency), behind the same interface; their
 special tokens come from the folder's generation_config.json, config.json and tokenizer_config.json.
 
 Trained tokenizers use byte fallback and no normalisation, so any UTF-8 text round-trips exactly; the end-of-text
@@ -111,7 +111,7 @@ class Tokenizer:
 class HFTokenizer:
     """Any Hugging Face `tokenizers` tokenizer (tokenizer.json: GPT-2, Llama 3, Qwen2 and SmolLM byte-level BPE,
     SentencePiece-style BPE or Unigram), with the special tokens the model's own files name. Same interface as
-    Tokenizer; `tokenizers` is an optional extra (pip install 'llmcli[hf]')."""
+    Tokenizer."""
 
     def __init__(self, tok, files: list[Path], bos_id: int | None = None, eos_ids: list[int] = (),
                  pad_id: int | None = None, chat_template: str | None = None):
@@ -172,7 +172,7 @@ def _import_tokenizers(where):
         import tokenizers
     except ImportError:
         raise LLMError(f"{where} has a Hugging Face tokenizer, which needs the `tokenizers` library: "
-                       "pip install 'llmcli[hf]'") from None
+                       "pip install tokenizers") from None
     return tokenizers
 
 

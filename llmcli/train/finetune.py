@@ -5,8 +5,8 @@ The data are JSONL records: {"prompt", "response"} or {"messages": [{"role", "co
 else ours, CHAT_TEMPLATE) and cut into segments, the text around the assistant's turns and each turn itself
 (llmcli/text/chat_template.py), then tokenized segment by segment, so each token knows whether it is part of a reply:
 only reply tokens (and what ends each reply: the end token) carry loss, unless train_on_prompt. The examples
-become a dataset for train.train_loop, which gives fine-tuning the same steps, validation, checkpoints, resume and
-Ctrl-C safety as pretraining.
+become a dataset for the Trainer (llmcli/train/loop.py), which gives fine-tuning the same steps, validation,
+checkpoints, resume, run-directory lock and Ctrl-C safety as pretraining.
 """
 
 import dataclasses
@@ -25,7 +25,9 @@ from llmcli.progress import log
 from llmcli.text import data
 from llmcli.text.chat_template import CONFIG_KEY, ChatTemplate, find_chat_template
 from llmcli.threads import default_threads
-from llmcli.train.pretrain import IGNORE
+from llmcli.train.checkpoints import checkpoint_dirs
+from llmcli.train.loop import IGNORE, Trainer, World, micro_batch_size
+from llmcli.train.run import Run, locked, train_config
 
 TASKS = ("sft", "classify")
 # Our chat template (Jinja, as any model's), for a base model that has none: "<|user|>\n" and the message on a line,
@@ -123,7 +125,7 @@ def sft_example(tokenizer, template: ChatTemplate, messages: list[dict], train_o
     return ids, trained
 
 
-# --- datasets for train.train_loop ------------------------------------------------------------------------------
+# --- datasets for the Trainer ------------------------------------------------------------------------------------
 
 class ExampleBatches:
     """Batches of whole examples drawn at random (with replacement) from a generator seeded by (seed, split, index),
@@ -180,17 +182,17 @@ def _split(examples: list, val_examples: list | None, fraction: float, name: str
     return {"train": [examples[i] for i in order[n_val:]], "val": [examples[i] for i in order[:n_val]]}
 
 
-def make_dataset(run: dict, tokenizer) -> ExampleBatches:
-    spec, context = run["finetune"], run["model"]["context"]
-    if run["task"] == "classify":
+def make_dataset(run: Run, tokenizer) -> ExampleBatches:
+    spec, context = run.extra["finetune"], run.model.context
+    if run.extra["task"] == "classify":
         from llmcli.model.heads import encode_text
 
         def load(path):
             return [(encode_text(tokenizer, text, context), label)
-                    for text, label in read_classification(path, run["labels"])]
+                    for text, label in read_classification(path, run.extra["labels"])]
         batches = ClassifyBatches
     else:
-        template = ChatTemplate.for_tokenizer(run["generation"]["chat_template"], tokenizer,
+        template = ChatTemplate.for_tokenizer(run.generation["chat_template"], tokenizer,
                                               f"the run's chat template ({CONFIG_KEY})")
 
         def load(path):
@@ -212,7 +214,7 @@ def make_dataset(run: dict, tokenizer) -> ExampleBatches:
         batches = SFTBatches
     examples = load(spec["data"])
     val = load(spec["val"]) if spec.get("val") else None
-    splits = _split(examples, val, run["train"]["val_fraction"], spec["data"])
+    splits = _split(examples, val, run.train.val_fraction, spec["data"])
     log(f"{len(splits['train'])} training examples, {len(splits['val'])} validation examples")
     return batches(splits)
 
@@ -228,15 +230,21 @@ class LoRAConfig:
 
 
 def new_run(base: Path, data_path: str, val: str | None, task: str, train_on_prompt: bool, overrides: dict,
-            lora: LoRAConfig, base_config: dict, base_model, tokenizer) -> dict:
-    """The settings of a new run (task and data files checked by finetune() already)."""
-    train = dataclasses.asdict(TrainConfig()) | DEFAULTS | {k: v for k, v in overrides.items() if v is not None}
+            lora: LoRAConfig, base_config: dict, base_model, tokenizer) -> Run:
+    """The settings of a new run (task and data files checked by finetune() already); overrides: train settings by
+    name, "lr" or "train.lr"."""
+    train = dataclasses.asdict(TrainConfig()) | DEFAULTS
+    for key, value in overrides.items():
+        if key.startswith("model."):
+            raise LLMError(f"fine-tuning keeps the base model's shape; {key} cannot be set")
+        if value is not None:
+            train[key.removeprefix("train.")] = value
     generation = {k: v for k, v in (base_config.get("generation") or {}).items() if k != "prompt_template"}
-    run = {"task": task, "model": dataclasses.asdict(base_model.config), "train": train,
-           "finetune": {"base": str(base.resolve()), "data": str(Path(data_path).resolve()),
-                        "val": str(Path(val).resolve()) if val else None, "train_on_prompt": train_on_prompt}}
+    extra = {"task": task, "finetune": {"base": str(base.resolve()), "data": str(Path(data_path).resolve()),
+                                        "val": str(Path(val).resolve()) if val else None,
+                                        "train_on_prompt": train_on_prompt}}
     if task == "classify":
-        run["labels"] = discover_labels(data_path)
+        extra["labels"] = discover_labels(data_path)
     else:
         # the base model's chat template (ours if it has none) is the one trained, and kept for `llm chat`; a prompt
         # template built from it makes plain `llm generate "instruction"` work
@@ -244,90 +252,98 @@ def new_run(base: Path, data_path: str, val: str | None, task: str, train_on_pro
                     or ChatTemplate.for_tokenizer(CHAT_TEMPLATE, tokenizer, "llm finetune's chat template"))
         generation["chat_template"] = template.source
         generation["prompt_template"] = template.prompt([{"role": "user", "content": "{prompt}"}])
-    run["generation"] = generation
     if lora.rank:
         from llmcli.model.lora import fingerprint, parse_targets
 
-        run["adapter"] = {"base": str(base.resolve()), "base_fingerprint": fingerprint(base_model),
-                          "rank": lora.rank, "alpha": lora.alpha, "dropout": lora.dropout,
-                          "targets": parse_targets(lora.targets)}
-    return run
+        extra["adapter"] = {"base": str(base.resolve()), "base_fingerprint": fingerprint(base_model),
+                            "rank": lora.rank, "alpha": lora.alpha, "dropout": lora.dropout,
+                            "targets": parse_targets(lora.targets)}
+    return Run(model=base_model.config, train=train_config(train), generation=generation, extra=extra)
 
 
 def finetune(data_path: str | None, out_dir: str | Path, base: str | Path | None = None, task: str = "sft",
              val: str | None = None, train_on_prompt: bool = False, overrides: dict | None = None,
              lora: LoRAConfig | None = None, resume: str | Path | None = None) -> dict:
-    """Fine-tune `base` on data_path into out_dir (or continue the run in `resume`); returns the loop's summary."""
-    from llmcli.formats import default_model_path, load_model
-    from llmcli.train.pretrain import World, check_settings, checkpoint_dirs, train_loop
-
+    """Fine-tune `base` on data_path into out_dir (or continue the run in `resume`); returns the Trainer's summary.
+    overrides: train settings by name ({"lr": 1e-4, "train.warmup_steps": 5}); None values are unset."""
     world = World(device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     if resume is not None:
         out_dir = Path(resume)
-        if not (out_dir / checkpoint.CONFIG_FILE).is_file():
-            raise LLMError(f"cannot resume: {out_dir} is not a fine-tuning run directory")
-        run = checkpoint.read_config(out_dir)
-        run.pop("format", None), run.pop("summary", None), run.pop("checkpoint", None)
-        if "finetune" not in run:
-            raise LLMError(f"cannot resume: {out_dir} is not a fine-tuning run (continue pretraining with "
-                           "llm pretrain --resume)")
-        allowed = {"max_steps", "eval_interval", "save_interval", "keep_last", "micro_batch_size"}
-        for key, value in (overrides or {}).items():
-            if value is not None and key not in allowed:
-                raise LLMError(f"--resume keeps the run's settings; {key} cannot change")
-            if value is not None:
-                run["train"][key] = value
-        base_model, tokenizer, _ = load_model(run["finetune"]["base"], str(world.device))
-        if "adapter" in run:
-            from llmcli.model.lora import fingerprint
-
-            if fingerprint(base_model) != run["adapter"]["base_fingerprint"]:
-                raise LLMError(f"cannot resume: the base model at {run['finetune']['base']} has changed since "
-                               f"{out_dir} started")
+        run, base_model, tokenizer = _resumed_run(out_dir, overrides, world)
     else:
         out_dir = Path(out_dir)
-        if out_dir.exists() and (not out_dir.is_dir() or checkpoint_dirs(out_dir)):
-            raise LLMError(f"{out_dir} already exists; continue it with --resume {out_dir}, or choose another "
-                           "directory")
-        if task not in TASKS:  # these before the base model is loaded: a typo is said at once
-            raise LLMError(f"unknown task {task!r}; choose {' or '.join(TASKS)}")
-        for path in (data_path, val):
-            if path == "-":
-                raise LLMError("llm finetune reads its records from a file, not stdin (a resumed run reads them "
-                               "again): save them to a file first")
-            if path is not None:
-                data.check_text_file(path)
-        base = Path(base) if base is not None else default_model_path()
-        base_model, tokenizer, base_config = load_model(base, str(world.device))
-        if base_config.get("task") == "classify" or "adapter" in base_config:
-            raise LLMError(f"{base} is a classifier or an adapter; fine-tune a language model (merge an adapter "
-                           "first with llm finetune merge)")
-        if tokenizer.end_of_text is None:
-            raise LLMError(f"{base}: its tokenizer has neither <|endoftext|> nor an end token, which fine-tuning "
-                           "needs to mark where an example ends")
-        run = new_run(base, data_path, val, task, train_on_prompt, overrides or {}, lora or LoRAConfig(),
-                      base_config, base_model, tokenizer)
-    try:
-        cfg = TrainConfig(**run["train"])
-    except (TypeError, ValueError) as e:
-        raise LLMError(f"bad settings: {e}") from None
-    micro = check_settings(cfg, world)
-    torch.set_num_threads(cfg.threads or default_threads())
+        run, base_model, tokenizer = _started_run(out_dir, data_path, base, task, val, train_on_prompt,
+                                                  overrides or {}, lora or LoRAConfig(), world)
+    micro_batch_size(run.train, world)
+    torch.set_num_threads(run.train.threads or default_threads())
     dataset = make_dataset(run, tokenizer)
     if resume is None:
         make_output_dir(out_dir)
-        tokenizer.save(out_dir)
-        checkpoint.write_config(out_dir, run)
-    torch.manual_seed(cfg.seed)  # the LoRA matrices' initial values
-    model = prepare_model(base_model, run).to(world.device).train()
-    if run["task"] == "classify":
-        what = f"classification into {', '.join(run['labels'])}"
+    with locked(out_dir):
+        if resume is None:
+            tokenizer.save(out_dir)
+            run.save(out_dir)
+        torch.manual_seed(run.train.seed)  # the LoRA matrices' initial values
+        model = prepare_model(base_model, run.to_dict()).to(world.device).train()
+        log(f"fine-tuning {run.extra['finetune']['base']}: {_describe(run)}")
+        trainer = Trainer(world, run, out_dir, model, dataset, command="llm finetune")
+        return trainer.setup(resume=resume is not None).fit()
+
+
+def _describe(run: Run) -> str:
+    if run.extra["task"] == "classify":
+        what = f"classification into {', '.join(run.extra['labels'])}"
     else:
-        what = f"instruction tuning, loss on {'every token' if run['finetune']['train_on_prompt'] else 'replies only'}"
-    log(f"fine-tuning {run['finetune']['base']}: {what}" + (f", LoRA rank {run['adapter']['rank']}"
-                                                             if "adapter" in run else ""))
-    return train_loop(world, run, cfg, out_dir, model, dataset, micro, resume=resume is not None,
-                      command="llm finetune")
+        on = "every token" if run.extra["finetune"]["train_on_prompt"] else "replies only"
+        what = f"instruction tuning, loss on {on}"
+    return what + (f", LoRA rank {run.extra['adapter']['rank']}" if "adapter" in run.extra else "")
+
+
+def _resumed_run(out_dir: Path, overrides: dict | None, world: World):
+    """(the run in out_dir with the settings a resume may change changed, its base model, tokenizer)."""
+    from llmcli.formats import load_model
+
+    if not (out_dir / checkpoint.CONFIG_FILE).is_file():
+        raise LLMError(f"cannot resume: {out_dir} is not a fine-tuning run directory")
+    run = Run.resume(out_dir, overrides)
+    if "finetune" not in run.extra:
+        raise LLMError(f"cannot resume: {out_dir} is not a fine-tuning run (continue pretraining with "
+                       "llm pretrain --resume)")
+    base_model, tokenizer, _ = load_model(run.extra["finetune"]["base"], str(world.device))
+    if "adapter" in run.extra:
+        from llmcli.model.lora import fingerprint
+
+        if fingerprint(base_model) != run.extra["adapter"]["base_fingerprint"]:
+            raise LLMError(f"cannot resume: the base model at {run.extra['finetune']['base']} has changed since "
+                           f"{out_dir} started")
+    return run, base_model, tokenizer
+
+
+def _started_run(out_dir: Path, data_path, base, task, val, train_on_prompt, overrides, lora, world: World):
+    """(a new run's settings, its base model, tokenizer), the data files and the base model checked."""
+    from llmcli.formats import load_model, resolve_model
+
+    if out_dir.exists() and (not out_dir.is_dir() or checkpoint_dirs(out_dir)):
+        raise LLMError(f"{out_dir} already exists; continue it with --resume {out_dir}, or choose another "
+                       "directory")
+    if task not in TASKS:  # these before the base model is loaded: a typo is said at once
+        raise LLMError(f"unknown task {task!r}; choose {' or '.join(TASKS)}")
+    for path in (data_path, val):
+        if path == "-":
+            raise LLMError("llm finetune reads its records from a file, not stdin (a resumed run reads them "
+                           "again): save them to a file first")
+        if path is not None:
+            data.check_text_file(path)
+    base = resolve_model(base)  # a Hub id becomes its local files, which the run records
+    base_model, tokenizer, base_config = load_model(base, str(world.device))
+    if base_config.get("task") == "classify" or "adapter" in base_config:
+        raise LLMError(f"{base} is a classifier or an adapter; fine-tune a language model (merge an adapter "
+                       "first with llm finetune merge)")
+    if tokenizer.end_of_text is None:
+        raise LLMError(f"{base}: its tokenizer has neither <|endoftext|> nor an end token, which fine-tuning "
+                       "needs to mark where an example ends")
+    run = new_run(base, data_path, val, task, train_on_prompt, overrides, lora, base_config, base_model, tokenizer)
+    return run, base_model, tokenizer
 
 
 def merge(adapter_dir: str | Path, out_dir: str | Path) -> Path:
