@@ -1,4 +1,4 @@
-"""The commands of the README's GGUF section run, on a checkpoint like the walkthrough's; the file they write reads
+"""The commands of docs/formats.md's GGUF section run, on a checkpoint like the walkthrough's; the file they write reads
 back with the weights and tokens of the checkpoint."""
 
 import shutil
@@ -15,7 +15,7 @@ def test_gguf_section_commands_run(tmp_path, nano_checkpoint):
     from llmcli.formats import load_model
 
     shutil.copytree(nano_checkpoint, tmp_path / "shakespeare-nano")
-    result = run_bash("\n".join(bash_blocks("GGUF files: llama.cpp's and ollama's models, in and out")), cwd=tmp_path)
+    result = run_bash("\n".join(bash_blocks("GGUF files: llama.cpp's and ollama's models, in and out", "docs/formats.md")), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     path = tmp_path / "shakespeare-nano.q8_0.gguf"

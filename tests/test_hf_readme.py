@@ -1,4 +1,4 @@
-"""The commands of the README's Hugging Face section run, on a checkpoint like the walkthrough's."""
+"""The commands of docs/formats.md's Hugging Face section run, on a checkpoint like the walkthrough's."""
 
 import json
 import shutil
@@ -8,7 +8,7 @@ from test_readme import bash_blocks, run_bash
 
 def test_hugging_face_section_commands_run(tmp_path, nano_checkpoint):
     shutil.copytree(nano_checkpoint, tmp_path / "shakespeare-nano")
-    result = run_bash("\n".join(bash_blocks("Hugging Face models: open, export, inspect")), cwd=tmp_path)
+    result = run_bash("\n".join(bash_blocks("Hugging Face models: open, export, inspect", "docs/formats.md")), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0] == "shakespeare-hf" and (tmp_path / "shakespeare-hf" / "config.json").is_file()
