@@ -239,12 +239,15 @@ def test_a_hugging_face_folder_chats_with_its_own_template(nano_checkpoint, tmp_
     from llmcli.formats import export_model
 
     folder = export_model(nano_checkpoint, tmp_path / "hf")
-    named = [{"name": "tool_use", "template": "T"}, {"name": "default", "template": CHATML}]
+    # plain-text markers: this vocabulary has no <|im_start|>, and a template writing it is refused (below)
+    plain = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+             "{% if add_generation_prompt %}assistant:{% endif %}")
+    named = [{"name": "tool_use", "template": "T"}, {"name": "default", "template": plain}]
     (folder / "tokenizer_config.json").write_text(json.dumps({"chat_template": named}))
     result = run_cli("generate", "--chat", "hi", "-m", folder, "--max-new-tokens", "3", "--json")
     assert result.returncode == 0 and "no chat template" not in result.stderr, result.stderr
     record = json.loads(result.stdout)
-    assert record["templated_prompt"] == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    assert record["templated_prompt"] == "user: hi\nassistant:"
 
 
 def test_a_template_that_fails_says_so_in_one_line(nano_checkpoint, tmp_path):

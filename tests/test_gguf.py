@@ -478,7 +478,7 @@ def test_our_export_runs_in_llama_cpp_with_our_tokens_and_greedy_text(tmp_path):
     llama.cpp reads the same prompt tokens (its <|endoftext|> start, stated in the file) and continues greedily with
     the text `llm generate --temperature 0` gives."""
     path = tmp_path / "t.gguf"
-    assert run_cli("export", ROOT / "checkpoints" / "tinystories", "--format", "gguf", "--type", "f32",
+    assert run_cli("export", ROOT / "llmcli" / "checkpoints" / "tinystories", "--format", "gguf", "--type", "f32",
                    "-o", path).returncode == 0
     result = run_cli("generate", "Once upon a time", "-m", path, "--temperature", "0", "--max-new-tokens", "24",
                      "--json")
