@@ -248,6 +248,8 @@ def _print_summary(summary: dict, title: str = "pretraining summary"):
                   + (f" ({trained:,} trained)" if trained < summary["parameters"] else ""))
     table.add_row("steps", f"{summary['steps']:,} ({summary['tokens']:,} tokens)")
     table.add_row("val loss", f"{summary['first_val_loss']:.4f} -> {summary['val_loss']:.4f}")
+    if "val_bpb" in summary:
+        table.add_row("val bits per byte", f"{summary['val_bpb']:.4f}")
     table.add_row("train loss", f"{summary['train_loss']:.4f}")
     table.add_row("time", f"{summary['seconds']:.1f}s, {summary['tokens_per_s']:,} tokens/s")
     from llmcli.eval.plot import read_metrics, sparkline

@@ -362,11 +362,22 @@ class Trainer:
             raise LLMError(f"could not write {self.metrics_path}: {os_error_reason(e)}; stopping at step "
                            f"{row['step']}: {kept_note(self.out_dir)}") from None
 
+    def bits_per_byte(self, loss: float) -> float | None:
+        """A validation loss (nats per token) in bits per byte of text, where the dataset knows its text's bytes."""
+        tokens_per_byte = getattr(self.dataset, "val_tokens_per_byte", None)
+        return loss / math.log(2) * tokens_per_byte if tokens_per_byte else None
+
     def validate(self, step: int) -> float:
-        """The validation loss at `step`, recorded."""
+        """The validation loss at `step`, recorded (with its bits per byte, val_bpb, where known)."""
         loss = estimate_val_loss(self.train_model, self.dataset, self.cfg, self.world, self.micro, self.autocast)
-        self.record(step=step, val_loss=loss, tokens=step * self.tokens_per_step, time=self._elapsed())
+        bpb = self.bits_per_byte(loss)
+        self.record(step=step, val_loss=loss, **({"val_bpb": bpb} if bpb is not None else {}),
+                    tokens=step * self.tokens_per_step, time=self._elapsed())
         return loss
+
+    def _val_text(self, loss: float) -> str:
+        bpb = self.bits_per_byte(loss)
+        return f"val loss {loss:.4f}" + (f" ({bpb:.4f} bits per byte)" if bpb is not None else "")
 
     def save(self, step: int, val_loss: float | None):
         """A checkpoint of `step` (every process calls it: FSDP gathers shards; process 0 writes)."""
@@ -407,7 +418,7 @@ class Trainer:
         val_loss = first_loss = None
         if self.start_step == 0:
             first_loss = val_loss = self.validate(0)
-            self.say(f"step 0: val loss {val_loss:.4f}")
+            self.say(f"step 0: {self._val_text(val_loss)}")
         self.train_model.train()
         train_loss = float("nan")
         fields = "loss {task.fields[loss]:.3f}  lr {task.fields[lr]:.2e}  {task.fields[tps]:,.0f} tok/s"
@@ -427,7 +438,7 @@ class Trainer:
                 evaluated = step % cfg.eval_interval == 0 or step == cfg.max_steps
                 if evaluated:
                     val_loss = self.validate(step)
-                    self.say(f"step {step}: train loss {train_loss:.4f}, val loss {val_loss:.4f}, lr {lr:.2e}, "
+                    self.say(f"step {step}: train loss {train_loss:.4f}, {self._val_text(val_loss)}, lr {lr:.2e}, "
                              f"{tokens_per_s:,.0f} tokens/s")
                 if stopping or evaluated or step % save_interval == 0:
                     self.save(step, val_loss if evaluated else None)
@@ -450,6 +461,8 @@ class Trainer:
             "seconds": round(elapsed, 1), "tokens_per_s": round(cfg.max_steps * self.tokens_per_step / elapsed),
             "checkpoint": str(self.out_dir),
         }
+        if val_loss is not None and self.bits_per_byte(val_loss) is not None:
+            summary["val_bpb"] = self.bits_per_byte(val_loss)
         if self.world.is_main:
             self.run.summary = summary
             self.run.save(self.out_dir)
