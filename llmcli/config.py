@@ -119,7 +119,12 @@ class TrainConfig:
     lr: float = _setting(1e-3, "peak learning rate", low=0, positive=True)
     min_lr_ratio: float = _setting(0.1, "the schedule ends at lr * min_lr_ratio", low=0, high=1)
     warmup_steps: int = _setting(100, "steps of linear warmup", low=0)
-    weight_decay: float = _setting(0.1, "AdamW weight decay of the matrices", low=0)
+    optimizer: str = _setting("adamw", "adamw for every weight, or muon: Muon for the blocks' matrices, AdamW (at lr) "
+                              "for embeddings, output head, norms and biases", choices=("adamw", "muon"))
+    muon_lr: float = _setting(0.02, "muon: peak learning rate of the blocks' matrices (each scaled by "
+                              "sqrt(max(1, rows / columns)), as nanochat's), following lr's schedule", low=0,
+                              positive=True)
+    weight_decay: float = _setting(0.1, "weight decay of the matrices (AdamW's, and Muon's with muon)", low=0)
     beta1: float = _setting(0.9, "AdamW beta1", low=0, high=1)
     beta2: float = _setting(0.95, "AdamW beta2", low=0, high=1)
     grad_clip: float = _setting(1.0, "largest gradient norm", low=0, positive=True)

@@ -3,7 +3,9 @@
 import json
 
 import pytest
+import torch
 import yaml
+from safetensors.torch import load_file
 from conftest import ROOT, run_cli
 
 STORIES = ROOT / "data" / "tinystories"
@@ -27,3 +29,50 @@ def test_validation_in_bits_per_byte_agrees_with_llm_eval(tmp_path):
     drawn = run_cli("plot", run, "-o", tmp_path / "loss.png")
     assert drawn.returncode == 0, drawn.stderr
     assert (tmp_path / "loss.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def metrics(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_muon_trains_and_resumes_bit_for_bit(shakespeare_slice, nano_checkpoint, tmp_path):
+    common = ("--preset", "nano", "-t", nano_checkpoint, "--max-steps", "12", "--eval-interval", "6",
+              "--set", "train.optimizer=muon")
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    trained = run_cli("pretrain", shakespeare_slice, *common, "-o", whole)
+    assert trained.returncode == 0, trained.stderr
+    val = [r["val_loss"] for r in metrics(whole) if "val_loss" in r]
+    assert val[-1] < val[0] - 0.5  # it learns
+    state = load_file(str(whole / "checkpoints" / "step-0000012" / "train_state.safetensors"))
+    assert any(k.endswith("momentum_buffer") for k in state)  # Muon's state is saved (blocks' matrices)
+    assert "optimizer.token_embedding.weight.exp_avg" in state  # and AdamW's
+
+    first = run_cli("pretrain", shakespeare_slice, *common[:-4], "--max-steps", "6", "--eval-interval", "6",
+                    "--set", "train.optimizer=muon", "-o", split)
+    assert first.returncode == 0, first.stderr
+    resumed = run_cli("pretrain", "--resume", split, "--max-steps", "12")
+    assert resumed.returncode == 0, resumed.stderr
+    assert [(r["step"], r.get("train_loss"), r.get("val_loss")) for r in metrics(split)] == \
+        [(r["step"], r.get("train_loss"), r.get("val_loss")) for r in metrics(whole)]
+    assert load_file(str(split / "model.safetensors")).keys() == load_file(str(whole / "model.safetensors")).keys()
+    for name, tensor in load_file(str(split / "model.safetensors")).items():
+        assert torch.equal(tensor, load_file(str(whole / "model.safetensors"))[name]), name
+
+
+def test_muon_with_two_processes_ddp_and_fsdp_refused(shakespeare_slice, nano_checkpoint, tmp_path):
+    common = ("--preset", "nano", "-t", nano_checkpoint, "--max-steps", "4", "--eval-interval", "4",
+              "--set", "train.optimizer=muon")
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert run_cli("pretrain", shakespeare_slice, *common, "-o", one).returncode == 0
+    result = run_cli("pretrain", shakespeare_slice, *common, "-o", two, "--nproc", "2")
+    assert result.returncode == 0, result.stderr
+    losses = lambda run: [(r["step"], r.get("train_loss"), r.get("val_loss")) for r in metrics(run)]
+    assert [s for s, _, _ in losses(two)] == [s for s, _, _ in losses(one)]
+    assert [x for _, *xs in losses(two) for x in xs if x is not None] == \
+        pytest.approx([x for _, *xs in losses(one) for x in xs if x is not None], rel=1e-4)
+
+    refused = run_cli("pretrain", shakespeare_slice, *common, "-o", tmp_path / "fsdp", "--nproc", "2",
+                      "--strategy", "fsdp")
+    assert refused.returncode != 0
+    assert "muon does not go with fsdp" in refused.stderr and "Traceback" not in refused.stderr
+    assert not (tmp_path / "fsdp").exists()

@@ -87,14 +87,43 @@ def resolve_precision(precision: str, width: int, device: torch.device) -> str:
     return "bf16-mixed" if width >= BF16_MIN_WIDTH and native_bf16(device) else "fp32"
 
 
-def make_optimizer(model: Transformer, cfg: TrainConfig) -> torch.optim.AdamW:
-    # decay matrices (weights, embeddings); leave biases and norm gains alone
+class MuonAdamW:
+    """Muon for the blocks' matrices and AdamW for the other weights, stepped as one optimizer. `optimizers` lists
+    the two (the checkpoint code saves and loads each one's state)."""
+
+    def __init__(self, muon: torch.optim.Optimizer, adamw: torch.optim.Optimizer):
+        self.optimizers = [muon, adamw]
+        self.param_groups = muon.param_groups + adamw.param_groups
+
+    def step(self):
+        for optimizer in self.optimizers:
+            optimizer.step()
+
+    def zero_grad(self, set_to_none: bool = True):
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=set_to_none)
+
+
+def make_optimizer(model: Transformer, cfg: TrainConfig):
+    """AdamW with weight decay on matrices (weights, embeddings) only; or (cfg.optimizer muon) torch.optim.Muon for
+    the 2-D weights of the blocks at cfg.muon_lr and AdamW at cfg.lr for the rest, as nanochat's setup_optimizer
+    splits them. Each group's lr_scale is its learning rate over cfg.lr: train_step follows the schedule with it."""
     params = [p for p in model.parameters() if p.requires_grad]
+    matrices = {id(p) for block in model.blocks for p in block.parameters() if p.dim() == 2} \
+        if cfg.optimizer == "muon" else set()
     groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.dim() >= 2 and id(p) not in matrices], "weight_decay": cfg.weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=True)
+    adamw = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                              fused=True)
+    if not matrices:
+        return adamw
+    # Muon's own momentum and Newton-Schulz defaults (nanochat's too); lr scaled by the matrix's shape as nanochat's
+    muon = torch.optim.Muon([p for p in params if id(p) in matrices], lr=cfg.muon_lr,
+                            weight_decay=cfg.weight_decay, adjust_lr_fn="original")
+    muon.param_groups[0]["lr_scale"] = cfg.muon_lr / cfg.lr
+    return MuonAdamW(muon, adamw)
 
 
 IGNORE = -100  # a target that carries no loss (a prompt token or padding in fine-tuning)
@@ -194,7 +223,7 @@ def train_step(model, optimizer, micro_batches: list, lr: float, grad_clip: floa
     of k*b. Returns (mean loss, gradient norm, whether any process asked to stop). Raises NonFiniteLoss before
     touching the weights."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
     local_tokens = max(1, sum(n_targets(targets) for _, targets in micro_batches))
     loss_sum = torch.zeros((), device=world.device)
     for i, (inputs, targets) in enumerate(micro_batches):
@@ -250,7 +279,10 @@ def estimate_val_loss(model, dataset, cfg: TrainConfig, world: World, micro_batc
 
 def micro_batch_size(cfg: TrainConfig, world: World) -> int:
     """The sequences of a forward pass, checked against the batch and the processes (cfg.check() has checked the
-    rest of the settings)."""
+    rest of the settings); Muon with FSDP is refused."""
+    if world.size > 1 and cfg.strategy == "fsdp" and cfg.optimizer == "muon":
+        raise LLMError("muon does not go with fsdp: Muon orthogonalizes whole matrices and FSDP holds shards of them; "
+                       "use --strategy ddp, or --set train.optimizer=adamw")
     if cfg.batch_size < 1 or cfg.batch_size % world.size:
         raise LLMError(f"the batch size ({cfg.batch_size}) must be a positive multiple of the number of "
                        f"processes ({world.size})")
