@@ -174,8 +174,9 @@ def pretrain(
         show_default=False)] = None,
     lr: Annotated[Optional[float], typer.Option(help="Peak learning rate")] = None,
     schedule: Annotated[Optional[str], typer.Option(
-        help="After warmup: cosine, linear or wsd (warmup-stable-decay) [default: cosine]", show_default=False)] = None,
-    warmup_steps: Annotated[Optional[int], typer.Option(help="Steps of linear warmup")] = None,
+        help="After warmup: cosine, linear or wsd (warmup-stable-decay) [default: wsd]", show_default=False)] = None,
+    warmup_steps: Annotated[Optional[int], typer.Option(
+        help="Steps of linear warmup [default: 5% of the steps]", show_default=False)] = None,
     precision: Annotated[Optional[str], typer.Option(
         help="fp32, bf16-mixed (bfloat16 autocast) or auto: bf16-mixed where the CPU (or GPU) multiplies bfloat16 "
         "natively and the model is at least 256 wide, else fp32 [default: auto]", show_default=False)] = None,

@@ -1,6 +1,7 @@
 """The training recipe: validation in bits per byte of text, and the Muon optimizer."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -47,11 +48,12 @@ def test_muon_trains_and_resumes_bit_for_bit(shakespeare_slice, nano_checkpoint,
     assert any(k.endswith("momentum_buffer") for k in state)  # Muon's state is saved (blocks' matrices)
     assert "optimizer.token_embedding.weight.exp_avg" in state  # and AdamW's
 
-    first = run_cli("pretrain", shakespeare_slice, *common[:-4], "--max-steps", "6", "--eval-interval", "6",
-                    "--set", "train.optimizer=muon", "-o", split)
-    assert first.returncode == 0, first.stderr
-    resumed = run_cli("pretrain", "--resume", split, "--max-steps", "12")
+    # the checkpoint of step 6 continued to step 12 (the schedule depends on max_steps: the same run, resumed)
+    shutil.copytree(whole, split)
+    shutil.rmtree(split / "checkpoints" / "step-0000012")
+    resumed = run_cli("pretrain", "--resume", split)
     assert resumed.returncode == 0, resumed.stderr
+    assert "from step 6" in resumed.stderr
     assert [(r["step"], r.get("train_loss"), r.get("val_loss")) for r in metrics(split)] == \
         [(r["step"], r.get("train_loss"), r.get("val_loss")) for r in metrics(whole)]
     assert load_file(str(split / "model.safetensors")).keys() == load_file(str(whole / "model.safetensors")).keys()
@@ -76,3 +78,33 @@ def test_muon_with_two_processes_ddp_and_fsdp_refused(shakespeare_slice, nano_ch
     assert refused.returncode != 0
     assert "muon does not go with fsdp" in refused.stderr and "Traceback" not in refused.stderr
     assert not (tmp_path / "fsdp").exists()
+
+
+def test_new_runs_get_the_modern_recipe_and_old_configs_keep_theirs(tmp_path):
+    from llmcli.config import TrainConfig
+    from llmcli.train.loop import learning_rate
+    from llmcli.train.run import Run
+
+    new = Run.new("tiny", None, {})
+    assert (new.model.norm, new.model.positions, new.model.mlp, new.model.tie_embeddings, new.model.dropout) == \
+        ("rmsnorm", "rope", "swiglu", False, 0.0)
+    assert (new.train.schedule, new.train.decay_fraction, new.train.min_lr_ratio) == ("wsd", 0.65, 0.05)
+    assert new.train.warmup == 100  # 5% of the preset's 2000 steps
+    assert Run.new("tiny", None, {"train.warmup_steps": 7}).train.warmup == 7  # an explicit count wins
+    config = tmp_path / "mine.yaml"
+    config.write_text("model:\n  norm: layernorm\n  positions: learned\ntrain:\n  schedule: cosine\n")
+    mine = Run.new(None, config, {})
+    assert (mine.model.norm, mine.model.positions, mine.model.mlp, mine.train.schedule) == \
+        ("layernorm", "learned", "swiglu", "cosine")
+    assert learning_rate(0, TrainConfig(max_steps=100, warmup_steps=-1, warmup_fraction=0.1, lr=1.0)) == 0.1
+
+    # a checkpoint written before the recipe changed states only what it set: the rest reads as it did then
+    run = tmp_path / "old"
+    run.mkdir()
+    (run / "config.yaml").write_text("format: llmcli-checkpoint/1\nmodel:\n  vocab_size: 64\n  n_layer: 1\n"
+                                     "  n_head: 2\n  n_embd: 16\n  context: 16\ntrain:\n  max_steps: 10\n")
+    old = Run.load(run)
+    assert (old.model.norm, old.model.positions, old.model.mlp, old.model.tie_embeddings) == \
+        ("layernorm", "learned", "gelu", True)
+    assert (old.train.schedule, old.train.warmup, old.train.min_lr_ratio, old.train.optimizer) == \
+        ("cosine", 100, 0.1, "adamw")

@@ -50,15 +50,16 @@ BF16_MIN_WIDTH = 256  # narrower models' steps are dominated by per-operation ov
 def learning_rate(step: int, cfg: TrainConfig) -> float:
     """Linear warmup to cfg.lr, then down to cfg.lr * cfg.min_lr_ratio at cfg.max_steps: by a cosine, a straight
     line, or (wsd) flat until the last decay_fraction of the steps and a straight line from there."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
+    warmup = cfg.warmup
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
     min_lr = cfg.lr * cfg.min_lr_ratio
     if cfg.schedule == "wsd":
         decay_start = cfg.max_steps - int(cfg.decay_fraction * cfg.max_steps)
-        decay_start = max(decay_start, cfg.warmup_steps)
+        decay_start = max(decay_start, warmup)
         progress = min(1.0, max(0, step - decay_start) / max(1, cfg.max_steps - decay_start))
         return cfg.lr - (cfg.lr - min_lr) * progress
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+    progress = min(1.0, (step - warmup) / max(1, cfg.max_steps - warmup))
     if cfg.schedule == "linear":
         return cfg.lr - (cfg.lr - min_lr) * progress
     return min_lr + 0.5 * (cfg.lr - min_lr) * (1 + math.cos(math.pi * progress))
