@@ -4,23 +4,21 @@
 
 For each (rows, slots): the median time of a decode step of each way, alternating in one process, over a KV cache of
 random keys and values (a step's time does not depend on them), rows 1.. left-padded by 3 slots as a batch of
-prompts of different lengths is. numpy_steps.MOST_ROWS and MOST_KEYS come from such runs.
+prompts of different lengths is. llmcli.runtime.MOST_ROWS and MOST_KEYS come from such runs.
 """
 
 import argparse
-import os
 import time
 
-from llmcli.threads import configure
+from llmcli.runtime import configure
 
 configure("generate")  # as `llm generate`: OpenMP's waiting, and NumPy's BLAS on one thread
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import numpy as np
 import torch
 
 from llmcli.formats import load_model
-from llmcli.infer.generate import decoding_layout
+from llmcli.infer.backend import decoding_layout, numpy_steps_faster
 from llmcli.model.numpy_steps import TorchKernels, kv_cache_arrays
 
 
@@ -56,7 +54,7 @@ def main():
                     model(torch.from_numpy(tokens), pos=pos, pad=torch.from_numpy(pad))
                     on_torch.append(time.perf_counter() - start)
             n, t = np.median(on_numpy[1:]) * 1e3, np.median(on_torch[1:]) * 1e3  # (the first warms up)
-            chosen = "numpy" if TorchKernels.faster(rows, slots) else "torch"
+            chosen = "numpy" if numpy_steps_faster(rows, slots) else "torch"
             print(f"{rows:>4} {slots:>6} {n:>9.1f} {t:>9.1f} {t / n:>10.2f}x  {chosen}", flush=True)
             model.clear_kv_cache()
 

@@ -12,14 +12,14 @@ under --llamacpp-python (a virtual environment of its own) or this Python if it 
 --new-tokens greedily at batch 1 after a short prompt, with --threads threads (default: torch's). The table: decode
 tokens/s (after the first token), its ratio to transformers', the spread (lowest-highest) over the rounds, load time,
 time to first token, and peak RSS (of the whole process) with the bytes of the weights each engine decodes with.
-`llm int4, passive` is int4 with the OpenMP setting `llm` had before it chose one per command (llmcli/threads.py).
+`llm int4, passive` is int4 with the OpenMP setting `llm` had before it chose one per command (llmcli/runtime.py).
 --busy measures everything again beside a burner (torch multiplying matrices on every core with its default threads)
 and prints a second table.
 
 For each shape (random weights), batch size and prompt length it builds our Transformer, copies its weights into
 transformers' GPT2LMHeadModel (the renaming of llmcli.hf's export), and times greedy decoding of each engine,
 alternating them: time to first token (the prompt's prefill and one token) and decode tokens/s (new tokens after the
-first, over the time after the first). Ours is llmcli.generate.decode_rows, the loop `llm generate` runs, on the
+first, over the time after the first). Ours is llmcli.infer.engine.Engine.run, the loop `llm generate` runs, on the
 torch model in float32 (its decode steps on NumPy between its torch modules where that is the faster:
 llmcli/model/numpy_steps.py), on the same with `--quantize int8` (llmcli/quantize.py) and, for shapes small enough for it,
 on the NumPy model (llmcli/numpy_model.py, which `llm generate` uses for them). HF is
@@ -48,8 +48,11 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from llmcli.formats.hf import export_family, hf_config_for, hf_tensors  # noqa: E402
-from llmcli.infer.generate import SamplingConfig, decode_rows, decoding_layout  # noqa: E402
-from llmcli.model.numpy_model import SMALL_MODEL, NumpyTransformer  # noqa: E402
+from llmcli.infer.backend import decoding_layout  # noqa: E402
+from llmcli.infer.engine import Engine, Job  # noqa: E402
+from llmcli.infer.sampler import SamplingConfig  # noqa: E402
+from llmcli.model.numpy_model import NumpyTransformer  # noqa: E402
+from llmcli.runtime import SMALL_MODEL  # noqa: E402
 from llmcli.model.quantize import quantize  # noqa: E402
 from llmcli.model.transformer import ModelConfig, Transformer  # noqa: E402
 
@@ -84,12 +87,14 @@ def hf_twin(model: Transformer):
 
 def time_ours(model, prompt: torch.Tensor, new_tokens: int) -> tuple[float, float]:
     cfg = SamplingConfig(max_new_tokens=new_tokens, temperature=0.0)
+    rows = []
+    jobs = [Job([p], cfg, lambda events: rows.extend(e[4] for e in events if e[0] == "finish"), seed=0)
+            for p in prompt.tolist()]
+    engine = Engine(model, None, max_batch=len(jobs), preallocate=False)
     started = time.perf_counter()
-    first = None
-    for _ in decode_rows(model, prompt.tolist(), cfg):
-        if first is None:
-            first = time.perf_counter()
-    end = time.perf_counter()
+    for _ in engine.run(jobs):
+        pass
+    first, end = min(r.joined_at for r in rows), max(r.finished_at for r in rows)
     return first - started, prompt.size(0) * (new_tokens - 1) / (end - first)
 
 
@@ -116,14 +121,17 @@ def time_hf(hf, prompt: torch.Tensor, new_tokens: int) -> tuple[float, float]:
 def profile_step(model, new_tokens: int):
     from torch.profiler import ProfilerActivity, profile
 
-    cfg = SamplingConfig(max_new_tokens=new_tokens, temperature=0.0)
-    prompt = [[1] * 16]
-    steps = decode_rows(model, prompt, cfg)
-    for _ in range(4):
-        next(steps)
+    import numpy as np
+
+    from llmcli.infer.backend import backend_for
+
+    backend = backend_for(model)
+    cache, pad = backend.allocate(1, 16 + new_tokens), np.zeros(1, dtype=np.int64)
+    backend.prefill(cache, np.ones((1, 16), dtype=np.int64), 0, pad)
+    for pos in range(16, 20):
+        backend.step(cache, np.ones(1, dtype=np.int64), pos, pad)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        next(steps)
-    steps.close()
+        backend.step(cache, np.ones(1, dtype=np.int64), 20, pad)
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
 
 
@@ -232,7 +240,7 @@ def engines(args) -> dict[str, list[str]]:
             python, "-c", LLAMACPP_WORKER, args.gguf, PROMPT, str(args.new_tokens),
             str(args.threads or torch.get_num_threads())]
     commands |= {"llm fp32": ours, "llm int8": [*ours, "--quantize", "int8"], "llm int4": [*ours, "--quantize", "int4"]}
-    # llm's OpenMP setting before it chose one per command (llmcli/threads.py): threads that sleep at once
+    # llm's OpenMP setting before it chose one per command (llmcli/runtime.py): threads that sleep at once
     commands["llm int4, passive"] = ["/usr/bin/env", "OMP_WAIT_POLICY=PASSIVE", *commands["llm int4"]]
     return commands
 

@@ -3,7 +3,7 @@ the wall time and peak RSS of a whole `llm generate`, for float32, int8 and int4
 
     python benchmarks/load.py PATH [PATH ...] [--runs 3] [--new-tokens 32]
 
-Every number comes from a fresh process (the CLI's OpenMP settings, llmcli/threads.py): `imports` is `import torch`
+Every number comes from a fresh process (the CLI's OpenMP settings, llmcli/runtime.py): `imports` is `import torch`
 and llmcli's loading modules; `load` is `load_model(PATH, quantize=MODE)` (wall and CPU seconds, median of --runs);
 `weights` the bytes of the parameters and buffers the model decodes with (shared ones once); `growth` how much the
 process's peak RSS grew during the load (Linux's VmHWM), over the weights; then `llm generate PATH "Once upon a time"
@@ -24,8 +24,8 @@ ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 
 LOAD = """
 import json, sys, time
-from llmcli import threads
-threads.configure()
+from llmcli import runtime
+runtime.configure()
 started = time.perf_counter()
 import torch
 from llmcli.formats import load_model

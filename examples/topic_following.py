@@ -15,7 +15,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from llmcli.formats import load_model  # noqa: E402
-from llmcli.infer.generate import apply_template, generate_samples, sampling_settings  # noqa: E402
+from llmcli.infer.generate import apply_template, generate_samples  # noqa: E402
+from llmcli.infer.sampler import sampling_settings  # noqa: E402
 
 TOPICS = ["cat", "dog", "bird", "fish", "bear", "frog", "dragon", "ball", "tree", "boat"]
 

@@ -385,7 +385,8 @@ def generate(
 
     start = time.perf_counter()
     from llmcli.formats import default_model_path, load_model
-    from llmcli.infer.generate import apply_template, generate_text, sampling_settings
+    from llmcli.infer.generate import apply_template, generate_text
+    from llmcli.infer.sampler import sampling_settings
     from llmcli.progress import log
 
     if input_format not in ("text", "jsonl"):
@@ -393,8 +394,15 @@ def generate(
     # a small model decodes on NumPy: text appears before torch could even have been imported
     net, tok, config = load_model(model, numpy_if_small=True, quantize=quantize)
     load_s = time.perf_counter() - start
-    cfg, template = sampling_settings(config, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                                      top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty,
+    turns = None
+    if chat:
+        from llmcli.text.chat_template import find_chat_template
+
+        turns = find_chat_template(model or default_model_path(), config, tok)
+        if turns is None:
+            log("this model has no chat template; the prompt is continued as plain text")
+    cfg, template = sampling_settings(config, turns, tok, max_new_tokens=max_new_tokens, temperature=temperature,
+                                      top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty,
                                       stop=tuple(stop) if stop else None, num_samples=num_samples, seed=seed,
                                       batch_size=batch_size, ignore_eos=ignore_eos or None)
     lines = None
@@ -405,16 +413,10 @@ def generate(
         prompts = lines = _input_lines("-")
     else:
         prompts = iter([prompt])
-    if chat:
-        from llmcli.text.chat_template import find_chat_template
-
-        turns = find_chat_template(model or default_model_path(), config, tok)
-        if turns is None:
-            log("this model has no chat template; the prompt is continued as plain text")
-            wrap = None
-        else:
-            cfg.stop, cfg.stop_tokens = cfg.stop + turns.stops(), cfg.stop_tokens + turns.stop_tokens(tok)
-            wrap = lambda p: turns.prompt([{"role": "user", "content": p}])  # noqa: E731
+    if turns is not None:
+        wrap = lambda p: turns.prompt([{"role": "user", "content": p}])  # noqa: E731
+    elif chat:
+        wrap = None
     else:
         wrap = lambda p: apply_template(template, p)  # noqa: E731
     generate_text(net, tok, prompts, cfg, truncate=truncate, log=log, as_json=as_json, load_s=load_s, template=wrap,
@@ -445,17 +447,16 @@ def chat(
     leaves, Ctrl-C stops a reply."""
     from llmcli.formats import default_model_path, load_model
     from llmcli.infer.chat import Chat
-    from llmcli.infer.generate import sampling_settings
+    from llmcli.infer.sampler import sampling_settings
     from llmcli.progress import log
     from llmcli.text.chat_template import find_chat_template
 
     net, tok, config = load_model(model, numpy_if_small=True, quantize=quantize)
     if config.get("task") == "classify":
         raise LLMError("this checkpoint is a classifier: it labels text (llm classify), it does not chat")
-    cfg, _ = sampling_settings(config, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                               top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed)
-    cfg.check()
     template = find_chat_template(model or default_model_path(), config, tok)
+    cfg, _ = sampling_settings(config, template, tok, max_new_tokens=max_new_tokens, temperature=temperature,
+                               top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed)
     conversation = Chat(net, tok, cfg, template, system, log)
     if template is None:
         log("this model has no chat template: your messages are continued as plain text")
@@ -740,13 +741,10 @@ def _terminate(signum, frame):
 
 
 def main():
-    # before any command imports torch: how OpenMP's threads wait, chosen for the command (llmcli/threads.py)
-    from llmcli.threads import configure
+    # before any command imports torch or NumPy: the process tuned for the command (llmcli/runtime.py)
+    from llmcli.runtime import configure
 
     configure(next((arg for arg in sys.argv[1:] if not arg.startswith("-")), None))
-    # NumPy decoding (llmcli/numpy_model.py) multiplies small matrices: BLAS threads only add waiting, 150 ms of it
-    # before the first token when the cores are busy (8-15 ms on one thread). Read when NumPy is first imported.
-    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     signal.signal(signal.SIGTERM, _terminate)
     sys.stdout = _Results(sys.stdout)
     # typer itself turns usage errors into exit 2 and Ctrl-C into exit 130; our own errors are one line and exit 1

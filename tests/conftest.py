@@ -9,13 +9,12 @@ from pathlib import Path
 import pytest
 import zygote
 
-from llmcli.threads import configure
+from llmcli.runtime import configure
 
 # as `llm` itself does before torch is imported (llmcli.cli.main): OpenMP threads that sleep when they wait. Without
 # it, the tests that train in this process spin-wait beside the other pytest worker and the runs they start, and ran
 # 2-5x slower on two busy cores; NumPy's BLAS on one thread, as `llm` has it
 configure()
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 ROOT = Path(__file__).resolve().parent.parent
 # the corpora committed in the repository (data/README.md): the tests read nothing outside it

@@ -323,7 +323,7 @@ def test_a_reply_ends_at_the_templates_end_of_turn_token(tmp_path):
     plain = json.loads(run_cli("generate", "Say hello", *args).stdout)
     assert (plain["finish_reason"], plain["new_tokens"], plain["text"]) == ("length", 5, "")
     chat = json.loads(run_cli("generate", "--chat", "Say hello", *args).stdout)
-    assert (chat["finish_reason"], chat["new_tokens"], chat["text"]) == ("eos", 0, "")
+    assert (chat["finish_reason"], chat["new_tokens"], chat["text"]) == ("stop", 0, "")
     replies = run_cli("chat", *args[:-1], input="Say hello\nAgain\n")
     assert replies.returncode == 0 and replies.stdout == "\n\n", replies.stderr
 

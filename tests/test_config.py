@@ -48,7 +48,8 @@ def test_unknown_preset():
 
 
 def test_stored_generation_defaults_yield_to_options():
-    from llmcli.infer.generate import apply_template, sampling_settings
+    from llmcli.infer.generate import apply_template
+    from llmcli.infer.sampler import sampling_settings
 
     stored = {"generation": {"temperature": 0.5, "max_new_tokens": 9, "prompt_template": "{prompt}\n"}}
     cfg, template = sampling_settings(stored, temperature=0.0, top_p=None, num_samples=2)

@@ -7,7 +7,9 @@ import pytest
 import torch
 from conftest import run_cli
 
-from llmcli.infer.generate import SamplingConfig, TextStream, apply_min_p, apply_repetition_penalty, decode_rows
+from llmcli.infer.generate import decode
+from llmcli.infer.rows import TextStream
+from llmcli.infer.sampler import SamplingConfig, apply_min_p, apply_repetition_penalty
 
 PROMPTS = ["ROMEO:", "JULIET: O Romeo, Romeo, wherefore art thou", "", "KING HENRY: Once more unto the breach"]
 
@@ -57,7 +59,7 @@ def test_text_stream_holds_back_a_stop_string_split_across_tokens(nano_checkpoin
 def test_the_samples_of_a_prompt_share_one_prefill(nano_checkpoint, numpy_decoder):
     """Rows with the same prompt are prefilled once, then decode as if each had been prefilled alone."""
     from llmcli.formats import load_model
-    from llmcli.infer.generate import encode_prompt
+    from llmcli.infer.rows import encode_prompt
 
     model, tok, _ = load_model(nano_checkpoint, numpy_if_small=numpy_decoder)
     prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[0]]
@@ -68,17 +70,18 @@ def test_the_samples_of_a_prompt_share_one_prefill(nano_checkpoint, numpy_decode
     forward = counted.forward
     counted.forward = lambda idx, *args, **kwargs: (batch_sizes.append(len(idx)), forward(idx, *args, **kwargs))[1]
     cfg = SamplingConfig(max_new_tokens=12, temperature=0.0)
-    together = np.stack(list(decode_rows(model, rows, cfg)), axis=1)
+    together = decode(model, rows, cfg)
     assert batch_sizes[0] == len(set(prompts)) and set(batch_sizes[1:]) == {3}
     for b, row in enumerate(rows):
-        assert np.array_equal(together[b], np.stack(list(decode_rows(model, [row], cfg)), axis=1)[0]), b
+        assert together[b] == decode(model, [row], cfg)[0], b
 
 
 def test_decode_steps_leave_numpy_for_torch_once_the_attention_is_long(nano_checkpoint, monkeypatch):
     """NumPy's attention runs on one core: steps whose rows x slots pass MOST_KEYS run on torch, over the same KV
     cache, and the tokens are those of torch alone."""
     from llmcli.formats import load_model
-    from llmcli.infer.generate import encode_prompt
+    from llmcli.infer.rows import encode_prompt
+    from llmcli import runtime
     from llmcli.model import numpy_steps
 
     model, tok, _ = load_model(nano_checkpoint)
@@ -86,33 +89,43 @@ def test_decode_steps_leave_numpy_for_torch_once_the_attention_is_long(nano_chec
     L = max(map(len, rows))
     cfg = SamplingConfig(max_new_tokens=12, temperature=0.0)
     monkeypatch.setattr(numpy_steps, "runs_on_numpy", lambda model: False)
-    on_torch = np.stack(list(decode_rows(model, rows, cfg)), axis=1)
+    on_torch = decode(model, rows, cfg)
     monkeypatch.undo()
-    monkeypatch.setattr(numpy_steps, "MOST_KEYS", 2 * (L + 4))  # 2 rows: 4 steps on NumPy, then torch
+    monkeypatch.setattr(runtime, "MOST_KEYS", 2 * (L + 4))  # 2 rows: 4 steps on NumPy, then torch
     slots = []  # filled after each call of torch's forward
     forward = model.forward
     monkeypatch.setattr(model, "forward", lambda idx, pos=0, **kwargs: (slots.append(pos + idx.size(1)), forward(
         idx, pos, **kwargs))[1])
-    tokens = np.stack(list(decode_rows(model, rows, cfg)), axis=1)
+    tokens = decode(model, rows, cfg)
     assert slots == [L] + list(range(L + 5, L + 12))  # the prefill, then the steps past L + 4 slots
-    assert np.array_equal(tokens, on_torch)
+    assert tokens == on_torch and all(len(t) == 12 for t in tokens)
+
+
+def greedy_reference(model, ids: list[int], new_tokens: int) -> list[int]:
+    """The plain loop the decoder must equal: the whole sequence through model(tokens) for every new token."""
+    ids = list(ids)
+    with torch.no_grad():
+        for _ in range(min(new_tokens, model.config.context - len(ids))):
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    return ids[-new_tokens:]
 
 
 def test_batched_greedy_equals_each_prompt_alone(nano_checkpoint):
-    """Left padding with an attention mask: every row of a batch gives what its prompt gives alone."""
+    """Left padding with an attention mask: every row of a batch gives what its prompt gives alone, and what a
+    plain model(tokens) loop gives."""
     from llmcli.formats import load_model
-    from llmcli.infer.generate import encode_prompt
+    from llmcli.infer.rows import encode_prompt
 
     model, tok, _ = load_model(nano_checkpoint)
     rows = [encode_prompt(tok, p, model.config.context, False) for p in PROMPTS]
     assert len({len(r) for r in rows}) > 2  # really padded
     numpy_model = load_model(nano_checkpoint, numpy_if_small=True)[0]
     cfg = SamplingConfig(max_new_tokens=20, temperature=0.0)
-    for engine, use_cache in ((model, True), (model, False), (numpy_model, True)):
-        batched = np.stack(list(decode_rows(engine, rows, cfg, use_cache=use_cache)), axis=1)
+    reference = [greedy_reference(model, row, 20) for row in rows]
+    for engine in (model, numpy_model):
+        batched = decode(engine, rows, cfg)
         for b, row in enumerate(rows):
-            alone = np.stack(list(decode_rows(engine, [row], cfg)), axis=1)[0]
-            assert np.array_equal(batched[b], alone), (b, type(engine), use_cache)
+            assert batched[b] == decode(engine, [row], cfg)[0] == reference[b], (b, type(engine))
     # and the logits themselves agree, not just their argmax
     pad = torch.tensor([max(map(len, rows)) - len(r) for r in rows])
     padded = torch.tensor([[0] * int(p) + r for p, r in zip(pad, rows)])
@@ -138,7 +151,7 @@ def test_cli_batched_outputs_equal_single_runs_and_seed_is_batch_independent(nan
     three = _json_lines(run_cli("generate", PROMPTS[1], *m, "--temperature", "1.0", "--seed", "5", "-n", "3"))
     assert three[0]["text"] == alone[0]["text"] and len({r["text"] for r in three}) > 1
     r = batch[0]
-    assert r["finish_reason"] in ("length", "eos") and r["prompt_tokens"] > 1 and 0 < r["new_tokens"] <= 12
+    assert r["finish_reason"] in ("length", "stop") and r["prompt_tokens"] > 1 and 0 < r["new_tokens"] <= 12
     assert r["load_s"] > 0 and r["time_to_first_token_s"] > 0 and r["tokens_per_s"] > 0
 
 
@@ -298,6 +311,31 @@ def test_cli_ignore_eos_decodes_to_max_new_tokens(nano_checkpoint, tmp_path):
     save_file(state, eager / "model.safetensors")
     args = ("generate", "ROMEO:", "-m", eager, "--temperature", "0", "--max-new-tokens", "7", "--json")
     stopped = _json_lines(run_cli(*args))[0]
-    assert stopped["finish_reason"] == "eos" and stopped["new_tokens"] == 0
+    assert stopped["finish_reason"] == "stop" and stopped["new_tokens"] == 0
     ran_on = _json_lines(run_cli(*args, "--ignore-eos"))[0]
     assert ran_on["finish_reason"] == "length" and ran_on["new_tokens"] == 7
+
+
+def test_a_prompt_that_arrives_joins_the_running_batch(nano_checkpoint):
+    """`llm generate -` on a pipe: a line that arrives while others decode joins their batch at the next step (the
+    engine's continuous batching), and its text is what it would be alone."""
+    from llmcli.formats import load_model
+    from llmcli.infer.generate import generate_samples
+
+    model, tok, _ = load_model(nano_checkpoint, numpy_if_small=True)
+    rows_a_step = []
+    forward = model.forward
+    model.forward = lambda idx, *args: (rows_a_step.append(idx.shape), forward(idx, *args))[1]
+
+    def lines():
+        yield "ROMEO:"
+        yield "JULIET: O Romeo"  # read once ready() says it is there: after the third decode step
+
+    cfg = SamplingConfig(max_new_tokens=12, temperature=0.0, ignore_eos=True)
+    samples = list(generate_samples(model, tok, lines(), cfg, ready=lambda: len(rows_a_step) > 3))
+    steps = [rows for rows, width in rows_a_step if width == 1]
+    assert steps[:3] == [1, 1, 1] and 2 in steps  # alone, then together
+    assert rows_a_step.index((1, len(samples[1].ids))) == 4  # the new prompt prefilled between two steps
+    for sample in samples:
+        (alone,) = generate_samples(model, tok, [sample.prompt], cfg)
+        assert sample.text == alone.text and sample.new_tokens == 12

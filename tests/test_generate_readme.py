@@ -8,7 +8,8 @@ from test_readme import bash_blocks, run_bash, workdir
 def library_text(ckpt, prompt: str, quantize=None, **settings) -> str:
     """The sample the library gives for these settings, without the CLI."""
     from llmcli.formats import load_model
-    from llmcli.infer.generate import SamplingConfig, generate_samples
+    from llmcli.infer.generate import generate_samples
+    from llmcli.infer.sampler import SamplingConfig
 
     model, tok, _ = load_model(ckpt, numpy_if_small=True, quantize=quantize)
     (sample,) = generate_samples(model, tok, [prompt], SamplingConfig(**settings))
@@ -44,7 +45,7 @@ def test_generation_section_runs(tmp_path):
     records = [json.loads(line) for line in jsonl.splitlines()]
     assert [(r["prompt"], r["sample"]) for r in records] == [("ROMEO:", 0), ("ROMEO:", 1), ("JULIET: O", 0),
                                                              ("JULIET: O", 1)]
-    assert all(r["finish_reason"] in ("length", "eos") and r["new_tokens"] <= 20 for r in records)
+    assert all(r["finish_reason"] in ("length", "stop") and r["new_tokens"] <= 20 for r in records)
     assert all(r["new_tokens"] == 20 for r in records if r["finish_reason"] == "length")
 
     texts = greedy.split("<|endoftext|>\n")  # the two plain prompts, greedy, each closed by the separator

@@ -17,7 +17,8 @@ from conftest import ROOT, SHAKESPEARE, run_cli  # noqa: E402
 from llmcli.errors import LLMError  # noqa: E402
 from llmcli.formats import export_model, load_model, model_info  # noqa: E402
 from llmcli.formats.ours import save_model, write_config  # noqa: E402
-from llmcli.infer.generate import SamplingConfig, generate_tokens  # noqa: E402
+from llmcli.infer.generate import decode  # noqa: E402
+from llmcli.infer.sampler import SamplingConfig  # noqa: E402
 from llmcli.model.transformer import ModelConfig, Transformer  # noqa: E402
 
 SENTENCEPIECE = ROOT / "llmcli" / "checkpoints" / "tinystories" / "tokenizer.model"  # 2048 tokens
@@ -105,7 +106,7 @@ def test_logits_and_greedy_generation_equal_transformers(name, tmp_path, byte_le
 
     prompt = tokens[0, :8].tolist()
     greedy = SamplingConfig(max_new_tokens=32, temperature=0.0)
-    ours = [int(t[0]) for t in generate_tokens(model, prompt, greedy)]
+    (ours,) = decode(model, [prompt], greedy)
     assert ours == hf_greedy(hf_model, prompt, 32)
 
 
@@ -251,7 +252,7 @@ def test_generate_eval_and_info_open_a_gpt2_folder_from_the_cli(tmp_path, byte_l
     # (greedy tokens equal transformers' in test_logits_and_greedy_generation_equal_transformers)
     model, tok, _ = load_model(directory)
     assert record["prompt_tokens"] == len([tok.end_of_text] + tok.encode("ROMEO:"))
-    assert record["new_tokens"] == 10 or record["finish_reason"] == "eos"
+    assert record["new_tokens"] == 10 or record["finish_reason"] == "stop"
     small = tmp_path / "small.txt"
     small.write_text(shakespeare_slice.read_text()[:3000])
     result = run_cli("eval", small, "-m", directory, "--json")
@@ -281,7 +282,7 @@ def test_a_llama_sentencepiece_tokenizer_starts_at_bos_and_stops_at_eos(tmp_path
     sample ends at </s>."""
     import sentencepiece as spm
 
-    from llmcli.infer.generate import encode_prompt
+    from llmcli.infer.rows import encode_prompt
     from llmcli.text.tokenizer import Tokenizer
 
     directory = tmp_path / "llama"
@@ -311,7 +312,7 @@ def test_a_llama_sentencepiece_tokenizer_starts_at_bos_and_stops_at_eos(tmp_path
     assert result.returncode == 0, result.stderr
     record = json.loads(result.stdout)
     assert record["prompt_tokens"] == 1 + len(tokenizer.encode("ROMEO:"))
-    assert record["finish_reason"] == "eos" and record["new_tokens"] == 0 and record["text"] == ""
+    assert record["finish_reason"] == "stop" and record["new_tokens"] == 0 and record["text"] == ""
 
 
 def test_float32_tensors_are_mapped_copy_on_write_and_rows_read_in_place(tmp_path):

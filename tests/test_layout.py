@@ -6,8 +6,8 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "llmcli"
 # a module may import its own layer and the ones after it in this list, never one before
-LAYERS = [("cli", "__main__"), ("infer", "train", "eval"), ("formats",), ("model", "text"),
-          ("files", "config", "errors", "progress", "report", "threads", "__init__")]
+LAYERS = [("cli", "__main__"), ("api",), ("infer", "train", "eval"), ("formats",), ("model", "text"),
+          ("files", "config", "errors", "progress", "report", "runtime", "__init__")]
 
 
 def imports() -> dict[str, set[str]]:
@@ -50,3 +50,10 @@ def test_no_import_circles():
     for m in graph:
         if m not in state:
             visit(m, [m])
+
+
+def test_no_model_module_tunes_the_machine():
+    """Threads, OpenMP and the allocator are the runtime's (llmcli/runtime.py), set by commands and long loops: a
+    forward pass never changes the process's threads, so a model's results never depend on its neighbours."""
+    tuning = [m for m, targets in imports().items() if m.startswith("llmcli.model.") and "llmcli.runtime" in targets]
+    assert not tuning, f"modules under model/ importing the runtime: {tuning}"

@@ -1,11 +1,11 @@
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from llmcli.formats import load_model
 from llmcli.formats.ours import save_model, write_config
-from llmcli.infer.generate import SamplingConfig, generate_tokens
+from llmcli.infer.generate import decode
+from llmcli.infer.sampler import SamplingConfig
 from llmcli.model.transformer import ModelConfig, Transformer
 
 CONFIG = ModelConfig(vocab_size=97, context=32, n_layer=2, n_head=4, n_embd=32)
@@ -38,20 +38,24 @@ def test_cached_forward_in_chunks_matches_full_forward():
     torch.testing.assert_close(torch.cat(chunks, dim=1), full, rtol=1e-5, atol=1e-5)
 
 
-def test_greedy_generation_with_cache_equals_without():
+def test_greedy_decoding_equals_a_plain_loop_over_the_whole_sequence():
+    """The engine (KV cache, left padding, NumPy steps) against model(tokens) on the whole sequence each token."""
     model = make_model(seed=3)
-    prompt = [5, 17, 42, 8]
-    cfg = SamplingConfig(max_new_tokens=25, temperature=0.0, num_samples=2)
-    with_cache = np.stack(list(generate_tokens(model, prompt, cfg, use_cache=True)))
-    without = np.stack(list(generate_tokens(model, prompt, cfg, use_cache=False)))
-    assert with_cache.shape == (25, 2)  # stops at max_new_tokens: 4 + 25 < context 32
-    assert np.array_equal(with_cache, without)
+    prompts = [[5, 17, 42, 8], [5, 17, 42, 8], [9, 1]]
+    cfg = SamplingConfig(max_new_tokens=25, temperature=0.0)
+    decoded = decode(model, prompts, cfg)
+    for prompt, tokens in zip(prompts, decoded):
+        ids = list(prompt)
+        with torch.no_grad():
+            for _ in range(25):  # 4 + 25 < context 32
+                ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+        assert tokens == ids[len(prompt):]
 
 
 def test_generation_stops_at_the_context():
     model = make_model()
     cfg = SamplingConfig(max_new_tokens=1000, temperature=1.0, seed=0)
-    assert len(list(generate_tokens(model, [1, 2, 3], cfg))) == CONFIG.context - 3
+    assert len(decode(model, [[1, 2, 3]], cfg)[0]) == CONFIG.context - 3
 
 
 def test_save_then_load_gives_identical_logits(tmp_path):
@@ -113,7 +117,8 @@ def test_bad_choices_are_refused(field, value):
 
 def test_training_under_bfloat16_autocast_attends_short_sequences_in_float32():
     # SDPA's bfloat16 backward on a CPU costs 2-5x float32's at 64-128 tokens (llmcli/model/transformer.py)
-    from llmcli.model.transformer import FP32_ATTENTION_MAX, attention
+    from llmcli.model.transformer import attention
+    from llmcli.runtime import FP32_ATTENTION_MAX
 
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, 4, 64, 32, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
@@ -121,13 +126,31 @@ def test_training_under_bfloat16_autocast_attends_short_sequences_in_float32():
     in_bfloat16 = F.scaled_dot_product_attention(q, k, v, is_causal=True)
     assert not torch.equal(in_float32, in_bfloat16)  # (else this test could not tell the two apart)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        y = attention(q, k, v, None, True, 0.0, gqa=False)
+        y = attention(q, k, v, None, True, 0.0, gqa=False, fp32_max=FP32_ATTENTION_MAX)
         with torch.no_grad():  # decoding and validation keep bfloat16's kernel: its forward pass is the faster
-            assert torch.equal(attention(q, k, v, None, True, 0.0, gqa=False), in_bfloat16)
+            assert torch.equal(attention(q, k, v, None, True, 0.0, gqa=False, fp32_max=FP32_ATTENTION_MAX), in_bfloat16)
     assert y.dtype == torch.bfloat16 and torch.equal(y, in_float32)
     y.sum().backward()
     assert q.grad is not None and q.grad.dtype == torch.bfloat16
     long = torch.randn(1, 1, FP32_ATTENTION_MAX // 32 + 1, 32, dtype=torch.bfloat16, requires_grad=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):  # longer sequences keep bfloat16's kernel
-        assert torch.equal(attention(long, long, long, None, True, 0.0, gqa=False),
+        assert torch.equal(attention(long, long, long, None, True, 0.0, gqa=False, fp32_max=FP32_ATTENTION_MAX),
                            F.scaled_dot_product_attention(long, long, long, is_causal=True))
+
+
+def test_the_engine_grows_its_cache_and_still_equals_the_plain_loop():
+    """`llm generate` allocates its KV cache as rows and slots are needed (a long context's full cache for every
+    row would be gigabytes): rows and slots grown mid-decode keep every row's tokens."""
+    from llmcli.infer.engine import Engine
+
+    torch.manual_seed(1)
+    model = Transformer(ModelConfig(vocab_size=97, context=600, n_layer=2, n_head=4, n_embd=32)).eval()
+    assert Engine(model, None, max_batch=3, preallocate=False).max_len < 300  # (so that this test grows it)
+    prompts = [[5, 17, 42, 8], [9, 1], list(range(20, 29))]
+    decoded = decode(model, prompts, SamplingConfig(max_new_tokens=300, temperature=0.0))
+    for prompt, tokens in zip(prompts, decoded):
+        ids = list(prompt)
+        with torch.no_grad():
+            for _ in range(300):
+                ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+        assert tokens == ids[len(prompt):]

@@ -11,8 +11,11 @@ from conftest import ROOT
 
 from llmcli.formats import load_model
 from llmcli.formats.ours import save_model, write_config
-from llmcli.infer.generate import SamplingConfig, generate_samples
-from llmcli.model.numpy_model import NumpyDecoder, NumpyTransformer, tensor_shapes
+from llmcli.infer.generate import generate_samples
+from llmcli.infer.sampler import SamplingConfig
+from llmcli.infer.backend import NumpyBackend
+from llmcli.model.batching import left_pad
+from llmcli.model.numpy_model import NumpyTransformer, tensor_shapes
 from llmcli.model.lora import add_lora, parse_targets
 from llmcli.model.numpy_steps import TorchKernels, kv_cache_arrays, runs_on_numpy
 from llmcli.model.quantize import quantize
@@ -46,18 +49,16 @@ def test_logits_equal_the_torch_model_in_prefill_and_every_cached_step(name):
     with torch.no_grad():
         expected = model(tokens).numpy()
     rows = tokens.numpy()
-    decoder = NumpyDecoder(ours, rows[:, :7].tolist(), max_len=12)
-    np.testing.assert_allclose(decoder.first(), expected[:, 6], atol=1e-5)
-    for t in range(7, 12):
-        np.testing.assert_allclose(decoder.next(rows[:, t]), expected[:, t], atol=1e-5)
-    # left-padded rows: row 1 starts 4 tokens later, as model.py's pad says
-    pad = torch.tensor([0, 4])
-    with torch.no_grad():
-        expected = model(tokens, pad=pad).numpy()
-    decoder = NumpyDecoder(ours, [rows[0, :7].tolist(), rows[1, 4:7].tolist()], max_len=12)
-    np.testing.assert_allclose(decoder.first(), expected[:, 6], atol=1e-5)
-    for t in range(7, 12):
-        np.testing.assert_allclose(decoder.next(rows[:, t]), expected[:, t], atol=1e-5)
+    backend = NumpyBackend(ours)
+    for prompts in ([rows[0, :7].tolist(), rows[1, :7].tolist()],
+                    [rows[0, :7].tolist(), rows[1, 4:7].tolist()]):  # left-padded: row 1 starts 4 tokens later
+        prompt, pad = left_pad(prompts)
+        with torch.no_grad():
+            expected = model(tokens, pad=torch.from_numpy(pad)).numpy()
+        cache = backend.allocate(2, 12)
+        np.testing.assert_allclose(backend.prefill(cache, prompt, 0, pad), expected[:, 6], atol=1e-5)
+        for t in range(7, 12):
+            np.testing.assert_allclose(backend.step(cache, rows[:, t], t, pad), expected[:, t], atol=1e-5)
 
 
 @pytest.mark.parametrize("mode", [None, "int8", "int4", "lora"])

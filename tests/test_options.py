@@ -123,7 +123,8 @@ def test_sampling_controls_through_the_cli(nano_checkpoint):
 
 def test_chat_system_sampling_and_quantize(nano_checkpoint, tmp_path):
     from llmcli.formats import load_model
-    from llmcli.infer.generate import SamplingConfig, generate_samples
+    from llmcli.infer.generate import generate_samples
+    from llmcli.infer.sampler import SamplingConfig
     from llmcli.text.chat_template import find_chat_template
 
     template = ("{% for m in messages %}{% if m.role == 'system' %}[S] {% elif m.role == 'user' %}[U] {% else %}[A] "

@@ -68,7 +68,7 @@ def test_generation_stops_at_any_end_id_and_never_prints_special_tokens(tmp_path
     result = run_cli("generate", "Tell me a story", "-m", ends, "--temperature", "0", "--json")
     assert result.returncode == 0, result.stderr
     record = json.loads(result.stdout)
-    assert (record["finish_reason"], record["new_tokens"], record["text"]) == ("eos", 0, "")
+    assert (record["finish_reason"], record["new_tokens"], record["text"]) == ("stop", 0, "")
 
     starts = llama_folder(tmp_path / "starts", instruct_tokenizer, predicts=1)  # <|im_start|>: special, no end
     result = run_cli("generate", "Tell me a story", "-m", starts, "--temperature", "0", "--max-new-tokens", "5",

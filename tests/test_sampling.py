@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 
 from llmcli.errors import LLMError
-from llmcli.infer.generate import SamplingConfig, TextStream, apply_top_k, apply_top_p, sample_next
+from llmcli.infer.rows import TextStream
+from llmcli.infer.sampler import SamplingConfig, apply_top_k, apply_top_p, sample_next
 
 
 def test_top_k_keeps_the_k_largest():
@@ -109,7 +110,7 @@ def logits_and_config(draw):
 @settings(max_examples=150, deadline=None, database=None)
 @given(logits_and_config())
 def test_any_sampling_settings_draw_a_token_every_filter_allows(case):
-    from llmcli.infer.generate import apply_repetition_penalty
+    from llmcli.infer.sampler import apply_repetition_penalty
 
     logits, cfg, seen, seed = case
     cfg.check()

@@ -129,10 +129,14 @@ def test_chat_prompt_renders_the_models_template():
     source = ("{% for m in messages %}<|{{ m.role }}|>\n{{ m.content }}<|end|>\n{% endfor %}"
               "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
-    prompt, stops = _chat_prompt(ChatTemplate(source), messages)
+    from llmcli.formats import load_model_tokenizer
+    from llmcli.infer.sampler import sampling_settings
+
+    prompt = _chat_prompt(ChatTemplate(source), messages)
     assert prompt == "<|system|>\nBe brief.<|end|>\n<|user|>\nHi<|end|>\n<|assistant|>\n"
-    assert "<|end|>" in stops
-    assert _chat_prompt(None, messages) == ("Be brief.\nHi", ())  # no template: plain text
+    cfg, _ = sampling_settings({}, ChatTemplate(source), load_model_tokenizer(None))  # (as every caller's)
+    assert "<|end|>" in cfg.stop
+    assert _chat_prompt(None, messages) == "Be brief.\nHi"  # no template: plain text
 
 
 # --- continuous batching -------------------------------------------------------------------------------------------
@@ -382,8 +386,9 @@ def test_decode_steps_leave_numpy_for_torch_once_the_attention_is_long(monkeypat
     the same text as on either alone."""
     from llmcli.formats import load_model
     from llmcli.infer.engine import Engine, Job
-    from llmcli.infer.generate import SamplingConfig, encode_prompt
-    from llmcli.model import numpy_steps
+    from llmcli.infer.rows import encode_prompt
+    from llmcli.infer.sampler import SamplingConfig
+    from llmcli import runtime
 
     model, tokenizer, _ = load_model(None)
     prompt = encode_prompt(tokenizer, PROMPTS[0], model.config.context, False)
@@ -392,7 +397,7 @@ def test_decode_steps_leave_numpy_for_torch_once_the_attention_is_long(monkeypat
         idx, pos, **kwargs))[1]
 
     def complete(most_keys: int) -> str:
-        monkeypatch.setattr(numpy_steps, "MOST_KEYS", most_keys)
+        monkeypatch.setattr(runtime, "MOST_KEYS", most_keys)
         events, done = [], threading.Event()
         engine = Engine(model, tokenizer, max_batch=2)
         engine.start()
@@ -417,12 +422,13 @@ def test_a_bfloat16_model_decodes_on_torch_alone():
 
     from llmcli.formats import load_model
     from llmcli.infer.engine import Engine, Job
-    from llmcli.infer.generate import SamplingConfig, encode_prompt
+    from llmcli.infer.rows import encode_prompt
+    from llmcli.infer.sampler import SamplingConfig
 
     model, tokenizer, _ = load_model(None)
     model = model.to(torch.bfloat16)
     engine = Engine(model, tokenizer, max_batch=2)
-    assert engine.steps is None
+    assert engine.backend.kernels is None
     events, done = [], threading.Event()
     engine.start()
     engine.submit(Job([encode_prompt(tokenizer, PROMPTS[0], model.config.context, False)],

@@ -9,8 +9,8 @@ import pytest
 import torch
 from conftest import ROOT
 
-from llmcli import threads
-from llmcli.train import pretrain as train
+from llmcli import runtime as threads
+from llmcli.train import loop as train
 
 OPENMP = ("OMP_WAIT_POLICY", "KMP_BLOCKTIME", "OMP_NUM_THREADS")
 
@@ -55,16 +55,16 @@ def test_threads_for_takes_the_idle_cores():
 
 ADAPT = """
 import sys, time
-from llmcli import threads
+from llmcli import runtime as threads
 threads.configure(sys.argv[1])
 import torch
 torch.set_num_threads(2)
-threads.adapt()
+threads.follow_load()
 print("ready", flush=True)
 sys.stdin.readline()  # the neighbours are running
 end = time.monotonic() + 1.5
 while time.monotonic() < end:
-    threads.adapt()
+    threads.follow_load()
     torch.randn(256, 256) @ torch.randn(256, 256)
 print(torch.get_num_threads())
 """
@@ -136,7 +136,7 @@ def test_odd_or_unreadable_proc_stat_never_stops_a_command(monkeypatch):
     threads.configure("generate")
     assert threads._following
     before = torch.get_num_threads()
-    threads.adapt()  # the first look
+    threads.follow_load()  # the first look
     stat["text"] = None
-    threads.adapt()
+    threads.follow_load()
     assert not threads._following and torch.get_num_threads() == before

@@ -46,10 +46,9 @@ def serve(path: str, lifeline: int):
     """Import, listen, and return only in a forked run: (args, cwd, env) of the request it is to run."""
     base = dict(os.environ)
     # what llmcli.cli.main() sets before any command imports torch or NumPy, set before we import them
-    from llmcli.threads import configure
+    from llmcli.runtime import configure
 
     configure()
-    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     import importlib
     import pkgutil
 

@@ -16,7 +16,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from llmcli.formats import load_model  # noqa: E402
-from llmcli.infer.generate import apply_template, generate_text, sampling_settings  # noqa: E402
+from llmcli.infer.generate import apply_template, generate_text  # noqa: E402
+from llmcli.infer.sampler import sampling_settings  # noqa: E402
 from llmcli.text.chat_template import find_chat_template  # noqa: E402
 
 
@@ -29,9 +30,9 @@ def main():
     parser.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template")
     args = parser.parse_args()
     model, tok, config = load_model(args.model)
-    cfg, template = sampling_settings(config, temperature=0.0, max_new_tokens=args.max_new_tokens)
-    if args.chat:
-        turns = find_chat_template(args.model, config, tok)
+    turns = find_chat_template(args.model, config, tok) if args.chat else None
+    cfg, template = sampling_settings(config, turns, tok, temperature=0.0, max_new_tokens=args.max_new_tokens)
+    if turns is not None:  # (its stops are in cfg: a reply ends with its turn)
         template = turns.prompt([{"role": "user", "content": "{prompt}"}])
     records = [json.loads(line) for line in open(args.data, encoding="utf-8") if line.strip()]
     started, right = time.perf_counter(), 0

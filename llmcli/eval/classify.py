@@ -4,6 +4,7 @@ import math
 
 import torch
 
+from llmcli import runtime
 from llmcli.model.heads import Classifier, encode_text, pad_batch
 
 
@@ -14,6 +15,7 @@ def predict(model: Classifier, tokenizer, texts: list[str], batch_size: int = 32
     device = model.token_embedding.weight.device
     out = []
     for i in range(0, len(texts), batch_size):
+        runtime.follow_load()  # a long loop: on the cores other processes leave idle
         rows = [encode_text(tokenizer, t, model.config.context) for t in texts[i:i + batch_size]]
         out.append(model(pad_batch(rows).to(device)).float().softmax(-1).cpu())
     return torch.cat(out) if out else torch.zeros(0, model.classifier.out_features)

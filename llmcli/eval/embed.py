@@ -14,6 +14,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from llmcli import runtime
 from llmcli.errors import LLMError
 from llmcli.model.transformer import Transformer
 from llmcli.progress import log, progress_bar
@@ -45,6 +46,7 @@ def embed_texts(model: Transformer, tokenizer, texts: list[str], pooling: str = 
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))  # similar lengths batch together
     with progress_bar("embedding", len(order) if progress else None) as update:
         for b in range(0, len(order), batch_size):
+            runtime.follow_load()  # a long loop: on the cores other processes leave idle
             rows = order[b:b + batch_size]
             lengths = torch.tensor([len(encoded[i]) for i in rows])
             ids = torch.zeros(len(rows), int(lengths.max()), dtype=torch.long)  # right padding: causal, unseen

@@ -20,6 +20,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from llmcli import runtime
 from llmcli.errors import LLMError
 from llmcli.model.transformer import Transformer
 from llmcli.progress import progress_bar
@@ -58,18 +59,39 @@ def windows(n_tokens: int, context: int, stride: int) -> list[tuple[int, int]]:
         start += stride
 
 
-@torch.no_grad()
 def evaluate_file(model: Transformer, tokenizer: Tokenizer, path: str, batch_size: int = 8,
                   stride: int | None = None) -> dict:
+    """Loss, perplexity and bits per byte of a text file (see the module's docstring). Raises LLMError for a file
+    without text or a stride out of range."""
     path = str(data.check_text_file(path))
-    context = model.config.context
-    stride = default_stride(context) if stride is None else stride
-    if not 1 <= stride <= context:
-        raise LLMError(f"--stride must be between 1 and the model's context ({context}), got {stride}")
     started = time.perf_counter()
     ids, n_bytes = tokenize_file(tokenizer, path)
     if len(ids) < 2 or n_bytes == 0:
         raise LLMError(f"{path} has no text to score" if n_bytes == 0 or not ids else f"{path} is too short to score")
+    return {"file": path, **score(model, ids, n_bytes, batch_size, stride, started)}
+
+
+def evaluate_text(model: Transformer, tokenizer: Tokenizer, text: str, batch_size: int = 8,
+                  stride: int | None = None) -> dict:
+    """evaluate_file of a text given as a string: one document, its UTF-8 bytes counted as they are."""
+    started = time.perf_counter()
+    start = [tokenizer.start_of_text] if tokenizer.start_of_text is not None else []
+    ids, n_bytes = start + tokenizer.encode(text), len(text.encode("utf-8"))
+    if len(ids) < 2 or n_bytes == 0:
+        raise LLMError("the text is too short to score: it needs at least one token after the first")
+    return score(model, ids, n_bytes, batch_size, stride, started)
+
+
+@torch.no_grad()
+def score(model: Transformer, ids: list[int], n_bytes: int, batch_size: int = 8, stride: int | None = None,
+          started: float | None = None) -> dict:
+    """Score token ids (the text of n_bytes UTF-8 bytes) with a sliding window: loss (nats a token), perplexity,
+    bits per byte and what was done."""
+    started = time.perf_counter() if started is None else started
+    context = model.config.context
+    stride = default_stride(context) if stride is None else stride
+    if not 1 <= stride <= context:
+        raise LLMError(f"--stride must be between 1 and the model's context ({context}), got {stride}")
     tokens = torch.tensor(ids, dtype=torch.long)
     plan = windows(len(ids), context, stride)
     length = min(context, len(ids) - 1)
@@ -77,6 +99,7 @@ def evaluate_file(model: Transformer, tokenizer: Tokenizer, path: str, batch_siz
     total_nll = 0.0
     with progress_bar("scoring", len(plan)) as update:
         for b in range(0, len(plan), batch_size):
+            runtime.follow_load()  # a long loop: on the cores other processes leave idle
             group = plan[b:b + batch_size]
             inputs = torch.stack([tokens[s:s + length] for s, _ in group])
             targets = torch.stack([tokens[s + 1:s + length + 1] for s, _ in group])
@@ -88,7 +111,6 @@ def evaluate_file(model: Transformer, tokenizer: Tokenizer, path: str, batch_siz
     n_predicted = len(ids) - 1
     loss = total_nll / n_predicted
     return {
-        "file": path,
         "tokens": n_predicted,
         "bytes": n_bytes,
         "loss": loss,

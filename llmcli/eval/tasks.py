@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from llmcli import runtime
 from llmcli.errors import LLMError
 from llmcli.model.transformer import Transformer
 from llmcli.progress import progress_bar
@@ -98,6 +99,7 @@ def evaluate_task(model: Transformer, tokenizer, path: str, batch_size: int = 16
     n_tokens = 0
     with progress_bar("scoring choices", len(order)) as update:
         for b in range(0, len(order), batch_size):
+            runtime.follow_load()  # a long loop: on the cores other processes leave idle
             group = [requests[r] for r in order[b:b + batch_size]]
             width = max(len(t) for t, *_ in group) - 1
             # right padding: a causal model's earlier positions never see it

@@ -81,7 +81,12 @@ def load_model(path: str | Path | None = None, device: str = "cpu", numpy_if_sma
         check_mode(quantize)
         if device != "cpu":
             raise LLMError(f"--quantize {quantize} runs on the CPU only")
-        _return_freed_memory()
+        import torch  # noqa: F401  (quantizing is long parallel work: on the cores other processes leave idle)
+
+        from llmcli import runtime
+
+        runtime.return_freed_memory()
+        runtime.follow_load()
     if gguf.is_gguf_file(path):
         return gguf.load_gguf(Path(path), device, quantize)
     directory = _directory(path)
@@ -100,23 +105,6 @@ def load_model(path: str | Path | None = None, device: str = "cpu", numpy_if_sma
             model = quantize_model(merge_lora(model), quantize)
         return model, tokenizer, config
     return ours.load_ours(directory, config, device, numpy_if_small, quantize)
-
-
-def _return_freed_memory():
-    """Make glibc's malloc give every block of 1 MB or more back to the system as soon as it is freed (mmap).
-
-    By default glibc raises that threshold after each such free (up to 32 MB), after which the float32 blocks that
-    quantizing reads and drops one after another come from its heap, whose memory stays with the process: the peak
-    RSS of loading SmolLM2-135M as int8 grew by about 60 MB more (README). For quantized models only, which are for
-    inference: a training step that allocates large temporaries would fault in each of their pages every step."""
-    import ctypes
-    import sys
-
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
-        except (OSError, AttributeError):  # not glibc
-            pass
 
 
 def load_model_tokenizer(path: str | Path | None = None):

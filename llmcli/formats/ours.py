@@ -111,7 +111,8 @@ def _load_small(directory: Path, config: dict):
 
     from llmcli.config import ModelConfig
     from llmcli.files import read_safetensors
-    from llmcli.model.numpy_model import SMALL_MODEL, NumpyTransformer, tensor_shapes
+    from llmcli.model.numpy_model import NumpyTransformer, tensor_shapes
+    from llmcli.runtime import SMALL_MODEL
 
     path = directory / MODEL_FILE
     try:

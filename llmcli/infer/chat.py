@@ -20,11 +20,14 @@ def plain_text(messages: list[dict]) -> str:
 class Chat:
     """A conversation with a model: each reply is generated from the history, the oldest turns dropped to fit."""
 
-    def __init__(self, model, tokenizer, cfg, template=None, system: str | None = None, log=None):
-        """template: a ChatTemplate (llmcli/text/chat_template.py), or None for plain text."""
+    def __init__(self, model, tokenizer, cfg, template=None, system: str | None = None, log=None, engine=None):
+        """template: a ChatTemplate (llmcli/text/chat_template.py), or None for plain text; cfg: sampling settings
+        with its stops (sampling_settings(..., chat=template)). engine: the model's Engine, if it has one already."""
+        from llmcli.infer.engine import Engine
+
         self.model, self.tokenizer, self.template, self.log = model, tokenizer, template, log or (lambda m: None)
-        self.cfg = replace(cfg, num_samples=1, stop=tuple(cfg.stop) + (template.stops() if template else ()),
-                           stop_tokens=tuple(cfg.stop_tokens) + (template.stop_tokens(tokenizer) if template else ()))
+        self.cfg = replace(cfg, num_samples=1)
+        self.engine = engine or Engine(model, tokenizer, max_batch=1, preallocate=False)
         self.system = [{"role": "system", "content": system}] if system else []
         self.messages: list[dict] = []
 
@@ -33,7 +36,7 @@ class Chat:
 
     def prompt(self) -> str:
         """The rendered history, without its oldest turns if it would leave the reply too little room."""
-        context = self.model.config.context
+        context = self.engine.context
         room = min(self.cfg.max_new_tokens, context // 2)  # tokens kept free for the reply
         dropped = 0
         while True:
@@ -63,7 +66,7 @@ class Chat:
 
         try:
             (sample,) = generate_samples(self.model, self.tokenizer, [self.prompt()], self.cfg, truncate=True,
-                                         log=self.log, on_text=show)
+                                         log=self.log, on_text=show, engine=self.engine)
             text = sample.text
         except Terminated:
             raise

@@ -1,21 +1,23 @@
-"""Continuous batching: concurrent requests share the model's decode steps, each joining and leaving on its own.
+"""The one decoder: rows join and leave a running batch, each on its own (continuous batching).
 
-One thread runs the model. Each turn of its loop prefills one chunk of the waiting prompts, then runs one decode
-step of every row of the batch. A request's prompts are prefilled into a cache of their own, a chunk a turn, so that
-the rows already decoding wait at most one chunk for a long prompt; once prefilled, their keys and values are
-copied into rows of the batch's cache and they decode with the others from the next step on. A row leaves the batch
-as soon as it is finished (end-of-text token, a stop string, its token limit) or its client is gone.
+Every caller decodes here: `llm generate` and `llm chat` and the Python API through run(jobs), in their own thread;
+`llm serve` through start() and submit(), a thread of its own serving concurrent requests. Each turn of the loop
+prefills one chunk of the waiting prompts, then runs one decode step of every row of the batch. Prompts are
+prefilled into a cache of their own, a chunk a turn (each distinct prompt once: the samples of a prompt share its keys
+and values), so that the rows already decoding wait at most one chunk for a long prompt; once prefilled, their keys
+and values are copied into rows of the batch's cache and they decode with the others from the next step on. A row
+leaves as soon as it is finished (an end token, a stop string, its token limit) or its job is cancelled.
 
-Each row keeps what `llm generate` gives it (llmcli/generate.py): its sampling settings, its random generator
-row_rng(seed, prompt, sample), its repetition-penalty mask and its TextStream (UTF-8 and stop strings), so the same
-seed gives the same text, and greedy decoding the same tokens, whatever else is in the batch.
+Each row (llmcli/infer/rows.py) keeps its sampling settings, its random generator row_rng(seed, prompt, sample), its
+repetition-penalty mask and its text stream, so the same seed gives the same text, and greedy decoding the same
+tokens, whatever else is in the batch.
 
-The layout of the batch's cache (model.py's KVCache, allocated once for max_batch rows of max_len slots): rows are
-the first B rows of the cache, and share one axis of slots. Row b holds its tokens in slots pad[b]..P-1, P being the
-slot the next step writes: each row is a left-padded row of model.py's batch, whose positions start after its
-padding and whose tokens never attend to padding (nor to what earlier rows left in those slots). A prompt of L tokens
-joins at slots P-L..P-1. When the slots run out, all rows move left by the smallest padding; when a new prompt is
-longer than P, right. A row that leaves is overwritten by the last row (a copy of one row).
+The layout of the batch's cache (max_batch rows of max_len slots, allocated at once or grown as needed): rows are the first B rows of
+the cache and share one axis of slots. Row b holds its tokens in slots pad[b]..P-1, P being the slot the next step
+writes: a left-padded row, whose positions start after its padding and whose tokens never attend to padding (nor to
+what earlier rows left in those slots). A prompt of L tokens joins at slots P-L..P-1. When the slots run out, all
+rows move left by the smallest padding; when a new prompt is longer than P, right. A row that leaves is overwritten
+by the last row.
 """
 
 import os
@@ -23,29 +25,16 @@ import threading
 import traceback
 from collections import deque
 from concurrent.futures import Future
-from dataclasses import dataclass, field
-from typing import Callable
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
-import torch
 
-from llmcli.infer.generate import (
-    SamplingConfig,
-    TextStream,
-    decoding_layout,
-    distinct_rows,
-    left_pad,
-    row_rng,
-    sample_next,
-)
-from llmcli.model.numpy_steps import TorchKernels, kv_cache_arrays, runs_on_numpy
-
-PREFILL_TOKENS = 512  # prompt tokens (padding included) prefilled per turn of the loop, between two decode steps
-
-
-def sampling_key(cfg: SamplingConfig) -> tuple:
-    """The settings sample_next reads: rows that agree on them are sampled together."""
-    return cfg.temperature, cfg.top_k, cfg.top_p, cfg.min_p, cfg.repetition_penalty
+from llmcli import runtime
+from llmcli.infer.backend import backend_for
+from llmcli.infer.rows import Row
+from llmcli.infer.sampler import SamplingConfig, sample_next, sampling_key
+from llmcli.model.batching import distinct_rows, left_pad
 
 
 class QueueFull(Exception):
@@ -56,16 +45,17 @@ class QueueFull(Exception):
 class Job:
     """One request: its prompts (token ids) times n choices, decoded with one sampling config.
 
-    emit(events) is called from the engine's thread with a list of events at a time:
-    ("text", choice, text), ("finish", choice, finish_reason, completion_tokens) and, if the request failed,
-    ("error", message). Choice i is sample i % n of prompt i // n; finish_reason is "stop" (end-of-text token or
-    stop string) or "length" (max_new_tokens or the end of the context).
+    emit(events) is called from the engine's thread with a list of events at a time: ("text", choice, text),
+    ("finish", choice, finish_reason, completion_tokens, row) and, if the job failed, ("error", message). Choice i is
+    sample first_sample + i % n of prompt i // n; finish_reason is "stop" (an end token or a stop string) or "length"
+    (max_new_tokens or the end of the context).
     """
     prompts: list[list[int]]
     cfg: SamplingConfig
     emit: Callable[[list], None]
     n: int = 1
     seed: int | None = None
+    first_sample: int = 0
     cancelled: bool = False  # its client is gone, or it failed: its rows leave at the next step
 
     def __post_init__(self):
@@ -78,51 +68,37 @@ class Job:
 
 
 @dataclass
-class Row:
-    """One choice of a job while it decodes: a row of the batch."""
-    job: Job
-    choice: int
-    ids: list[int]  # the prompt
-    rng: np.random.Generator
-    stream: TextStream
-    limit: int  # most new tokens, the end of the context included
-    seen: np.ndarray | None  # (vocab,) tokens of the prompt and the sample, for the repetition penalty
-    new_tokens: int = 0
-    last: int = 0  # the token the next decode step feeds
-
-
-@dataclass
 class Prefill:
     """The prompts of some waiting jobs going through the model together, a chunk of columns a turn."""
     jobs: list[Job]
     prompts: list[list[int]]  # distinct prompts, in the order of the rows of tokens
-    tokens: torch.Tensor  # (N, T) left-padded
-    pad: torch.Tensor  # (N,)
-    caches: list = field(default_factory=list)
+    tokens: np.ndarray  # (N, T) left-padded
+    pad: np.ndarray  # (N,)
+    cache: object = None
     done: int = 0  # columns prefilled
     logits: np.ndarray | None = None  # (N, vocab) at the last position, once done
 
 
 class Engine:
-    """Runs a torch Transformer on all requests at once in a thread of its own (start(), stop()).
+    """Decodes jobs together: run(jobs) in the caller's thread, or start() a thread of its own and submit() to it.
 
-    max_batch: most rows decoding together (their keys and values are allocated up front). max_queue: most jobs
-    waiting for a row when none is free; submit() raises QueueFull past it.
+    model: a loaded model (our torch Transformer or a NumpyTransformer) or its backend (llmcli/infer/backend.py).
+    max_batch: most rows decoding together. max_queue: most jobs waiting for a row when none is free; submit() raises
+    QueueFull past it. preallocate: the cache for max_batch rows of the whole context at once (a server: it fails at
+    the start, not under load), else grown as rows and slots are needed (`llm generate` of a model of a long context).
     """
 
-    def __init__(self, model, tokenizer, max_batch: int = 16, max_queue: int = 64, log=None):
-        self.model, self.tokenizer = decoding_layout(model), tokenizer
+    def __init__(self, model, tokenizer, max_batch: int = 16, max_queue: int = 64, log=None,
+                 preallocate: bool = True):
+        self.backend = model if hasattr(model, "copy_rows") else backend_for(model)
+        self.model, self.tokenizer = self.backend.model, tokenizer
         self.max_batch, self.max_queue = max_batch, max_queue
         self.log = log or (lambda message: None)
-        self.context = model.config.context
-        # slots beyond the context: the rows move left once every max_len - context steps at most
-        self.max_len = self.context + max(16, self.context // 4)
-        self.device = model.token_embedding.weight.device
-        self.caches = model.setup_kv_cache(max_batch, self.max_len)
-        # decode steps of a few rows run NumPy between the model's torch modules (llmcli/model/numpy_steps.py)
-        self.steps, self.cache_arrays = None, None
-        if runs_on_numpy(model):  # (NumPy views need a float32 cache in CPU memory)
-            self.steps, self.cache_arrays = TorchKernels(model), kv_cache_arrays(self.caches)
+        self.context = self.backend.config.context
+        # slots beyond the context: the rows move left once every most_slots - context steps at most
+        self.most_slots = self.context + max(16, self.context // 4)
+        self.cache_rows, self.max_len = (max_batch, self.most_slots) if preallocate else (1, min(self.most_slots, 256))
+        self.cache = self.backend.allocate(self.cache_rows, self.max_len)
         self.rows: list[Row] = []
         self.pad: list[int] = []  # of each row: its first slot
         self.P = 0  # the slot the next decode step writes
@@ -131,9 +107,61 @@ class Engine:
         self.calls: deque[tuple[Callable, Future]] = deque()
         self.cond = threading.Condition()
         self.stopping = False
+        self.raising = False  # run(): a failure is the caller's exception, not a failed request
+        self.finished: list[Row] = []  # run(): rows finished during this turn
         self.thread = threading.Thread(target=self._loop, name="llm-engine", daemon=True)
 
-    # --- the other threads' side ----------------------------------------------------------------------------------
+    # --- the caller's thread: run(jobs) ----------------------------------------------------------------------------
+
+    def run(self, jobs: Iterable[Job], ready: Callable[[], bool] | None = None) -> Iterator[list[Row]]:
+        """Decode jobs in this thread until every one is done, their events going to their emit as they happen;
+        yields after each turn the rows that finished in it (often none).
+
+        A job is taken from `jobs` when rows are free for it, so a generator reading prompts from a pipe joins the
+        running batch as its lines arrive. ready(): whether the next job can be had without waiting; while rows
+        decode, the next is taken only when it says so. Exceptions (Ctrl-C included) reach the caller; the engine
+        is then empty again.
+        """
+        jobs, more = iter(jobs), True
+        self.raising = True
+        try:
+            while True:
+                while more and self._free_rows() > 0 and (ready is None or not self._working() or ready()):
+                    job = next(jobs, None)
+                    if job is None:
+                        more = False
+                    else:
+                        self._check(job)
+                        self.waiting.append(job)
+                if not self._working():
+                    if not more:
+                        return
+                    continue
+                self._turn()
+                finished, self.finished = self.finished, []
+                yield finished
+        finally:
+            self.finished = []
+            self.raising = False
+            self.waiting.clear()
+            self.prefill = None
+            self._leave(list(range(len(self.rows))))
+
+    def _working(self) -> bool:
+        return bool(self.rows or self.waiting or self.prefill)
+
+    def _free_rows(self) -> int:
+        prefill = self.prefill  # (the engine's thread changes it without the lock)
+        taken = len(self.rows) + sum(j.rows for j in self.waiting) + (sum(j.rows for j in prefill.jobs)
+                                                                      if prefill else 0)
+        return self.max_batch - taken
+
+    def _check(self, job: Job):
+        if job.rows > self.max_batch:
+            raise ValueError(f"{job.rows} choices (prompts x n) are more than the server's --max-batch "
+                             f"{self.max_batch}")
+
+    # --- other threads: start(), submit() -------------------------------------------------------------------------
 
     def start(self):
         self.thread.start()
@@ -147,9 +175,7 @@ class Engine:
 
     def submit(self, job: Job):
         """Queue a job; raises QueueFull when max_queue jobs already wait, ValueError when it can never fit."""
-        if job.rows > self.max_batch:
-            raise ValueError(f"{job.rows} choices (prompts x n) are more than the server's --max-batch "
-                             f"{self.max_batch}")
+        self._check(job)
         with self.cond:
             prefill = self.prefill  # (the engine's thread changes it without the lock)
             taken = len(self.rows) + (sum(j.rows for j in prefill.jobs) if prefill else 0)
@@ -177,46 +203,45 @@ class Engine:
     def busy(self) -> dict:
         return {"decoding": len(self.rows), "waiting": len(self.waiting)}
 
-    # --- the engine's thread --------------------------------------------------------------------------------------
-
     def _loop(self):
-        with torch.inference_mode():
-            while True:
-                with self.cond:
-                    while not (self.stopping or self.waiting or self.rows or self.prefill or self.calls):
-                        self.cond.wait()
-                    if self.stopping and not (self.waiting or self.rows or self.prefill or self.calls):
-                        return
-                    calls = list(self.calls)
-                    self.calls.clear()
-                for fn, future in calls:
-                    self._call(fn, future)
-                try:
-                    self._prefill_chunk()
-                except Exception:  # a prefill that fails fails its requests only
-                    self._fail(self.prefill.jobs if self.prefill else [])
-                    self.prefill = None
-                self._leave([b for b, row in enumerate(self.rows) if row.job.cancelled])
-                if self.rows:
+        while True:
+            with self.cond:
+                while not (self.stopping or self._working() or self.calls):
+                    self.cond.wait()
+                if self.stopping and not (self._working() or self.calls):
+                    return
+                calls = list(self.calls)
+                self.calls.clear()
+            for fn, future in calls:
+                if future.set_running_or_notify_cancel():
                     try:
-                        self._step()
-                    except Exception:  # a failed forward pass: every row's request fails, the server goes on
-                        self._fail(list({id(r.job): r.job for r in self.rows}.values()))
-                        self._leave(list(range(len(self.rows))))
+                        future.set_result(fn())
+                    except Exception as e:
+                        future.set_exception(e)
+            self._turn()
 
-    def _call(self, fn, future: Future):
-        if not future.set_running_or_notify_cancel():
-            return
-        self.model.use_kv_caches([None] * len(self.caches))
+    # --- one turn: a chunk of prefill, a decode step ----------------------------------------------------------------
+
+    def _turn(self):
+        runtime.follow_load()  # a long-running loop: on the cores other processes leave idle
         try:
-            future.set_result(fn())
-        except Exception as e:
-            future.set_exception(e)
-        finally:
-            self.model.use_kv_caches(self.caches)
+            self._prefill_chunk()
+        except Exception:  # a prefill that fails fails its requests only
+            self._fail(self.prefill.jobs if self.prefill else [])
+            self.prefill = None
+        self._leave([b for b, row in enumerate(self.rows) if row.job.cancelled])
+        if self.rows:
+            try:
+                self._step()
+            except Exception:  # a failed forward pass: every row's request fails, the server goes on
+                self._fail(list({id(r.job): r.job for r in self.rows}.values()))
+                self._leave(list(range(len(self.rows))))
 
     def _fail(self, jobs: list[Job]):
-        """Log the exception being handled and tell each job it failed; their rows leave at the next step."""
+        """Log the exception being handled and tell each job it failed; their rows leave at the next step. Under
+        run(), raise it instead."""
+        if self.raising:
+            raise
         self.log(traceback.format_exc().rstrip())
         for job in jobs:
             if not job.cancelled:
@@ -224,6 +249,9 @@ class Engine:
                 self._emit(job, [("error", "the server failed on this request (logged)")])
 
     def _emit(self, job: Job, events: list):
+        if self.raising:
+            job.emit(events)
+            return
         try:
             job.emit(events)
         except Exception:  # nobody listens any more (its event loop closed)
@@ -236,7 +264,8 @@ class Engine:
             while self.waiting:
                 job = self.waiting[0]
                 longest = max(map(len, prompts + job.prompts))
-                if job.rows > free or (jobs and len(set(map(tuple, prompts + job.prompts))) * longest > PREFILL_TOKENS):
+                distinct = len(set(map(tuple, prompts + job.prompts)))
+                if job.rows > free or (jobs and distinct * longest > runtime.PREFILL_TOKENS):
                     break
                 jobs.append(self.waiting.popleft())
                 prompts += job.prompts
@@ -246,7 +275,7 @@ class Engine:
         first, _ = distinct_rows(prompts)
         prompts = [prompts[i] for i in first]
         tokens, pad = left_pad(prompts)
-        return Prefill(jobs, prompts, torch.from_numpy(tokens).to(self.device), torch.from_numpy(pad).to(self.device))
+        return Prefill(jobs, prompts, tokens.astype(np.int64), pad.astype(np.int64))
 
     def _prefill_chunk(self):
         """Prefill the next chunk of columns of the prompts in hand; when they are done, their rows join."""
@@ -259,24 +288,20 @@ class Engine:
             self.prefill = None
             return
         N, T = p.tokens.shape
-        if not p.caches:
-            p.caches = self.model.setup_kv_cache(N, T)
-        columns = max(1, PREFILL_TOKENS // N)
-        self.model.use_kv_caches(p.caches)
-        try:
-            logits = self.model(p.tokens[:, p.done:p.done + columns], pos=p.done, pad=p.pad, last_only=True)
-        finally:
-            self.model.use_kv_caches(self.caches)
+        if p.cache is None:
+            p.cache = self.backend.allocate(N, T)
+        columns = max(1, runtime.PREFILL_TOKENS // N)
+        logits = self.backend.prefill(p.cache, p.tokens[:, p.done:p.done + columns], p.done, p.pad)
         p.done += columns
         if p.done >= T:
-            p.logits = logits[:, -1].float().cpu().numpy()
+            p.logits = logits
             self.prefill = None
             self._join(p)
 
     def _join(self, p: Prefill):
         """The first token of every choice of the prefilled jobs; the choices that go on take rows of the batch."""
         number = {tuple(ids): i for i, ids in enumerate(p.prompts)}
-        T = p.tokens.size(1)
+        T = p.tokens.shape[1]
         for job in p.jobs:
             if job.cancelled:
                 continue
@@ -285,82 +310,53 @@ class Engine:
                 logits = p.logits[[number[tuple(row.ids)] for row in rows]]
                 events, going_on = [], []
                 for row, token in zip(rows, self._sample(rows, logits)):
-                    if row.limit == 0:
-                        self._finish(row, "length", events)
-                    elif self._accept(row, int(token), events):
+                    text = row.finish("length") if row.limit == 0 else row.accept(int(token))
+                    self._events(row, text, events)
+                    if row.finish_reason is None:
                         going_on.append(row)
                 self._emit(job, events)
                 for row in going_on if not job.cancelled else []:
+                    self._reserve(len(self.rows) + 1, max(self.P, len(row.ids)))
                     if self.P < len(row.ids):
                         self._move(len(row.ids) - self.P)
-                    b, L, d = len(self.rows), len(row.ids), number[tuple(row.ids)]
-                    for cache, prefilled in zip(self.caches, p.caches):
-                        cache.k[b, :, self.P - L:self.P] = prefilled.k[d, :, T - L:T]
-                        cache.v[b, :, self.P - L:self.P] = prefilled.v[d, :, T - L:T]
+                    b, L = len(self.rows), len(row.ids)
+                    self.backend.copy_rows(p.cache, number[tuple(row.ids)], slice(T - L, T), self.cache, b,
+                                           slice(self.P - L, self.P))
                     self.rows.append(row)
                     self.pad.append(self.P - L)
             except Exception:
                 self._fail([job])
 
     def _new_row(self, job: Job, choice: int) -> Row:
-        ids, sample = job.prompts[choice // job.n], choice % job.n
-        seen = None
-        if job.cfg.repetition_penalty != 1.0:
-            seen = np.zeros(self.model.config.vocab_size, dtype=bool)
-            seen[ids] = True
-        return Row(job, choice, ids, row_rng(job.seed, ids, sample),
-                   TextStream(self.tokenizer, tuple(job.cfg.stop), after=ids[-1]),
-                   min(job.cfg.max_new_tokens, self.context - len(ids)), seen)
+        row = Row.start(job.prompts[choice // job.n], job.cfg, self.tokenizer, job.seed,
+                        job.first_sample + choice % job.n, self.context, self.backend.config.vocab_size)
+        row.job, row.choice = job, choice
+        return row
 
     @staticmethod
     def _sample(rows: list[Row], logits: np.ndarray) -> np.ndarray:
-        """The next token of each row (as llm generate's decode_rows draws it); the rows' jobs have the same
-        sampling settings (sample_next's work is per row, but its calls cost too)."""
+        """The next token of each row; the rows' jobs have the same sampling settings (sample_next's work is per
+        row, but its calls cost too)."""
         seen = np.stack([row.seen for row in rows]) if rows[0].seen is not None else None
-        tokens = sample_next(logits, rows[0].job.cfg, [row.rng for row in rows], seen)
-        if seen is not None:
-            for row, token in zip(rows, tokens):
-                row.seen[token] = True
-        return tokens
+        return sample_next(logits, rows[0].job.cfg, [row.rng for row in rows], seen)
 
-    def _accept(self, row: Row, token: int, events: list) -> bool:
-        """Add a sampled token to a row's text (events get its printable text); False once the row is finished."""
-        if token in self.tokenizer.stop_tokens or token in row.job.cfg.stop_tokens:
-            self._finish(row, "stop", events)
-            return False
-        row.new_tokens += 1
-        row.last = token
-        text = row.stream.push(token)
+    def _events(self, row: Row, text: str, events: list):
         if text:
             events.append(("text", row.choice, text))
-        if row.stream.stopped:
-            self._finish(row, "stop", events)
-            return False
-        if row.new_tokens >= row.limit:
-            self._finish(row, "length", events)
-            return False
-        return True
-
-    @staticmethod
-    def _finish(row: Row, reason: str, events: list):
-        rest = row.stream.flush()
-        if rest:
-            events.append(("text", row.choice, rest))
-        events.append(("finish", row.choice, reason, row.new_tokens))
+        if row.finish_reason is not None:
+            events.append(("finish", row.choice, row.finish_reason, row.new_tokens, row))
+            if self.raising:
+                self.finished.append(row)
 
     def _step(self):
         """One decode step of every row; finished rows leave."""
-        if self.P == self.max_len:
-            self._move(-min(self.pad))
-        tokens = np.array([[row.last] for row in self.rows], dtype=np.int64)
-        B = len(self.rows)
-        if self.steps is not None and self.steps.faster(B, self.P + 1):
-            cache = [(k[:B], v[:B]) for k, v in self.cache_arrays]
-            logits = self.steps.forward(tokens, self.P, cache, np.array(self.pad, dtype=np.int64))
-        else:
-            pad = torch.tensor(self.pad, device=self.device)
-            logits = self.model(torch.from_numpy(tokens).to(self.device), pos=self.P, pad=pad)
-            logits = logits[:, -1].float().cpu().numpy()
+        if self.P == self.max_len:  # out of slots: move left, or grow where little would be won
+            if self.max_len < self.most_slots and min(self.pad) < self.max_len // 4:
+                self._reserve(len(self.rows), self.max_len + 1)
+            else:
+                self._move(-min(self.pad))
+        tokens = np.array([row.last for row in self.rows], dtype=np.int64)
+        logits = self.backend.step(self.cache, tokens, self.P, np.array(self.pad, dtype=np.int64))
         self.P += 1
         groups: dict[tuple, list[int]] = {}  # rows by sampling settings
         for b, row in enumerate(self.rows):
@@ -368,6 +364,8 @@ class Engine:
         tokens = np.zeros(len(self.rows), dtype=np.int64)
         for indices in groups.values():
             rows = [self.rows[b] for b in indices]
+            if len(groups) == 1:
+                indices = slice(None)  # (the common case: no copy of the logits)
             try:
                 tokens[indices] = self._sample(rows, logits[indices])
             except Exception:  # these requests fail; the others go on
@@ -378,7 +376,8 @@ class Engine:
             if row.job.cancelled:
                 continue
             try:
-                if not self._accept(row, int(tokens[b]), events.setdefault(id(row.job), (row.job, []))[1]):
+                self._events(row, row.accept(int(tokens[b])), events.setdefault(id(row.job), (row.job, []))[1])
+                if row.finish_reason is not None:
                     done.append(b)
             except Exception:  # this request fails; the others go on
                 self._fail([row.job])
@@ -392,21 +391,30 @@ class Engine:
         for b in sorted(set(indices), reverse=True):
             last = len(self.rows) - 1
             if b != last:
-                for cache in self.caches:
-                    cache.k[b] = cache.k[last]
-                    cache.v[b] = cache.v[last]
+                self.backend.copy_rows(self.cache, last, slice(None), self.cache, b, slice(None))
                 self.rows[b], self.pad[b] = self.rows[last], self.pad[last]
             self.rows.pop()
             self.pad.pop()
         if not self.rows:
             self.P = 0
 
+    def _reserve(self, rows: int, slots: int):
+        """Grow the batch's cache (doubling, up to max_batch rows of most_slots slots) to hold rows x slots."""
+        if rows <= self.cache_rows and slots <= self.max_len:
+            return
+        new_rows = min(self.max_batch, max(rows, 2 * self.cache_rows if rows > self.cache_rows else self.cache_rows))
+        new_slots = min(self.most_slots, max(slots, 2 * self.max_len if slots > self.max_len else self.max_len))
+        cache = self.backend.allocate(new_rows, new_slots)
+        if self.rows:
+            B = len(self.rows)
+            self.backend.copy_rows(self.cache, slice(0, B), slice(0, self.P), cache, slice(0, B), slice(0, self.P))
+        self.cache, self.cache_rows, self.max_len = cache, new_rows, new_slots
+
     def _move(self, d: int):
         """Move every row's keys and values d slots to the right (left when d < 0)."""
         B, start = len(self.rows), min(self.pad, default=self.P)
         if B:
-            for cache in self.caches:
-                for buffer in (cache.k, cache.v):
-                    buffer[:B, :, start + d:self.P + d] = buffer[:B, :, start:self.P].clone()
+            self.backend.copy_rows(self.cache, slice(0, B), slice(start, self.P), self.cache, slice(0, B),
+                                   slice(start + d, self.P + d))
         self.pad = [p + d for p in self.pad]
         self.P += d

@@ -25,38 +25,24 @@ from starlette.routing import Route
 
 from llmcli.errors import LLMError
 from llmcli.infer.engine import Engine, Job, QueueFull
-from llmcli.infer.generate import SamplingConfig, apply_template, encode_prompt, sampling_settings
-from llmcli.threads import available_cores
+from llmcli.infer.generate import apply_template
+from llmcli.infer.request import ApiError, chat_messages, read_body, strings, typed_field
+from llmcli.infer.rows import encode_prompt
+from llmcli.infer.sampler import SamplingConfig, sampling_settings
+from llmcli.runtime import available_cores
 
-MAX_BODY_BYTES = 1 << 20  # a larger request body gets 413
 RETRY_AFTER_S = 1  # told to a client turned away because the queue is full
 # fields of the OpenAI API that a local model cannot honour: a request that sets them gets a 400, not silence
 UNSUPPORTED = ("logprobs", "top_logprobs", "echo", "suffix", "logit_bias", "tools", "tool_choice", "functions",
                "function_call", "response_format", "best_of")
 
 
-class ApiError(Exception):
-    """An error answered to the client as OpenAI does: status and {"error": {message, type, param, code}}."""
-
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 type: str = "invalid_request_error", headers: dict | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
-        self.headers = headers
-
-    def response(self) -> JSONResponse:
-        body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-        return JSONResponse(body, status_code=self.status, headers=self.headers)
-
-
-def _chat_prompt(template, messages: list[dict]) -> tuple[str, tuple[str, ...]]:
-    """The prompt for a conversation, rendered with the model's chat template (llmcli/text/chat_template.py), and the
-    stop strings that end the reply; without a template, the messages as plain text, a line each."""
+def _chat_prompt(template, messages: list[dict]) -> str:
+    """The prompt for a conversation, rendered with the model's chat template (llmcli/text/chat_template.py);
+    without a template, the messages as plain text, a line each."""
     from llmcli.infer.chat import plain_text
 
-    if template is None:
-        return plain_text(messages), ()
-    return template.prompt(messages), template.stops()
+    return plain_text(messages) if template is None else template.prompt(messages)
 
 
 @dataclass
@@ -77,48 +63,8 @@ class Server:
 
 # --- reading requests ----------------------------------------------------------------------------------------------
 
-async def _body(request: Request) -> dict:
-    """The request's JSON object; 413 past MAX_BODY_BYTES, 400 if it is not a JSON object."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-        raise ApiError(413, f"the request body is over {MAX_BODY_BYTES} bytes", code="request_too_large")
-    raw = bytearray()
-    async for chunk in request.stream():
-        raw += chunk
-        if len(raw) > MAX_BODY_BYTES:
-            raise ApiError(413, f"the request body is over {MAX_BODY_BYTES} bytes", code="request_too_large")
-    try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ApiError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
-    if not isinstance(body, dict):
-        raise ApiError(400, "the request body must be a JSON object", code="invalid_json")
-    return body
-
-
-def _field(body: dict, name: str, types, default=None, required: bool = False, low=None, high=None,
-           low_open: bool = False):
-    """body[name] checked: of the types (bool is not a number), within [low, high] (low excluded if low_open)."""
-    value = body.get(name)
-    if value is None:
-        if required:
-            raise ApiError(400, f"'{name}' is required", param=name, code="missing_required_parameter")
-        return default
-    types = types if isinstance(types, tuple) else (types,)
-    if isinstance(value, bool) and bool not in types or not isinstance(value, types):
-        what = {int: "an integer", float: "a number", str: "a string", bool: "a boolean", list: "an array",
-                dict: "an object"}
-        names = " or ".join(what[t] for t in types if t is not int or float not in types)
-        raise ApiError(400, f"'{name}' must be {names}, got {json.dumps(value)[:50]}", param=name,
-                       code="invalid_type")
-    if (low is not None and (value <= low if low_open else value < low)) or (high is not None and value > high):
-        bounds = f"{'(' if low_open else '['}{'' if low is None else low}, {'' if high is None else high}]"
-        raise ApiError(400, f"'{name}' must be in {bounds}, got {value}", param=name, code="invalid_value")
-    return value
-
-
 def _check_model(server: Server, body: dict):
-    name = _field(body, "model", str, required=True)
+    name = typed_field(body, "model", str, required=True)
     if name != server.model_id:
         raise ApiError(400, f"the model '{name}' does not exist; this server has '{server.model_id}'",
                        param="model", code="model_not_found")
@@ -130,12 +76,12 @@ def _sampling(server: Server, body: dict, chat: bool) -> tuple[SamplingConfig, i
         if body.get(name) not in (None, False, 1 if name == "best_of" else None):
             raise ApiError(400, f"'{name}' is not supported by this server", param=name, code="unsupported_parameter")
     for name in ("presence_penalty", "frequency_penalty"):
-        if _field(body, name, (int, float), 0) != 0:
+        if typed_field(body, name, (int, float), 0) != 0:
             raise ApiError(400, f"'{name}' is not supported; use 'repetition_penalty' (above 1 penalises tokens "
                            "already in the text)", param=name, code="unsupported_parameter")
-    max_tokens = _field(body, "max_tokens", int, low=0)
+    max_tokens = typed_field(body, "max_tokens", int, low=0)
     if chat:
-        max_tokens = _field(body, "max_completion_tokens", int, max_tokens, low=0)
+        max_tokens = typed_field(body, "max_completion_tokens", int, max_tokens, low=0)
     stop = body.get("stop")
     if isinstance(stop, str):
         stop = [stop]
@@ -145,20 +91,20 @@ def _sampling(server: Server, body: dict, chat: bool) -> tuple[SamplingConfig, i
         raise ApiError(400, "'stop' may hold at most 16 strings", param="stop", code="invalid_value")
     options = dict(
         max_new_tokens=max_tokens,
-        temperature=_field(body, "temperature", (int, float), low=0, high=2),
-        top_p=_field(body, "top_p", (int, float), low=0, high=1, low_open=True),
-        top_k=_field(body, "top_k", int, low=0),
-        min_p=_field(body, "min_p", (int, float), low=0, high=1),
-        repetition_penalty=_field(body, "repetition_penalty", (int, float), low=0, low_open=True),
+        temperature=typed_field(body, "temperature", (int, float), low=0, high=2),
+        top_p=typed_field(body, "top_p", (int, float), low=0, high=1, low_open=True),
+        top_k=typed_field(body, "top_k", int, low=0),
+        min_p=typed_field(body, "min_p", (int, float), low=0, high=1),
+        repetition_penalty=typed_field(body, "repetition_penalty", (int, float), low=0, low_open=True),
     )
-    cfg, _ = sampling_settings(server.config, **options)
+    cfg, _ = sampling_settings(server.config, server.chat_template if chat else None, server.tokenizer, **options)
     cfg.stop = tuple(cfg.stop) + tuple(stop or ())
-    n = _field(body, "n", int, 1, low=1, high=server.engine.max_batch)
-    seed = _field(body, "seed", int)
+    n = typed_field(body, "n", int, 1, low=1, high=server.engine.max_batch)
+    seed = typed_field(body, "seed", int)
     if seed is not None and not 0 <= seed < 2**63:
         raise ApiError(400, f"'seed' must be in [0, 2^63), got {seed}", param="seed", code="invalid_value")
-    _field(body, "stream", bool, False)
-    _field(body, "stream_options", dict)
+    typed_field(body, "stream", bool, False)
+    typed_field(body, "stream_options", dict)
     return cfg, n, seed
 
 
@@ -289,23 +235,13 @@ def _log_request(server: Server, request: Request, status: int, started: float, 
     server.log(f"{client} {request.method} {request.url.path} {status}{tokens} {time.perf_counter() - started:.3f}s")
 
 
-def _strings(body: dict, name: str) -> list[str]:
-    """A required field that is a string or a non-empty array of strings (OpenAI's `prompt` and `input`), as a list."""
-    value = _field(body, name, (str, list), required=True)
-    values = [value] if isinstance(value, str) else value
-    if not values or not all(isinstance(v, str) for v in values):
-        raise ApiError(400, f"'{name}' must be a string or a non-empty array of strings", param=name,
-                       code="invalid_type")
-    return values
-
-
 # --- the routes ----------------------------------------------------------------------------------------------------
 
 async def completions(request: Request):
     server: Server = request.app.state.server
-    body = await _body(request)
+    body = await read_body(request)
     _check_model(server, body)
-    prompts = _strings(body, "prompt")
+    prompts = strings(body, "prompt")
     cfg, n, seed = _sampling(server, body, chat=False)
     template = (server.config.get("generation") or {}).get("prompt_template", "{prompt}")
     ids = [_encode(server, apply_template(template, p), "prompt") for p in prompts]
@@ -314,34 +250,14 @@ async def completions(request: Request):
 
 async def chat_completions(request: Request):
     server: Server = request.app.state.server
-    body = await _body(request)
+    body = await read_body(request)
     _check_model(server, body)
-    messages = _field(body, "messages", list, required=True)
-    if not messages:
-        raise ApiError(400, "'messages' must not be empty", param="messages", code="invalid_value")
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
-            raise ApiError(400, f"messages[{i}] must be an object with a 'role' of system, user or assistant",
-                           param=f"messages[{i}].role", code="invalid_value")
-        content = m.get("content")
-        if isinstance(content, list):  # content parts: the text ones, joined
-            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-                       for p in content):
-                raise ApiError(400, f"messages[{i}].content: only text parts are supported",
-                               param=f"messages[{i}].content", code="invalid_value")
-            content = "".join(p["text"] for p in content)
-        if not isinstance(content, str):
-            raise ApiError(400, f"messages[{i}].content must be a string", param=f"messages[{i}].content",
-                           code="invalid_type")
-        messages[i] = {"role": m["role"], "content": content}
+    messages = chat_messages(body)
     cfg, n, seed = _sampling(server, body, chat=True)
     try:
-        prompt, stop = _chat_prompt(server.chat_template, messages)
+        prompt = _chat_prompt(server.chat_template, messages)
     except LLMError as e:
         raise ApiError(400, str(e), param="messages", code="invalid_value") from None
-    cfg.stop += stop
-    if server.chat_template is not None:
-        cfg.stop_tokens += server.chat_template.stop_tokens(server.tokenizer)
     return await _respond(request, body, Pending(server, [_encode(server, prompt, "messages")], cfg, n, seed),
                           chat=True)
 
@@ -386,12 +302,12 @@ async def _respond(request: Request, body: dict, pending: Pending, chat: bool):
 
 async def embeddings(request: Request):
     server: Server = request.app.state.server
-    body = await _body(request)
+    body = await read_body(request)
     _check_model(server, body)
-    texts = _strings(body, "input")
+    texts = strings(body, "input")
     if len(texts) > 2048:
         raise ApiError(400, "'input' may hold at most 2048 texts", param="input", code="invalid_value")
-    encoding = _field(body, "encoding_format", str, "float")
+    encoding = typed_field(body, "encoding_format", str, "float")
     if encoding not in ("float", "base64"):
         raise ApiError(400, "'encoding_format' must be float or base64", param="encoding_format",
                        code="invalid_value")

@@ -1,9 +1,9 @@
 """The Transformer of llmcli/model/transformer.py run with NumPy, to sample from a small checkpoint without importing torch.
 
-Importing torch costs 1.3-1.8 s on a CPU: longer than the shipped 3M-parameter model takes to write a whole story. So
-`llm generate` runs checkpoints of up to SMALL_MODEL parameters here: the same computation as model.py's forward
-(tests hold the logits equal to 1e-5 for every configuration), for left-padded rows with a KV cache, float32.
-Sampling is shared with the torch path (llmcli/infer/generate.py), so a seed gives the same text on either.
+Importing torch takes longer than the shipped model takes to write a whole story (docs/perf.md). So `llm generate`
+runs checkpoints of up to llmcli.runtime.SMALL_MODEL parameters here: the same computation as transformer.py's
+forward (tests hold the logits equal to 1e-5 for every configuration), for left-padded rows with a KV cache, float32.
+Decoding is the engine's (llmcli/infer/engine.py, NumpyBackend), so a seed gives the same text on either.
 """
 
 import math
@@ -11,13 +11,10 @@ import math
 import numpy as np
 
 from llmcli.config import ModelConfig
-from llmcli.model.batching import distinct_rows, left_pad
-
-SMALL_MODEL = 30_000_000  # parameters; above this the weights, not the torch import, dominate a cold start
 
 
 def tensor_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Name and shape of every tensor of the Transformer's state dict (a test holds this equal to model.py's)."""
+    """Name and shape of every tensor of the Transformer's state dict (a test holds this equal to transformer.py's)."""
     C, hidden = config.n_embd, config.hidden_size
     qkv = (config.n_head + 2 * config.kv_heads) * config.head_dim
     fc = (2 if config.mlp == "swiglu" else 1) * hidden
@@ -78,7 +75,7 @@ def softmax_(x: np.ndarray) -> np.ndarray:
 
 
 def gelu(h: np.ndarray) -> np.ndarray:
-    """GELU, tanh approximation: 0.5 h (1 + tanh(sqrt(2/pi) (h + 0.044715 h^3))), without pow (h ** 3: 30x slower)."""
+    """GELU, tanh approximation: 0.5 h (1 + tanh(sqrt(2/pi) (h + 0.044715 h^3))), without pow (far slower than products)."""
     y = h * h
     y *= 0.044715
     y += 1.0
@@ -99,11 +96,8 @@ class NumpyTransformer:
         head = weights["token_embedding.weight" if config.tie_embeddings else "lm_head.weight"]
         self.head = np.ascontiguousarray(head.T)  # (n_embd, vocab)
 
-    def decoder(self, rows: list[list[int]], max_len: int) -> "NumpyDecoder":
-        return NumpyDecoder(self, rows, max_len)
-
     def _norm(self, x: np.ndarray, name: str) -> np.ndarray:
-        # sums over n, not np.mean: at one token a decode step is mostly per-call overhead, and mean's is 3x a sum's
+        # sums over n, not np.mean: at one token a decode step is mostly per-call overhead, and mean's is the larger
         eps, weight, n = self.config.norm_eps, self.w[f"{name}.weight"], x.shape[-1]
         if self.config.norm == "rmsnorm":
             return x / np.sqrt((x * x).sum(axis=-1, keepdims=True) / n + eps) * weight
@@ -118,7 +112,7 @@ class NumpyTransformer:
         return self.w["token_embedding.weight"][idx]
 
     def _linear(self, x: np.ndarray, name: str) -> np.ndarray:
-        """(..., in) -> (..., out) by layer `name` (a key of model.py's modules)."""
+        """(..., in) -> (..., out) by layer `name` (a key of transformer.py's modules)."""
         y = x @ self.w[f"{name}.weight"]
         return y + self.w[f"{name}.bias"] if f"{name}.bias" in self.w else y
 
@@ -135,7 +129,7 @@ class NumpyTransformer:
         """Logits (B, vocab) of the last of tokens idx (B, T) in slots pos..pos+T, their keys and values written
         into cache (one (keys, values) pair of (B, kv_heads, max_len, head_dim) a layer).
 
-        pad (B,): row b is left-padded by pad[b] tokens, as in model.py: its positions start after the padding and
+        pad (B,): row b is left-padded by pad[b] tokens, as in transformer.py: its positions start after the padding and
         no token attends to padding.
         """
         config = self.config
@@ -184,30 +178,3 @@ class NumpyTransformer:
                 h = gelu(h)
             x = x + self._linear(h, f"{block}.mlp.proj")
         return self._head(self._norm(x[:, -1], "norm_f"))
-
-
-class NumpyDecoder:
-    """What decode_rows drives (as TorchDecoder): logits of the prompts, then of each new token, rows left-padded."""
-
-    def __init__(self, model: NumpyTransformer, rows: list[list[int]], max_len: int):
-        self.model, self.rows, self.max_len = model, rows, max_len
-        self.tokens, self.pad = left_pad(rows)
-        self.pos = self.tokens.shape[1]
-
-    def first(self) -> np.ndarray:
-        # each distinct prompt is prefilled once: the samples of a prompt share its keys and values
-        distinct, copies = distinct_rows(self.rows)
-        config = self.model.config
-        shape = (len(distinct), config.kv_heads, self.max_len, config.head_dim)
-        cache = [(np.zeros(shape, np.float32), np.zeros(shape, np.float32)) for _ in range(config.n_layer)]
-        logits = self.model.forward(self.tokens[distinct], 0, cache, self.pad[distinct])
-        self.cache = cache if len(distinct) == len(self.rows) else [(k[copies], v[copies]) for k, v in cache]
-        return logits[copies]
-
-    def next(self, tokens: np.ndarray) -> np.ndarray:
-        logits = self.model.forward(np.asarray(tokens)[:, None], self.pos, self.cache, self.pad)
-        self.pos += 1
-        return logits
-
-    def close(self):
-        self.cache = []

@@ -1,10 +1,8 @@
 """Decode steps of a torch Transformer on the CPU run by the NumPy decoder, torch's kernels multiplying the matrices.
 
-A decode step at batch 1 of a 30-layer model is some 1,200 small operations besides its 121 matrix products; torch
-spends 3-5 us on each (dispatch, dtype and shape checks, a new tensor), NumPy about 1 us. On SmolLM2-135M with
---quantize int4 they took 10.4 ms a token on torch against 6.2 ms here (3.0 of NumPy's own work, 3.2 handing the
-products to torch and back), out of 24-32 ms (2 threads; README, "Decode steps on NumPy"). So `llm generate`
-prefills with torch (long prompts are large matrix products, attention is SDPA's) and then runs each new token
+A decode step at batch 1 is some 40 small operations a layer besides its matrix products, and torch's overhead on
+each (dispatch, dtype and shape checks, a new tensor) is several times NumPy's (docs/perf.md, "Decode steps on
+NumPy"). So the engine's TorchBackend (llmcli/infer/backend.py) prefills with torch (long prompts are large matrix products, attention is SDPA's) and then runs each new token
 through numpy_model.py's forward, every weight matrix still in torch: the embedding lookup is the model's module,
 the linear layers and the output head are their own kernels (float32, int8 or int4, called without the module
 around them: `product`; a LoRA layer is its module), on tensors that share memory with NumPy's arrays (no copies),
@@ -17,21 +15,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from llmcli import threads
 from llmcli.model.numpy_model import NumpyTransformer
 from llmcli.model.quantize import Int4Linear, Int8Linear
 from llmcli.model.transformer import KVCache, Transformer
-
-# Rows of a batch up to which NumPy's steps are the faster. Per row, attention and the elementwise work grow, which
-# torch spreads over both cores and NumPy does on one: on the shipped model and on int4 SmolLM2-135M, NumPy's steps
-# were 1.1-1.5x faster at 1-6 rows, even at 8, and torch's 1.1x faster at 10 rows and 1.1-1.6x at 64.
-MOST_ROWS = 8
-# Keys attended in one step, over all rows (rows x slots), up to which NumPy's steps are the faster: its attention
-# runs on one core, torch's on both. Per step on int4 and float32 SmolLM2-135M, NumPy against torch: 1.1-1.3x faster
-# at 1 row of 256-2048 slots, 2 of 1024, 4 of 512, 8 of 256; 0.86-0.89x at 4 rows of 1024 slots or 8 of 1024, 0.7x
-# at 8 of 4096 (0.87x at 8 rows of 250 slots of the shipped model, int8).
-MOST_KEYS = 2048
-
 
 def runs_on_numpy(model) -> bool:
     """Whether TorchKernels can step this model: our float32 language model on the CPU (NumPy has no bfloat16)."""
@@ -57,18 +43,10 @@ class TorchKernels(NumpyTransformer):
             weight = model.token_embedding.weight
             self.products["lm_head"] = lambda x: F.linear(x, weight)
 
-    @staticmethod
-    def faster(rows: int, slots: int) -> bool:
-        """Whether a decode step of `rows` rows, each attending to `slots` slots of the KV cache (padding included),
-        is the faster here than on torch alone (MOST_ROWS, MOST_KEYS). Both write the same KV cache, so a decoder
-        may switch at any step."""
-        return rows <= MOST_ROWS and rows * slots <= MOST_KEYS
-
     def forward(self, idx: np.ndarray, pos: int, cache: list[tuple[np.ndarray, np.ndarray]],
                 pad: np.ndarray | None = None) -> np.ndarray:
         """NumpyTransformer.forward; cache: the model's KVCache buffers as NumPy arrays (kv_cache_arrays), of B
         rows."""
-        threads.adapt()  # (as Transformer.features: on the cores other processes leave idle)
         with torch.inference_mode():
             return super().forward(idx, pos, cache, pad)
 
@@ -85,8 +63,7 @@ class TorchKernels(NumpyTransformer):
 
 def product(module: nn.Module):
     """x (rows, in) -> x W^T + b (rows, out) of a linear layer, float32, by the kernel its forward calls but without
-    the module call around it: on SmolLM2-135M that call (hooks, reshapes, checks) was half of the 30 us that each of
-    its 121 products a token costs besides the arithmetic."""
+    the module call around it (hooks, reshapes, checks: a large part of a small product's cost, docs/perf.md)."""
     if type(module) in (Int8Linear, Int4Linear):
         kernel = module.product
         bias = module.bias

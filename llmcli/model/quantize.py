@@ -21,7 +21,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from llmcli import threads
 from llmcli.errors import LLMError
 from llmcli.model.lora import merge_lora
 
@@ -244,7 +243,6 @@ def materialize(model: nn.Module, read, mode: str | None = None, read_groups=Non
     read_groups(name, scratch): for int4, a StoredGroups of matrix `name` (on `scratch`) if the file holds it in
     int4's groups already (a GGUF file's Q4_0 and Q4_1 tensors), which is then packed as it is; None for the others.
     """
-    threads.adapt()  # (the first look at the machine's load, for loading float32 models too)
     if mode is not None:
         check_mode(mode)
         scratch = [torch.empty(0)]
@@ -254,7 +252,6 @@ def materialize(model: nn.Module, read, mode: str | None = None, read_groups=Non
             for name, child in list(module.named_children()):
                 layer_mode = head_mode(module, name, mode)
                 if quantizable(child, layer_mode) and child.weight.is_meta:
-                    threads.adapt()  # quantizing runs parallel regions too: on the cores a neighbour leaves idle
                     path = f"{prefix}.{name}" if prefix else name
                     weight = read_groups(f"{path}.weight", scratch) if layer_mode == "int4" and read_groups else None
                     if weight is None:

@@ -13,7 +13,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from llmcli import threads
 from llmcli.config import ModelConfig  # the shape: plain data, readable without torch
 
 
@@ -71,19 +70,14 @@ class KVCache(nn.Module):
         return self.k[:B, :, :end], self.v[:B, :, :end]
 
 
-# Under bfloat16 autocast on a CPU, SDPA's bfloat16 backward pass is slow on short sequences of narrow heads, so
-# training attends there in float32, casts included. Forward and backward of causal attention on 2 cores (Xeon, AMX),
-# bfloat16 against float32: 3.6x slower at 64 tokens of 32-dim heads, 2.1x at 64 x 64, 1.6x at 128 x 64, 1.1x at
-# 256 x 64; 1.3x faster at 1,024 x 64 and at 256 x 128. Whole bf16-mixed steps at 128 tokens: 1.2-1.5x faster
-# (6 layers, 384 wide), 1.2x (GPT-2 124M's shape).
-FP32_ATTENTION_MAX = 256 * 64  # tokens x head_dim up to which training on a CPU attends in float32
-
-
-def attention(q, k, v, mask, is_causal: bool, dropout: float, gqa: bool) -> torch.Tensor:
+def attention(q, k, v, mask, is_causal: bool, dropout: float, gqa: bool, fp32_max: int = 0) -> torch.Tensor:
     """Scaled dot-product attention of q (B, n_head, T, head_dim) over k, v (B, n_kv_head, S, head_dim), as
-    F.scaled_dot_product_attention; returns (B, n_head, T, head_dim) in q's dtype."""
+    F.scaled_dot_product_attention; returns (B, n_head, T, head_dim) in q's dtype.
+
+    fp32_max: under bfloat16 autocast on a CPU, training attends in float32 (casts included) while keys x head_dim
+    is at most this, where SDPA's bfloat16 backward pass is the slower (llmcli.runtime.FP32_ATTENTION_MAX)."""
     if q.dtype == torch.bfloat16 and q.device.type == "cpu" and q.requires_grad and torch.is_grad_enabled() and \
-            torch.is_autocast_enabled("cpu") and k.size(2) * q.size(3) <= FP32_ATTENTION_MAX:
+            torch.is_autocast_enabled("cpu") and k.size(2) * q.size(3) <= fp32_max:
         with torch.autocast("cpu", enabled=False):  # (autocast would cast float32 inputs back to bfloat16)
             y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, is_causal=is_causal,
                                                dropout_p=dropout, enable_gqa=gqa)
@@ -103,6 +97,7 @@ class CausalSelfAttention(nn.Module):
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
         self.kv_cache: KVCache | None = None
+        self.fp32_attention_max = 0  # see attention(); set by training (Transformer.attend_in_float32)
 
     def forward(self, x: torch.Tensor, pos: int = 0, rope: tuple | None = None,
                 mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -124,8 +119,9 @@ class CausalSelfAttention(nn.Module):
         else:  # a chunk appended after cached positions: query i sees keys up to pos + i
             mask = torch.ones(T, pos + T, dtype=torch.bool, device=x.device).tril(diagonal=pos)
             is_causal = False
+        # each group of n_head / n_kv_head queries shares a key head
         y = attention(q, k, v, mask, is_causal, self.dropout if self.training else 0.0,
-                      gqa=self.n_kv_head != self.n_head)  # each group of n_head / n_kv_head queries shares a key head
+                      gqa=self.n_kv_head != self.n_head, fp32_max=self.fp32_attention_max)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.proj(y))
 
@@ -234,7 +230,6 @@ class Transformer(nn.Module):
 
     def features(self, idx: torch.Tensor, pos: int = 0, pad: torch.Tensor | None = None) -> torch.Tensor:
         """The final hidden states (B, T, n_embd), before the output head (a classifier puts its own head here)."""
-        threads.adapt()  # decoding and evaluation run on the cores other processes leave idle (llmcli/threads.py)
         T = idx.size(1)
         mask = None
         if pad is None:
@@ -264,11 +259,16 @@ class Transformer(nn.Module):
             x = block(x, pos, rope, mask)
         return self.norm_f(x)
 
+    def attend_in_float32(self, most: int):
+        """Attention under bfloat16 autocast runs in float32 while keys x head_dim <= most (see attention())."""
+        for block in self.blocks:
+            block.attn.fp32_attention_max = most
+
     def setup_kv_cache(self, batch_size: int, max_len: int | None = None) -> list[KVCache]:
         """Give every attention layer a cache for batch_size sequences of up to max_len tokens (default: context);
         returns the caches, a layer each."""
         max_len = max_len or self.config.context
-        weight = self.norm_f.weight  # (the embedding may be int8 rows: see llmcli/quantize.py)
+        weight = self.norm_f.weight  # (the embedding may be int8 rows: see llmcli/model/quantize.py)
         for block in self.blocks:
             block.attn.kv_cache = KVCache(batch_size, max_len, self.config.kv_heads, self.config.head_dim,
                                           weight.dtype, weight.device)

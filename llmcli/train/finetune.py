@@ -24,7 +24,7 @@ from llmcli.formats.adapter import prepare_model
 from llmcli.progress import log
 from llmcli.text import data
 from llmcli.text.chat_template import CONFIG_KEY, ChatTemplate, find_chat_template
-from llmcli.threads import default_threads
+from llmcli.runtime import default_threads
 from llmcli.train.checkpoints import checkpoint_dirs
 from llmcli.train.loop import IGNORE, Trainer, World, micro_batch_size
 from llmcli.train.run import Run, locked, train_config

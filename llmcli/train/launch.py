@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 from llmcli.errors import PEER_STOPPED, LLMError
-from llmcli.threads import default_threads
+from llmcli.runtime import default_threads
 
 
 def relaunch_with_torchrun(nproc: int, argv: list[str], on_hangup) -> int:

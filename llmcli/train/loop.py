@@ -30,6 +30,7 @@ from llmcli.files import os_error_reason
 from llmcli.formats import ours as checkpoint
 from llmcli.model.transformer import Transformer
 from llmcli.progress import log, progress_bar
+from llmcli.runtime import BF16_MIN_WIDTH, FP32_ATTENTION_MAX
 from llmcli.train.checkpoints import (
     CHECKPOINTS_DIR,
     checkpoint_dirs,
@@ -44,7 +45,6 @@ from llmcli.train.checkpoints import (
     whole_tensor,
 )
 
-BF16_MIN_WIDTH = 256  # narrower models' steps are dominated by per-operation overhead, which autocast's casts add to
 
 
 def learning_rate(step: int, cfg: TrainConfig) -> float:
@@ -346,6 +346,9 @@ class Trainer:
         self.optimizer = make_optimizer(model, cfg)  # after sharding: FSDP's optimizer holds shards
         load_optimizer_state(saved_state, model, self.optimizer)
         self.precision = resolve_precision(cfg.precision, model.config.n_embd, world.device)
+        for module in model.modules():  # (a classifier wraps the Transformer)
+            if isinstance(module, Transformer):
+                module.attend_in_float32(FP32_ATTENTION_MAX)
         self.autocast = torch.autocast(world.device.type, dtype=torch.bfloat16) \
             if self.precision == "bf16-mixed" else nullcontext()
         self.say(self._describe())

@@ -21,7 +21,7 @@ from llmcli.model.transformer import ModelConfig, Transformer
 from llmcli.progress import log, progress_bar
 from llmcli.text import data
 from llmcli.text.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
-from llmcli.threads import default_threads
+from llmcli.runtime import default_threads
 from llmcli.train.checkpoints import checkpoint_dirs
 from llmcli.train.loop import Trainer, World, join_world, lost_peer, micro_batch_size
 from llmcli.train.run import Run, locked
