@@ -1,10 +1,11 @@
 """The training loop that pretraining and fine-tuning share: the learning rate, one optimizer step over micro-batches,
 validation, the processes of a torchrun group, and the Trainer that runs them with checkpoints and Ctrl-C safety.
 
-AdamW with weight decay on matrices only, warmup then cosine, linear or warmup-stable-decay, gradient clipping,
-gradient accumulation over micro-batches, bfloat16 autocast where it pays (precision auto), optional torch.compile,
-and data parallelism across processes started by torchrun: DistributedDataParallel, or FSDP (fully_shard) to shard
-parameters, gradients and optimizer state; gloo on CPU, NCCL on GPU.
+AdamW with weight decay on matrices only (or Muon for the blocks' matrices and AdamW for the rest), warmup then
+cosine, linear or warmup-stable-decay, gradient clipping, gradient accumulation over micro-batches, bfloat16
+autocast where it pays (precision auto), optional torch.compile, and data parallelism across processes started by
+torchrun: DistributedDataParallel, or FSDP (fully_shard) to shard parameters, gradients and optimizer state; gloo on
+CPU, NCCL on GPU.
 
 A run needs no saved random state: the batch of step s is drawn from (seed, s) and dropout is seeded from
 (seed, s, rank), so a resumed run repeats an uninterrupted one bit for bit. Ctrl-C (or SIGTERM) finishes the step,
