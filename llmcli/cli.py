@@ -226,8 +226,9 @@ def pretrain(
         show_default=False)] = None,
     lr: Annotated[Optional[float], _from_preset("Peak learning rate")] = None,
     schedule: Annotated[Optional[str], typer.Option(
-        help="After warmup: cosine, linear or wsd (warmup-stable-decay) [default: cosine]", show_default=False)] = None,
-    warmup_steps: Annotated[Optional[int], _from_preset("Steps of linear warmup")] = None,
+        help="After warmup: cosine, linear or wsd (warmup-stable-decay) [default: wsd]", show_default=False)] = None,
+    warmup_steps: Annotated[Optional[int], typer.Option(
+        help="Steps of linear warmup [default: 5% of the steps]", show_default=False)] = None,
     precision: Annotated[Optional[str], typer.Option(
         help="fp32, bf16-mixed (bfloat16 autocast) or auto: bf16-mixed where the CPU (or GPU) multiplies bfloat16 "
         "natively and the model is at least 256 wide, else fp32 [default: auto]", show_default=False)] = None,
@@ -304,6 +305,8 @@ def _print_summary(summary: dict, title: str = "pretraining summary"):
                   + (f" ({trained:,} trained)" if trained < summary["parameters"] else ""))
     table.add_row("steps", f"{summary['steps']:,} ({summary['tokens']:,} tokens)")
     table.add_row("val loss", f"{summary['first_val_loss']:.4f} -> {summary['val_loss']:.4f}")
+    if "val_bpb" in summary:
+        table.add_row("val bits per byte", f"{summary['val_bpb']:.4f}")
     table.add_row("train loss", f"{summary['train_loss']:.4f}")
     table.add_row("time", f"{summary['seconds']:.1f}s, {summary['tokens_per_s']:,} tokens/s")
     from llmcli.eval.plot import read_metrics, sparkline

@@ -355,9 +355,15 @@ def test_cli_ignore_eos_decodes_to_max_new_tokens(nano_checkpoint, tmp_path):
     width = state["norm_f.weight"].numel()
     direction = torch.zeros(width)
     direction[0] = 1.0
-    state["norm_f.weight"] = torch.zeros(width)  # the final hidden state is the bias whatever the input...
-    state["norm_f.bias"] = direction
-    state["token_embedding.weight"][eos] = 100 * direction  # ...whose largest logit (tied head) is end-of-text
+    if "lm_head.weight" in state:  # an untied head and RMSNorm (the default block)
+        state["token_embedding.weight"][:, 0] = 1000.0  # the residual stream's first channel, positive, dominates...
+        state["norm_f.weight"] = direction  # ...and is all the final hidden state keeps...
+        state["lm_head.weight"] = torch.zeros_like(state["lm_head.weight"])
+        state["lm_head.weight"][eos] = 100 * direction  # ...whose largest logit is end-of-text
+    else:
+        state["norm_f.weight"] = torch.zeros(width)  # the final hidden state is the bias whatever the input...
+        state["norm_f.bias"] = direction
+        state["token_embedding.weight"][eos] = 100 * direction  # ...whose largest logit (tied head) is end-of-text
     save_file(state, eager / "model.safetensors")
     args = ("generate", "ROMEO:", "-m", eager, "--temperature", "0", "--max-new-tokens", "7", "--json")
     stopped = _json_lines(run_cli(*args))[0]

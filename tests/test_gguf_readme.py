@@ -20,9 +20,10 @@ def test_gguf_section_commands_run(tmp_path, nano_checkpoint):
     lines = result.stdout.splitlines()
     path = tmp_path / "shakespeare-nano.q8_0.gguf"
     assert lines[0] == path.name and path.is_file()
-    assert any(line.startswith("architecture") and "gpt2 (GGUF)" in line for line in lines)
+    assert any(line.startswith("architecture") and "llama (GGUF)" in line for line in lines)
     assert any(line.startswith("dtype") and "Q8_0" in line for line in lines)
-    assert not lines[-1].startswith("size on disk") and lines[-1].strip()  # the generated text, after info's lines
+    printed = [line for line in lines if line.strip()]  # a sample may end with blank lines
+    assert not printed[-1].startswith("size on disk")  # the generated text, after info's lines
     ours, tok, _ = load_model(tmp_path / "shakespeare-nano")
     exported, exported_tok, _ = load_model(path)
     text = "ROMEO:\nWhat light through yonder window breaks?"

@@ -12,7 +12,7 @@ def test_hugging_face_section_commands_run(tmp_path, nano_checkpoint):
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0] == "shakespeare-hf" and (tmp_path / "shakespeare-hf" / "config.json").is_file()
-    assert any(line.startswith("architecture") and "GPT2LMHeadModel" in line for line in lines)
+    assert any(line.startswith("architecture") and "LlamaForCausalLM" in line for line in lines)
     at = next(i for i, line in enumerate(lines) if line.startswith("{"))
     about = json.loads(lines[at])
     assert about["architecture"] == "llmcli Transformer" and about["context"] == 64

@@ -670,6 +670,19 @@ class TokenData:
             shard += 1
         return out
 
+    def text_bytes(self, tokenizer, split: str = "val") -> int:
+        """The UTF-8 bytes of the text a split's tokens encode, counted as `llm eval` counts them (each document's
+        text, not its separator tokens): decoded once, document by document, for bits per byte."""
+        lo, hi = self.split_range(split)
+        ids = self.read(lo, hi - lo)
+        separators = np.flatnonzero(np.isin(ids, document_separator(tokenizer)))
+        n_bytes = 0
+        for doc in np.split(ids, separators):
+            doc = doc[~np.isin(doc, document_separator(tokenizer))]
+            if len(doc):
+                n_bytes += len(tokenizer.decode(doc.tolist(), skip_special=True).encode("utf-8"))
+        return n_bytes
+
     def check_fits(self, context: int, val_fraction: float):
         """A clear error if either split is shorter than one training sequence of context + 1 tokens."""
         need = context + 1

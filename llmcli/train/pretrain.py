@@ -28,10 +28,12 @@ from llmcli.train.run import Run, locked
 
 
 class LMBatches:
-    """The Trainer's dataset for pretraining: random windows of a token file, inputs and next tokens."""
+    """The Trainer's dataset for pretraining: random windows of a token file, inputs and next tokens.
+    val_tokens_per_byte turns the validation loss into bits per byte of text (the Trainer's val_bpb)."""
 
-    def __init__(self, token_data: data.TokenData, context: int):
+    def __init__(self, token_data: data.TokenData, context: int, val_bytes: int | None = None):
         self.token_data, self.context = token_data, context
+        self.val_tokens_per_byte = token_data.split_len("val") / val_bytes if val_bytes else None
 
     def batch(self, split: str, batch_size: int, seed: int, index: int, rows: slice | None = None):
         return self.token_data.batch(split, batch_size, self.context, seed, index, rows)
@@ -90,7 +92,10 @@ def _pretrain(world: World, corpus, out_dir, preset, config_file, overrides, tok
         model = Transformer(run.model).to(world.device)
         if initial_weights is not None:
             model.load_state_dict(initial_weights)
-        trainer = Trainer(world, run, out_dir, model, LMBatches(token_data, run.model.context))
+        if "val_bytes" not in run.data:  # a run started before bits per byte were reported gets them now
+            run.data["val_bytes"] = token_data.text_bytes(load_tokenizer(out_dir))
+        batches = LMBatches(token_data, run.model.context, run.data["val_bytes"])
+        trainer = Trainer(world, run, out_dir, model, batches)
         return trainer.setup(resume=resume is not None).fit()
 
 
@@ -224,5 +229,6 @@ def _tokenize(corpus: list[str], out_dir: Path, run: Run):
     log(f"{total_bytes / 1e6:.1f} MB of text, {token_data.n_tokens:,} tokens in {token_dir} ({seconds:.1f}s)")
     run.data = {"corpus": corpus, "token_dir": str(token_dir), "hash": token_dir.name,
                 "tokens": token_data.n_tokens,
-                "train_tokens": token_data.split_len("train"), "val_tokens": token_data.split_len("val")}
+                "train_tokens": token_data.split_len("train"), "val_tokens": token_data.split_len("val"),
+                "val_bytes": token_data.text_bytes(tokenizer)}
     run.save(out_dir)
