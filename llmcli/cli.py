@@ -190,6 +190,12 @@ def _load_tokenizer(path: Optional[Path]):
     return load_model_tokenizer(path)
 
 
+def _run_path(corpus: list[str], preset: str) -> Path:
+    """A new run's directory when -o is not given: checkpoints/CORPUS-PRESET, numbered if it exists."""
+    stem = "stdin" if corpus[0] == "-" else Path(corpus[0].rstrip("/")).stem or "corpus"
+    return _free_path(Path("checkpoints") / f"{stem}-{preset}")
+
+
 def _from_preset(help: str):
     """An option of pretrain whose default is the preset's (or the --config file's)."""
     return typer.Option(help=f"{help} [default: the preset's]", show_default=False)
@@ -257,8 +263,7 @@ def pretrain(
 ):
     """Pretrain a Transformer on text files; prints the checkpoint.
 
-    Next-token prediction on the corpus, with a tokenizer trained on it unless --tokenizer gives one; a
-    training summary on stderr."""
+    Next-token prediction, with a tokenizer trained on the corpus unless --tokenizer gives one; a summary on stderr."""
     if nproc is not None:
         from llmcli.train.launch import relaunch_with_torchrun
 
@@ -270,15 +275,12 @@ def pretrain(
         out = resume
     elif not corpus:
         raise LLMError("give a corpus to train on, or --resume RUN_DIR")
-    elif out is None:
-        stem = "stdin" if corpus[0] == "-" else Path(corpus[0].rstrip("/")).stem or "corpus"
-        out = _free_path(Path("checkpoints") / f"{stem}-{resolve_run_config(preset, config, {})['preset']}")
-    overrides = dict(max_steps=max_steps, batch_size=batch_size, micro_batch_size=micro_batch_size, lr=lr,
-                     schedule=schedule, warmup_steps=warmup_steps, precision=precision, compile=compile,
-                     context=context, vocab_size=vocab_size, eval_interval=eval_interval,
-                     save_interval=save_interval, keep_last=keep_last, text_field=text_field,
-                     doc_separator=doc_separator, seed=seed, strategy=strategy)
-    overrides = parse_settings(settings or []) | {k: v for k, v in overrides.items() if v is not None}
+    out = out or _run_path(corpus, resolve_run_config(preset, config, {})["preset"])
+    options = dict(max_steps=max_steps, batch_size=batch_size, micro_batch_size=micro_batch_size, lr=lr,
+                   schedule=schedule, warmup_steps=warmup_steps, precision=precision, compile=compile, context=context,
+                   vocab_size=vocab_size, eval_interval=eval_interval, save_interval=save_interval, keep_last=keep_last,
+                   text_field=text_field, doc_separator=doc_separator, seed=seed, strategy=strategy)
+    overrides = parse_settings(settings or []) | {k: v for k, v in options.items() if v is not None}
     summary = run_pretrain(corpus, out, preset, config, overrides, tokenizer, resume=resume, init=init)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, process 0 alone reports
         _print_summary(summary)
