@@ -833,7 +833,7 @@ def cache(
 
     The token cache ($LLM_CACHE_DIR, default ~/.cache/llmcli): its entries (size, tokens, corpus) and their
     total; --clear deletes them (a run whose tokens are gone tokenizes its corpus again when resumed)."""
-    from llmcli.text.data import cache_entries, clear_cache, default_cache_dir
+    from llmcli.text.shards import cache_entries, clear_cache, default_cache_dir
 
     if clear:
         freed = clear_cache()

@@ -106,7 +106,8 @@ def test_a_kill_during_tokenization_leaves_no_worker_and_no_temporary_folder(sig
 
 
 def test_stale_temporary_folders_of_dead_processes_are_removed(tmp_path):
-    from llmcli.text.data import cached_tokens, read_lines, remove_stale_temporaries
+    from llmcli.text.data import read_lines
+    from llmcli.text.shards import cached_tokens, remove_stale_temporaries
     from llmcli.text.tokenizer import train_tokenizer
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -154,7 +155,7 @@ def test_the_token_cache_is_reused_by_a_second_run_and_can_be_cleared(tmp_path):
 def test_the_cache_key_ignores_the_paths_a_tokenizer_records(tmp_path):
     import sentencepiece as spm
 
-    from llmcli.text.data import tokenizer_fingerprint
+    from llmcli.text.shards import tokenizer_fingerprint
 
     lines = [f"line {i} of a corpus about cats and dogs" for i in range(500)]
     models = []

@@ -118,7 +118,7 @@ def test_finetune_a_llama_sentencepiece_model_without_end_of_text(tmp_path, shak
     </s> <s>."""
     import sentencepiece as spm
 
-    from llmcli.text.data import document_separator
+    from llmcli.text.shards import document_separator
     from llmcli.text.tokenizer import Tokenizer
 
     directory = tmp_path / "llama"

@@ -82,7 +82,7 @@ def test_muon_with_two_processes_ddp_and_fsdp_refused(shakespeare_slice, nano_ch
 
 def test_new_runs_get_the_modern_recipe_and_old_configs_keep_theirs(tmp_path):
     from llmcli.config import TrainConfig
-    from llmcli.train.loop import learning_rate
+    from llmcli.train.optim import learning_rate
     from llmcli.train.run import Run
 
     new = Run.new("tiny", None, {})
