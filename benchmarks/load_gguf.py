@@ -1,4 +1,4 @@
-"""Loading a GGUF file: ours (llmcli/formats/gguf.py) against `transformers`' own GGUF loading, in one run.
+"""Loading a GGUF file: ours (llmcli/formats/gguf/reading.py) against `transformers`' own GGUF loading, in one run.
 
     python benchmarks/load_gguf.py FILE.gguf [--runs 3]
 

@@ -25,7 +25,8 @@ def run_variant(preset: str, rank: int, targets: str, steps: int, batch: int) ->
     from llmcli.config import PRESETS, TrainConfig
     from llmcli.model.lora import add_lora, parse_targets
     from llmcli.model.transformer import ModelConfig, Transformer
-    from llmcli.train.loop import World, make_optimizer, train_step
+    from llmcli.train.loop import World, train_step
+    from llmcli.train.optim import make_optimizer
 
     world = World(device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(0)

@@ -25,7 +25,7 @@ TOKENIZER = ROOT / "llmcli" / "checkpoints" / "tinystories" / "tokenizer.model"
 def measure(corpus: str, workers: int) -> dict:
     """In a child process: tokenize the corpus, return seconds and peak RSS (self, largest child)."""
     sys.path.insert(0, str(ROOT))
-    from llmcli.text.data import tokenize_corpus
+    from llmcli.text.shards import tokenize_corpus
     from llmcli.text.tokenizer import Tokenizer
 
     tokenizer = Tokenizer(TOKENIZER)

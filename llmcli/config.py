@@ -118,8 +118,15 @@ class TrainConfig:
     batch_size: int = _setting(32, "sequences per step, over all processes", low=1)
     lr: float = _setting(1e-3, "peak learning rate", low=0, positive=True)
     min_lr_ratio: float = _setting(0.1, "the schedule ends at lr * min_lr_ratio", low=0, high=1)
-    warmup_steps: int = _setting(100, "steps of linear warmup", low=0)
-    weight_decay: float = _setting(0.1, "AdamW weight decay of the matrices", low=0)
+    warmup_steps: int = _setting(100, "steps of linear warmup; -1: warmup_fraction of max_steps", low=-1)
+    warmup_fraction: float = _setting(0.0, "with warmup_steps -1: the share of the steps that warms up", low=0,
+                                      high=1)
+    optimizer: str = _setting("adamw", "adamw for every weight, or muon: Muon for the blocks' matrices, AdamW (at lr) "
+                              "for embeddings, output head, norms and biases", choices=("adamw", "muon"))
+    muon_lr: float = _setting(0.02, "muon: peak learning rate of the blocks' matrices (each scaled by "
+                              "sqrt(max(1, rows / columns)), as nanochat's), following lr's schedule", low=0,
+                              positive=True)
+    weight_decay: float = _setting(0.1, "weight decay of the matrices (AdamW's, and Muon's with muon)", low=0)
     beta1: float = _setting(0.9, "AdamW beta1", low=0, high=1)
     beta2: float = _setting(0.95, "AdamW beta2", low=0, high=1)
     grad_clip: float = _setting(1.0, "largest gradient norm", low=0, positive=True)
@@ -149,6 +156,11 @@ class TrainConfig:
     text_field: str = _setting("text", "of the records of .jsonl, .csv and .parquet corpus files")
     doc_separator: str = _setting("<|endoftext|>", "a line holding only this ends a document in text files")
 
+    @property
+    def warmup(self) -> int:
+        """Steps of linear warmup: warmup_steps, or (-1) warmup_fraction of max_steps."""
+        return self.warmup_steps if self.warmup_steps >= 0 else round(self.warmup_fraction * self.max_steps)
+
     def check(self):
         """Raise LLMError naming the first setting that is out of its bounds or choices (the one loop for all)."""
         for field in dataclasses.fields(self):
@@ -169,22 +181,31 @@ class TrainConfig:
 RESUMABLE = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.metadata["resume"])
 
 
+# The recipe of a NEW run, under every preset and config file: Llama's block (RMSNorm, rotary positions, SwiGLU,
+# an untied head), no dropout, warmup as a share of the run and warmup-stable-decay (measured: docs/perf.md,
+# "Training recipe"). The dataclasses keep the earlier defaults, so that a checkpoint's config.yaml that does not
+# name a setting reads it as the program that wrote it meant it.
+RECIPE = {
+    "model": dict(norm="rmsnorm", positions="rope", mlp="swiglu", tie_embeddings=False, dropout=0.0),
+    "train": dict(warmup_steps=-1, warmup_fraction=0.05, schedule="wsd", decay_fraction=0.65, min_lr_ratio=0.05),
+}
+
 PRESETS: dict[str, dict[str, dict]] = {
     "nano": {  # for tests: trains in seconds
         "model": dict(n_layer=2, n_head=2, n_embd=64, context=64, vocab_size=512),
-        "train": dict(max_steps=200, batch_size=16, lr=3e-3, warmup_steps=20, eval_interval=50, eval_batches=4),
+        "train": dict(max_steps=200, batch_size=16, lr=3e-3, eval_interval=50, eval_batches=4),
     },
     "tiny": {  # ~1M parameters
         "model": dict(n_layer=4, n_head=4, n_embd=128, context=256, vocab_size=2048),
-        "train": dict(max_steps=2000, batch_size=32, lr=2e-3, warmup_steps=100),
+        "train": dict(max_steps=2000, batch_size=32, lr=2e-3),
     },
     "small": {  # ~10M parameters
         "model": dict(n_layer=6, n_head=6, n_embd=384, context=256, vocab_size=4096),
-        "train": dict(max_steps=5000, batch_size=32, lr=1e-3, warmup_steps=200),
+        "train": dict(max_steps=5000, batch_size=32, lr=1e-3),
     },
     "gpt2": {  # the GPT-2 124M shape
         "model": dict(n_layer=12, n_head=12, n_embd=768, context=1024, vocab_size=50257),
-        "train": dict(max_steps=20000, batch_size=16, lr=6e-4, warmup_steps=1000),
+        "train": dict(max_steps=20000, batch_size=16, lr=6e-4),
     },
 }
 DEFAULT_PRESET = "tiny"
@@ -208,8 +229,8 @@ def resolve_run_config(preset: str | None, config_file: str | Path | None, overr
     preset = preset or DEFAULT_PRESET
     if preset not in PRESETS:
         raise LLMError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    model = dict(PRESETS[preset]["model"])
-    train = dataclasses.asdict(TrainConfig()) | PRESETS[preset]["train"]
+    model = RECIPE["model"] | PRESETS[preset]["model"]
+    train = dataclasses.asdict(TrainConfig()) | RECIPE["train"] | PRESETS[preset]["train"]
     model |= from_file.get("model", {})
     train |= from_file.get("train", {})
     for key, value in overrides.items():  # "train.lr" or "lr": the two sections share no field name

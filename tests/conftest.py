@@ -44,6 +44,7 @@ def run_cli(*args, input: str | bytes | None = None, cwd=None, env=None) -> subp
 LONGEST_FIRST = [
     "test_readme.py::test_long_run_commands_run",
     "test_readme.py::test_walkthrough_commands_run",
+    "test_docs.py::test_readme_sections_run",
     "test_train.py::test_two_processes_follow_the_one_process_run_and_resume[ddp]",
     "test_default_model.py::test_int8_costs_the_bits_per_byte_the_readme_says",
     "test_train.py::test_two_processes_follow_the_one_process_run_and_resume[fsdp]",

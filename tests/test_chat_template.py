@@ -201,10 +201,13 @@ def test_replies_end_where_the_template_ends_a_turn():
     assert ChatTemplate(CHATML).stops() == ("<|im_end|>", "<|im_start|>user")
     assert ChatTemplate(LLAMA3, "<|begin_of_text|>", "<|eot_id|>").stops()[0] == "<|eot_id|>"
     assert ChatTemplate(MISTRAL, "<s>", "</s>").stops() == ("</s>", "[INST]")
-    # a template's {{ bos_token }} is the start token generation adds itself: the prompt does not repeat it
+    # a template's {{ bos_token }} stays in the prompt (encoded whole, as apply_chat_template does; generation then
+    # adds no second one), and leaves the training text, to which fine-tuning adds the start token itself
     llama = ChatTemplate(LLAMA3, "<|begin_of_text|>", "<|eot_id|>", start_added="<|begin_of_text|>")
+    turn = "<|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|>"
     assert llama.prompt([{"role": "user", "content": "hi"}]) == (
-        "<|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
+        "<|begin_of_text|>" + turn + "<|start_header_id|>assistant<|end_header_id|>\n\n")
+    assert llama.conversation([{"role": "user", "content": "hi"}]) == turn
 
 
 def test_help_does_not_import_jinja():
@@ -236,12 +239,15 @@ def test_a_hugging_face_folder_chats_with_its_own_template(nano_checkpoint, tmp_
     from llmcli.formats import export_model
 
     folder = export_model(nano_checkpoint, tmp_path / "hf")
-    named = [{"name": "tool_use", "template": "T"}, {"name": "default", "template": CHATML}]
+    # plain-text markers: this vocabulary has no <|im_start|>, and a template writing it is refused (below)
+    plain = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+             "{% if add_generation_prompt %}assistant:{% endif %}")
+    named = [{"name": "tool_use", "template": "T"}, {"name": "default", "template": plain}]
     (folder / "tokenizer_config.json").write_text(json.dumps({"chat_template": named}))
     result = run_cli("generate", "--chat", "hi", "-m", folder, "--max-new-tokens", "3", "--json")
     assert result.returncode == 0 and "no chat template" not in result.stderr, result.stderr
     record = json.loads(result.stdout)
-    assert record["templated_prompt"] == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    assert record["templated_prompt"] == "user: hi\nassistant:"
 
 
 def test_a_template_that_fails_says_so_in_one_line(nano_checkpoint, tmp_path):

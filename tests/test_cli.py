@@ -1,6 +1,7 @@
 """The commands as a user runs them: exit codes, what goes to stdout and stderr, and the messages for bad input."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -185,3 +186,74 @@ def test_bad_options_of_the_other_commands(nano_checkpoint, tmp_path):
                                                               "make one with llm finetune --task classify")
     message = _bad("plot", nano_checkpoint, "-o", tmp_path / "curve.txt")
     assert message.startswith(f"llm: error: cannot write {tmp_path / 'curve.txt'}: Format 'txt' is not supported")
+
+
+COMMANDS = ["generate", "chat", "serve", "eval", "embed", "search", "classify", "pretrain", "finetune",
+            "finetune train", "finetune merge", "tokenize", "tokenize train", "tokenize encode", "tokenize decode",
+            "info", "export", "plot", "cache"]
+
+
+def _help(*command: str) -> str:
+    result = run_cli(*command, "--help", env={"COLUMNS": "80"})
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def _option_entries(help_text: str) -> list[str]:
+    """The entries of a help page's Options section, each joined into one line."""
+    options = help_text.split("\nOptions:\n", 1)[1].split("\n\n", 1)[0]
+    return [" ".join(entry.split()) for entry in re.split(r"\n(?=  -)", options) if entry.strip()]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help_fits_80_columns_shows_defaults_and_examples(command):
+    text = _help(*command.split())
+    assert all(len(line) <= 80 for line in text.splitlines()), text
+    assert "<bool>" not in text  # a flag takes no value
+    assert re.search(r"Examples:\n    .*llm ", text), text  # every command ends with examples
+    for entry in _option_entries(text):
+        if re.match(r"(-\w, )?--[\w-]+(, --[\w-]+)* <", entry):  # an option that takes a value
+            assert "[default: " in entry or "[required]" in entry, entry
+
+
+def test_top_level_help_starts_with_what_people_use_first():
+    text = _help()
+    lines = [line for line in text.split("Commands:\n", 1)[1].splitlines() if line.strip()]
+    commands = [line.split()[0] for line in lines]
+    assert commands[:3] == ["generate", "chat", "serve"] and set(commands) >= {"pretrain", "finetune", "tokenize"}
+    assert all(not line.endswith("...") for line in lines)  # each summary fits its line whole
+    model_help = " ".join(_help("generate").split())
+    assert "[default: the shipped model, or $LLM_MODEL]" in model_help
+    assert "--max-new-tokens, --max-tokens" in model_help
+
+
+def test_one_way_to_name_a_model(tmp_path, nano_checkpoint):
+    by_option = run_cli("info", "-m", nano_checkpoint, "--json")
+    by_argument = run_cli("info", nano_checkpoint, "--json")
+    assert by_option.returncode == 0 and by_option.stdout == by_argument.stdout, by_option.stderr
+    assert json.loads(by_option.stdout)["parameters"] > 0
+    # a flag takes no value: `--json true` is not read as a model
+    assert "a flag such as --json takes no value" in _bad("info", "--json", "true")
+    assert "give one" in _bad("info", nano_checkpoint, "-m", nano_checkpoint)
+    out = tmp_path / "exported"
+    exported = run_cli("export", "-m", nano_checkpoint, "-o", out)
+    assert exported.returncode == 0 and exported.stdout.strip() == str(out), exported.stderr
+    assert (out / "config.json").is_file()
+
+
+def test_finetune_merge_is_a_subcommand_with_its_own_help():
+    text = _help("finetune", "merge")
+    assert "Usage:" in text and "finetune merge" in text and "--task" not in text
+    assert "--task" in _help("finetune", "train")
+    assert "merge" in _help("finetune") and "train" in _help("finetune")
+    # `llm finetune` without a subcommand is training's, as it always was
+    assert "give a JSONL data file" in _bad("finetune")
+    assert "Missing argument" in run_cli("finetune", "merge").stderr
+
+
+def test_max_tokens_names_max_new_tokens_and_system_needs_a_chat(nano_checkpoint):
+    args = ("generate", "ROMEO:", "-m", nano_checkpoint, "--temperature", "0", "--json")
+    one = json.loads(run_cli(*args, "--max-tokens", "5").stdout)
+    other = json.loads(run_cli(*args, "--max-new-tokens", "5").stdout)
+    assert one["text"] == other["text"] and one["new_tokens"] <= 5
+    assert "--system is for a chat" in _bad("generate", "hi", "-m", nano_checkpoint, "-s", "be brief")

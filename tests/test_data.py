@@ -5,15 +5,9 @@ import pytest
 
 from llmcli.errors import LLMError
 from llmcli.text import data as data_module
-from llmcli.text.data import (
-    TokenData,
-    cached_tokens,
-    document_pieces,
-    expand_corpus,
-    read_documents,
-    read_lines,
-    tokenize_corpus,
-)
+from llmcli.text import shards
+from llmcli.text.data import document_pieces, expand_corpus, read_documents, read_lines
+from llmcli.text.shards import TokenData, cached_tokens, tokenize_corpus
 from llmcli.text.tokenizer import train_tokenizer
 
 
@@ -64,7 +58,7 @@ def test_parallel_tokenization_matches_serial_across_shards(tmp_path, monkeypatc
     corpus.write_text("".join(f"line {i} of a story about dogs and cats\n<|endoftext|>\n" for i in range(2000)))
     tok = train_tokenizer(read_lines(corpus), tmp_path, vocab_size=300)
     monkeypatch.setattr(data_module, "CHUNK_CHARS", 5_000)  # many chunks, several shards
-    monkeypatch.setattr(data_module, "SHARD_TOKENS", 7_000)
+    monkeypatch.setattr(shards, "SHARD_TOKENS", 7_000)
     serial = tokenize_corpus([corpus], tok, tmp_path / "serial", workers=1)
     parallel = tokenize_corpus([corpus], tok, tmp_path / "parallel", workers=2)
     assert serial == parallel and len(parallel["shards"]) > 3

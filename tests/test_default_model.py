@@ -28,16 +28,16 @@ def test_default_generation_is_deterministic_for_a_seed():
 
 
 def test_int8_costs_the_bits_per_byte_the_readme_says():
-    """The README's numbers, to their last digit, on the whole file they name (the --quantize option of the CLI is
+    """docs/perf.md's numbers, to their last digit, on the whole file they name (the --quantize option of the CLI is
     tested on a slice in test_quantize.py)."""
     from llmcli.eval.evaluate import evaluate_file
     from llmcli.model.quantize import quantize
 
-    readme = (ROOT / "README.md").read_text()
+    readme = (ROOT / "docs" / "perf.md").read_text()
     stated = re.search(r"bits per\s+byte on TinyStories `valid.txt` go from ([0-9.]+) to ([0-9.]+)", readme).groups()
     model, tokenizer, _ = load_model(None)
     fp32 = evaluate_file(model, tokenizer, str(TINYSTORIES_VALID), stride=256)["bits_per_byte"]
     int8 = evaluate_file(quantize(model, "int8"), tokenizer, str(TINYSTORIES_VALID), stride=256)["bits_per_byte"]
-    # to the README's last digit (it rounds half a unit of it; 0.00001 more for the summing order of other threads)
+    # to perf.md's last digit (it rounds half a unit of it; 0.00001 more for the summing order of other threads)
     assert abs(fp32 - float(stated[0])) <= 6e-5 and abs(int8 - float(stated[1])) <= 6e-5
     assert 0 < abs(int8 - fp32) < 0.0005  # int8 really ran, and cost little

@@ -198,7 +198,7 @@ def test_search_finds_the_document_and_caches(nano_checkpoint, shakespeare_slice
     speeches = [s.replace("\n", " ") for s in shakespeare_slice.read_text().split("\n\n")[:60] if len(s) > 80]
     docs = tmp_path / "docs.txt"
     docs.write_text("\n".join(speeches) + "\n")
-    first = run_cli("search", speeches[7], "--docs", docs, "-m", nano_checkpoint, "-k", "3")
+    first = run_cli("search", speeches[7], "--docs", docs, "-m", nano_checkpoint, "-n", "3")
     assert first.returncode == 0, first.stderr
     rank, score, number, text = first.stdout.splitlines()[0].split("\t")
     assert (rank, number) == ("1", "8") and float(score) == pytest.approx(1, abs=1e-4)

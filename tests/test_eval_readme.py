@@ -1,4 +1,4 @@
-"""The commands of the README's evaluation section run, on a checkpoint like the walkthrough's."""
+"""The commands of docs/eval.md run, on a checkpoint like the walkthrough's."""
 
 import json
 import shutil
@@ -12,7 +12,7 @@ def test_evaluation_section_commands_run(tmp_path, nano_checkpoint):
     work = workdir(tmp_path)
     (work / "examples").symlink_to(ROOT / "examples")  # the commands run from the repository root
     shutil.copytree(nano_checkpoint, work / "shakespeare-nano")
-    result = run_bash("\n".join(bash_blocks("Evaluation, tasks and semantic search")), cwd=work)
+    result = run_bash("\n".join(bash_blocks(page="docs/eval.md")), cwd=work)
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "bits per byte" in out and "shakespeare-nano" in out and "stride 32" in out

@@ -106,7 +106,8 @@ def test_a_kill_during_tokenization_leaves_no_worker_and_no_temporary_folder(sig
 
 
 def test_stale_temporary_folders_of_dead_processes_are_removed(tmp_path):
-    from llmcli.text.data import cached_tokens, read_lines, remove_stale_temporaries
+    from llmcli.text.data import read_lines
+    from llmcli.text.shards import cached_tokens, remove_stale_temporaries
     from llmcli.text.tokenizer import train_tokenizer
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -154,7 +155,7 @@ def test_the_token_cache_is_reused_by_a_second_run_and_can_be_cleared(tmp_path):
 def test_the_cache_key_ignores_the_paths_a_tokenizer_records(tmp_path):
     import sentencepiece as spm
 
-    from llmcli.text.data import tokenizer_fingerprint
+    from llmcli.text.shards import tokenizer_fingerprint
 
     lines = [f"line {i} of a corpus about cats and dogs" for i in range(500)]
     models = []
@@ -194,7 +195,7 @@ def test_a_read_only_file_system(nano_checkpoint, shakespeare_slice, tmp_path):
                                "--max-steps", "1", "-o", docs_dir / "run"), "Read-only file system")
         one_line_error(run_cli("embed", docs_dir / "docs.txt", "-m", nano_checkpoint, "-o", docs_dir / "e.npy"),
                        "Read-only file system")
-        search = run_cli("search", "a cat", "--docs", docs_dir / "docs.txt", "-m", nano_checkpoint, "-k", "2")
+        search = run_cli("search", "a cat", "--docs", docs_dir / "docs.txt", "-m", nano_checkpoint, "-n", "2")
         assert search.returncode == 0 and len(search.stdout.splitlines()) == 2, search.stderr  # just not cached
         assert "not cached" in search.stderr and "Traceback" not in search.stderr
 
@@ -269,7 +270,7 @@ def test_search_never_follows_a_planted_symlink_and_rebuilds_a_bad_cache(nano_ch
     cache = cache_path(docs, nano_checkpoint, "mean")
     cache.symlink_to(victim)  # planted by someone who can write the documents folder
     docs.with_name(f".{cache.name}.tmp").symlink_to(victim)  # the old fixed temporary name
-    first = run_cli("search", "a cat", "--docs", docs, "-m", nano_checkpoint, "-k", "1")
+    first = run_cli("search", "a cat", "--docs", docs, "-m", nano_checkpoint, "-n", "1")
     assert first.returncode == 0, first.stderr
     assert victim.read_text() == "the user's own file\n" and victim.stat().st_mode & 0o777 == 0o600
     assert cache.is_file() and not cache.is_symlink()
@@ -278,10 +279,10 @@ def test_search_never_follows_a_planted_symlink_and_rebuilds_a_bad_cache(nano_ch
 
     for wrong in (np.ones((3, 5), np.float32), np.full((3, 64), np.nan, np.float32)):
         save_file({"embeddings": wrong}, str(cache))  # the right number of rows, the wrong vectors
-        again = run_cli("search", "a cat", "--docs", docs, "-m", nano_checkpoint, "-k", "1")
+        again = run_cli("search", "a cat", "--docs", docs, "-m", nano_checkpoint, "-n", "1")
         assert again.returncode == 0 and again.stdout == first.stdout, again.stderr
         assert "does not fit these documents" in again.stderr
-    assert "from the cache" in run_cli("search", "a cat", "--docs", docs, "-m", nano_checkpoint, "-k", "1").stderr
+    assert "from the cache" in run_cli("search", "a cat", "--docs", docs, "-m", nano_checkpoint, "-n", "1").stderr
 
 
 def test_pruning_leaves_no_half_checkpoint_and_leftovers_are_cleared(nano_checkpoint, shakespeare_slice, tmp_path):

@@ -1,4 +1,4 @@
-"""The commands of the README's fine-tuning section run, on a checkpoint like the walkthrough's."""
+"""The commands of docs/finetune.md run, on a checkpoint like the walkthrough's."""
 
 import json
 import shutil
@@ -8,7 +8,7 @@ from test_readme import bash_blocks, run_bash
 
 def test_fine_tuning_section_commands_run(tmp_path, nano_checkpoint):
     shutil.copytree(nano_checkpoint, tmp_path / "shakespeare-nano")
-    result = run_bash("\n".join(bash_blocks("Fine-tuning: instructions, classification, LoRA")), cwd=tmp_path)
+    result = run_bash("\n".join(bash_blocks(page="docs/finetune.md")), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert "assistant" in lines and "Blue." in lines

@@ -226,6 +226,56 @@ def test_chat_repl_through_stdin(nano_checkpoint, tmp_path):
     assert eof.returncode == 0 and eof.stdout.endswith("\n") and len(eof.stdout) > 1, eof.stderr
 
 
+def test_chat_commands_never_reach_the_model(nano_checkpoint):
+    args = ("-m", nano_checkpoint, "--max-new-tokens", "8", "--temperature", "0")
+    only_commands = run_cli("chat", *args, input="/help\n/frobnicate\n/system be brief\n/reset\nexit\nROMEO:\n")
+    assert only_commands.returncode == 0, only_commands.stderr
+    assert only_commands.stdout == ""  # no reply: nothing was sent, and `exit` left before ROMEO:
+    err = only_commands.stderr
+    assert f"chatting with {nano_checkpoint}" in err and "/exit or Ctrl-D to leave" in err  # the banner
+    assert "/system TEXT" in err and "unknown command /frobnicate" in err and "conversation cleared" in err
+    # a command between messages is not part of the conversation: the reply is the one to the message alone
+    alone = run_cli("generate", "ROMEO:", *args)
+    for leave in ("/exit", "quit", "/quit"):
+        chat = run_cli("chat", *args, input=f"/help\nROMEO:\n/system x\n{leave}\nJULIET:\n")
+        assert chat.returncode == 0 and chat.stdout == alone.stdout, chat.stderr
+
+
+def test_chat_at_a_terminal(nano_checkpoint):
+    """stdin a terminal, as a person has it: the prompt on stderr, lines read through readline, `exit` leaves."""
+    import os
+    import pty
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    controller, terminal = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "llmcli", "chat", "-m", str(nano_checkpoint), "--max-new-tokens",
+                             "5", "--temperature", "0"], stdin=terminal, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    os.close(terminal)
+    os.write(controller, b"ROMEO:\n/help\nexit\n")
+    out, err = proc.communicate(timeout=120)
+    os.close(controller)
+    assert proc.returncode == 0, err
+    assert "chatting with" in err and err.count("> ") >= 3 and "/system TEXT" in err
+    alone = run_cli("generate", "ROMEO:", "-m", nano_checkpoint, "--max-new-tokens", "5", "--temperature", "0")
+    assert out == alone.stdout  # the reply alone on stdout: not the prompt, not the commands
+
+
+def test_the_default_model_chats_in_stories():
+    # the shipped model's chat template is how it was trained: a request line, then the story
+    request = "Tell me a story about a dog."
+    args = ("--temperature", "0", "--max-new-tokens", "40")
+    chat = run_cli("chat", *args, input=f"{request}\n/exit\n")
+    assert chat.returncode == 0, chat.stderr
+    assert "this model has no chat template" not in chat.stderr and "(the default model)" in chat.stderr
+    story = run_cli("generate", request, *args)
+    assert chat.stdout == story.stdout and len(story.stdout.split()) > 10
+    assert run_cli("generate", request, "--chat", *args).stdout == story.stdout
+
+
 def test_chat_uses_the_checkpoint_chat_template(nano_checkpoint, tmp_path):
     import shutil
 
@@ -305,9 +355,15 @@ def test_cli_ignore_eos_decodes_to_max_new_tokens(nano_checkpoint, tmp_path):
     width = state["norm_f.weight"].numel()
     direction = torch.zeros(width)
     direction[0] = 1.0
-    state["norm_f.weight"] = torch.zeros(width)  # the final hidden state is the bias whatever the input...
-    state["norm_f.bias"] = direction
-    state["token_embedding.weight"][eos] = 100 * direction  # ...whose largest logit (tied head) is end-of-text
+    if "lm_head.weight" in state:  # an untied head and RMSNorm (the default block)
+        state["token_embedding.weight"][:, 0] = 1000.0  # the residual stream's first channel, positive, dominates...
+        state["norm_f.weight"] = direction  # ...and is all the final hidden state keeps...
+        state["lm_head.weight"] = torch.zeros_like(state["lm_head.weight"])
+        state["lm_head.weight"][eos] = 100 * direction  # ...whose largest logit is end-of-text
+    else:
+        state["norm_f.weight"] = torch.zeros(width)  # the final hidden state is the bias whatever the input...
+        state["norm_f.bias"] = direction
+        state["token_embedding.weight"][eos] = 100 * direction  # ...whose largest logit (tied head) is end-of-text
     save_file(state, eager / "model.safetensors")
     args = ("generate", "ROMEO:", "-m", eager, "--temperature", "0", "--max-new-tokens", "7", "--json")
     stopped = _json_lines(run_cli(*args))[0]

@@ -1,4 +1,4 @@
-"""The README's generation section runs as written, and each command prints what the library gives for its options."""
+"""docs/generation.md runs as written, and each command prints what the library gives for its options."""
 
 import json
 
@@ -18,7 +18,7 @@ def library_text(ckpt, prompt: str, quantize=None, **settings) -> str:
 
 def test_generation_section_runs(tmp_path):
     work = workdir(tmp_path)
-    (block,) = bash_blocks("Generation: sampling controls, pipelines, batches, chat")
+    (block,) = bash_blocks(page="docs/generation.md")
     commands = block.strip().splitlines()
     results = []
     for command in commands:  # one at a time, so each command's output is its own

@@ -19,6 +19,7 @@ transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
 from conftest import ROOT, SHAKESPEARE, run_cli  # noqa: E402
+from llamacpp import llama_cpp, llama_cpp_greedy, llama_cpp_tokens  # noqa: E402
 
 from llmcli.config import ModelConfig  # noqa: E402
 from llmcli.formats import export_model, load_model  # noqa: E402
@@ -161,8 +162,11 @@ def test_logits_and_tokens_equal_transformers(case, tmp_path, bpe_tokenizer, sp_
     ours, our_tok, config = load_model(path)
     theirs, their_tok = transformers_gguf(path)
     assert config["format"] == "gguf" and config["family"] == arch
-    for text in TEXTS:
-        assert our_tok.encode(text) == their_tok(text, add_special_tokens=False)["input_ids"], text
+    # the tokens llama.cpp gives (transformers' GGUF tokenizer drops SentencePiece's space before leading spaces)
+    expected = llama_cpp_tokens(path, TEXTS) if llama_cpp else None
+    for k, text in enumerate(TEXTS):
+        if expected is not None:
+            assert ([our_tok.start_of_text] if our_tok.add_bos else []) + our_tok.encode(text) == expected[k], text
         assert our_tok.decode(our_tok.encode(text)) == their_tok.decode(our_tok.encode(text))
     ids = torch.tensor([our_tok.encode(TEXTS[0])[:40]])
     with torch.no_grad():
@@ -184,7 +188,7 @@ def test_generate_and_info_through_the_cli(tmp_path, bpe_tokenizer):
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip()
     _, tok, _ = load_model(path)
-    assert tok.chat_template == template and tok.start_of_text == 0
+    assert tok.chat_template == template and tok.start_of_text is None  # llama.cpp's "default" split: no BOS
     result = run_cli("tokenize", "encode", "-t", path, input="Once upon a time\n")  # its tokenizer alone
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == [str(i) for i in tok.encode("Once upon a time")]  # the line, not its end
@@ -446,3 +450,40 @@ def test_arrays_of_strings_read_back_as_written(tmp_path, bpe_tokenizer):
     assert "cut.gguf is truncated or corrupt" in bad("info", tmp_path / "cut.gguf")
     (tmp_path / "latin1.gguf").write_bytes(data.replace(b"<|endoftext|>", b"<|endoftext\xff>"))
     assert "latin1.gguf is truncated or corrupt" in bad("info", tmp_path / "latin1.gguf")
+
+
+def test_the_reader_override_reads_every_field_as_the_pinned_gguf_does(tmp_path, bpe_tokenizer, sp_tokenizer):
+    """open_gguf's reader overrides private methods of gguf.GGUFReader, so pyproject.toml pins the gguf version
+    tested here: every field of both tokenizer kinds' files reads back as the plain reader's contents()."""
+    import re
+    from importlib.metadata import version
+
+    from llmcli.formats.gguf import open_gguf, read_metadata
+
+    pin = re.search(r'"gguf==([\d.]+)"', (ROOT / "pyproject.toml").read_text()).group(1)
+    assert version("gguf") == pin
+    for name, tokenizer in (("bpe", bpe_tokenizer), ("sp", sp_tokenizer)):
+        path = write_gguf_file(tmp_path / f"{name}.gguf", "llama", tokenizer)
+        plain = gguf.GGUFReader(path)
+        ours = read_metadata(open_gguf(path), path)
+        assert ours.keys() == plain.fields.keys()
+        for key, field in plain.fields.items():
+            assert ours[key] == field.contents(), key
+        assert [t.name for t in open_gguf(path).tensors] == [t.name for t in plain.tensors]
+
+
+@pytest.mark.skipif(not llama_cpp, reason="llama.cpp's text needs the xllamacpp wheel (pip install 'llmcli[test]')")
+def test_our_export_runs_in_llama_cpp_with_our_tokens_and_greedy_text(tmp_path):
+    """The shipped model (GPT-2's parts, tied: output.weight written as llama.cpp's loader wants) exported to GGUF:
+    llama.cpp reads the same prompt tokens (its <|endoftext|> start, stated in the file) and continues greedily with
+    the text `llm generate --temperature 0` gives."""
+    path = tmp_path / "t.gguf"
+    assert run_cli("export", ROOT / "llmcli" / "checkpoints" / "tinystories", "--format", "gguf", "--type", "f32",
+                   "-o", path).returncode == 0
+    result = run_cli("generate", "Once upon a time", "-m", path, "--temperature", "0", "--max-new-tokens", "24",
+                     "--json")
+    assert result.returncode == 0, result.stderr
+    ours = json.loads(result.stdout)
+    theirs = llama_cpp_greedy(path, "Once upon a time", 24)
+    assert (ours["prompt_tokens"], ours["text"]) == (theirs["prompt_tokens"], theirs["text"])
+    assert gguf.GGUFReader(path).fields["tokenizer.ggml.add_bos_token"].contents() is True

@@ -1,4 +1,5 @@
-"""The README's commands are run here, so the README cannot rot."""
+"""The README's commands are run here, so the README cannot rot; `bash_blocks` reads the docs pages' too (their tests:
+tests/test_docs.py lists them)."""
 
 import json
 import os
@@ -12,8 +13,11 @@ from conftest import ROOT, SHAKESPEARE, TINYSTORIES_TRAIN, TINYSTORIES_VALID
 README = (ROOT / "README.md").read_text(encoding="utf-8")
 
 
-def bash_blocks(section: str) -> list[str]:
-    body = README.split(f"## {section}\n", 1)[1].split("\n## ", 1)[0]
+def bash_blocks(section: str | None = None, page: str = "README.md") -> list[str]:
+    """The ```bash blocks of a page (README.md, or docs/NAME.md), of its `## section` only when one is named."""
+    body = (ROOT / page).read_text(encoding="utf-8")
+    if section is not None:
+        body = body.split(f"## {section}\n", 1)[1].split("\n## ", 1)[0]
     return re.findall(r"```bash\n(.*?)```", body, flags=re.S)
 
 
@@ -79,7 +83,7 @@ def test_walkthrough_commands_run(tmp_path):
 
 def test_long_run_commands_run(tmp_path):
     work = workdir(tmp_path)
-    result = run_bash("\n".join(bash_blocks("Long runs: checkpoints, resume, precision, many processes")), cwd=work)
+    result = run_bash("\n".join(bash_blocks(page="docs/training.md")), cwd=work)
     assert result.returncode == 0, result.stderr
     assert "resuming long-run from step 20" in result.stderr
     # the stories run: micro-batches, bf16-mixed and wsd were taken, said and stored

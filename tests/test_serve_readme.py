@@ -1,4 +1,4 @@
-"""The README's serving section runs as written: curl and the openai client against `llm serve`, then SIGTERM."""
+"""docs/serve.md runs as written: curl and the openai client against `llm serve`, then SIGTERM."""
 
 import json
 import os
@@ -10,7 +10,7 @@ from test_readme import bash_blocks
 
 
 def test_serving_section_runs(tmp_path):
-    (block,) = bash_blocks("Serving: the OpenAI API")
+    (block,) = bash_blocks(page="docs/serve.md")
     # `llm` and `python` as a user has them: programs (so that `kill %1` signals the server itself)
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()

@@ -21,7 +21,8 @@ from llmcli.errors import LLMError
 from llmcli.formats import load_model
 from llmcli.model.transformer import ModelConfig, Transformer
 from llmcli.train.checkpoints import checkpoint_dirs, checkpoint_tensors, load_train_state, save_checkpoint
-from llmcli.train.loop import World, check_settings, learning_rate, make_optimizer, train_step
+from llmcli.train.loop import World, check_settings, train_step
+from llmcli.train.optim import learning_rate, make_optimizer
 from llmcli.train.pretrain import pretrain
 
 

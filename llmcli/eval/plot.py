@@ -1,4 +1,5 @@
-"""Loss curves: training and validation loss against tokens seen, from the metrics.jsonl of training runs.
+"""Loss curves: training and validation loss against tokens seen, from the metrics.jsonl of training runs, and the
+validation in bits per byte of text (on a second axis) where the runs recorded it.
 
 `plot_runs` draws several runs overlaid into a PNG with matplotlib (an optional extra: `pip install llmcli[plot]`);
 `sparkline` is the small curve of the end-of-run summary in the terminal, text only.
@@ -38,7 +39,8 @@ def sparkline(values: list[float], width: int = 60) -> str:
 
 
 def plot_runs(run_dirs: list[Path], out: Path, smooth: int = 20) -> Path:
-    """One PNG: for each run its training loss (a moving mean over `smooth` steps) and its validation loss."""
+    """One PNG: for each run its training loss (a moving mean over `smooth` steps), its validation loss and, on the
+    right axis, its validation bits per byte (val_bpb, pretraining runs)."""
     try:
         import matplotlib
     except ImportError:
@@ -48,6 +50,7 @@ def plot_runs(run_dirs: list[Path], out: Path, smooth: int = 20) -> Path:
 
     runs = [(Path(d), read_metrics(d)) for d in run_dirs]
     figure, axes = plt.subplots(figsize=(8, 5))
+    bpb_axes = axes.twinx() if any("val_bpb" in r for _, rows in runs for r in rows) else None
     for i, (run_dir, rows) in enumerate(runs):
         color = f"C{i}"
         train = [(r["tokens"], r["train_loss"]) for r in rows if "train_loss" in r]
@@ -62,10 +65,19 @@ def plot_runs(run_dirs: list[Path], out: Path, smooth: int = 20) -> Path:
             axes.plot([t for t, _ in train], smoothed, color=color, alpha=0.6, label=f"{run_dir.name} train")
         if val:
             axes.plot([t for t, _ in val], [loss for _, loss in val], "o-", color=color, label=f"{run_dir.name} val")
+        bpb = [(r["tokens"], r["val_bpb"]) for r in rows if "val_bpb" in r]
+        if bpb:
+            bpb_axes.plot([t for t, _ in bpb], [b for _, b in bpb], "s--", color=color, alpha=0.5,
+                          label=f"{run_dir.name} val bits per byte")
     axes.set_xlabel("tokens seen")
     axes.set_ylabel("loss (nats per token)")
     axes.grid(alpha=0.3)
-    axes.legend()
+    handles, labels = axes.get_legend_handles_labels()
+    if bpb_axes is not None:
+        bpb_axes.set_ylabel("validation bits per byte")
+        more = bpb_axes.get_legend_handles_labels()
+        handles, labels = handles + more[0], labels + more[1]
+    axes.legend(handles, labels)
     figure.tight_layout()
     try:
         figure.savefig(out, dpi=120)

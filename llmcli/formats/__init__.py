@@ -2,7 +2,7 @@
 
 `load_model` is the one entry point for every command that takes `-m`: our checkpoint directories
 (llmcli/formats/ours.py), LoRA adapters on any base (adapter.py), Hugging Face folders (hf.py) and .gguf files
-(gguf.py), each also by Hugging Face Hub id (hub.py: ORG/NAME, ORG/NAME:FILE.gguf, ORG/NAME:Q4_K_M). Each format
+(gguf/), each also by Hugging Face Hub id (hub.py: ORG/NAME, ORG/NAME:FILE.gguf, ORG/NAME:Q4_K_M). Each format
 module reads its files into our Transformer (llmcli/model/) and a tokenizer (llmcli/text/); nothing here trains or
 decodes.
 """
@@ -207,6 +207,9 @@ def export_model(path: str | Path | None, out: str | Path, format: str = "hf", t
     model, tokenizer, settings = load_model(path)
     if settings.get("task") == "classify":
         raise LLMError(f"{path or default_model_path()} is a classifier; export writes language models")
+    template = (settings.get("generation") or {}).get("chat_template")
+    if isinstance(template, str):  # the template it was fine-tuned with (config.yaml) over its tokenizer's own
+        tokenizer.chat_template = template
     if format == "gguf":
         return gguf.write_gguf(merge_lora(model), tokenizer, out, type or "f16")
     return hf.write_hf(merge_lora(model), tokenizer, out)

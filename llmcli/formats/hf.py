@@ -303,7 +303,8 @@ def hf_config_for(family: str, config, tokenizer=None) -> dict:
     tokens = {"bos_token_id": None, "eos_token_id": None}
     if tokenizer is not None:
         eos = list(tokenizer.stop_tokens)
-        tokens = {"bos_token_id": tokenizer.start_of_text, "eos_token_id": eos[0] if len(eos) == 1 else eos or None}
+        tokens = {"bos_token_id": tokenizer.start_of_text if tokenizer.add_bos else tokenizer.bos_id,
+                  "eos_token_id": eos[0] if len(eos) == 1 else eos or None}
     if family == "gpt2":
         return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": config.vocab_size,
                 "n_positions": config.context, "n_embd": config.n_embd, "n_layer": config.n_layer,
@@ -357,15 +358,56 @@ def write_hf(model, tokenizer, out_dir: Path) -> Path:
     atomic_write(out_dir / HF_WEIGHTS, save(tensors, metadata={"format": "pt"}))
     hf = hf_config_for(family, config, tokenizer)
     tokens = {k: hf[k] for k in ("bos_token_id", "eos_token_id")}
-    tokenizer_config = {"bos_token": tokenizer.token(tokenizer.start_of_text),
-                        "eos_token": tokenizer.token(tokenizer.stop_tokens[0] if tokenizer.stop_tokens else None)}
+    # PreTrainedTokenizerFast reads tokenizer.json as it is: the class that encodes as we do, whatever the model
+    tokenizer_config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": tokenizer.token(hf["bos_token_id"]),
+                        "eos_token": tokenizer.token(tokenizer.stop_tokens[0] if tokenizer.stop_tokens else None),
+                        "add_bos_token": tokenizer.add_bos, "add_eos_token": False,
+                        "clean_up_tokenization_spaces": False}
     if tokenizer.chat_template:
         tokenizer_config["chat_template"] = tokenizer.chat_template
     for name, record in ((HF_CONFIG, hf), ("generation_config.json", tokens), ("tokenizer_config.json",
                                                                               tokenizer_config)):
         atomic_write(out_dir / name, json.dumps(record, indent=2, ensure_ascii=False) + "\n")
     tokenizer.save(out_dir)
+    atomic_write(out_dir / "tokenizer.json", tokenizers_form(tokenizer).to_str())
     return out_dir
+
+
+def tokenizers_form(tokenizer):
+    """Our tokenizer as a `tokenizers` Tokenizer (what tokenizer.json holds), its post-processor putting the start
+    token first where the model has one. A SentencePiece model is built as llama.cpp reads it from GGUF (BPE merges
+    from the scores, byte fallback; llmcli/formats/gguf/tokenizer.py), a Unigram one as a Unigram model."""
+    from tokenizers import Tokenizer, processors
+
+    from llmcli.formats.gguf.tokenizer import build_tokenizer, tokenizer_metadata
+
+    if hasattr(tokenizer, "tok"):
+        tok = Tokenizer.from_str(tokenizer.tok.to_str())
+    else:
+        metadata = {f"tokenizer.ggml.{k}": v for k, v in tokenizer_metadata(tokenizer).items()}
+        tok = build_tokenizer(metadata, tokenizer.path)
+        if _sentencepiece_type(tokenizer.sp.serialized_model_proto()) == 1:  # Unigram: its own model
+            from tokenizers.models import Unigram
+
+            sp = tokenizer.sp
+            tok.model = Unigram([(sp.IdToPiece(i), sp.GetScore(i)) for i in range(sp.GetPieceSize())],
+                                unk_id=sp.unk_id(), byte_fallback=True)
+    if tokenizer.add_bos:
+        start = tokenizer.token(tokenizer.start_of_text)
+        tok.post_processor = processors.TemplateProcessing(single=f"{start} $A", pair=f"{start} $A $B",
+                                                           special_tokens=[(start, tokenizer.start_of_text)])
+    elif tok.post_processor is not None and tok.encode("a").ids != tok.encode("a", add_special_tokens=False).ids:
+        tok.post_processor = None
+    return tok
+
+
+def _sentencepiece_type(proto: bytes) -> int:
+    """The model_type of a serialized SentencePiece ModelProto's trainer_spec (field 2, its field 3): 1 Unigram (the
+    default), 2 BPE, 3 word, 4 char."""
+    from llmcli.formats.gguf.tokenizer import proto_fields
+
+    spec = next((v for f, v in proto_fields(proto) if f == 2), b"")
+    return next((v for f, v in proto_fields(spec) if f == 3), 1)
 
 
 def hf_info(directory: Path) -> tuple[dict, str, set[Path]]:

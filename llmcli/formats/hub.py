@@ -23,7 +23,8 @@ INDEX = "model.safetensors.index.json"
 WEIGHTS = "model.safetensors"
 SHARD = re.compile(r"model-\d+-of-\d+\.safetensors")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt", "tokenizer_config.json",
-                   "special_tokens_map.json", "generation_config.json", "chat_template.jinja", "chat_template.json")
+                   "special_tokens_map.json", "generation_config.json", "chat_template.jinja", "chat_template.json",
+                   "special_tokens.json")  # the last: llm export's own, read before the others when present
 DEFAULT_QUANT = "Q4_K_M"  # what llama.cpp's -hf takes from a repository of GGUF files when no tag is given
 
 

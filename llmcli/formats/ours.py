@@ -11,7 +11,7 @@ import yaml
 
 from llmcli.errors import LLMError
 from llmcli.files import atomic_write, safetensors_header
-from llmcli.text.tokenizer import TOKENIZER_FILE, load_tokenizer, tokenizer_files
+from llmcli.text.tokenizer import SPECIALS_FILE, TOKENIZER_FILE, load_tokenizer, tokenizer_files
 
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.yaml"
@@ -56,7 +56,7 @@ def load_ours(directory: Path, config: dict, device: str = "cpu", numpy_if_small
 
     if not (directory / MODEL_FILE).is_file():
         raise LLMError(f"checkpoint {directory} is incomplete: {MODEL_FILE} is missing")
-    if not tokenizer_files(directory):
+    if not any(f.name != SPECIALS_FILE for f in tokenizer_files(directory)):  # (the special tokens alone)
         raise LLMError(f"checkpoint {directory} is incomplete: {TOKENIZER_FILE} is missing")
     try:
         model_config = ModelConfig(**config["model"])

@@ -71,10 +71,12 @@ class TextStream:
 
 def encode_prompt(tokenizer: Tokenizer, prompt: str, context: int, truncate: bool, log=None,
                   add_start: bool = True) -> list[int]:
-    """The prompt's ids after the tokenizer's start-of-text token (unless add_start is False: a chat template
-    writes its own), fitted into the context. Raises LLMError when it does not fit and truncate is False."""
-    start = [tokenizer.start_of_text] if add_start and tokenizer.start_of_text is not None else []
-    ids = start + tokenizer.encode(prompt)
+    """The prompt's ids after the tokenizer's start-of-text token (unless add_start is False, or the prompt starts
+    with it: a chat template writes its own), fitted into the context. Raises LLMError when it does not fit and
+    truncate is False."""
+    ids = tokenizer.encode(prompt)
+    start = tokenizer.start_of_text
+    ids = ([start] if add_start and start is not None and ids[:1] != [start] else []) + ids
     if not ids:
         raise LLMError("the prompt is empty and the tokenizer has no token to start a text from (<|endoftext|> or <s>)")
     if len(ids) >= context:
@@ -164,21 +166,3 @@ class Row:
     def text(self) -> str:
         """The text of the sample so far (what was returned, never what a stop string cut)."""
         return self.stream.text()[:self.stream.emitted] if self.stream is not None else ""
-
-
-def encode_prompt(tokenizer: Tokenizer, prompt: str, context: int, truncate: bool, log=None,
-                  add_start: bool = True) -> list[int]:
-    """The prompt's ids after the tokenizer's start-of-text token (unless add_start is False: a chat template
-    writes its own), fitted into the context. Raises LLMError when it does not fit and truncate is False."""
-    start = [tokenizer.start_of_text] if add_start and tokenizer.start_of_text is not None else []
-    ids = start + tokenizer.encode(prompt)
-    if not ids:
-        raise LLMError("the prompt is empty and the tokenizer has no token to start a text from (<|endoftext|> or <s>)")
-    if len(ids) >= context:
-        if not truncate:
-            raise LLMError(f"the prompt is {len(ids)} tokens but the model's context is {context}; "
-                           f"shorten it or pass --truncate to keep its last {context - 1} tokens")
-        if log:
-            log(f"the prompt is {len(ids)} tokens; keeping its last {context - 1} (the context is {context})")
-        ids = ids[-(context - 1):]
-    return ids

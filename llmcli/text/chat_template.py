@@ -17,6 +17,7 @@ tokenizer reads (llmcli/text/tokenizer.py) and carries as `tokenizer.chat_templa
 """
 
 import json
+import re
 from itertools import pairwise
 from pathlib import Path
 
@@ -69,8 +70,10 @@ class ChatTemplate:
             raise LLMError(f"{self.origin} failed: {type(e).__name__}: {_one_line(e)}") from None
 
     def prompt(self, messages: list[dict]) -> str:
-        """The text generation continues: the conversation and the start of the assistant's reply."""
-        return self._unstarted(self.render(messages, add_generation_prompt=True))
+        """The text generation continues: the conversation and the start of the assistant's reply, with the start
+        token the template writes (encoded whole, as transformers' apply_chat_template does: what follows a special
+        token may be tokenized apart from what starts a text)."""
+        return self.render(messages, add_generation_prompt=True)
 
     def conversation(self, messages: list[dict]) -> str:
         """The whole conversation as a training text (without the start token, which fine-tuning adds itself)."""
@@ -99,6 +102,20 @@ class ChatTemplate:
         among its end tokens."""
         ids = (tokenizer.encode(s) for s in self.stops())
         return tuple(i[0] for i in ids if len(i) == 1 and i[0] in tokenizer.special_ids)
+
+    def missing_tokens(self, tokenizer) -> list[str]:
+        """The markers of the form <|name|> that the template writes around a made-up conversation (with a system
+        message where the template takes one) but that are not one token of the tokenizer's vocabulary."""
+        turns = [{"role": "user", "content": _USER}, {"role": "assistant", "content": _REPLY}]
+        text = ""
+        for messages in ([{"role": "system", "content": _NEXT}] + turns, turns):
+            try:
+                text = self.render(messages, add_generation_prompt=True)
+                break
+            except LLMError:
+                continue
+        markers = dict.fromkeys(re.findall(r"<\|[^<>|\s]{1,64}\|>", text))
+        return [m for m in markers if len(tokenizer.encode(m)) != 1]
 
     def segments(self, messages: list[dict]) -> list[tuple[str, bool]]:
         """The rendered conversation cut into pieces, in order, each with whether it is an assistant's turn.
@@ -142,6 +159,12 @@ def find_chat_template(path: str | Path, config: dict, tokenizer) -> ChatTemplat
                        "as llm finetune does now")
     if source is None and getattr(tokenizer, "chat_template", None):
         source, origin = tokenizer.chat_template, f"the chat template of {path}"
+        template = ChatTemplate.for_tokenizer(source, tokenizer, origin)
+        missing = template.missing_tokens(tokenizer)
+        if missing:  # (our config.yaml's templates may write markers as text: llm finetune's <|user|>)
+            raise LLMError(f"{origin} writes {missing[0]}, which is not a token of the model's vocabulary (it would be "
+                           "read as pieces of text): the template was made for another model")
+        return template
     return None if source is None else ChatTemplate.for_tokenizer(source, tokenizer, origin)
 
 

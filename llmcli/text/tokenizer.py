@@ -31,8 +31,10 @@ class Tokenizer:
     """A SentencePiece model (ours, or a Hugging Face folder's tokenizer.model) with the operations the workbench needs.
 
     The special tokens every tokenizer of the workbench names (HFTokenizer has the same attributes):
-    - start_of_text: the id a text starts with: `<|endoftext|>` where the vocabulary has it (ours, GPT-2's), else the
-      model's beginning-of-sequence token (`<s>`), else None.
+    - start_of_text: the id every text starts with, as the model's own files say (add_bos_token, the tokenizer's
+      post-processor, tokenizer.ggml.add_bos_token), else None: ours `<|endoftext|>` (stated in special_tokens.json;
+      a checkpoint from before that file starts with it too), a SentencePiece model without the setting its `<s>`.
+      add_bos: whether there is one.
     - stop_tokens: the ids that end a sample (a model may have several: Llama 3's `<|eot_id|>` and
       `<|end_of_text|>`); `<|endoftext|>` for ours.
     - end_of_text: the id that separates documents in training data: `<|endoftext|>`, else the model's own end token.
@@ -50,13 +52,30 @@ class Tokenizer:
             raise LLMError(f"{self.path} is not a SentencePiece model ({e})") from None
         self.vocab_size = self.sp.GetPieceSize()
         self.files = [self.path]
+        self.pieces_size = self.sp.GetPieceSize()
         eot = self._piece_id(END_OF_TEXT)  # a tokenizer from elsewhere may have no end-of-text token
         bos, eos = self.sp.bos_id(), self.sp.eos_id()
         specials = read_special_tokens(specials_from, self._piece_id) if specials_from else {}
+        # tokens a folder adds on top of the SentencePiece vocabulary (tokenizer_config.json's added_tokens_decoder)
+        self.added = {i: text for i, (text, _) in specials.get("added", {}).items() if i >= self.pieces_size}
+        if self.added:
+            if sorted(self.added) != list(range(self.pieces_size, self.pieces_size + len(self.added))):
+                raise LLMError(f"{specials_from}: the added tokens' ids do not follow the {self.pieces_size} of "
+                               f"{self.path.name}")
+            self.vocab_size += len(self.added)
+            specials = read_special_tokens(specials_from, self._piece_id)  # (their names now resolve)
         self.chat_template = specials.get("chat_template")
+        control = {i for i in range(self.pieces_size) if self.sp.IsControl(i)}
+        control |= {i for i, (_, special) in specials.get("added", {}).items() if special and i >= self.pieces_size}
         _set_specials(self, eot, specials.get("bos", bos if bos >= 0 else None),
-                      specials.get("eos") or ([eos] if eos >= 0 else []),
-                      {i for i in range(self.vocab_size) if self.sp.IsControl(i)})
+                      specials.get("eos") or ([eos] if eos >= 0 else []), control, specials.get("add_bos"))
+        # text of special tokens becomes the token, as transformers and llama.cpp do for templates and prompts: the
+        # control and unknown pieces (<s>, </s>, <unk>), user-defined ones and the added tokens, longest first
+        named = {self.sp.IdToPiece(i): i for i in range(self.pieces_size)
+                 if self.sp.IsControl(i) or self.sp.IsUnknown(i)} | {v: k for k, v in self.added.items()}
+        self.special_text = {text: i for text, i in named.items() if text}
+        self._special_split = re.compile("(" + "|".join(map(re.escape, sorted(self.special_text, key=len,
+                                                                               reverse=True))) + ")").split
         # characters SentencePiece would encode alike, encoded as their byte tokens instead: a literal ▁ (its sign
         # for a space), and a space itself when the model has no ▁ piece (one trained on text without spaces
         # spells a space with ▁'s bytes). A tokenizer without byte pieces, or one that puts a space before every
@@ -71,12 +90,27 @@ class Tokenizer:
 
     def _piece_id(self, piece: str) -> int | None:
         i = self.sp.PieceToId(piece)
-        return i if self.sp.IdToPiece(i) == piece else None
+        if self.sp.IdToPiece(i) == piece:
+            return i
+        return next((k for k, text in getattr(self, "added", {}).items() if text == piece), None)
 
     def encode(self, text: str) -> list[int]:
         return self.encode_batch([text])[0]
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        if not any(s in t for t in texts for s in self.special_text):
+            return self._encode_plain(texts)
+        # the text between special tokens' text encoded as a text of its own (so it gets SentencePiece's space prefix
+        # where the model has one, as after a special token in llama.cpp and transformers' Llama tokenizers)
+        out = []
+        for text in texts:
+            parts = self._special_split(text)
+            plain = self._encode_plain([p for p in parts[::2] if p])[::-1]
+            out.append([i for k, p in enumerate(parts) if p
+                        for i in ([self.special_text[p]] if k % 2 else plain.pop())])
+        return out
+
+    def _encode_plain(self, texts: list[str]) -> list[list[int]]:
         if not any(c in t for c in self.escaped for t in texts):
             return self.sp.Encode(texts, out_type=int)
         # the parts between escaped characters encoded as usual, each escaped character as its byte tokens
@@ -92,13 +126,23 @@ class Tokenizer:
         """The text of ids; skip_special leaves out special tokens (for generated text). Raises LLMError for an id
         outside the vocabulary."""
         _check_ids(ids, self.vocab_size)
-        return self.sp.DecodeIds([i for i in ids if i not in self.special_ids] if skip_special else ids)
+        ids = [i for i in ids if i not in self.special_ids] if skip_special else ids
+        if not self.added:
+            return self.sp.DecodeIds(ids)
+        runs, text = [], ""  # SentencePiece decodes its own ids; an added token is its text
+        for i in ids + [None]:
+            if i is None or i in self.added:
+                text += self.sp.DecodeIds(runs) + (self.added[i] if i is not None else "")
+                runs = []
+            else:
+                runs.append(i)
+        return text
 
     def pieces(self, ids: list[int]) -> list[str]:
-        return [self.sp.IdToPiece(i) for i in ids]
+        return [self.token(i) for i in ids]
 
     def token(self, i: int | None) -> str:
-        return "" if i is None else self.sp.IdToPiece(i)
+        return "" if i is None else self.added[i] if i in self.added else self.sp.IdToPiece(i)
 
     def save(self, directory: Path):
         """Write what load_tokenizer(directory) reads back as this tokenizer."""
@@ -114,13 +158,18 @@ class HFTokenizer:
     Tokenizer."""
 
     def __init__(self, tok, files: list[Path], bos_id: int | None = None, eos_ids: list[int] = (),
-                 pad_id: int | None = None, chat_template: str | None = None):
+                 pad_id: int | None = None, chat_template: str | None = None, add_bos: bool | None = None):
+        """add_bos: the model's setting; None takes it from the tokenizer's post-processor (a template that puts a
+        token before the text: that token)."""
         self.tok, self.files, self.path = tok, [Path(f) for f in files], Path(files[0])
         self.vocab_size = tok.get_vocab_size()
         self.chat_template, self.pad_id = chat_template, pad_id
         added = tok.get_added_tokens_decoder()  # id -> AddedToken
+        if add_bos is None:
+            start = _post_processor_start(tok)
+            add_bos, bos_id = start is not None, start if start is not None else bos_id
         _set_specials(self, tok.token_to_id(END_OF_TEXT), bos_id, list(eos_ids),
-                      {i for i, a in added.items() if a.special})
+                      {i for i, a in added.items() if a.special}, add_bos)
 
     @classmethod
     def from_folder(cls, directory: Path) -> "HFTokenizer":
@@ -140,8 +189,9 @@ class HFTokenizer:
         except Exception as e:  # tokenizers raises plain Exceptions for unreadable files
             raise LLMError(f"the tokenizer in {directory} cannot be read: {e}") from None
         specials = read_special_tokens(directory, tok.token_to_id)
+        add_bos = specials.get("add_bos", None if json_file.is_file() else False)  # (GPT2Tokenizer's default)
         return cls(tok, files, specials.get("bos"), specials.get("eos", []), specials.get("pad"),
-                   specials.get("chat_template"))
+                   specials.get("chat_template"), add_bos)
 
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False).ids
@@ -167,6 +217,62 @@ class HFTokenizer:
         _save_specials(self, directory)
 
 
+def merges_from_scores(tokens: list[str], scores: list[float]) -> list[tuple[str, str]]:
+    """BPE merges implied by a SentencePiece vocabulary: every split of a token into two tokens, best score first
+    (transformers' generate_merges, so that our merges, and so our tokens, equal its)."""
+    vocab = {token: i for i, token in enumerate(tokens)}
+    merges = []
+    for token, score in dict(zip(tokens, scores)).items():
+        local = [(token[:k], token[k:], score) for k in range(1, len(token))
+                 if token[:k] in vocab and token[k:] in vocab]
+        merges += sorted(local, key=lambda m: (vocab[m[0]], vocab[m[1]]))
+    merges.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)
+    return [(left, right) for left, right, _ in merges]
+
+
+def llama_tokenizer(directory: Path) -> "HFTokenizer":
+    """The tokenizer transformers' LlamaTokenizer builds from a folder's tokenizer.model alone: BPE over the
+    SentencePiece pieces (merges from their scores), byte fallback, "▁" put before the text by a Metaspace
+    pre-tokenizer (only at its very start unless tokenizer_config.json says legacy: true; never with
+    add_prefix_space: false), the control pieces and added tokens matched whole in text."""
+    import json
+
+    tokenizers = _import_tokenizers(directory)
+    from tokenizers import AddedToken, decoders, pre_tokenizers
+
+    sp = spm.SentencePieceProcessor()
+    sp.Load(str(directory / TOKENIZER_FILE))
+    settings = json.loads((directory / "tokenizer_config.json").read_text(encoding="utf-8"))
+    pieces = [sp.IdToPiece(i) for i in range(sp.GetPieceSize())]
+    scores = [sp.GetScore(i) for i in range(len(pieces))]
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE(
+        vocab={p: i for i, p in enumerate(pieces)}, merges=merges_from_scores(pieces, scores), fuse_unk=True,
+        byte_fallback=True, dropout=None, unk_token=sp.IdToPiece(sp.unk_id()) if sp.unk_id() >= 0 else None))
+    prefix = settings.get("add_prefix_space", True) is not False
+    scheme = ("always" if settings.get("legacy") else "first") if prefix else "never"
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement=SPACE_MARK, prepend_scheme=scheme, split=False)
+    steps = [decoders.Replace(SPACE_MARK, " "), decoders.ByteFallback(), decoders.Fuse()]
+    tok.decoder = decoders.Sequence(steps + ([decoders.Strip(content=" ", left=1)] if prefix else []))
+    special = [p for i, p in enumerate(pieces) if sp.IsControl(i) or sp.IsUnknown(i)]
+    tok.add_special_tokens([AddedToken(p, normalized=False, special=True) for p in special])
+    added = read_special_tokens(directory, tok.token_to_id).get("added", {})
+    for i, (text, is_special) in sorted(added.items()):
+        if i >= len(pieces):
+            tok.add_tokens([AddedToken(text, normalized=False, special=is_special)])
+    specials = read_special_tokens(directory, tok.token_to_id)
+    return HFTokenizer(tok, [directory / TOKENIZER_FILE], specials.get("bos", sp.bos_id() if sp.bos_id() >= 0 else None),
+                       specials.get("eos") or ([sp.eos_id()] if sp.eos_id() >= 0 else []), specials.get("pad"),
+                       specials.get("chat_template"), specials.get("add_bos", True))
+
+
+def _post_processor_start(tok) -> int | None:
+    """The id a `tokenizers` post-processor puts before a text (a TemplateProcessing "<s> $A"), or None."""
+    bare = tok.encode("a", add_special_tokens=False).ids
+    full = tok.encode("a", add_special_tokens=True).ids
+    starts = [k for k in range(len(full) - len(bare) + 1) if full[k:k + len(bare)] == bare]
+    return full[0] if starts and starts[0] == 1 else None
+
+
 def _import_tokenizers(where):
     try:
         import tokenizers
@@ -176,9 +282,16 @@ def _import_tokenizers(where):
     return tokenizers
 
 
-def _set_specials(tok, eot: int | None, bos: int | None, eos: list[int], control: set[int]):
-    """The attributes of the Tokenizer docstring, from the end-of-text, beginning and end ids a model names."""
-    tok.start_of_text = eot if eot is not None else bos
+def _set_specials(tok, eot: int | None, bos: int | None, eos: list[int], control: set[int],
+                  add_bos: bool | None = None):
+    """The attributes of the Tokenizer docstring, from the end-of-text, beginning and end ids a model names and its
+    add_bos_token setting (None where its files have none: <|endoftext|> where the vocabulary has it, as our
+    checkpoints from before the setting, else the beginning token, as transformers' LlamaTokenizer)."""
+    if add_bos is None:
+        tok.start_of_text = eot if eot is not None else bos
+    else:
+        tok.start_of_text = bos if add_bos else None
+    tok.add_bos = tok.start_of_text is not None
     tok.stop_tokens = tuple(dict.fromkeys(([eot] if eot is not None else []) + [i for i in eos if i is not None]))
     tok.end_of_text = eot if eot is not None else (tok.stop_tokens[0] if tok.stop_tokens else None)
     tok.bos_id = bos
@@ -205,16 +318,17 @@ def _save_specials(tok, directory: Path):
 
     from llmcli.files import atomic_write
 
-    record = {"bos_token_id": tok.bos_id, "eos_token_id": list(tok.eos_ids)}
+    # the start token stated as the id it is (ours: <|endoftext|>, which no SentencePiece setting can name)
+    record = {"bos_token_id": tok.start_of_text if tok.add_bos else tok.bos_id, "add_bos_token": tok.add_bos,
+              "eos_token_id": list(tok.eos_ids)}
     if tok.chat_template:
         record["chat_template"] = tok.chat_template
-    if tok.bos_id is None and not tok.eos_ids and not tok.chat_template:
-        return  # nothing the tokenizer's own file does not say (ours)
     atomic_write(directory / SPECIALS_FILE, json.dumps(record, ensure_ascii=False, indent=1) + "\n")
 
 
 def read_special_tokens(directory: Path, token_to_id) -> dict:
-    """{"bos": id, "eos": [ids], "pad": id, "chat_template": str} as a Hugging Face folder names them:
+    """{"bos": id, "eos": [ids], "pad": id, "chat_template": str, "add_bos": bool, "added": {id: (text, special)}}
+    as a Hugging Face folder names them:
     generation_config.json first (the ids generate() stops at), then config.json, then the token strings of
     tokenizer_config.json; our special_tokens.json before all. The chat template: chat_template.jinja, else
     tokenizer_config.json's `chat_template` (a string, or a list of named ones: "default"). A malformed file is an
@@ -250,6 +364,12 @@ def read_special_tokens(directory: Path, token_to_id) -> dict:
             values = ids(record[key])
             if values:
                 found[kind] = values if kind == "eos" else values[0]
+        if isinstance(record.get("add_bos_token"), bool) and "add_bos" not in found:
+            found["add_bos"] = record["add_bos_token"]
+        added = record.get("added_tokens_decoder")
+        if isinstance(added, dict) and "added" not in found:
+            found["added"] = {int(i): (a["content"], bool(a.get("special"))) for i, a in added.items()
+                              if isinstance(a, dict) and isinstance(a.get("content"), str) and str(i).isdigit()}
         template = record.get("chat_template")
         if isinstance(template, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
             template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"),
@@ -262,16 +382,31 @@ def read_special_tokens(directory: Path, token_to_id) -> dict:
 
 
 def load_tokenizer(path: str | Path):
-    """The tokenizer of a directory (ours, a HF folder) or a tokenizer.model file: SentencePiece first, then HF's
-    tokenizer.json (or GPT-2's vocab.json + merges.txt); special tokens from the folder's files. Raises LLMError."""
+    """The tokenizer of a directory (ours, a HF folder) or a tokenizer.model file: HF's tokenizer.json first (what
+    transformers reads where a folder has both), then SentencePiece, then GPT-2's vocab.json + merges.txt; special
+    tokens from the folder's files. Raises LLMError."""
     path = Path(path)
     if path.is_dir():
+        if (path / "tokenizer.json").is_file():
+            return HFTokenizer.from_folder(path)
         if (path / TOKENIZER_FILE).is_file():
+            if _transformers_class(path) in ("LlamaTokenizer", "LlamaTokenizerFast"):
+                return llama_tokenizer(path)  # (as transformers builds it; ours stay SentencePiece's own)
             return Tokenizer(path / TOKENIZER_FILE, specials_from=path)
-        if (path / "tokenizer.json").is_file() or (path / "vocab.json").is_file():
+        if (path / "vocab.json").is_file():
             return HFTokenizer.from_folder(path)
         raise LLMError(f"no tokenizer in {path}: expected {TOKENIZER_FILE}, tokenizer.json or vocab.json + merges.txt")
     return Tokenizer(path)
+
+
+def _transformers_class(directory: Path) -> str | None:
+    """tokenizer_config.json's tokenizer_class, or None."""
+    import json
+
+    try:
+        return json.loads((directory / "tokenizer_config.json").read_text(encoding="utf-8")).get("tokenizer_class")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def resolve_tokenizer_path(path: str | Path) -> Path:
@@ -350,23 +485,30 @@ def train_tokenizer(
     except (RuntimeError, LLMError) as e:
         if made_dir:
             shutil.rmtree(out_dir, ignore_errors=True)
-        if isinstance(e, LLMError):
-            raise
-        if seen.error is not None:
-            raise seen.error from None
-        if not seen.text:
-            raise LLMError("the corpus has no text to train a tokenizer on (it is empty or blank)") from None
-        message = str(e).strip().splitlines()[-1].rsplit("] ", 1)[-1]  # drop SentencePiece's source location
-        needed = re.search(r"Vocabulary size is smaller than required_chars\. \d+ vs (\d+)", message)
-        if needed:
-            raise LLMError(f"--vocab-size {vocab_size} is too small for this corpus: it needs at least "
-                           f"{needed.group(1)} (a token for each of its characters, besides the 256 bytes and the "
-                           "special tokens)") from None
-        if "Vocabulary size" in message:
-            message += " Use a smaller --vocab-size or a larger corpus."
-        raise LLMError(f"tokenizer training failed: {message}") from None
+        _raise_training_failure(e, seen, vocab_size)
     atomic_write(out_dir / TOKENIZER_FILE, model.getvalue())
-    return Tokenizer(out_dir / TOKENIZER_FILE)
+    tokenizer = Tokenizer(out_dir / TOKENIZER_FILE)
+    _save_specials(tokenizer, out_dir)  # texts start with <|endoftext|>, said in special_tokens.json
+    return tokenizer
+
+
+def _raise_training_failure(e: Exception, seen, vocab_size: int):
+    """The LLMError for SentencePiece's failure to train (its message without its source location)."""
+    if isinstance(e, LLMError):
+        raise e
+    if seen.error is not None:
+        raise seen.error from None
+    if not seen.text:
+        raise LLMError("the corpus has no text to train a tokenizer on (it is empty or blank)") from None
+    message = str(e).strip().splitlines()[-1].rsplit("] ", 1)[-1]  # drop SentencePiece's source location
+    needed = re.search(r"Vocabulary size is smaller than required_chars\. \d+ vs (\d+)", message)
+    if needed:
+        raise LLMError(f"--vocab-size {vocab_size} is too small for this corpus: it needs at least "
+                       f"{needed.group(1)} (a token for each of its characters, besides the 256 bytes and the "
+                       "special tokens)") from None
+    if "Vocabulary size" in message:
+        message += " Use a smaller --vocab-size or a larger corpus."
+    raise LLMError(f"tokenizer training failed: {message}") from None
 
 
 def training_pieces(text: str, max_bytes: int = MAX_SENTENCE_BYTES) -> Iterator[str]:

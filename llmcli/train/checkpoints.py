@@ -57,10 +57,11 @@ def checkpoint_tensors(model, optimizer: torch.optim.Optimizer, save_dtype
     names = {p: n for n, p in model.named_parameters()}
     weights = {k: whole_tensor(v) for k, v in saved_weights(model).items()}
     state = {}
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            for key, value in optimizer.state.get(p, {}).items():
-                state[f"optimizer.{names[p]}.{key}"] = whole_tensor(value)
+    for part in getattr(optimizer, "optimizers", [optimizer]):  # Muon and AdamW: each parameter is in one
+        for group in part.param_groups:
+            for p in group["params"]:
+                for key, value in part.state.get(p, {}).items():
+                    state[f"optimizer.{names[p]}.{key}"] = whole_tensor(value)
     if save_dtype != torch.float32:  # the weights on disk are rounded: keep the fp32 ones to resume exactly
         state.update({f"weights.{k}": v for k, v in weights.items()})
     return {k: v.to(save_dtype) for k, v in weights.items()}, state
@@ -174,6 +175,8 @@ def load_optimizer_state(state: dict, model, optimizer):
     """Put the saved optimizer moments of each parameter into optimizer, sharded like the parameter under FSDP."""
     from torch.distributed.tensor import DTensor, distribute_tensor
 
+    owner = {p: part for part in getattr(optimizer, "optimizers", [optimizer])
+             for group in part.param_groups for p in group["params"]}
     for name, p in model.named_parameters():
         moments = {k.rsplit(".", 1)[1]: v for k, v in state.items() if k.rsplit(".", 1)[0] == f"optimizer.{name}"}
         for key, value in moments.items():
@@ -182,7 +185,7 @@ def load_optimizer_state(state: dict, model, optimizer):
                 value = distribute_tensor(value, p.device_mesh, p.placements)
             moments[key] = value
         if moments:
-            optimizer.state[p] = moments
+            owner[p].state[p] = moments
 
 
 def yaml_dump(config: dict) -> str:

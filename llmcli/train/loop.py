@@ -1,10 +1,11 @@
 """The training loop that pretraining and fine-tuning share: the learning rate, one optimizer step over micro-batches,
 validation, the processes of a torchrun group, and the Trainer that runs them with checkpoints and Ctrl-C safety.
 
-AdamW with weight decay on matrices only, warmup then cosine, linear or warmup-stable-decay, gradient clipping,
-gradient accumulation over micro-batches, bfloat16 autocast where it pays (precision auto), optional torch.compile,
-and data parallelism across processes started by torchrun: DistributedDataParallel, or FSDP (fully_shard) to shard
-parameters, gradients and optimizer state; gloo on CPU, NCCL on GPU.
+AdamW with weight decay on matrices only (or Muon for the blocks' matrices and AdamW for the rest), warmup then
+cosine, linear or warmup-stable-decay, gradient clipping, gradient accumulation over micro-batches, bfloat16
+autocast where it pays (precision auto), optional torch.compile, and data parallelism across processes started by
+torchrun: DistributedDataParallel, or FSDP (fully_shard) to shard parameters, gradients and optimizer state; gloo on
+CPU, NCCL on GPU.
 
 A run needs no saved random state: the batch of step s is drawn from (seed, s) and dropout is seeded from
 (seed, s, rank), so a resumed run repeats an uninterrupted one bit for bit. Ctrl-C (or SIGTERM) finishes the step,
@@ -44,24 +45,7 @@ from llmcli.train.checkpoints import (
     truncate_metrics,
     whole_tensor,
 )
-
-
-
-def learning_rate(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup to cfg.lr, then down to cfg.lr * cfg.min_lr_ratio at cfg.max_steps: by a cosine, a straight
-    line, or (wsd) flat until the last decay_fraction of the steps and a straight line from there."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    min_lr = cfg.lr * cfg.min_lr_ratio
-    if cfg.schedule == "wsd":
-        decay_start = cfg.max_steps - int(cfg.decay_fraction * cfg.max_steps)
-        decay_start = max(decay_start, cfg.warmup_steps)
-        progress = min(1.0, max(0, step - decay_start) / max(1, cfg.max_steps - decay_start))
-        return cfg.lr - (cfg.lr - min_lr) * progress
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
-    if cfg.schedule == "linear":
-        return cfg.lr - (cfg.lr - min_lr) * progress
-    return min_lr + 0.5 * (cfg.lr - min_lr) * (1 + math.cos(math.pi * progress))
+from llmcli.train.optim import learning_rate, make_optimizer
 
 
 def native_bf16(device: torch.device) -> bool:
@@ -85,16 +69,6 @@ def resolve_precision(precision: str, width: int, device: torch.device) -> str:
     if precision != "auto":
         return precision
     return "bf16-mixed" if width >= BF16_MIN_WIDTH and native_bf16(device) else "fp32"
-
-
-def make_optimizer(model: Transformer, cfg: TrainConfig) -> torch.optim.AdamW:
-    # decay matrices (weights, embeddings); leave biases and norm gains alone
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=True)
 
 
 IGNORE = -100  # a target that carries no loss (a prompt token or padding in fine-tuning)
@@ -194,7 +168,7 @@ def train_step(model, optimizer, micro_batches: list, lr: float, grad_clip: floa
     of k*b. Returns (mean loss, gradient norm, whether any process asked to stop). Raises NonFiniteLoss before
     touching the weights."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
     local_tokens = max(1, sum(n_targets(targets) for _, targets in micro_batches))
     loss_sum = torch.zeros((), device=world.device)
     for i, (inputs, targets) in enumerate(micro_batches):
@@ -250,7 +224,10 @@ def estimate_val_loss(model, dataset, cfg: TrainConfig, world: World, micro_batc
 
 def micro_batch_size(cfg: TrainConfig, world: World) -> int:
     """The sequences of a forward pass, checked against the batch and the processes (cfg.check() has checked the
-    rest of the settings)."""
+    rest of the settings); Muon with FSDP is refused."""
+    if world.size > 1 and cfg.strategy == "fsdp" and cfg.optimizer == "muon":
+        raise LLMError("muon does not go with fsdp: Muon orthogonalizes whole matrices and FSDP holds shards of them; "
+                       "use --strategy ddp, or --set train.optimizer=adamw")
     if cfg.batch_size < 1 or cfg.batch_size % world.size:
         raise LLMError(f"the batch size ({cfg.batch_size}) must be a positive multiple of the number of "
                        f"processes ({world.size})")
@@ -365,11 +342,22 @@ class Trainer:
             raise LLMError(f"could not write {self.metrics_path}: {os_error_reason(e)}; stopping at step "
                            f"{row['step']}: {kept_note(self.out_dir)}") from None
 
+    def bits_per_byte(self, loss: float) -> float | None:
+        """A validation loss (nats per token) in bits per byte of text, where the dataset knows its text's bytes."""
+        tokens_per_byte = getattr(self.dataset, "val_tokens_per_byte", None)
+        return loss / math.log(2) * tokens_per_byte if tokens_per_byte else None
+
     def validate(self, step: int) -> float:
-        """The validation loss at `step`, recorded."""
+        """The validation loss at `step`, recorded (with its bits per byte, val_bpb, where known)."""
         loss = estimate_val_loss(self.train_model, self.dataset, self.cfg, self.world, self.micro, self.autocast)
-        self.record(step=step, val_loss=loss, tokens=step * self.tokens_per_step, time=self._elapsed())
+        bpb = self.bits_per_byte(loss)
+        self.record(step=step, val_loss=loss, **({"val_bpb": bpb} if bpb is not None else {}),
+                    tokens=step * self.tokens_per_step, time=self._elapsed())
         return loss
+
+    def _val_text(self, loss: float) -> str:
+        bpb = self.bits_per_byte(loss)
+        return f"val loss {loss:.4f}" + (f" ({bpb:.4f} bits per byte)" if bpb is not None else "")
 
     def save(self, step: int, val_loss: float | None):
         """A checkpoint of `step` (every process calls it: FSDP gathers shards; process 0 writes)."""
@@ -410,7 +398,7 @@ class Trainer:
         val_loss = first_loss = None
         if self.start_step == 0:
             first_loss = val_loss = self.validate(0)
-            self.say(f"step 0: val loss {val_loss:.4f}")
+            self.say(f"step 0: {self._val_text(val_loss)}")
         self.train_model.train()
         train_loss = float("nan")
         fields = "loss {task.fields[loss]:.3f}  lr {task.fields[lr]:.2e}  {task.fields[tps]:,.0f} tok/s"
@@ -430,7 +418,7 @@ class Trainer:
                 evaluated = step % cfg.eval_interval == 0 or step == cfg.max_steps
                 if evaluated:
                     val_loss = self.validate(step)
-                    self.say(f"step {step}: train loss {train_loss:.4f}, val loss {val_loss:.4f}, lr {lr:.2e}, "
+                    self.say(f"step {step}: train loss {train_loss:.4f}, {self._val_text(val_loss)}, lr {lr:.2e}, "
                              f"{tokens_per_s:,.0f} tokens/s")
                 if stopping or evaluated or step % save_interval == 0:
                     self.save(step, val_loss if evaluated else None)
@@ -453,6 +441,8 @@ class Trainer:
             "seconds": round(elapsed, 1), "tokens_per_s": round(cfg.max_steps * self.tokens_per_step / elapsed),
             "checkpoint": str(self.out_dir),
         }
+        if val_loss is not None and self.bits_per_byte(val_loss) is not None:
+            summary["val_bpb"] = self.bits_per_byte(val_loss)
         if self.world.is_main:
             self.run.summary = summary
             self.run.save(self.out_dir)

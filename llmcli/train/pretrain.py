@@ -19,7 +19,7 @@ from llmcli.errors import PEER_STOPPED, LLMError
 from llmcli.files import make_output_dir
 from llmcli.model.transformer import ModelConfig, Transformer
 from llmcli.progress import log, progress_bar
-from llmcli.text import data
+from llmcli.text import data, shards
 from llmcli.text.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 from llmcli.runtime import default_threads
 from llmcli.train.checkpoints import checkpoint_dirs
@@ -28,10 +28,12 @@ from llmcli.train.run import Run, locked
 
 
 class LMBatches:
-    """The Trainer's dataset for pretraining: random windows of a token file, inputs and next tokens."""
+    """The Trainer's dataset for pretraining: random windows of a token file, inputs and next tokens.
+    val_tokens_per_byte turns the validation loss into bits per byte of text (the Trainer's val_bpb)."""
 
-    def __init__(self, token_data: data.TokenData, context: int):
+    def __init__(self, token_data: shards.TokenData, context: int, val_bytes: int | None = None):
         self.token_data, self.context = token_data, context
+        self.val_tokens_per_byte = token_data.split_len("val") / val_bytes if val_bytes else None
 
     def batch(self, split: str, batch_size: int, seed: int, index: int, rows: slice | None = None):
         return self.token_data.batch(split, batch_size, self.context, seed, index, rows)
@@ -90,7 +92,10 @@ def _pretrain(world: World, corpus, out_dir, preset, config_file, overrides, tok
         model = Transformer(run.model).to(world.device)
         if initial_weights is not None:
             model.load_state_dict(initial_weights)
-        trainer = Trainer(world, run, out_dir, model, LMBatches(token_data, run.model.context))
+        if "val_bytes" not in run.data:  # a run started before bits per byte were reported gets them now
+            run.data["val_bytes"] = token_data.text_bytes(load_tokenizer(out_dir))
+        batches = LMBatches(token_data, run.model.context, run.data["val_bytes"])
+        trainer = Trainer(world, run, out_dir, model, batches)
         return trainer.setup(resume=resume is not None).fit()
 
 
@@ -122,7 +127,7 @@ def _start(world: World, corpus, out_dir: Path, run: Run, tokenizer_path, made: 
         try:
             _prepare_data(corpus, out_dir, run, tokenizer_path)
             # the checks every process makes below, made here too while a failed start can still be undone
-            data.TokenData(Path(run.data["token_dir"]), run.train.val_fraction).check_fits(
+            shards.TokenData(Path(run.data["token_dir"]), run.train.val_fraction).check_fits(
                 run.model.context, run.train.val_fraction)
         except BaseException:
             if made:  # a run that could not start leaves nothing half-made behind
@@ -132,19 +137,19 @@ def _start(world: World, corpus, out_dir: Path, run: Run, tokenizer_path, made: 
     return Run.load(out_dir)  # every process trains on what process 0 prepared
 
 
-def _token_data(world: World, run: Run, out_dir: Path, resuming: bool) -> data.TokenData:
+def _token_data(world: World, run: Run, out_dir: Path, resuming: bool) -> shards.TokenData:
     """The run's token shards; tokenized again (the same corpus) if the cache was cleared since."""
     if run.data is None:
         raise LLMError(f"cannot resume: {out_dir} is not a pretraining run (continue a fine-tuning run with "
                        "llm finetune --resume)")
     cfg, token_dir = run.train, Path(run.data["token_dir"])
-    token_data = data.TokenData(token_dir, cfg.val_fraction) if (token_dir / data.INDEX_FILE).is_file() else None
+    token_data = shards.TokenData(token_dir, cfg.val_fraction) if (token_dir / shards.INDEX_FILE).is_file() else None
     if token_data is None:
         check_corpus_unchanged(run, out_dir)
         if world.is_main:
             _tokenize(run.data["corpus"], out_dir, run)
         world.barrier()
-        token_data = data.TokenData(Path(run.data["token_dir"]), cfg.val_fraction)
+        token_data = shards.TokenData(Path(run.data["token_dir"]), cfg.val_fraction)
     if token_data.n_tokens != run.data["tokens"]:
         raise LLMError(f"cannot {'resume' if resuming else 'train'}: the run recorded "
                        f"{run.data['tokens']:,} tokens of corpus but its token shards hold {token_data.n_tokens:,}")
@@ -205,7 +210,7 @@ def check_corpus_unchanged(run: Run, out_dir: Path):
         raise LLMError(f"cannot resume {out_dir}: its corpus file {missing[0]} is gone (the token cache was "
                        "cleared too, so the run's data cannot be had again)")
     recorded = run.data.get("hash") or Path(run.data["token_dir"]).name
-    now = data.corpus_hash(corpus, load_tokenizer(out_dir), run.train.text_field, run.train.doc_separator)
+    now = shards.corpus_hash(corpus, load_tokenizer(out_dir), run.train.text_field, run.train.doc_separator)
     if now != recorded:
         raise LLMError(f"cannot resume {out_dir}: its corpus ({', '.join(corpus)}) has changed since the run "
                        f"started (hash {now[:12]}, recorded {recorded[:12]}, {run.data['tokens']:,} tokens); "
@@ -217,12 +222,13 @@ def _tokenize(corpus: list[str], out_dir: Path, run: Run):
     total_bytes = sum(os.path.getsize(p) for p in corpus)
     started = time.perf_counter()
     with progress_bar("tokenizing", total_bytes) as update:
-        token_dir = data.cached_tokens(corpus, tokenizer, cfg.text_field, cfg.doc_separator,
+        token_dir = shards.cached_tokens(corpus, tokenizer, cfg.text_field, cfg.doc_separator,
                                        progress=lambda n: update(advance=n), log=log)
-    token_data = data.TokenData(token_dir, cfg.val_fraction)
+    token_data = shards.TokenData(token_dir, cfg.val_fraction)
     seconds = time.perf_counter() - started
     log(f"{total_bytes / 1e6:.1f} MB of text, {token_data.n_tokens:,} tokens in {token_dir} ({seconds:.1f}s)")
     run.data = {"corpus": corpus, "token_dir": str(token_dir), "hash": token_dir.name,
                 "tokens": token_data.n_tokens,
-                "train_tokens": token_data.split_len("train"), "val_tokens": token_data.split_len("val")}
+                "train_tokens": token_data.split_len("train"), "val_tokens": token_data.split_len("val"),
+                "val_bytes": token_data.text_bytes(tokenizer)}
     run.save(out_dir)
