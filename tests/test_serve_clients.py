@@ -134,3 +134,14 @@ def test_echo_of_token_ids_with_max_tokens_0_is_lm_eval_loglikelihood(client, to
     assert text == whole.choices[0].text and text.startswith(PROMPTS[0]) and text.endswith(plain.choices[0].text)
     with pytest.raises(openai.BadRequestError, match="echo"):
         client.completions.create(model=MODEL, prompt="x", echo=True, n=2)
+
+
+def test_generate_logit_bias_on_the_command_line(tokenizer):
+    from conftest import run_cli
+
+    token = tokenizer.encode(" w")[-1]
+    (forced,) = generate_json("Once upon", "--max-new-tokens", 3, "--logit-bias", f"{token}=100")
+    assert forced["text"] == tokenizer.decode([token] * 3)
+    for bad in ("abc", "999999=1", f"{token}=101"):
+        result = run_cli("generate", "Once", "--logit-bias", bad, "--max-new-tokens", 2)
+        assert result.returncode != 0 and result.stderr.count("\n") == 1 and "logit-bias" in result.stderr, bad
