@@ -471,6 +471,12 @@ def generate(
     top_p: TopPOption = None,
     min_p: MinPOption = None,
     repetition_penalty: RepetitionPenaltyOption = None,
+    presence_penalty: Annotated[Optional[float], typer.Option(
+        help="Subtract this from the logit of every token already generated (OpenAI's; -2..2)")] = None,
+    frequency_penalty: Annotated[Optional[float], typer.Option(
+        help="Subtract this times the count of each token already generated (OpenAI's; -2..2)")] = None,
+    logit_bias: Annotated[Optional[list[str]], typer.Option(
+        help="TOKEN_ID=BIAS: add BIAS (-100..100) to that token's logit (repeatable)")] = None,
     stop: Annotated[Optional[list[str]], typer.Option(
         help="End a sample before this string (repeatable); it is not printed [default: none]", show_default=False)
     ] = None,
@@ -487,7 +493,7 @@ def generate(
     truncate: Annotated[bool, typer.Option(help="Keep the end of a prompt longer than the context")] = False,
     quantize: QuantizeOption = None,
     ignore_eos: Annotated[bool, typer.Option(
-        "--ignore-eos", help="Go on past the end-of-text token, to --max-new-tokens (for timing)")] = False,
+        "--ignore-eos", help="Never sample the end tokens: decode to --max-new-tokens (for timing)")] = False,
 ):
     """Continue a prompt, or each prompt of stdin or a file.
 
@@ -518,7 +524,9 @@ def generate(
     cfg, template = sampling_settings(config, turns, tok, max_new_tokens=max_new_tokens, temperature=temperature,
                                       top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty,
                                       stop=tuple(stop) if stop else None, num_samples=num_samples, seed=seed,
-                                      batch_size=batch_size, ignore_eos=ignore_eos or None)
+                                      batch_size=batch_size, ignore_eos=ignore_eos or None,
+                                      presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+                                      logit_bias=_logit_bias_option(logit_bias))
     lines = None
     if input_format == "jsonl":
         lines = _input_lines(prompt)
@@ -536,6 +544,18 @@ def generate(
         wrap = lambda p: apply_template(template, p)  # noqa: E731
     generate_text(net, tok, prompts, cfg, truncate=truncate, log=log, as_json=as_json, load_s=load_s, template=wrap,
                   ready=lines.ready if lines is not None else None, several=lines is not None)
+
+
+def _logit_bias_option(values: list[str] | None) -> dict[int, float] | None:
+    """--logit-bias TOKEN_ID=BIAS, repeated, as {token id: bias}."""
+    bias = {}
+    for value in values or ():
+        token, _, number = value.partition("=")
+        try:
+            bias[int(token)] = float(number)
+        except ValueError:
+            raise LLMError(f"--logit-bias takes TOKEN_ID=BIAS (like 50256=-100), got {value!r}") from None
+    return bias or None
 
 
 def _jsonl_prompts(lines):

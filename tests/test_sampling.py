@@ -143,3 +143,48 @@ def test_top_k_1_is_greedy_at_any_temperature(case):
 def test_non_finite_settings_are_rejected(field, value):
     with pytest.raises(LLMError, match=field.replace("_", "-")):
         SamplingConfig(**{field: value}).check()
+
+
+def test_presence_and_frequency_penalties_are_openais():
+    """logits[t] -= presence * (count[t] > 0) + frequency * count[t], over the generated tokens."""
+    from llmcli.infer.sampler import apply_presence_frequency
+
+    logits = np.array([[1.0, 2.0, 3.0, 4.0]])
+    counts = np.array([[0, 1, 3, 0]])
+    out = apply_presence_frequency(logits, counts, presence=0.5, frequency=0.25)
+    assert np.allclose(out, [[1.0, 2.0 - 0.5 - 0.25, 3.0 - 0.5 - 0.75, 4.0]])
+    assert apply_presence_frequency(logits, counts, 0.0, 0.0) is logits
+    assert apply_presence_frequency(logits, None, 1.0, 1.0) is logits
+
+
+def test_logit_bias_and_ignore_eos_shape_the_draw():
+    from llmcli.infer.sampler import apply_logit_bias, bias_vector
+
+    cfg = SamplingConfig(temperature=0, logit_bias={2: 100.0, 0: -5.0})
+    bias = bias_vector(cfg, 4)
+    assert bias.tolist() == [-5.0, 0.0, 100.0, 0.0]
+    logits = np.array([[0.0, 9.0, 0.0, 1.0]])
+    assert np.allclose(apply_logit_bias(logits, bias), [[-5.0, 9.0, 100.0, 1.0]])
+    assert sample_next(logits, cfg, [np.random.default_rng(0)], bias=bias[None]).tolist() == [2]
+    # ignore_eos: the end token is never sampled, even when it is by far the most likely
+    eos = SamplingConfig(temperature=1.0, ignore_eos=True)
+    never = bias_vector(eos, 4, end_tokens=(1,))
+    draws = [sample_next(logits, eos, [np.random.default_rng(s)], bias=never[None])[0] for s in range(50)]
+    assert 1 not in draws
+    assert bias_vector(SamplingConfig(), 4, end_tokens=(1,)) is None
+    with pytest.raises(LLMError, match="vocabulary"):
+        bias_vector(SamplingConfig(logit_bias={7: 1.0}), 4)
+    with pytest.raises(LLMError, match="logit-bias"):
+        SamplingConfig(logit_bias={1: 150.0}).check()
+    with pytest.raises(LLMError, match="presence-penalty"):
+        SamplingConfig(presence_penalty=3.0).check()
+
+
+def test_log_softmax_is_the_models_distribution():
+    from llmcli.infer.sampler import log_softmax
+
+    logits = np.array([[1000.0, 999.0, -np.inf], [0.0, 0.0, 0.0]], dtype=np.float32)
+    out = log_softmax(logits)
+    assert np.allclose(np.exp(out).sum(-1), 1.0)
+    assert np.isclose(out[0, 0] - out[0, 1], 1.0) and out[0, 2] == -np.inf
+    assert np.allclose(out[1], np.log(1 / 3))

@@ -85,6 +85,13 @@ class TorchBackend:
             self.model.clear_kv_cache()  # (a model without a cache attached is the model, for embeddings)
         return logits[:, -1].float().cpu().numpy()
 
+    def all_logits(self, ids: list[int]) -> np.ndarray:
+        """The logits (T, vocab) at every position of one text of T tokens (a prompt's log-probabilities)."""
+        torch = self.torch
+        with torch.inference_mode():  # (no cache attached: a plain forward pass)
+            logits = self.model(torch.tensor([ids], dtype=torch.int64, device=self.device))
+        return logits[0].float().cpu().numpy()
+
     def copy_rows(self, src: TorchCache, src_rows, src_slots: slice, dst: TorchCache, dst_rows, dst_slots: slice):
         """Keys and values of rows src_rows (an int or a slice), slots src_slots, into dst's dst_rows, dst_slots;
         src may be dst, the ranges overlapping."""
@@ -107,6 +114,10 @@ class NumpyBackend:
 
     def step(self, cache: list, tokens: np.ndarray, pos: int, pad: np.ndarray) -> np.ndarray:
         return self.prefill(cache, tokens[:, None], pos, pad)
+
+    def all_logits(self, ids: list[int]) -> np.ndarray:
+        """The logits (T, vocab) at every position of one text of T tokens (a prompt's log-probabilities)."""
+        return self.model.forward(np.asarray([ids], dtype=np.int64), 0, self.allocate(1, len(ids)), last_only=False)[0]
 
     @staticmethod
     def copy_rows(src: list, src_rows, src_slots: slice, dst: list, dst_rows, dst_slots: slice):

@@ -33,7 +33,7 @@ import numpy as np
 from llmcli import runtime
 from llmcli.infer.backend import backend_for
 from llmcli.infer.rows import Row
-from llmcli.infer.sampler import SamplingConfig, sample_next, sampling_key
+from llmcli.infer.sampler import SamplingConfig, log_softmax, sample_next, sampling_key
 from llmcli.model.batching import distinct_rows, left_pad
 
 
@@ -45,7 +45,8 @@ class QueueFull(Exception):
 class Job:
     """One request: its prompts (token ids) times n choices, decoded with one sampling config.
 
-    emit(events) is called from the engine's thread with a list of events at a time: ("text", choice, text),
+    emit(events) is called from the engine's thread with a list of events at a time: ("text", choice, text,
+    scored), scored the new tokens' (token, log-probability, [(token, log-probability)] alternatives) if logprobs,
     ("finish", choice, finish_reason, completion_tokens, row) and, if the job failed, ("error", message). Choice i is
     sample first_sample + i % n of prompt i // n; finish_reason is "stop" (an end token or a stop string) or "length"
     (max_new_tokens or the end of the context).
@@ -56,6 +57,7 @@ class Job:
     n: int = 1
     seed: int | None = None
     first_sample: int = 0
+    logprobs: int | None = None  # each new token's log-probability and this many most likely alternatives'
     cancelled: bool = False  # its client is gone, or it failed: its rows leave at the next step
 
     def __post_init__(self):
@@ -77,6 +79,16 @@ class Prefill:
     cache: object = None
     done: int = 0  # columns prefilled
     logits: np.ndarray | None = None  # (N, vocab) at the last position, once done
+
+
+def scored(job: Job, logits: np.ndarray, token: int) -> tuple | None:
+    """(token, its log-probability, the job.logprobs most likely (token, log-probability)) under the model's own
+    distribution, log_softmax of its logits (as OpenAI reports them); None if the job asks for none."""
+    if job.logprobs is None:
+        return None
+    logprobs = log_softmax(logits)
+    top = np.argsort(-logprobs, kind="stable")[:job.logprobs]
+    return token, float(logprobs[token]), [(int(t), float(logprobs[t])) for t in top]
 
 
 class Engine:
@@ -309,8 +321,9 @@ class Engine:
                 rows = [self._new_row(job, choice) for choice in range(job.rows)]
                 logits = p.logits[[number[tuple(row.ids)] for row in rows]]
                 events, going_on = [], []
-                for row, token in zip(rows, self._sample(rows, logits)):
-                    text = row.finish("length") if row.limit == 0 else row.accept(int(token))
+                for row, token, row_logits in zip(rows, self._sample(rows, logits), logits):
+                    token = int(token)
+                    text = row.finish("length") if row.limit == 0 else row.accept(token, scored(job, row_logits, token))
                     self._events(row, text, events)
                     if row.finish_reason is None:
                         going_on.append(row)
@@ -338,11 +351,16 @@ class Engine:
         """The next token of each row; the rows' jobs have the same sampling settings (sample_next's work is per
         row, but its calls cost too)."""
         seen = np.stack([row.seen for row in rows]) if rows[0].seen is not None else None
-        return sample_next(logits, rows[0].job.cfg, [row.rng for row in rows], seen)
+        counts = np.stack([row.counts for row in rows]) if rows[0].counts is not None else None
+        bias = None
+        if any(row.bias is not None for row in rows):
+            bias = np.stack([row.bias if row.bias is not None else np.zeros(logits.shape[-1]) for row in rows])
+        return sample_next(logits, rows[0].job.cfg, [row.rng for row in rows], seen, counts, bias)
 
     def _events(self, row: Row, text: str, events: list):
-        if text:
-            events.append(("text", row.choice, text))
+        scores = row.new_scores()
+        if text or scores:
+            events.append(("text", row.choice, text, scores))
         if row.finish_reason is not None:
             events.append(("finish", row.choice, row.finish_reason, row.new_tokens, row))
             if self.raising:
@@ -376,7 +394,9 @@ class Engine:
             if row.job.cancelled:
                 continue
             try:
-                self._events(row, row.accept(int(tokens[b])), events.setdefault(id(row.job), (row.job, []))[1])
+                token = int(tokens[b])
+                text = row.accept(token, scored(row.job, logits[b], token))
+                self._events(row, text, events.setdefault(id(row.job), (row.job, []))[1])
                 if row.finish_reason is not None:
                     done.append(b)
             except Exception:  # this request fails; the others go on

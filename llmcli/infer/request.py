@@ -75,13 +75,15 @@ def strings(body: dict, name: str) -> list[str]:
 
 
 def chat_messages(body: dict) -> list[dict]:
-    """The 'messages' of a chat completion request as {"role", "content": str} (text content parts joined)."""
+    """The 'messages' of a chat completion request as {"role", "content": str} (text content parts joined); the
+    `developer` role (OpenAI's newer name) is `system`."""
     messages = typed_field(body, "messages", list, required=True)
     if not messages:
         raise ApiError(400, "'messages' must not be empty", param="messages", code="invalid_value")
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
-            raise ApiError(400, f"messages[{i}] must be an object with a 'role' of system, user or assistant",
+        if not isinstance(m, dict) or m.get("role") not in ("system", "developer", "user", "assistant"):
+            raise ApiError(400, f"messages[{i}] must be an object with a 'role' of system, developer, user or "
+                           "assistant",
                            param=f"messages[{i}].role", code="invalid_value")
         content = m.get("content")
         if isinstance(content, list):  # content parts: the text ones, joined
@@ -93,5 +95,5 @@ def chat_messages(body: dict) -> list[dict]:
         if not isinstance(content, str):
             raise ApiError(400, f"messages[{i}].content must be a string", param=f"messages[{i}].content",
                            code="invalid_type")
-        messages[i] = {"role": m["role"], "content": content}
+        messages[i] = {"role": "system" if m["role"] == "developer" else m["role"], "content": content}
     return messages

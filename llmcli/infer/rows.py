@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from llmcli.errors import LLMError
+from llmcli.infer.sampler import bias_vector
 from llmcli.text.tokenizer import Tokenizer
 
 
@@ -98,11 +99,15 @@ class Row:
     limit: int  # most new tokens, the end of the context included
     stop_tokens: frozenset[int]  # ids that end the row (the tokenizer's end tokens, a chat turn's end)
     seen: np.ndarray | None = None  # (vocab,) bool: tokens of the prompt and the sample, for the repetition penalty
+    counts: np.ndarray | None = None  # (vocab,) times each token was generated: presence and frequency penalties
+    bias: np.ndarray | None = None  # (vocab,) added to the logits: logit_bias, -inf at the end tokens (ignore_eos)
     tokens: list[int] = field(default_factory=list)  # the new tokens (an end token not among them)
     last: int = 0  # the token the next decode step feeds
     finish_reason: str | None = None  # "stop" or "length" once finished
     joined_at: float = field(default_factory=time.perf_counter)  # when its first token was sampled
     finished_at: float = 0.0
+    scores: list = field(default_factory=list)  # (token, log-probability, alternatives) of the new tokens, if asked
+    reported: int = 0  # of them, those already reported
     job: object = None  # what the row belongs to, and which of its rows it is (the engine's)
     choice: int = 0
 
@@ -110,24 +115,32 @@ class Row:
     def start(cls, ids: list[int], cfg, tokenizer: Tokenizer | None, seed: int, sample: int, context: int,
               vocab_size: int) -> "Row":
         """Sample number `sample` of prompt ids, decoded with SamplingConfig cfg in a model of `context` tokens.
-        cfg.ignore_eos: no token ends the row (fixed-length runs); stop strings still do. tokenizer None: ids only."""
-        seen = None
+        cfg.ignore_eos: the end tokens are never sampled, no token ends the row (fixed-length runs); stop strings
+        still do. tokenizer None: ids only. Raises LLMError for a logit_bias token outside the vocabulary."""
+        seen = counts = None
         if cfg.repetition_penalty != 1.0:
             seen = np.zeros(vocab_size, dtype=bool)
             seen[ids] = True
+        if cfg.presence_penalty != 0 or cfg.frequency_penalty != 0:
+            counts = np.zeros(vocab_size, dtype=np.int64)
         ends = tuple(tokenizer.stop_tokens) if tokenizer is not None else ()
         stops = frozenset() if cfg.ignore_eos else frozenset(ends + tuple(cfg.stop_tokens))
         stream = TextStream(tokenizer, tuple(cfg.stop), after=ids[-1]) if tokenizer is not None else None
-        return cls(ids, row_rng(seed, ids, sample), stream, min(cfg.max_new_tokens, context - len(ids)), stops, seen)
+        return cls(ids, row_rng(seed, ids, sample), stream, min(cfg.max_new_tokens, context - len(ids)), stops, seen,
+                   counts, bias_vector(cfg, vocab_size, ends + tuple(cfg.stop_tokens)))
 
-    def accept(self, token: int) -> str:
-        """Add a sampled token: its printable text (maybe none yet); finishes the row at a stop token, a stop string
-        or the limit."""
+    def accept(self, token: int, scored: tuple | None = None) -> str:
+        """Add a sampled token (and its log-probabilities, `scored`): its printable text (maybe none yet); finishes
+        the row at a stop token, a stop string or the limit."""
         if self.seen is not None:
             self.seen[token] = True
+        if self.counts is not None:
+            self.counts[token] += 1
         if token in self.stop_tokens:
             return self.finish("stop")
         self.tokens.append(token)
+        if scored is not None:
+            self.scores.append(scored)
         self.last = token
         text = self.stream.push(token) if self.stream is not None else ""
         if self.stream is not None and self.stream.stopped:
@@ -140,6 +153,11 @@ class Row:
         """End the row (reason "stop" or "length"); returns the text held back until now."""
         self.finish_reason, self.finished_at = reason, time.perf_counter()
         return self.stream.flush() if self.stream is not None else ""
+
+    def new_scores(self) -> list:
+        """The log-probabilities of the tokens added since the last call."""
+        new, self.reported = self.scores[self.reported:], len(self.scores)
+        return new
 
     @property
     def new_tokens(self) -> int:

@@ -1,4 +1,5 @@
-"""Sampling settings and logits -> token: repetition penalty, temperature, top-k, top-p, min-p.
+"""Sampling settings and logits -> token: logit bias, repetition/presence/frequency penalties, temperature, top-k,
+top-p, min-p; and the log-probabilities the model gives.
 
 Pure functions on NumPy arrays, the same for every backend, each testable alone. sample_next computes in float64 with
 one uniform number a row (inverse CDF), so that any backend whose logits agree to float32 precision draws the same
@@ -26,7 +27,10 @@ class SamplingConfig:
     num_samples: int = 1
     seed: int | None = None
     batch_size: int = 8  # rows (prompts x samples) decoded together at most
-    ignore_eos: bool = False  # decode past the end-of-text token (fixed-length runs, for measuring speed)
+    ignore_eos: bool = False  # the end tokens are never sampled (as llama.cpp): fixed-length runs
+    presence_penalty: float = 0.0  # OpenAI's: subtracted from the logit of every token already generated
+    frequency_penalty: float = 0.0  # OpenAI's: subtracted once for each time a token was generated
+    logit_bias: dict | None = None  # token id -> added to its logit (OpenAI's, -100..100)
 
     def check(self):
         if not 0 <= self.temperature < float("inf"):
@@ -39,6 +43,12 @@ class SamplingConfig:
             raise LLMError(f"--min-p must be in [0, 1], got {self.min_p}")
         if not 0 < self.repetition_penalty < float("inf"):
             raise LLMError(f"--repetition-penalty must be > 0, got {self.repetition_penalty}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise LLMError(f"--{name.replace('_', '-')} must be in [-2, 2], got {getattr(self, name)}")
+        for token, bias in (self.logit_bias or {}).items():
+            if not -100 <= bias <= 100:
+                raise LLMError(f"--logit-bias: the bias of token {token} must be in [-100, 100], got {bias}")
         if any(s == "" for s in self.stop):
             raise LLMError("--stop must not be empty")
         if self.num_samples < 1:
@@ -68,7 +78,44 @@ def sampling_settings(checkpoint_config: dict, chat=None, tokenizer=None, **opti
 
 def sampling_key(cfg: SamplingConfig) -> tuple:
     """The settings sample_next reads: rows that agree on them are sampled together."""
-    return cfg.temperature, cfg.top_k, cfg.top_p, cfg.min_p, cfg.repetition_penalty
+    return (cfg.temperature, cfg.top_k, cfg.top_p, cfg.min_p, cfg.repetition_penalty, cfg.presence_penalty,
+            cfg.frequency_penalty)
+
+
+def bias_vector(cfg: SamplingConfig, vocab_size: int, end_tokens=()) -> np.ndarray | None:
+    """The (vocab,) logit bias of a row: cfg.logit_bias, and -inf at the end tokens under cfg.ignore_eos (llama.cpp's
+    way: they are never sampled). None when there is none. Raises LLMError for a token id outside the vocabulary."""
+    ends = tuple(end_tokens) if cfg.ignore_eos else ()
+    if not cfg.logit_bias and not ends:
+        return None
+    bias = np.zeros(vocab_size)
+    for token, value in (cfg.logit_bias or {}).items():
+        if not 0 <= int(token) < vocab_size:
+            raise LLMError(f"--logit-bias: token {token} is not in the vocabulary (0..{vocab_size - 1})")
+        bias[int(token)] = value
+    bias[list(ends)] = -np.inf
+    return bias
+
+
+def apply_logit_bias(logits: np.ndarray, bias: np.ndarray | None) -> np.ndarray:
+    """logits + bias, the (B, vocab) or (vocab,) bias of OpenAI's logit_bias (-inf: never sampled)."""
+    return logits if bias is None else logits + bias
+
+
+def apply_presence_frequency(logits: np.ndarray, counts: np.ndarray | None, presence: float,
+                             frequency: float) -> np.ndarray:
+    """OpenAI's penalties (platform.openai.com/docs/advanced-usage#frequency-and-presence-penalties):
+    logits[t] -= presence * (counts[t] > 0) + frequency * counts[t], counts (B, vocab) the generated tokens' counts."""
+    if counts is None or (presence == 0 and frequency == 0):
+        return logits
+    return logits - presence * (counts > 0) - frequency * counts
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """The log-probabilities (float64) of logits (..., vocab): what the model gives, before any sampling setting."""
+    logits = logits.astype(np.float64)
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
 
 
 def apply_repetition_penalty(logits: np.ndarray, seen: np.ndarray, penalty: float) -> np.ndarray:
@@ -121,15 +168,19 @@ def apply_min_p(logits: np.ndarray, min_p: float) -> np.ndarray:
 
 
 def sample_next(logits: np.ndarray, cfg: SamplingConfig, rngs: list[np.random.Generator],
-                seen: np.ndarray | None = None) -> np.ndarray:
-    """One token id per row of logits (B, vocab), row b drawing from rngs[b].
+                seen: np.ndarray | None = None, counts: np.ndarray | None = None,
+                bias: np.ndarray | None = None) -> np.ndarray:
+    """One token id per row of logits (B, vocab), row b drawing from rngs[b]. seen: (B, vocab) bool, the tokens of
+    the text (repetition penalty); counts: (B, vocab) the generated tokens' counts (presence and frequency
+    penalties); bias: (B, vocab) added first (logit_bias, ignore_eos).
 
     Computed in float64 with one uniform number a row (inverse CDF), so that any backend whose logits agree to
     float32 precision draws the same tokens from the same seed.
     """
-    logits = logits.astype(np.float64)
+    logits = apply_logit_bias(logits.astype(np.float64), bias)
     if seen is not None:
         logits = apply_repetition_penalty(logits, seen, cfg.repetition_penalty)
+    logits = apply_presence_frequency(logits, counts, cfg.presence_penalty, cfg.frequency_penalty)
     if cfg.temperature == 0:
         return logits.argmax(axis=-1)
     # scaled after taking away the largest: every logit <= 0 before dividing, so a tiny temperature gives -inf

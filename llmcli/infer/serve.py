@@ -26,15 +26,17 @@ from starlette.routing import Route
 from llmcli.errors import LLMError
 from llmcli.infer.engine import Engine, Job, QueueFull
 from llmcli.infer.generate import apply_template
+from llmcli.infer.logprobs import MOST_ALTERNATIVES, chat_logprobs, completion_logprobs, prompt_scores
 from llmcli.infer.request import ApiError, chat_messages, read_body, strings, typed_field
 from llmcli.infer.rows import encode_prompt
 from llmcli.infer.sampler import SamplingConfig, sampling_settings
 from llmcli.runtime import available_cores
 
 RETRY_AFTER_S = 1  # told to a client turned away because the queue is full
-# fields of the OpenAI API that a local model cannot honour: a request that sets them gets a 400, not silence
-UNSUPPORTED = ("logprobs", "top_logprobs", "echo", "suffix", "logit_bias", "tools", "tool_choice", "functions",
-               "function_call", "response_format", "best_of")
+# fields of the OpenAI API that a local model cannot honour: a request that sets them gets a 400, not silence; the
+# values that ask for nothing (a plain-text response, no tools) are accepted, as clients send them by default
+UNSUPPORTED = {"suffix": (None,), "tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []),
+               "function_call": (None, "none"), "response_format": (None, {"type": "text"}), "best_of": (None, 1)}
 
 
 def _chat_prompt(template, messages: list[dict]) -> str:
@@ -64,21 +66,31 @@ class Server:
 # --- reading requests ----------------------------------------------------------------------------------------------
 
 def _check_model(server: Server, body: dict):
-    name = typed_field(body, "model", str, required=True)
-    if name != server.model_id:
-        raise ApiError(400, f"the model '{name}' does not exist; this server has '{server.model_id}'",
-                       param="model", code="model_not_found")
+    """A single-model server answers any model name (LangChain sends gpt-3.5-turbo), or none, with its own model;
+    the response's `model` says which."""
+    typed_field(body, "model", str)
+
+
+def _logit_bias(body: dict, vocab_size: int) -> dict[int, float] | None:
+    """OpenAI's logit_bias: {"token id": bias in [-100, 100]}."""
+    value = typed_field(body, "logit_bias", dict)
+    if not value:
+        return None
+    bias = {}
+    for key, v in value.items():
+        if not (key.isdigit() and int(key) < vocab_size and isinstance(v, (int, float)) and not isinstance(v, bool)
+                and -100 <= v <= 100):
+            raise ApiError(400, f"'logit_bias' maps token ids to numbers in [-100, 100], got {key!r}: {v!r}",
+                           param="logit_bias", code="invalid_value")
+        bias[int(key)] = float(v)
+    return bias
 
 
 def _sampling(server: Server, body: dict, chat: bool) -> tuple[SamplingConfig, int, int | None]:
     """The sampling config (unset fields: the checkpoint's defaults, as llm generate), n and seed of a request."""
-    for name in UNSUPPORTED:
-        if body.get(name) not in (None, False, 1 if name == "best_of" else None):
+    for name, nothing in UNSUPPORTED.items():
+        if body.get(name) not in nothing:
             raise ApiError(400, f"'{name}' is not supported by this server", param=name, code="unsupported_parameter")
-    for name in ("presence_penalty", "frequency_penalty"):
-        if typed_field(body, name, (int, float), 0) != 0:
-            raise ApiError(400, f"'{name}' is not supported; use 'repetition_penalty' (above 1 penalises tokens "
-                           "already in the text)", param=name, code="unsupported_parameter")
     max_tokens = typed_field(body, "max_tokens", int, low=0)
     if chat:
         max_tokens = typed_field(body, "max_completion_tokens", int, max_tokens, low=0)
@@ -96,6 +108,10 @@ def _sampling(server: Server, body: dict, chat: bool) -> tuple[SamplingConfig, i
         top_k=typed_field(body, "top_k", int, low=0),
         min_p=typed_field(body, "min_p", (int, float), low=0, high=1),
         repetition_penalty=typed_field(body, "repetition_penalty", (int, float), low=0, low_open=True),
+        presence_penalty=typed_field(body, "presence_penalty", (int, float), low=-2, high=2),
+        frequency_penalty=typed_field(body, "frequency_penalty", (int, float), low=-2, high=2),
+        logit_bias=_logit_bias(body, server.engine.backend.config.vocab_size),
+        ignore_eos=typed_field(body, "ignore_eos", bool),
     )
     cfg, _ = sampling_settings(server.config, server.chat_template if chat else None, server.tokenizer, **options)
     cfg.stop = tuple(cfg.stop) + tuple(stop or ())
@@ -120,12 +136,15 @@ def _encode(server: Server, text: str, param: str) -> list[int]:
 class Pending:
     """A job submitted to the engine, its events arriving on this event loop."""
 
-    def __init__(self, server: Server, prompts: list[list[int]], cfg: SamplingConfig, n: int, seed: int | None):
+    def __init__(self, server: Server, prompts: list[list[int]], cfg: SamplingConfig, n: int, seed: int | None,
+                 logprobs: int | None = None):
         loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue = asyncio.Queue()
         self.server = server
-        self.job = Job(prompts, cfg, lambda events: loop.call_soon_threadsafe(self.queue.put_nowait, events), n, seed)
+        self.job = Job(prompts, cfg, lambda events: loop.call_soon_threadsafe(self.queue.put_nowait, events), n, seed,
+                       logprobs=logprobs)
         self.texts = [""] * self.job.rows
+        self.scores: list[list] = [[] for _ in range(self.job.rows)]  # the scored new tokens, if logprobs
         self.finish: list[str | None] = [None] * self.job.rows
         self.completion_tokens = 0
         try:
@@ -141,7 +160,7 @@ class Pending:
         return all(f is not None for f in self.finish)
 
     async def events(self):
-        """Yield lists of (choice, text, finish_reason or None) as the engine produces them, until every choice
+        """Yield lists of (choice, text, finish_reason or None, scored tokens) as the engine produces them, until every choice
         finished: all that arrived since the last (a slow client gets fewer, larger pieces)."""
         while not self.done:
             batch = await self.queue.get()
@@ -153,11 +172,12 @@ class Pending:
                     raise RuntimeError(event[1])
                 if event[0] == "text":
                     self.texts[event[1]] += event[2]
-                    out.append((event[1], event[2], None))
+                    self.scores[event[1]] += event[3]
+                    out.append((event[1], event[2], None, event[3]))
                 else:
                     self.finish[event[1]] = event[2]
                     self.completion_tokens += event[3]
-                    out.append((event[1], "", event[2]))
+                    out.append((event[1], "", event[2], []))
             yield out
 
     def cancel(self):
@@ -199,18 +219,19 @@ def _sse(data) -> str:
 
 
 def _stream(server: Server, request: Request, pending: Pending, chunk, include_usage: bool, started: float):
-    """A streaming response: a chunk(choice, text, finish_reason) event a piece of text, usage, then [DONE]."""
+    """A streaming response: a chunk(choice, text, finish_reason, scored tokens) event a piece of text, usage, then
+    [DONE]; chunk(choice, None, None, None) is a choice's first (None: none)."""
     async def events():
         status = 200
         try:
             for choice in range(pending.job.rows):
-                first = chunk(choice, None, None)
+                first = chunk(choice, None, None, None)
                 if first is not None:
                     yield _sse(first)
             async for batch in pending.events():
-                yield "".join(_sse(chunk(choice, text, finish)) for choice, text, finish in batch)
+                yield "".join(_sse(chunk(*event)) for event in batch)
             if include_usage:
-                yield _sse({**chunk(0, "", None), "choices": [], "usage": pending.usage()})
+                yield _sse({**chunk(0, "", None, []), "choices": [], "usage": pending.usage()})
             yield "data: [DONE]\n\n"
         except RuntimeError as e:  # the request failed in the engine (logged there)
             status = 500
@@ -241,11 +262,46 @@ async def completions(request: Request):
     server: Server = request.app.state.server
     body = await read_body(request)
     _check_model(server, body)
-    prompts = strings(body, "prompt")
+    prompts = _completion_prompts(server, body)
     cfg, n, seed = _sampling(server, body, chat=False)
+    top = typed_field(body, "logprobs", int, None, low=0, high=MOST_ALTERNATIVES)
+    echoed = None
+    if typed_field(body, "echo", bool, False):
+        if n > 1:
+            raise ApiError(400, "'echo' works with n = 1 only", param="echo", code="invalid_value")
+        echoed = [(text, await _prompt_scores(server, ids, top)) for ids, text in prompts]
+    pending = Pending(server, [ids for ids, _ in prompts], cfg, n, seed, top)
+    return await _respond(request, body, pending, chat=False, echoed=echoed)
+
+
+def _completion_prompts(server: Server, body: dict) -> list[tuple[list[int], str]]:
+    """The token ids and text of each prompt: strings (in the checkpoint's prompt template, after the start-of-text
+    token), or token ids as given (an array of integers, or an array of such arrays)."""
+    value = body.get("prompt")
+    if isinstance(value, list) and value and all(isinstance(v, list) or isinstance(v, int) and not isinstance(v, bool)
+                                                 for v in value):
+        lists = [value] if all(isinstance(v, int) for v in value) else value
+        vocab = min(server.tokenizer.vocab_size, server.engine.backend.config.vocab_size)
+        for ids in lists:
+            if not (ids and isinstance(ids, list) and all(isinstance(t, int) and not isinstance(t, bool)
+                                                          and 0 <= t < vocab for t in ids)):
+                raise ApiError(400, f"'prompt' as token ids must be non-empty arrays of integers in [0, {vocab})",
+                               param="prompt", code="invalid_value")
+            if len(ids) >= server.context:
+                raise ApiError(400, f"the prompt is {len(ids)} tokens but the model's context is {server.context}",
+                               param="prompt", code="context_length_exceeded")
+        return [(ids, server.tokenizer.decode(ids)) for ids in lists]
     template = (server.config.get("generation") or {}).get("prompt_template", "{prompt}")
-    ids = [_encode(server, apply_template(template, p), "prompt") for p in prompts]
-    return await _respond(request, body, Pending(server, ids, cfg, n, seed), chat=False)
+    texts = [apply_template(template, p) for p in strings(body, "prompt")]
+    return [(_encode(server, text, "prompt"), text) for text in texts]
+
+
+async def _prompt_scores(server: Server, ids: list[int], top: int | None) -> list[tuple] | None:
+    """The prompt's scored tokens (echo), from a forward pass on the engine's thread; None without logprobs."""
+    if top is None:
+        return None
+    logits = await asyncio.wrap_future(server.engine.call(lambda: server.engine.backend.all_logits(ids)))
+    return prompt_scores(logits, ids, top)
 
 
 async def chat_completions(request: Request):
@@ -254,47 +310,71 @@ async def chat_completions(request: Request):
     _check_model(server, body)
     messages = chat_messages(body)
     cfg, n, seed = _sampling(server, body, chat=True)
+    top = typed_field(body, "top_logprobs", int, None, low=0, high=MOST_ALTERNATIVES)
+    if top is not None and not body.get("logprobs"):
+        raise ApiError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs", code="invalid_value")
+    top = (top or 0) if typed_field(body, "logprobs", bool, False) else None
     try:
         prompt = _chat_prompt(server.chat_template, messages)
     except LLMError as e:
         raise ApiError(400, str(e), param="messages", code="invalid_value") from None
-    return await _respond(request, body, Pending(server, [_encode(server, prompt, "messages")], cfg, n, seed),
-                          chat=True)
+    pending = Pending(server, [_encode(server, prompt, "messages")], cfg, n, seed, top)
+    return await _respond(request, body, pending, chat=True)
 
 
-async def _respond(request: Request, body: dict, pending: Pending, chat: bool):
+def _logprobs(server: Server, pending: Pending, chat: bool, scores: list, offset: int = 0) -> dict | None:
+    if pending.job.logprobs is None:
+        return None
+    if chat:
+        return chat_logprobs(server.tokenizer, scores)
+    return completion_logprobs(server.tokenizer, scores, offset)
+
+
+async def _respond(request: Request, body: dict, pending: Pending, chat: bool, echoed: list | None = None):
+    """The response to a (chat) completion request, streamed or not; echoed: each prompt's (text, scored tokens or
+    None) to put before its choice's text (completions' echo, n = 1)."""
     server: Server = request.app.state.server
     started = request.state.started
     ident = f"{'chatcmpl' if chat else 'cmpl'}-{secrets.token_hex(12)}"
-    created = int(time.time())
-    head = {"id": ident, "object": "chat.completion.chunk" if chat else "text_completion", "created": created,
+    head = {"id": ident, "object": "chat.completion.chunk" if chat else "text_completion", "created": int(time.time()),
             "model": server.model_id}
+    echo_text = [text for text, _ in echoed] if echoed else [""] * pending.job.rows
+    echo_scores = [scores or [] for _, scores in echoed] if echoed else [[] for _ in range(pending.job.rows)]
     if body.get("stream"):
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        offsets = list(map(len, echo_text))  # completions' text_offset: characters sent so far, a choice
 
-        def chunk(choice, text, finish):
+        def chunk(choice, text, finish, scores):
             if chat:
                 if text is None:  # the first chunk of a choice: its role
-                    delta = {"role": "assistant", "content": ""}
+                    delta, logprobs = {"role": "assistant", "content": ""}, None
                 else:
                     delta = {"content": text} if text else {}
-                return {**head, "choices": [{"index": choice, "delta": delta, "logprobs": None,
+                    logprobs = _logprobs(server, pending, chat, scores) if scores else None
+                return {**head, "choices": [{"index": choice, "delta": delta, "logprobs": logprobs,
                                              "finish_reason": finish}]}
-            if text is None:
-                return None
-            return {**head, "choices": [{"index": choice, "text": text, "logprobs": None, "finish_reason": finish}]}
+            if text is None:  # the first chunk of a choice: the echoed prompt, if any
+                if not echoed:
+                    return None
+                text, scores, offset = echo_text[choice], echo_scores[choice], 0
+            else:
+                offset, offsets[choice] = offsets[choice], offsets[choice] + len(text)
+            logprobs = _logprobs(server, pending, chat, scores, offset) if scores else None
+            return {**head, "choices": [{"index": choice, "text": text, "logprobs": logprobs, "finish_reason": finish}]}
 
         return _stream(server, request, pending, chunk, include_usage, started)
     try:
         await _collect(request, pending)
     except RuntimeError as e:
         raise ApiError(500, str(e), type="server_error") from None
-    if chat:
-        choices = [{"index": i, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                    "finish_reason": finish} for i, (text, finish) in enumerate(zip(pending.texts, pending.finish))]
-    else:
-        choices = [{"index": i, "text": text, "logprobs": None, "finish_reason": finish}
-                   for i, (text, finish) in enumerate(zip(pending.texts, pending.finish))]
+    choices = []
+    for i, (text, finish, scores) in enumerate(zip(pending.texts, pending.finish, pending.scores)):
+        if chat:
+            choices.append({"index": i, "message": {"role": "assistant", "content": text},
+                            "logprobs": _logprobs(server, pending, chat, scores), "finish_reason": finish})
+        else:
+            choices.append({"index": i, "text": echo_text[i] + text, "finish_reason": finish,
+                            "logprobs": _logprobs(server, pending, chat, echo_scores[i] + scores)})
     request.state.pending = pending
     return JSONResponse({**head, "object": "chat.completion" if chat else "text_completion", "choices": choices,
                          "usage": pending.usage()})

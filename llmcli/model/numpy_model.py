@@ -125,9 +125,10 @@ class NumpyTransformer:
         return x * cos + np.concatenate([-x[..., half:], x[..., :half]], axis=-1) * sin
 
     def forward(self, idx: np.ndarray, pos: int, cache: list[tuple[np.ndarray, np.ndarray]],
-                pad: np.ndarray | None = None) -> np.ndarray:
+                pad: np.ndarray | None = None, last_only: bool = True) -> np.ndarray:
         """Logits (B, vocab) of the last of tokens idx (B, T) in slots pos..pos+T, their keys and values written
-        into cache (one (keys, values) pair of (B, kv_heads, max_len, head_dim) a layer).
+        into cache (one (keys, values) pair of (B, kv_heads, max_len, head_dim) a layer); (B, T, vocab), those of
+        every position, if not last_only.
 
         pad (B,): row b is left-padded by pad[b] tokens, as in transformer.py: its positions start after the padding and
         no token attends to padding.
@@ -177,4 +178,4 @@ class NumpyTransformer:
             else:
                 h = gelu(h)
             x = x + self._linear(h, f"{block}.mlp.proj")
-        return self._head(self._norm(x[:, -1], "norm_f"))
+        return self._head(self._norm(x[:, -1] if last_only else x, "norm_f"))
