@@ -472,11 +472,14 @@ def generate(
     min_p: MinPOption = None,
     repetition_penalty: RepetitionPenaltyOption = None,
     presence_penalty: Annotated[Optional[float], typer.Option(
-        help="Subtract this from the logit of every token already generated (OpenAI's; -2..2)")] = None,
+        help="Subtract this from the logit of every token already generated (OpenAI's; -2..2) [default: 0]",
+        show_default=False)] = None,
     frequency_penalty: Annotated[Optional[float], typer.Option(
-        help="Subtract this times the count of each token already generated (OpenAI's; -2..2)")] = None,
+        help="Subtract this times the count of each token already generated (OpenAI's; -2..2) [default: 0]",
+        show_default=False)] = None,
     logit_bias: Annotated[Optional[list[str]], typer.Option(
-        help="TOKEN_ID=BIAS: add BIAS (-100..100) to that token's logit (repeatable)")] = None,
+        help="TOKEN_ID=BIAS: add BIAS (-100..100) to that token's logit (repeatable) [default: none]",
+        show_default=False)] = None,
     stop: Annotated[Optional[list[str]], typer.Option(
         help="End a sample before this string (repeatable); it is not printed [default: none]", show_default=False)
     ] = None,
@@ -527,14 +530,7 @@ def generate(
                                       batch_size=batch_size, ignore_eos=ignore_eos or None,
                                       presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
                                       logit_bias=_logit_bias_option(logit_bias))
-    lines = None
-    if input_format == "jsonl":
-        lines = _input_lines(prompt)
-        prompts = _jsonl_prompts(lines)
-    elif prompt == "-":
-        prompts = lines = _input_lines("-")
-    else:
-        prompts = iter([prompt])
+    prompts, lines = _prompts(prompt, input_format)
     if turns is not None:
         head = [{"role": "system", "content": system}] if system else []
         wrap = lambda p: turns.prompt([*head, {"role": "user", "content": p}])  # noqa: E731
@@ -544,6 +540,18 @@ def generate(
         wrap = lambda p: apply_template(template, p)  # noqa: E731
     generate_text(net, tok, prompts, cfg, truncate=truncate, log=log, as_json=as_json, load_s=load_s, template=wrap,
                   ready=lines.ready if lines is not None else None, several=lines is not None)
+
+
+def _prompts(prompt: str, input_format: str):
+    """(the prompts, the lines they come from or None): the argument itself, stdin's lines ('-'), or the 'prompt'
+    of each JSON line of a file or stdin (--input-format jsonl)."""
+    if input_format == "jsonl":
+        lines = _input_lines(prompt)
+        return _jsonl_prompts(lines), lines
+    if prompt == "-":
+        lines = _input_lines("-")
+        return lines, lines
+    return iter([prompt]), None
 
 
 def _logit_bias_option(values: list[str] | None) -> dict[int, float] | None:

@@ -25,18 +25,13 @@ from starlette.routing import Route
 
 from llmcli.errors import LLMError
 from llmcli.infer.engine import Engine, Job, QueueFull
-from llmcli.infer.generate import apply_template
 from llmcli.infer.logprobs import MOST_ALTERNATIVES, chat_logprobs, completion_logprobs, prompt_scores
-from llmcli.infer.request import ApiError, chat_messages, read_body, strings, typed_field
-from llmcli.infer.rows import encode_prompt
-from llmcli.infer.sampler import SamplingConfig, sampling_settings
+from llmcli.infer.request import (ApiError, chat_messages, check_model, completion_prompts, encode, read_body, sampling,
+                                  strings, typed_field)
+from llmcli.infer.sampler import SamplingConfig
 from llmcli.runtime import available_cores
 
 RETRY_AFTER_S = 1  # told to a client turned away because the queue is full
-# fields of the OpenAI API that a local model cannot honour: a request that sets them gets a 400, not silence; the
-# values that ask for nothing (a plain-text response, no tools) are accepted, as clients send them by default
-UNSUPPORTED = {"suffix": (None,), "tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []),
-               "function_call": (None, "none"), "response_format": (None, {"type": "text"}), "best_of": (None, 1)}
 
 
 def _chat_prompt(template, messages: list[dict]) -> str:
@@ -64,72 +59,6 @@ class Server:
 
 
 # --- reading requests ----------------------------------------------------------------------------------------------
-
-def _check_model(server: Server, body: dict):
-    """A single-model server answers any model name (LangChain sends gpt-3.5-turbo), or none, with its own model;
-    the response's `model` says which."""
-    typed_field(body, "model", str)
-
-
-def _logit_bias(body: dict, vocab_size: int) -> dict[int, float] | None:
-    """OpenAI's logit_bias: {"token id": bias in [-100, 100]}."""
-    value = typed_field(body, "logit_bias", dict)
-    if not value:
-        return None
-    bias = {}
-    for key, v in value.items():
-        if not (key.isdigit() and int(key) < vocab_size and isinstance(v, (int, float)) and not isinstance(v, bool)
-                and -100 <= v <= 100):
-            raise ApiError(400, f"'logit_bias' maps token ids to numbers in [-100, 100], got {key!r}: {v!r}",
-                           param="logit_bias", code="invalid_value")
-        bias[int(key)] = float(v)
-    return bias
-
-
-def _sampling(server: Server, body: dict, chat: bool) -> tuple[SamplingConfig, int, int | None]:
-    """The sampling config (unset fields: the checkpoint's defaults, as llm generate), n and seed of a request."""
-    for name, nothing in UNSUPPORTED.items():
-        if body.get(name) not in nothing:
-            raise ApiError(400, f"'{name}' is not supported by this server", param=name, code="unsupported_parameter")
-    max_tokens = typed_field(body, "max_tokens", int, low=0)
-    if chat:
-        max_tokens = typed_field(body, "max_completion_tokens", int, max_tokens, low=0)
-    stop = body.get("stop")
-    if isinstance(stop, str):
-        stop = [stop]
-    if stop is not None and not (isinstance(stop, list) and all(isinstance(s, str) and s for s in stop)):
-        raise ApiError(400, "'stop' must be a non-empty string or an array of them", param="stop", code="invalid_type")
-    if stop is not None and len(stop) > 16:
-        raise ApiError(400, "'stop' may hold at most 16 strings", param="stop", code="invalid_value")
-    options = dict(
-        max_new_tokens=max_tokens,
-        temperature=typed_field(body, "temperature", (int, float), low=0, high=2),
-        top_p=typed_field(body, "top_p", (int, float), low=0, high=1, low_open=True),
-        top_k=typed_field(body, "top_k", int, low=0),
-        min_p=typed_field(body, "min_p", (int, float), low=0, high=1),
-        repetition_penalty=typed_field(body, "repetition_penalty", (int, float), low=0, low_open=True),
-        presence_penalty=typed_field(body, "presence_penalty", (int, float), low=-2, high=2),
-        frequency_penalty=typed_field(body, "frequency_penalty", (int, float), low=-2, high=2),
-        logit_bias=_logit_bias(body, server.engine.backend.config.vocab_size),
-        ignore_eos=typed_field(body, "ignore_eos", bool),
-    )
-    cfg, _ = sampling_settings(server.config, server.chat_template if chat else None, server.tokenizer, **options)
-    cfg.stop = tuple(cfg.stop) + tuple(stop or ())
-    n = typed_field(body, "n", int, 1, low=1, high=server.engine.max_batch)
-    seed = typed_field(body, "seed", int)
-    if seed is not None and not 0 <= seed < 2**63:
-        raise ApiError(400, f"'seed' must be in [0, 2^63), got {seed}", param="seed", code="invalid_value")
-    typed_field(body, "stream", bool, False)
-    typed_field(body, "stream_options", dict)
-    return cfg, n, seed
-
-
-def _encode(server: Server, text: str, param: str) -> list[int]:
-    try:
-        return encode_prompt(server.tokenizer, text, server.context, truncate=False)
-    except LLMError as e:
-        raise ApiError(400, str(e).split("; shorten")[0], param=param, code="context_length_exceeded") from None
-
 
 # --- running requests ----------------------------------------------------------------------------------------------
 
@@ -160,8 +89,8 @@ class Pending:
         return all(f is not None for f in self.finish)
 
     async def events(self):
-        """Yield lists of (choice, text, finish_reason or None, scored tokens) as the engine produces them, until every choice
-        finished: all that arrived since the last (a slow client gets fewer, larger pieces)."""
+        """Yield lists of (choice, text, finish_reason or None, scored tokens) as the engine produces them, until
+        every choice finished: all that arrived since the last (a slow client gets fewer, larger pieces)."""
         while not self.done:
             batch = await self.queue.get()
             while not self.queue.empty():
@@ -261,9 +190,9 @@ def _log_request(server: Server, request: Request, status: int, started: float, 
 async def completions(request: Request):
     server: Server = request.app.state.server
     body = await read_body(request)
-    _check_model(server, body)
-    prompts = _completion_prompts(server, body)
-    cfg, n, seed = _sampling(server, body, chat=False)
+    check_model(server, body)
+    prompts = completion_prompts(server, body)
+    cfg, n, seed = sampling(server, body, chat=False)
     top = typed_field(body, "logprobs", int, None, low=0, high=MOST_ALTERNATIVES)
     echoed = None
     if typed_field(body, "echo", bool, False):
@@ -272,28 +201,6 @@ async def completions(request: Request):
         echoed = [(text, await _prompt_scores(server, ids, top)) for ids, text in prompts]
     pending = Pending(server, [ids for ids, _ in prompts], cfg, n, seed, top)
     return await _respond(request, body, pending, chat=False, echoed=echoed)
-
-
-def _completion_prompts(server: Server, body: dict) -> list[tuple[list[int], str]]:
-    """The token ids and text of each prompt: strings (in the checkpoint's prompt template, after the start-of-text
-    token), or token ids as given (an array of integers, or an array of such arrays)."""
-    value = body.get("prompt")
-    if isinstance(value, list) and value and all(isinstance(v, list) or isinstance(v, int) and not isinstance(v, bool)
-                                                 for v in value):
-        lists = [value] if all(isinstance(v, int) for v in value) else value
-        vocab = min(server.tokenizer.vocab_size, server.engine.backend.config.vocab_size)
-        for ids in lists:
-            if not (ids and isinstance(ids, list) and all(isinstance(t, int) and not isinstance(t, bool)
-                                                          and 0 <= t < vocab for t in ids)):
-                raise ApiError(400, f"'prompt' as token ids must be non-empty arrays of integers in [0, {vocab})",
-                               param="prompt", code="invalid_value")
-            if len(ids) >= server.context:
-                raise ApiError(400, f"the prompt is {len(ids)} tokens but the model's context is {server.context}",
-                               param="prompt", code="context_length_exceeded")
-        return [(ids, server.tokenizer.decode(ids)) for ids in lists]
-    template = (server.config.get("generation") or {}).get("prompt_template", "{prompt}")
-    texts = [apply_template(template, p) for p in strings(body, "prompt")]
-    return [(_encode(server, text, "prompt"), text) for text in texts]
 
 
 async def _prompt_scores(server: Server, ids: list[int], top: int | None) -> list[tuple] | None:
@@ -307,9 +214,9 @@ async def _prompt_scores(server: Server, ids: list[int], top: int | None) -> lis
 async def chat_completions(request: Request):
     server: Server = request.app.state.server
     body = await read_body(request)
-    _check_model(server, body)
+    check_model(server, body)
     messages = chat_messages(body)
-    cfg, n, seed = _sampling(server, body, chat=True)
+    cfg, n, seed = sampling(server, body, chat=True)
     top = typed_field(body, "top_logprobs", int, None, low=0, high=MOST_ALTERNATIVES)
     if top is not None and not body.get("logprobs"):
         raise ApiError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs", code="invalid_value")
@@ -318,7 +225,7 @@ async def chat_completions(request: Request):
         prompt = _chat_prompt(server.chat_template, messages)
     except LLMError as e:
         raise ApiError(400, str(e), param="messages", code="invalid_value") from None
-    pending = Pending(server, [_encode(server, prompt, "messages")], cfg, n, seed, top)
+    pending = Pending(server, [encode(server, prompt, "messages")], cfg, n, seed, top)
     return await _respond(request, body, pending, chat=True)
 
 
@@ -383,7 +290,7 @@ async def _respond(request: Request, body: dict, pending: Pending, chat: bool, e
 async def embeddings(request: Request):
     server: Server = request.app.state.server
     body = await read_body(request)
-    _check_model(server, body)
+    check_model(server, body)
     texts = strings(body, "input")
     if len(texts) > 2048:
         raise ApiError(400, "'input' may hold at most 2048 texts", param="input", code="invalid_value")
